@@ -1,0 +1,76 @@
+"""`qpeft-bench`: the Hydra entry point. It composes the config, hands a plain dict to the recipe, and turns
+the outcome into an exit code. Everything else lives in recipe.py."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+
+from qpeft_bench import ASSETS, results
+
+log = logging.getLogger("qpeft_bench")
+CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+
+
+def _asset(rel: str) -> str:
+    """`${asset:tiny_llama}` -> absolute path of a file shipped in qpeft_bench/assets/."""
+    return str(ASSETS / rel)
+
+
+def _run_id(*, _root_: DictConfig) -> str:
+    """`${run_id:}`: the run id of the config being composed, so Hydra's run directory is named after it."""
+    return results.run_id(job_config(_root_))
+
+
+def job_config(cfg: DictConfig) -> dict:
+    """The resolved config without Hydra's own node."""
+    plain = OmegaConf.to_container(cfg, resolve=False)
+    plain.pop("hydra", None)
+    return OmegaConf.to_container(OmegaConf.create(plain), resolve=True)
+
+
+OmegaConf.register_new_resolver("asset", _asset, replace=True)
+OmegaConf.register_new_resolver("run_id", _run_id, replace=True)
+
+
+class SweepSummary(Callback):
+    """Counts what each job of a sweep did and says it once at the end (Hydra prints nothing of the kind)."""
+
+    def __init__(self) -> None:
+        self.outcomes: list[str] = []
+
+    def on_job_end(self, config, job_return, **kwargs) -> None:
+        value = job_return._return_value if hasattr(job_return, "_return_value") else None
+        self.outcomes.append(value if isinstance(value, str) else "failed")
+
+    def on_multirun_end(self, config, **kwargs) -> None:
+        counts = {s: self.outcomes.count(s) for s in sorted(set(self.outcomes))}
+        log.info("sweep finished: %d runs: %s", len(self.outcomes), ", ".join(f"{n} {s}" for s, n in counts.items()))
+        if any(s not in ("completed", "skipped", "planned") for s in self.outcomes):
+            log.error("some runs did not complete; re-run the same command to redo them (completed ones are skipped)")
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="run")
+def _main(cfg: DictConfig) -> str:
+    from qpeft_bench import recipe  # heavy imports (torch, transformers) only once the config composed
+
+    hc = HydraConfig.get()
+    status = recipe.run(job_config(cfg), Path(hc.runtime.output_dir))
+    if hc.mode == RunMode.RUN and status not in ("completed", "skipped", "planned"):
+        sys.exit(1)
+    return status
+
+
+def main() -> None:
+    _main()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,290 @@
+"""Schemas of the run configuration.
+
+Values live in the YAML files under `conf/`; the types, defaults and checks live here. `validate()` turns the
+composed Hydra config into plain dataclasses *before any model is loaded*, so a typo or an impossible
+combination fails in a second with one actionable line instead of a shape error deep inside a forward.
+Hydra already rejects overrides of keys that do not exist (`peft.foo=1`); this module also rejects unknown keys
+that come from YAML files or `+key=` overrides, and wrong types.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run. The message names the key, the value and what is allowed."""
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Generic dict -> dataclass conversion with strict keys and types
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _type_ok(value: Any, tp: Any) -> bool:
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_ok(value, a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return value is None
+    if origin in (list, tuple):
+        (inner, *_) = typing.get_args(tp) or (Any,)
+        return isinstance(value, (list, tuple)) and all(_type_ok(v, inner) for v in value)
+    if origin is dict or tp is dict:
+        return isinstance(value, dict)
+    if tp is float:  # YAML writes 1 for 1.0; accept ints where floats are expected, never bools
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if typing.get_origin(tp) is typing.Literal:
+        return value in typing.get_args(tp)
+    return isinstance(value, tp)
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is typing.Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def from_dict(cls: type, data: dict, where: str) -> Any:
+    """Build dataclass `cls` from `data`; unknown keys and wrong types raise ConfigError naming `where.key`."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(
+            f"unknown key{'s' if len(unknown) > 1 else ''} {', '.join(f'{where}.{k}' for k in unknown)}; "
+            f"valid keys of {where}: {', '.join(sorted(names))}"
+        )
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in data:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ConfigError(f"{where}.{f.name} is required")
+            continue
+        value = data[f.name]
+        if not _type_ok(value, hints[f.name]):
+            raise ConfigError(
+                f"{where}.{f.name}={value!r} has the wrong type: expected {_type_name(hints[f.name])}"
+            )
+        kwargs[f.name] = value
+    obj = cls(**kwargs)
+    check = getattr(obj, "check", None)
+    if check is not None:
+        check(where)
+    return obj
+
+
+def positive(where: str, name: str, value: float | int | None, allow_zero: bool = False) -> None:
+    if value is None:
+        return
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ConfigError(f"{where}.{name}={value} must be {'>= 0' if allow_zero else '> 0'}")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Groups whose schema does not depend on the option chosen
+# --------------------------------------------------------------------------------------------------------------
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass
+class ModelConfig:
+    """An architecture card: enough to build the model on the meta device, plus where the weights are."""
+
+    name: str
+    family: str = "llama"  # a transformers model_type: llama | opt | ...
+    hub_id: str | None = None  # used when path is null
+    path: str | None = None  # local directory in save_pretrained layout; wins over hub_id
+    dtype: str = "bfloat16"  # dtype of the unquantized weights (base_model_bytes is counted in it)
+    arch: dict | None = None  # transformers config fields; null: read config.json from path
+    linear_names: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+    notes: str = ""
+
+    def check(self, where: str) -> None:
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"{where}.dtype={self.dtype!r}; choose one of {', '.join(DTYPES)}")
+        if self.path is None and self.hub_id is None:
+            raise ConfigError(f"{where}: set model.path (a local directory) or model.hub_id")
+        if self.path is not None and not Path(self.path).is_dir():
+            raise ConfigError(f"{where}.path={self.path!r} is not a directory (save_pretrained layout expected)")
+        if self.arch is None and self.path is not None and not (Path(self.path) / "config.json").is_file():
+            raise ConfigError(f"{where}.path={self.path!r} has no config.json and the card has no arch")
+        if not self.linear_names:
+            raise ConfigError(f"{where}.linear_names is empty")
+
+    def arch_dict(self) -> dict:
+        """The architecture as transformers config fields, without loading any weight."""
+        if self.arch is not None:
+            return {"model_type": self.family, **self.arch}
+        if self.path is None:
+            raise ConfigError(
+                f"model {self.name!r} has no arch in its card and no local path; plan mode and the pre-flight "
+                "checks need the architecture without downloading: add an `arch:` section to the card"
+            )
+        return json.loads((Path(self.path) / "config.json").read_text())
+
+
+@dataclass
+class DataConfig:
+    name: str
+    format: str = "alpaca"  # loader in qpeft_bench.data
+    hub_id: str | None = None
+    path: str | None = None  # local file in the hub's schema; wins over hub_id
+    variant: str | None = None
+    val_fraction: float = 0.2
+    split_seed: int = 42
+    max_source_len: int = 384
+    max_target_len: int = 128
+    train_on_source: bool = False
+    group_by_length: bool = True
+    max_examples: int | None = None
+
+    def check(self, where: str) -> None:
+        if not 0 < self.val_fraction < 1:
+            raise ConfigError(f"{where}.val_fraction={self.val_fraction} must lie strictly between 0 and 1")
+        positive(where, "max_source_len", self.max_source_len)
+        positive(where, "max_target_len", self.max_target_len)
+        positive(where, "max_examples", self.max_examples)
+        if self.path is None and self.hub_id is None:
+            raise ConfigError(f"{where}: set data.path (a local file) or data.hub_id")
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 60
+    batch_size: int = 8
+    grad_accum: int = 1  # optimizer step every grad_accum micro-batches; a "step" is an optimizer step
+    lr: float = 2e-4
+    lr_scheduler: typing.Literal["constant", "linear", "cosine"] = "constant"
+    warmup_steps: int = 0
+    weight_decay: float = 0.001
+    max_grad_norm: float = 0.3
+    optimizer: typing.Literal["auto", "adamw", "paged_adamw_32bit"] = "auto"  # auto: paged on CUDA
+    compute_dtype: typing.Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 on CUDA
+    gradient_checkpointing: bool = False
+    upcast_norms_fp32: bool = False  # what prepare_model_for_kbit_training does; moves peak memory
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    log_every: int = 10
+    measure_after: int = 2  # steps excluded from time and memory figures (warm-up)
+    diverge_loss: float = 1e4  # a loss above this (or NaN/Inf) ends the run with status `diverged`
+
+    def check(self, where: str) -> None:
+        for name in ("max_steps", "batch_size", "grad_accum", "lr", "log_every"):
+            positive(where, name, getattr(self, name))
+        for name in ("warmup_steps", "weight_decay", "max_grad_norm", "measure_after"):
+            positive(where, name, getattr(self, name), allow_zero=True)
+        if self.measure_after >= self.max_steps:
+            raise ConfigError(
+                f"{where}.measure_after={self.measure_after} must be below train.max_steps={self.max_steps}: "
+                "no step would be measured"
+            )
+
+
+@dataclass
+class EvalConfig:
+    name: str
+    tasks: list[str] = field(default_factory=lambda: ["ppl_heldout"])
+    before_finetune: bool = True  # also evaluate the quantized base (the "no fine-tuning" row)
+    batch_size: int = 8
+    max_batches: int | None = None  # cap for smoke runs; null: the whole split
+
+    def check(self, where: str) -> None:
+        known = ("ppl_heldout",)
+        for task in self.tasks:
+            if task not in known:
+                raise ConfigError(f"{where}.tasks: unknown task {task!r}; available: {', '.join(known)}")
+        positive(where, "batch_size", self.batch_size)
+        positive(where, "max_batches", self.max_batches)
+
+
+MODES = ("train", "plan")
+
+
+@dataclass
+class RunSpec:
+    """Everything a run needs, validated. Library code receives pieces of it as plain arguments."""
+
+    mode: str
+    seed: int
+    model: ModelConfig
+    quant_name: str
+    quant: Any  # the quantizer's own Config dataclass
+    peft_method: str
+    peft: Any  # the PEFT method's own Config dataclass
+    data: DataConfig
+    train: TrainConfig
+    eval: EvalConfig
+    output_root: str
+    overwrite: bool
+
+
+def _split_named(section: dict, key: str, where: str) -> tuple[str, dict]:
+    if not isinstance(section, dict) or key not in section:
+        raise ConfigError(f"{where}.{key} is required (which option of the {where} group)")
+    rest = dict(section)
+    return rest.pop(key), rest
+
+
+def validate(cfg: dict) -> RunSpec:
+    """Check a composed config (a plain dict, resolved) and return typed pieces. No model is loaded."""
+    from qpeft_bench import adapters, quant  # the registries; imported lazily to keep this module light
+
+    known_top = {"mode", "seed", "model", "quant", "peft", "data", "train", "eval", "output_root", "overwrite"}
+    unknown = sorted(set(cfg) - known_top - {"hydra"})
+    if unknown:
+        raise ConfigError(f"unknown top-level key(s) {', '.join(unknown)}; valid: {', '.join(sorted(known_top))}")
+    if cfg.get("mode") not in MODES:
+        raise ConfigError(f"mode={cfg.get('mode')!r}; choose one of {', '.join(MODES)}")
+    if not isinstance(cfg.get("seed"), int):
+        raise ConfigError(f"seed={cfg.get('seed')!r} must be an integer")
+
+    model = from_dict(ModelConfig, cfg["model"], "model")
+    quant_name, quant_knobs = _split_named(cfg["quant"], "name", "quant")
+    qmod = quant.get(quant_name)
+    fixed = quant.preset(quant_name)
+    clash = {k: v for k, v in quant_knobs.items() if k in fixed and v != fixed[k]}
+    if clash:
+        raise ConfigError(f"quant={quant_name} fixes {fixed}; remove {clash} or choose another quant option")
+    qcfg = from_dict(qmod.Config, {**quant_knobs, **fixed}, "quant")
+    peft_method, peft_knobs = _split_named(cfg["peft"], "method", "peft")
+    amod = adapters.get(peft_method)
+    pcfg = from_dict(amod.Config, peft_knobs, "peft")
+    spec = RunSpec(
+        mode=cfg["mode"],
+        seed=cfg["seed"],
+        model=model,
+        quant_name=quant_name,
+        quant=qcfg,
+        peft_method=peft_method,
+        peft=pcfg,
+        data=from_dict(DataConfig, cfg["data"], "data"),
+        train=from_dict(TrainConfig, cfg["train"], "train"),
+        eval=from_dict(EvalConfig, cfg["eval"], "eval"),
+        output_root=str(cfg.get("output_root", "runs")),
+        overwrite=bool(cfg.get("overwrite", False)),
+    )
+    # Checks that need the architecture (sizes that must divide, ranks that must fit) read only config.json.
+    from qpeft_bench.models import linear_shapes
+
+    try:
+        shapes = linear_shapes(model.arch_dict(), model.dtype, model.linear_names)
+    except ValueError as err:  # a linear name that matches nothing, or an arch transformers rejects
+        raise ConfigError(f"model {model.name!r}: {err}") from err
+    qmod.check_against_arch(qcfg, shapes)
+    amod.check_against_arch(pcfg, shapes)
+    return spec

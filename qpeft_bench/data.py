@@ -1,0 +1,443 @@
+"""Fine-tuning data: load the studies' data sets, format them as QLoRA does, split, tokenize, batch.
+
+Pipeline (each step takes plain arguments, never the config):
+    check_source -> load_examples -> split_train_val -> tokenize_examples -> make_batches -> collate
+
+Every data set is read either from the hub (``hub_id``) or from a local file in the *hub's own schema*
+(``path``: .json, .jsonl, .parquet, optionally .gz, or a glob over several files such as the hh-rlhf
+subsets). Offline machines therefore run the same formatting code as online ones.
+
+Each loader turns raw rows into examples ``{"source": str, "target": str}``; the loss goes on the target
+(and on the source too when ``train_on_source``). What each format produces:
+
+- ``alpaca``, ``open_platypus``: source = QLoRA's Alpaca prompt (with or without the input block),
+  target = ``output``.
+- ``hh_rlhf``: source = "", target = the whole ``chosen`` dialogue ("\\n\\nHuman: ...\\n\\nAssistant: ...").
+- ``oasst1``: raw OpenAssistant message trees. Per tree, follow the best reply at each level (lowest
+  ``rank``, skipping deleted messages and messages that failed review) from the root prompt down to the
+  last assistant reply; source = "", target = "### Human: ...### Assistant: ..." (guanaco's layout).
+  ``variant`` = a language code (e.g. "en") keeps only trees whose root prompt is in that language;
+  ``None`` keeps all languages, as timdettmers/openassistant-guanaco does.
+- ``guanaco``: source = "", target = ``text`` ("### Human: ...### Assistant: ...").
+- ``unnatural``: one example per instance: source = ``instruction_with_input`` + "\\n", target =
+  ``output``; ``variant="full"`` adds one example per reformulation (the 240,670-example set),
+  ``"core"`` (or ``None``) uses the instances only (66,010 rows, 68,478 instances).
+- ``guanaco_llama2``: source = "", target = ``text`` without its outer "<s>" / "</s>" (we add BOS/EOS
+  ids ourselves; inner turn markers stay as text).
+"""
+
+from __future__ import annotations
+
+import glob
+import gzip
+import json
+import math
+import random
+import warnings
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # torch costs ~1 s to import; check_source and load_examples must stay cheap
+    import torch
+
+IGNORE_INDEX = -100  # label value that torch's cross-entropy skips
+
+# QLoRA's template, byte for byte (including the space after "Response:"), so runs match the studies.
+ALPACA_PROMPT_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response: "
+)
+ALPACA_PROMPT_NO_INPUT = (
+    "Below is an instruction that describes a task. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Response: "
+)
+OASST_SPEAKERS = {"prompter": "Human", "assistant": "Assistant"}
+# Sort window of group-by-length batching, in batches: HF's LengthGroupedSampler uses 50.
+MEGABATCH_FACTOR = 50
+
+Example = dict[str, str]
+Row = dict
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Formats: raw rows -> examples
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _alpaca_example(row: Row) -> Example:
+    # QLoRA treats a missing input like an empty one; Open-Platypus rows almost always have input "".
+    template = ALPACA_PROMPT_INPUT if row.get("input") else ALPACA_PROMPT_NO_INPUT
+    source = template.format(instruction=row["instruction"], input=row.get("input") or "")
+    return {"source": source, "target": row["output"]}
+
+
+def _alpaca(rows: list[Row], variant: str | None) -> list[Example]:
+    return [_alpaca_example(row) for row in rows]
+
+
+def _hh_rlhf(rows: list[Row], variant: str | None) -> list[Example]:
+    # The studies train on the preferred dialogue only; the whole dialogue is the target (QLoRA).
+    return [{"source": "", "target": row["chosen"]} for row in rows]
+
+
+def _guanaco(rows: list[Row], variant: str | None) -> list[Example]:
+    return [{"source": "", "target": row["text"]} for row in rows]
+
+
+def _strip_llama2_wrapper(text: str) -> str:
+    # The text carries literal "<s>" / "</s>" around it; we add BOS/EOS as ids, and leaving the strings in
+    # would give a double BOS (tokenizers that parse special-token strings) or train on the characters
+    # "<s>" (tokenizers that don't, e.g. OPT's, whose BOS is "</s>").
+    text = text.strip()
+    text = text.removeprefix("<s>")
+    return text.removesuffix("</s>").strip()
+
+
+def _guanaco_llama2(rows: list[Row], variant: str | None) -> list[Example]:
+    return [{"source": "", "target": _strip_llama2_wrapper(row["text"])} for row in rows]
+
+
+def _as_records(value: list | dict | None) -> list[dict]:
+    # The hub stores instances as list<struct>; a file written by datasets' to_json from a Sequence
+    # feature holds the same data as a struct of lists. Accept both.
+    if not value:
+        return []
+    if isinstance(value, dict):
+        return [dict(zip(value, items, strict=True)) for items in zip(*value.values(), strict=True)]
+    return list(value)
+
+
+def _unnatural(rows: list[Row], variant: str | None) -> list[Example]:
+    # A newline ends the source so the response starts on its own line for every tokenizer: byte-level
+    # BPE tokenizers would otherwise glue the first output word to the end of the input.
+    fields = ("instances", "reformulations") if variant == "full" else ("instances",)
+    return [
+        {"source": item["instruction_with_input"] + "\n", "target": item["output"]}
+        for row in rows
+        for field in fields
+        for item in _as_records(row.get(field))
+    ]
+
+
+def _oasst_usable(msg: Row) -> bool:
+    # Deleted messages and those that failed review are not training data, nor is anything below them.
+    # review_result is None for messages with too few reviews: only an explicit failed review excludes one.
+    ready = msg.get("tree_state", "ready_for_export") == "ready_for_export"
+    return ready and not msg.get("deleted") and msg.get("review_result") is not False
+
+
+def _oasst_rank_key(item: tuple[int, Row]) -> tuple:
+    # Lowest rank wins (0 = best). Unranked replies (a lone reply, most prompter replies) come after ranked
+    # ones; ties fall to the earliest message, then file order, so the choice is deterministic.
+    position, msg = item
+    rank = msg.get("rank")
+    return (rank is None, rank if rank is not None else 0, msg.get("created_date") or "", position)
+
+
+def _oasst_best_path(root: Row, children: dict[str, list[tuple[int, Row]]]) -> list[Row]:
+    path = [root]
+    while replies := children.get(path[-1]["message_id"]):
+        path.append(min(replies, key=_oasst_rank_key)[1])
+    while path and path[-1]["role"] != "assistant":  # a trailing prompt has no answer to learn
+        path.pop()
+    return path
+
+
+def _oasst_conversation(path: list[Row]) -> str:
+    return "".join(f"### {OASST_SPEAKERS[msg['role']]}: {msg['text']}" for msg in path)
+
+
+def _oasst1(rows: list[Row], variant: str | None) -> list[Example]:
+    children: dict[str | None, list[tuple[int, Row]]] = defaultdict(list)
+    for position, msg in enumerate(rows):
+        if _oasst_usable(msg):
+            children[msg["parent_id"]].append((position, msg))
+    examples = []
+    for _, root in children.get(None, []):
+        if variant is not None and root.get("lang") != variant:
+            continue
+        if path := _oasst_best_path(root, children):
+            examples.append({"source": "", "target": _oasst_conversation(path)})
+    return examples
+
+
+@dataclass(frozen=True)
+class _Format:
+    build: Callable[[list[Row], str | None], list[Example]]
+    fields: tuple[str, ...]  # top-level fields every row must have
+    variants: tuple[str | None, ...] = (None,)  # allowed values of `variant`; () means "any string"
+
+
+FORMATS: dict[str, _Format] = {
+    "alpaca": _Format(_alpaca, ("instruction", "output")),
+    "hh_rlhf": _Format(_hh_rlhf, ("chosen",)),
+    "oasst1": _Format(_oasst1, ("message_id", "parent_id", "role", "text", "rank"), variants=()),
+    "guanaco": _Format(_guanaco, ("text",)),
+    "unnatural": _Format(_unnatural, ("instances",), variants=(None, "core", "full")),
+    "open_platypus": _Format(_alpaca, ("instruction", "output")),
+    "guanaco_llama2": _Format(_guanaco_llama2, ("text",)),
+}
+
+
+def _get_format(fmt: str) -> _Format:
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown data format {fmt!r}; choose one of: {', '.join(FORMATS)}")
+    return FORMATS[fmt]
+
+
+def _required_fields(fmt: str, variant: str | None) -> tuple[str, ...]:
+    extra = ("reformulations",) if (fmt, variant) == ("unnatural", "full") else ()
+    return _get_format(fmt).fields + extra
+
+
+def _check_variant(fmt: str, variant: str | None) -> None:
+    allowed = _get_format(fmt).variants
+    if allowed and variant not in allowed:
+        names = ", ".join("null" if v is None else v for v in allowed)
+        raise ValueError(f"data format {fmt!r} has no variant {variant!r}; use one of: {names}")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Reading rows
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _resolve_files(path: str) -> list[Path]:
+    if glob.has_magic(path):
+        files = [Path(p) for p in sorted(glob.glob(path))]
+        if not files:
+            raise FileNotFoundError(f"no data file matches {path!r}")
+        return files
+    file = Path(path)
+    if not file.exists():
+        raise FileNotFoundError(f"data file not found: {path} (set data.path to an existing file, or "
+                                f"data.path=null to use data.hub_id)")
+    if file.is_dir():
+        raise ValueError(f"data path {path} is a directory; give a file or a glob such as {path}/*.jsonl")
+    return [file]
+
+
+def _parse_json_lines(text: str, where: Path) -> list[Row]:
+    rows = []
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{where} line {lineno}: malformed JSON ({err.msg} at column {err.colno})") from None
+    return rows
+
+
+def _parse_json(text: str, where: Path) -> list[Row]:
+    # A file that opens with "[" is one JSON list (alpaca_data.json); anything else is JSON lines, which is
+    # also what many hub ".json" files really are.
+    if not text.lstrip().startswith("["):
+        return _parse_json_lines(text, where)
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{where} line {err.lineno}: malformed JSON ({err.msg} at column {err.colno})") from None
+
+
+def _read_file(file: Path) -> list[Row]:
+    if file.stat().st_size == 0:
+        raise ValueError(f"data file {file} is empty")
+    if file.name.endswith(".parquet"):
+        import pyarrow.parquet as pq  # lazy: only parquet files need it
+
+        return pq.read_table(file).to_pylist()
+    opener = gzip.open if file.name.endswith(".gz") else open
+    with opener(file, "rt", encoding="utf-8") as handle:
+        return _parse_json(handle.read(), file)
+
+
+def _read_rows(path: str, fields: tuple[str, ...]) -> list[Row]:
+    rows = []
+    for file in _resolve_files(path):
+        file_rows = _read_file(file)
+        if not file_rows:
+            raise ValueError(f"data file {file} has no rows")
+        _check_fields(file_rows, fields, file)
+        rows.extend(file_rows)
+    return rows
+
+
+def _check_fields(rows: list, fields: tuple[str, ...], where: Path | str) -> None:
+    for number, row in enumerate(rows, start=1):
+        if not isinstance(row, dict):
+            raise ValueError(f"{where} row {number}: expected a JSON object, found {type(row).__name__}")
+        missing = [name for name in fields if name not in row]
+        if missing:
+            raise ValueError(
+                f"{where} row {number}: missing field(s) {', '.join(missing)}; this format expects "
+                f"{', '.join(fields)} and the row has {', '.join(row) or 'no fields'}"
+            )
+
+
+def _require_source(fmt: str, path: str | None, hub_id: str | None) -> None:
+    if path is None and not hub_id:
+        raise ValueError(f"data format {fmt!r} has neither a path nor a hub_id; set data.path or data.hub_id")
+
+
+def _hub_rows(hub_id: str) -> list[Row]:
+    import datasets  # lazy: ~1 s to import and never needed for local files
+
+    # Only the train split: the studies' counts (hh-rlhf 160,800, guanaco 9,846) are train-split counts,
+    # and we make our own 80/20 split from it. Anthropic/hh-rlhf's default config already combines the
+    # helpful and harmless subsets.
+    try:
+        return datasets.load_dataset(hub_id, split="train").to_list()
+    except ConnectionError as err:  # what an offline machine gets
+        raise ConnectionError(f"{err}; offline, set data.path to a local copy in the hub's schema") from err
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Public API
+# ---------------------------------------------------------------------------------------------------------
+
+
+def check_source(fmt: str, path: str | None, hub_id: str | None) -> None:
+    """Cheap pre-flight check of a data source: no model, no tokenizer, no network.
+
+    Raises ValueError (unknown format, empty file, malformed JSON with its line, missing fields) or
+    FileNotFoundError, each with a one-line message that says what to fix. A hub id cannot be checked
+    offline; only its presence is.
+    """
+    fields = _get_format(fmt).fields
+    _require_source(fmt, path, hub_id)
+    if path is not None:
+        _read_rows(path, fields)
+
+
+def load_examples(fmt: str, *, path: str | None = None, hub_id: str | None = None,
+                  variant: str | None = None, max_examples: int | None = None) -> list[Example]:
+    """Load a data set and format it as ``[{"source": str, "target": str}, ...]`` (see the module doc).
+
+    ``path`` (a local file or glob in the hub's schema) wins over ``hub_id``. ``max_examples`` keeps the
+    first N formatted examples, in file order, for smoke runs.
+    """
+    _check_variant(fmt, variant)
+    if max_examples is not None and max_examples < 1:
+        raise ValueError(f"max_examples must be >= 1 or null, got {max_examples}")
+    fields = _required_fields(fmt, variant)
+    _require_source(fmt, path, hub_id)
+    if path is not None:
+        rows, where = _read_rows(path, fields), path
+    else:
+        rows, where = _hub_rows(hub_id), hub_id
+        _check_fields(rows, fields, where)
+    examples = FORMATS[fmt].build(rows, variant)
+    if not examples:
+        raise ValueError(f"{where}: {len(rows)} rows gave no {fmt} examples (check the format and variant)")
+    return examples if max_examples is None else examples[:max_examples]
+
+
+def split_train_val(examples: list, val_fraction: float, seed: int) -> tuple[list, list]:
+    """Deterministic shuffled split; the validation part has ceil(n * val_fraction) items, as HF's
+    ``train_test_split`` rounds. Both parts keep the shuffled order."""
+    if not 0 <= val_fraction < 1:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    n_val = math.ceil(len(examples) * val_fraction)
+    if n_val >= len(examples):
+        raise ValueError(f"{len(examples)} examples are too few for val_fraction={val_fraction}")
+    return [examples[i] for i in order[n_val:]], [examples[i] for i in order[:n_val]]
+
+
+def _special_ids(tokenizer) -> tuple[list[int], int]:
+    if tokenizer.eos_token_id is None:
+        raise ValueError("the tokenizer has no eos_token; the target needs one to learn where to stop")
+    # Some tokenizers (e.g. Qwen's) have no BOS; their models are trained without one, so add none.
+    bos = [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
+    return bos, tokenizer.eos_token_id
+
+
+def _encode(tokenizer, texts: list[str]) -> list[list[int]]:
+    # add_special_tokens=False so that BOS/EOS come only from _special_ids, whatever the tokenizer's
+    # auto-BOS setting; one batched call so fast tokenizers use their Rust thread pool.
+    return tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+
+
+def tokenize_examples(examples: list[Example], tokenizer, *, max_source_len: int, max_target_len: int,
+                      train_on_source: bool) -> list[dict[str, list[int]]]:
+    """Tokenize as QLoRA's collator does: ``[BOS] + source`` cut to ``max_source_len`` tokens, then
+    ``target + [EOS]`` cut to ``max_target_len``; labels are IGNORE_INDEX on the source unless
+    ``train_on_source``.
+
+    Both parts are truncated from the right, like QLoRA (the tokenizer default), so runs match the
+    studies: the source keeps BOS and the start of the instruction (it may lose the "### Response:" cue
+    when longer than max_source_len), a long target loses its end and its EOS.
+
+    Examples whose target has no tokens (an empty reply: nothing but EOS to learn) are skipped with a
+    warning; the number skipped is ``len(examples) - len(result)``.
+    """
+    if max_source_len < 1 or max_target_len < 1:
+        raise ValueError(f"max_source_len and max_target_len must be >= 1, got {max_source_len}, {max_target_len}")
+    bos, eos = _special_ids(tokenizer)
+    sources = _encode(tokenizer, [ex["source"] for ex in examples])
+    targets = _encode(tokenizer, [ex["target"] for ex in examples])
+    features = []
+    for source_ids, target_ids in zip(sources, targets, strict=True):
+        if not target_ids:
+            continue
+        source = (bos + source_ids)[:max_source_len]
+        target = (target_ids + [eos])[:max_target_len]
+        labels = source + target if train_on_source else [IGNORE_INDEX] * len(source) + target
+        features.append({"input_ids": source + target, "labels": labels})
+    if skipped := len(examples) - len(features):
+        warnings.warn(f"skipped {skipped} of {len(examples)} examples with an empty target", stacklevel=2)
+    return features
+
+
+def make_batches(lengths: list[int], batch_size: int, *, seed: int, group_by_length: bool,
+                 drop_last: bool = False) -> list[list[int]]:
+    """Index batches for one epoch (pass a different seed per epoch, e.g. seed + epoch).
+
+    Without group_by_length: a seeded random order cut into batches. With it (QLoRA's option, HF's
+    LengthGroupedSampler): after a seeded shuffle, each megabatch of MEGABATCH_FACTOR * batch_size
+    indices is sorted by length, so a batch holds similar lengths and wastes little padding; the batch
+    order is then shuffled, and the batch holding the longest sequence goes first, as HF does, so an
+    out-of-memory error shows at step 1 rather than hours in. (A memory peak measured only after warm-up
+    will therefore miss that batch.) Similar lengths per batch make the loss curve oscillate.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    rng = random.Random(seed)
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    if group_by_length:
+        window = MEGABATCH_FACTOR * batch_size
+        order = [i for start in range(0, len(order), window)
+                 for i in sorted(order[start:start + window], key=lambda i: -lengths[i])]
+    batches = [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
+    if drop_last and batches and len(batches[-1]) < batch_size:
+        batches.pop()
+    if group_by_length and batches:
+        rng.shuffle(batches)
+        longest = max(range(len(batches)), key=lambda b: max(lengths[i] for i in batches[b]))
+        batches.insert(0, batches.pop(longest))
+    return batches
+
+
+def collate(features: list[dict[str, list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a batch. The attention mask comes from the true lengths, not from ``input_ids != pad_id``
+    (QLoRA's way), which would hide the EOS of every example when pad_id == eos_id."""
+    import torch
+
+    width = max(len(f["input_ids"]) for f in features)
+    input_ids = torch.full((len(features), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(features), width), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((len(features), width), dtype=torch.long)
+    for row, feature in enumerate(features):
+        n = len(feature["input_ids"])
+        input_ids[row, :n] = torch.tensor(feature["input_ids"])
+        labels[row, :n] = torch.tensor(feature["labels"])
+        attention_mask[row, :n] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}

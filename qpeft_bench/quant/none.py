@@ -1,0 +1,31 @@
+"""No quantization: the base stays in the model's dtype (the 'LoRA on a 16-bit base' reference rows)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from qpeft_bench.models import DTYPE
+
+
+@dataclass
+class Config:
+    pass
+
+
+def check_against_arch(cfg: Config, shapes: dict[str, tuple[int, int]]) -> None:
+    pass
+
+
+def quantize(model, targets: list[str], cfg: Config, compute_dtype: str, device: str) -> None:
+    pass
+
+
+def linear_storage(in_f: int, out_f: int, bias: bool, cfg: Config, dtype: str) -> tuple[int, int]:
+    itemsize = torch.tensor([], dtype=DTYPE[dtype]).element_size()
+    return (in_f * out_f + (out_f if bias else 0)) * itemsize, 0
+
+
+def state_bytes(module) -> int:
+    return 0

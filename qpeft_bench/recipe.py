@@ -1,0 +1,243 @@
+"""The recipe: one run from top to bottom.
+
+    validate -> (plan: meta model -> storage-format sizes -> adapters on meta -> record)
+    train:   data -> load -> quantize -> evaluate base -> attach adapters -> fine-tune -> evaluate -> record
+
+Library modules take plain arguments; only this file knows the shape of the config. The record is written
+at each stage boundary (atomically), so a run killed at any point leaves a readable record saying how far it got.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from qpeft_bench import accounting, adapters, data, models, quant, results
+from qpeft_bench.config import ConfigError, RunSpec, validate
+from qpeft_bench.evaluation.perplexity import heldout_perplexity
+from qpeft_bench.train import Diverged, make_optimizer, make_scheduler, train
+
+log = logging.getLogger("qpeft_bench")
+DONE = ("completed",)
+
+
+def run(config: dict, run_dir: Path, progress: bool = True) -> str:
+    """Run one configuration into `run_dir`; returns the final status (or 'skipped')."""
+    run_dir = Path(run_dir)
+    rid = results.run_id(config)
+    try:
+        spec = validate(config)
+        device = None
+        if spec.mode == "train":
+            data.check_source(spec.data.format, spec.data.path, spec.data.hub_id)
+            device = models.resolve_device(spec.train.device)
+    except (ConfigError, FileNotFoundError, ValueError) as err:
+        # Bad input: say it in one line, write nothing that could be mistaken for a result.
+        log.error("config error: %s", err)
+        return "failed"
+
+    existing = results.read_record(run_dir)
+    if existing is not None and not spec.overwrite:
+        if existing.get("run_id") != rid and existing.get("status") in DONE:
+            log.error("%s holds the completed run %s of another config; choose another hydra.run.dir or set "
+                      "overwrite=true", run_dir, existing.get("run_id"))
+            return "failed"
+        if existing.get("run_id") == rid and existing.get("status") in DONE:
+            log.info("skip: run %s already completed (%s); overwrite=true redoes it", rid, run_dir / results.RECORD)
+            return "skipped"
+
+    record = results.new_record(rid, config, "running", results.run_meta(device))
+    path = run_dir / results.RECORD
+    try:
+        if spec.mode == "plan":
+            record["accounting"] = plan_accounting(spec)
+            record["status"] = "planned"
+        else:
+            results.atomic_write_json(path, record)
+            fine_tune(spec, device, record, lambda: results.atomic_write_json(path, record), progress)
+            record["status"] = "completed"
+    except Diverged as err:
+        record["status"] = "diverged"
+        record["train"].update({"diverged_at_step": err.step, "diverged_loss": err.loss})
+        log.error("%s", err)
+    except torch.OutOfMemoryError as err:
+        record["status"] = "oom"
+        record["error"] = {"type": type(err).__name__, "message": str(err).splitlines()[0]}
+        if device and device.startswith("cuda"):
+            record["error"]["memory_allocated_bytes"] = torch.cuda.memory_allocated(device)
+        log.error("out of memory: %s", record["error"]["message"])
+    except Exception as err:  # noqa: BLE001 - every failure must end in a record, then the sweep goes on
+        record["status"] = "failed"
+        record["error"] = {"type": type(err).__name__, "message": str(err)}
+        log.exception("run %s failed", rid)
+    finally:
+        record["meta"]["end_time"] = results.now()
+        results.atomic_write_json(path, record)
+    log.info("\n%s", summary_table(record, path))
+    return record["status"]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Plan mode: accounting from the architecture card alone
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def plan_accounting(spec: RunSpec) -> dict:
+    qmod, amod = quant.get(spec.quant_name), adapters.get(spec.peft_method)
+    model = models.build_meta_model(spec.model.arch_dict(), spec.model.dtype)
+    targets = list(models.find_linears(model, spec.model.linear_names))
+    acc = accounting.base_sizes(model)
+    storage = functools.partial(qmod.linear_storage, cfg=spec.quant, dtype=spec.model.dtype)
+    acc.update(accounting.planned_quantized_sizes(model, targets, lambda i, o, b: storage(i, o, b)))
+    with_adapters(acc, model, targets, amod, spec)
+    return acc
+
+
+def with_adapters(acc: dict, model, targets: list[str], amod, spec: RunSpec):
+    """Attach the adapters and add their accounting to `acc`; shared by plan and train so both count the
+    same way. Returns the adapted model."""
+    base_pb = accounting.param_buffer_bytes(model)
+    peft_model = amod.attach(model, targets, spec.peft)
+    acc.update(accounting.adapter_sizes(peft_model, base_pb, acc["total_params"]))
+    acc["qlora_recipe_overhead_bytes"] = accounting.qlora_recipe_overhead_bytes(model, acc["peft_overhead_bytes"])
+    return peft_model
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Train mode
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def fine_tune(spec: RunSpec, device: str, record: dict, save, progress: bool) -> None:
+    d, t = spec.data, spec.train
+    torch.manual_seed(spec.seed)
+    source = d.path or d.hub_id
+
+    # 1. Data: fixed 80/20 split; loss on responses only unless train_on_source.
+    tokenizer = models.load_tokenizer(spec.model.path or spec.model.hub_id)
+    examples = data.load_examples(d.format, path=d.path, hub_id=d.hub_id, variant=d.variant,
+                                  max_examples=d.max_examples)
+    train_ex, val_ex = data.split_train_val(examples, d.val_fraction, d.split_seed)
+    tok = functools.partial(data.tokenize_examples, tokenizer=tokenizer, max_source_len=d.max_source_len,
+                            max_target_len=d.max_target_len, train_on_source=d.train_on_source)
+    train_set, val_set = tok(train_ex), tok(val_ex)
+    if not train_set or not val_set:
+        raise ValueError(f"data {source!r}: {len(train_set)} train / {len(val_set)} validation examples after "
+                         "tokenization; need at least one of each")
+    record["data"] = {"source": source, "examples": len(examples), "train_examples": len(train_set),
+                      "val_examples": len(val_set)}
+    log.info("data: %d examples -> %d train / %d validation", len(examples), len(train_set), len(val_set))
+
+    # 2. Load the base in its dtype and count it before quantization changes the tensors.
+    compute_dtype = spec.model.dtype if t.compute_dtype == "auto" else t.compute_dtype
+    model = models.load_model(spec.model.path or spec.model.hub_id, spec.model.dtype, device)
+    model.config.use_cache = False  # the KV cache is useless in training and costs memory
+    targets = list(models.find_linears(model, spec.model.linear_names))
+    acc = accounting.base_sizes(model)
+
+    # 3. Quantize the target linears in place.
+    qmod = quant.get(spec.quant_name)
+    t0 = time.perf_counter()
+    qmod.quantize(model, targets, spec.quant, compute_dtype, device)
+    acc["quantize_time_s"] = time.perf_counter() - t0
+    acc.update(accounting.measured_quantized_sizes(model, targets, qmod.state_bytes))
+    record["accounting"] = acc
+    save()
+
+    # 4. The quantized base before fine-tuning (the "no fine-tuning" row of the tables).
+    def evaluate(m, desc: str) -> dict:
+        batches = _batches(val_set, spec.eval.batch_size, tokenizer.pad_token_id, seed=0, group=False,
+                           limit=spec.eval.max_batches)
+        return {"ppl_heldout": heldout_perplexity(m, batches, device, progress, desc)["ppl"]}
+
+    if spec.eval.before_finetune:
+        record["eval"]["before"] = evaluate(model, "eval before")
+        save()
+
+    # 5. Adapters (seeded, so the same config starts from the same weights).
+    t0 = time.perf_counter()
+    with models.seeded(spec.seed):
+        peft_model = with_adapters(acc, model, targets, adapters.get(spec.peft_method), spec)
+    acc["adapter_init_time_s"] = time.perf_counter() - t0
+    save()
+    if t.upcast_norms_fp32:
+        for name, p in peft_model.named_parameters():
+            if "norm" in name and p.dtype in (torch.float16, torch.bfloat16):
+                p.data = p.data.float()
+    if t.gradient_checkpointing:
+        peft_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        peft_model.enable_input_require_grads()
+
+    # 6. Fine-tune.
+    params = adapters.trainable_parameters(peft_model)
+    optimizer, opt_name = make_optimizer(params, t.optimizer, t.lr, t.weight_decay, device)
+    scheduler = make_scheduler(optimizer, t.lr_scheduler, t.warmup_steps, t.max_steps)
+    record["train"] = {"optimizer": opt_name, "compute_dtype": compute_dtype, "device": device,
+                       "gradient_checkpointing": t.gradient_checkpointing, "upcast_norms_fp32": t.upcast_norms_fp32}
+    stream = _batch_stream(train_set, t.batch_size, tokenizer.pad_token_id, spec.seed, d.group_by_length)
+    record["train"].update(train(peft_model, stream, optimizer, scheduler, max_steps=t.max_steps,
+                                 grad_accum=t.grad_accum, max_grad_norm=t.max_grad_norm, device=device,
+                                 measure_after=t.measure_after, diverge_loss=t.diverge_loss,
+                                 log_every=t.log_every, progress=progress))
+    save()
+
+    # 7. Evaluate the fine-tuned model.
+    record["eval"]["after"] = evaluate(peft_model, "eval after")
+
+
+def _batches(features: list[dict], batch_size: int, pad_id: int, seed: int, group: bool, limit: int | None = None):
+    order = data.make_batches([len(f["input_ids"]) for f in features], batch_size, seed=seed, group_by_length=group)
+    for idx in order[:limit]:
+        yield data.collate([features[i] for i in idx], pad_id)
+
+
+def _batch_stream(features: list[dict], batch_size: int, pad_id: int, seed: int, group: bool):
+    """Endless training batches: a new seeded order each epoch."""
+    epoch = 0
+    while True:
+        yield from _batches(features, batch_size, pad_id, seed + epoch, group)
+        epoch += 1
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The short summary printed at the end of a run
+# ----------------------------------------------------------------------------------------------------------------
+
+GIB, MIB = 2**30, 2**20
+
+
+def summary_table(record: dict, path: Path) -> str:
+    cfg, acc, tr, ev = record["config"], record.get("accounting", {}), record.get("train", {}), record.get("eval", {})
+    peft = cfg.get("peft", {})
+
+    def fmt(value, spec: str, scale: float = 1.0) -> str:
+        return "-" if value is None else format(value / scale, spec)
+
+    rows = [
+        ("run", f"{record['run_id']}  status: {record['status']}"),
+        ("model / quant / method", f"{cfg['model']['name']} / {cfg['quant']['name']} / {peft.get('method')}"
+                                   + (f" r={peft['r']} alpha={peft['alpha']}" if "r" in peft else "")),
+        ("trainable params", f"{fmt(acc.get('trainable_params'), ',')} ({fmt(acc.get('trainable_pct'), '.4f')} %)"),
+        ("quantized size (GiB)", f"{fmt(acc.get('quantized_model_bytes'), '.4f', GIB)} stored, "
+                                 f"{fmt(acc.get('param_buffer_bytes'), '.4f', GIB)} params+buffers"),
+        ("PEFT overhead (MiB)", f"{fmt(acc.get('peft_overhead_bytes'), '.3f', MIB)}"),
+        ("bits per weight", fmt(acc.get("bits_per_weight"), ".3f")),
+    ]
+    if tr.get("s_per_step") is not None:
+        rows += [
+            ("s/step, tokens/s", f"{tr['s_per_step']:.3f}, {tr['tokens_per_s']:.0f}"),
+            (f"peak memory (GiB, {tr.get('memory_kind')})", fmt(tr.get("peak_memory_bytes"), ".3f", GIB)),
+            ("loss first -> last", f"{tr['losses'][0]:.4f} -> {tr['final_loss']:.4f}"),
+        ]
+    if ev:
+        before, after = ev.get("before", {}).get("ppl_heldout"), ev.get("after", {}).get("ppl_heldout")
+        rows.append(("held-out ppl before -> after", f"{fmt(before, '.3f')} -> {fmt(after, '.3f')}"))
+    if "error" in record:
+        rows.append(("error", f"{record['error']['type']}: {record['error']['message']}"))
+    rows.append(("record", str(path)))
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"  {k:<{width}}  {v}" for k, v in rows)

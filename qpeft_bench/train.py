@@ -1,0 +1,111 @@
+"""The training loop: plain PyTorch, so that what is timed and measured is exactly the step and nothing else."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterator
+
+import torch
+from tqdm.auto import tqdm
+
+from qpeft_bench.memory import MemoryProbe
+
+
+class Diverged(RuntimeError):
+    def __init__(self, step: int, loss: float):
+        super().__init__(f"training diverged at step {step}: loss {loss}")
+        self.step, self.loss = step, loss
+
+
+def make_optimizer(params: list, name: str, lr: float, weight_decay: float, device: str):
+    if name == "auto":
+        name = "paged_adamw_32bit" if device.startswith("cuda") else "adamw"
+    if name == "paged_adamw_32bit":
+        import bitsandbytes as bnb
+
+        return bnb.optim.PagedAdamW32bit(params, lr=lr, weight_decay=weight_decay), name
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay), name
+
+
+def make_scheduler(optimizer, name: str, warmup_steps: int, max_steps: int):
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, max_steps - warmup_steps)
+        if name == "linear":
+            return max(0.0, 1.0 - progress)
+        if name == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+        return 1.0
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def to_device(batch: dict, device: str) -> dict:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def train(
+    model,
+    batches: Iterator[dict],
+    optimizer,
+    scheduler,
+    *,
+    max_steps: int,
+    grad_accum: int,
+    max_grad_norm: float,
+    device: str,
+    measure_after: int,
+    diverge_loss: float,
+    log_every: int,
+    progress: bool = True,
+) -> dict:
+    """Run `max_steps` optimizer steps; time and memory are measured on the steps after `measure_after`."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    probe = MemoryProbe(device)
+    losses: list[float] = []
+    tokens = 0
+    model.train()  # transformers applies gradient checkpointing (and LoRA dropout) only in train mode
+    bar = tqdm(range(max_steps), desc="train", unit="step", disable=not progress, dynamic_ncols=True)
+    t_start = None
+    for step in bar:
+        if step == measure_after:
+            probe.reset()
+            if device.startswith("cuda"):
+                torch.cuda.synchronize(device)
+            t_start, tokens = time.perf_counter(), 0
+        step_loss = 0.0
+        for _ in range(grad_accum):
+            batch = to_device(next(batches), device)
+            loss = model(**batch).loss / grad_accum
+            loss.backward()
+            step_loss += loss.item()
+            tokens += int(batch["attention_mask"].sum())
+        if not math.isfinite(step_loss) or step_loss > diverge_loss:
+            raise Diverged(step, step_loss)
+        if max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(step_loss)
+        if step >= measure_after:
+            probe.step()
+        if (step + 1) % log_every == 0 or step + 1 == max_steps:
+            bar.set_postfix(loss=f"{sum(losses[-log_every:]) / len(losses[-log_every:]):.4f}")
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(device)
+    elapsed = time.perf_counter() - t_start
+    measured = max_steps - measure_after
+    s_per_step = elapsed / measured
+    return {
+        "steps": max_steps,
+        "measured_steps": measured,
+        "losses": losses,
+        "final_loss": losses[-1],
+        "s_per_step": s_per_step,
+        "tokens_per_s": tokens / elapsed,
+        "time_500_steps_s": 500 * s_per_step,  # the unit of the thesis' runtime tables
+        **probe.summary(),
+    }

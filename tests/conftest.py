@@ -1,0 +1,37 @@
+"""Shared fixtures: composing configs the way the CLI does, without starting a Hydra app."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+
+ROOT = Path(__file__).resolve().parent.parent
+REFERENCE = Path(__file__).parent / "reference"
+CLI = [sys.executable, "-m", "qpeft_bench.cli"]
+
+# Small, fast settings for runs of the tiny model inside tests.
+FAST = ["train.max_steps=4", "train.measure_after=1", "data.max_examples=120", "eval.max_batches=2"]
+
+
+@pytest.fixture(scope="session")
+def compose():
+    """compose(overrides) -> the resolved job config (dict) exactly as `qpeft-bench` would run it."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from qpeft_bench.cli import CONF_DIR, job_config
+
+    def _compose(overrides: list[str] = (), return_hydra: bool = False):
+        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+            cfg = hydra_compose(config_name="run", overrides=list(overrides), return_hydra_config=return_hydra)
+        return cfg if return_hydra else job_config(cfg)
+
+    return _compose

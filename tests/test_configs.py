@@ -1,0 +1,93 @@
+"""Every config file composes and validates; bad input fails before any model is loaded."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from qpeft_bench.cli import CONF_DIR
+from qpeft_bench.config import ConfigError, validate
+
+CONF = Path(CONF_DIR)
+GROUP_FILES = sorted(p for p in CONF.rglob("*.yaml") if p.parent != CONF and p.parts[-3:-1] != ("hydra", "help"))
+
+
+def test_there_are_config_files_in_every_group():
+    groups = {p.parent.name for p in GROUP_FILES}
+    assert {"model", "quant", "peft", "data", "train", "eval", "sweep", "experiment"} <= groups
+
+
+@pytest.mark.parametrize("path", GROUP_FILES, ids=lambda p: str(p.relative_to(CONF)))
+def test_every_config_file_composes_and_validates(compose, path):
+    group, option = path.parent.name, path.stem
+    cfg = compose([f"{group}={option}"])
+    if group not in ("sweep", "experiment"):
+        section = {"quant": "name", "peft": "method"}.get(group, "name")
+        if group in ("model", "data", "eval", "quant", "peft"):
+            assert cfg[group][section] == option, f"{path}: {section} must equal the file name"
+    spec = validate(cfg)
+    assert spec.mode == "train"
+
+
+def test_default_config_is_the_embedded_qlora_run(compose):
+    spec = validate(compose())
+    assert (spec.model.name, spec.quant_name, spec.peft_method, spec.data.name) == (
+        "tiny_llama", "nf4", "lora", "tiny_alpaca")
+    assert spec.quant.double_quant is True
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["+peft.rank=4"], "unknown key peft.rank"),
+        (["+foo=1"], "unknown top-level key"),
+        (["peft.r=0"], "peft.r=0 must be > 0"),
+        (["peft.r=-4"], "peft.r=-4 must be > 0"),
+        (["peft.r=eight"], "wrong type"),
+        (["peft.r=512"], "exceeds min(in, out)"),
+        (["mode=both"], "mode='both'"),
+        (["quant.blocksize=48"], "blocksize=48"),
+        (["data.val_fraction=1.5"], "val_fraction"),
+        (["model.path=/nonexistent/dir"], "is not a directory"),
+        (["train.measure_after=60"], "measure_after"),
+    ],
+)
+def test_bad_input_is_one_clear_error(compose, overrides, message):
+    with pytest.raises(ConfigError, match=None) as err:
+        validate(compose(overrides))
+    assert message in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_hydra_rejects_overrides_of_missing_keys(compose):
+    from hydra.errors import ConfigCompositionException
+
+    with pytest.raises(ConfigCompositionException, match="peft.rank"):
+        compose(["peft.rank=4"])
+
+
+def test_unknown_quantizer_option_names_the_available_ones(compose):
+    from hydra.errors import MissingConfigException
+
+    with pytest.raises(MissingConfigException, match="nf4"):
+        compose(["quant=nf5"])
+
+
+def test_model_cards_match_the_reference_architectures(compose):
+    import csv
+
+    from conftest import REFERENCE
+
+    rows = list(csv.DictReader(open(REFERENCE / "architectures.csv")))
+    assert len(rows) == 7
+    for row in rows:
+        card = compose([f"model={row['name']}"])["model"]
+        assert card["hub_id"] == row["hub_id"]
+        assert card["family"] == row["family"]
+        arch = card["arch"]
+        ffn = arch.get("intermediate_size", arch.get("ffn_dim"))
+        assert (arch["hidden_size"], ffn, arch["num_hidden_layers"], arch["num_attention_heads"],
+                arch["vocab_size"]) == tuple(int(row[k]) for k in (
+                    "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size"))
+        assert arch.get("num_key_value_heads", arch["num_attention_heads"]) == int(row["num_key_value_heads"])

@@ -1,0 +1,147 @@
+"""End to end on the embedded tiny model: runs, records, skip/resume, failures, the CLI, the report."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+from conftest import CLI, FAST, ROOT
+
+from qpeft_bench import recipe, results
+
+ACCOUNTING_KEYS = {"total_params", "trainable_params", "trainable_pct", "base_model_bytes", "quantized_model_bytes",
+                   "param_buffer_bytes", "adapter_bytes", "peft_overhead_bytes", "bits_per_weight"}
+
+
+def cli(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run([*CLI, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def test_short_default_run_writes_a_complete_record(compose, tmp_path):
+    config = compose(FAST)
+    assert recipe.run(config, tmp_path, progress=False) == "completed"
+    rec = json.loads((tmp_path / "result.json").read_text())
+    assert rec["schema"] == results.SCHEMA and rec["status"] == "completed"
+    assert rec["run_id"] == results.run_id(config)
+    assert ACCOUNTING_KEYS <= set(rec["accounting"])
+    acc, tr = rec["accounting"], rec["train"]
+    assert acc["trainable_params"] == acc["adapter_bytes"] // 2  # bf16 adapters
+    assert len(tr["losses"]) == 4 and tr["measured_steps"] == 3 and tr["s_per_step"] > 0
+    assert tr["peak_memory_bytes"] > acc["quantized_model_bytes"]
+    assert rec["eval"]["before"]["ppl_heldout"] > 1 and rec["eval"]["after"]["ppl_heldout"] > 1
+    meta = rec["meta"]
+    assert meta["packages"]["torch"] and meta["packages"]["bitsandbytes"] and meta["end_time"]
+    assert meta["git_commit"] is None or len(meta["git_commit"]) == 40
+
+
+def test_completed_runs_are_skipped_and_overwrite_redoes_them(compose, tmp_path, caplog):
+    config = compose(FAST)
+    assert recipe.run(config, tmp_path, progress=False) == "completed"
+    first = (tmp_path / "result.json").read_text()
+    assert recipe.run(config, tmp_path, progress=False) == "skipped"
+    assert (tmp_path / "result.json").read_text() == first
+    assert "already completed" in caplog.text
+    assert recipe.run(compose([*FAST, "overwrite=true"]), tmp_path, progress=False) == "completed"
+
+
+def test_a_different_config_never_overwrites_a_completed_record(compose, tmp_path):
+    assert recipe.run(compose(FAST), tmp_path, progress=False) == "completed"
+    before = (tmp_path / "result.json").read_text()
+    assert recipe.run(compose([*FAST, "peft.r=4"]), tmp_path, progress=False) == "failed"
+    assert (tmp_path / "result.json").read_text() == before
+
+
+def test_a_crash_mid_run_leaves_a_failed_record(compose, tmp_path, monkeypatch):
+    def boom(*args, **kwargs):
+        raise RuntimeError("simulated crash in training")
+
+    monkeypatch.setattr(recipe, "train", boom)
+    assert recipe.run(compose(FAST), tmp_path, progress=False) == "failed"
+    rec = json.loads((tmp_path / "result.json").read_text())
+    assert rec["status"] == "failed" and "simulated crash" in rec["error"]["message"]
+    assert rec["accounting"]["quantized_model_bytes"] > 0  # what was measured before the crash is kept
+    assert "ppl_heldout" in rec["eval"]["before"]
+
+
+def test_divergence_is_recorded_with_its_step(compose, tmp_path):
+    assert recipe.run(compose([*FAST, "train.diverge_loss=0.001"]), tmp_path, progress=False) == "diverged"
+    rec = json.loads((tmp_path / "result.json").read_text())
+    assert rec["status"] == "diverged" and rec["train"]["diverged_at_step"] == 0
+
+
+def test_bad_config_writes_no_record(compose, tmp_path):
+    assert recipe.run(compose(["+peft.rank=4"]), tmp_path, progress=False) == "failed"
+    assert not (tmp_path / "result.json").exists()
+
+
+def test_plan_mode_cli_honours_run_dir(tmp_path):
+    run_dir = tmp_path / "plan7b"
+    proc = cli("mode=plan", "model=llama2_7b", "quant=nf4", "peft=lora", "peft.r=64", "peft.alpha=16",
+               f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    rec = json.loads((run_dir / "result.json").read_text())
+    assert rec["status"] == "planned"
+    assert ACCOUNTING_KEYS <= set(rec["accounting"])
+    assert rec["accounting"]["trainable_params"] == 159_907_840
+    assert "159,907,840" in proc.stdout + proc.stderr  # the summary table
+
+
+def test_help_lists_groups_and_options(tmp_path):
+    out = cli("--help", cwd=tmp_path).stdout
+    for text in ("model:", "quant:", "peft:", "data:", "train:", "eval:", "sweep:", "llama2_7b", "nf4", "lora",
+                 "tiny_alpaca"):
+        assert text in out, text
+
+
+def test_unknown_key_is_a_clear_error_with_nonzero_exit(tmp_path):
+    proc = cli("peft.rank=4", cwd=tmp_path, check=False)
+    assert proc.returncode != 0 and "peft.rank" in proc.stderr
+    proc = cli("+peft.rank=4", cwd=tmp_path, check=False)
+    assert proc.returncode != 0 and "unknown key peft.rank" in proc.stdout + proc.stderr
+    assert not list(tmp_path.rglob("result.json"))
+
+
+@pytest.mark.slow
+def test_grid_runs_once_and_resumes(tmp_path):
+    """`-m` over a 2x2 grid: four records; a re-run skips all; a failed one is redone, the rest skipped."""
+    grid = ["-m", "peft.r=4,8", "peft.alpha=8,16", *FAST, "output_root=runs"]
+    cli(*grid, cwd=tmp_path)
+    records = sorted(tmp_path.glob("runs/*/result.json"))
+    assert len(records) == 4
+    assert {json.loads(p.read_text())["status"] for p in records} == {"completed"}
+    assert len({json.loads(p.read_text())["run_id"] for p in records}) == 4
+
+    victim = json.loads(records[0].read_text())
+    victim["status"] = "running"  # as a run killed mid-way leaves it
+    records[0].write_text(json.dumps(victim))
+    proc = cli(*grid, cwd=tmp_path)
+    log = proc.stdout + proc.stderr
+    assert log.count("already completed") == 3
+    assert "sweep finished: 4 runs: 1 completed, 3 skipped" in log
+    assert json.loads(records[0].read_text())["status"] == "completed"
+
+    report = subprocess.run([str(Path(CLI[0]).parent / "qpeft-bench-report"), "runs", "--out", "tables"],
+                            cwd=tmp_path, capture_output=True, text=True, check=True)
+    assert report.stdout.count("| completed |") == 4
+
+
+@pytest.mark.slow
+def test_make_run_default_config_improves_heldout_perplexity(tmp_path):
+    """The default run, exactly as `make run` starts it: fine-tuning must lower held-out perplexity."""
+    cli("output_root=runs", cwd=tmp_path)
+    (record,) = tmp_path.glob("runs/*/result.json")
+    rec = json.loads(record.read_text())
+    assert rec["status"] == "completed"
+    assert rec["eval"]["after"]["ppl_heldout"] < 0.8 * rec["eval"]["before"]["ppl_heldout"]
+
+
+def test_repository_root_has_the_two_commands():
+    readme = (ROOT / "README.md").read_text()
+    assert "make run" in readme and "make test" in readme
+    assert "make test" in (ROOT / ".ci" / "run").read_text()
