@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import warnings
 from pathlib import Path
 
 import hydra
@@ -16,6 +17,8 @@ from omegaconf import DictConfig, OmegaConf
 from qpeft_bench import ASSETS, results
 
 log = logging.getLogger("qpeft_bench")
+# peft calls a transformers property that transformers 5 deprecates; the warning is theirs, not the user's.
+warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
 

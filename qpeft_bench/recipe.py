@@ -134,6 +134,7 @@ def fine_tune(spec: RunSpec, device: str, record: dict, save, progress: bool) ->
 
     # 2. Load the base in its dtype and count it before quantization changes the tensors.
     compute_dtype = spec.model.dtype if t.compute_dtype == "auto" else t.compute_dtype
+    torch_dtype = models.DTYPE[compute_dtype]
     model = models.load_model(spec.model.path or spec.model.hub_id, spec.model.dtype, device)
     model.config.use_cache = False  # the KV cache is useless in training and costs memory
     targets = list(models.find_linears(model, spec.model.linear_names))
@@ -152,7 +153,7 @@ def fine_tune(spec: RunSpec, device: str, record: dict, save, progress: bool) ->
     def evaluate(m, desc: str) -> dict:
         batches = _batches(val_set, spec.eval.batch_size, tokenizer.pad_token_id, seed=0, group=False,
                            limit=spec.eval.max_batches)
-        return {"ppl_heldout": heldout_perplexity(m, batches, device, progress, desc)["ppl"]}
+        return {"ppl_heldout": heldout_perplexity(m, batches, device, torch_dtype, progress, desc)["ppl"]}
 
     if spec.eval.before_finetune:
         record["eval"]["before"] = evaluate(model, "eval before")
@@ -181,6 +182,7 @@ def fine_tune(spec: RunSpec, device: str, record: dict, save, progress: bool) ->
     stream = _batch_stream(train_set, t.batch_size, tokenizer.pad_token_id, spec.seed, d.group_by_length)
     record["train"].update(train(peft_model, stream, optimizer, scheduler, max_steps=t.max_steps,
                                  grad_accum=t.grad_accum, max_grad_norm=t.max_grad_norm, device=device,
+                                 compute_dtype=torch_dtype,
                                  measure_after=t.measure_after, diverge_loss=t.diverge_loss,
                                  log_every=t.log_every, progress=progress))
     save()
@@ -214,8 +216,8 @@ def summary_table(record: dict, path: Path) -> str:
     cfg, acc, tr, ev = record["config"], record.get("accounting", {}), record.get("train", {}), record.get("eval", {})
     peft = cfg.get("peft", {})
 
-    def fmt(value, spec: str, scale: float = 1.0) -> str:
-        return "-" if value is None else format(value / scale, spec)
+    def fmt(value, spec: str, scale: int = 1) -> str:
+        return "-" if value is None else format(value / scale if scale != 1 else value, spec)
 
     rows = [
         ("run", f"{record['run_id']}  status: {record['status']}"),
@@ -224,7 +226,8 @@ def summary_table(record: dict, path: Path) -> str:
         ("trainable params", f"{fmt(acc.get('trainable_params'), ',')} ({fmt(acc.get('trainable_pct'), '.4f')} %)"),
         ("quantized size (GiB)", f"{fmt(acc.get('quantized_model_bytes'), '.4f', GIB)} stored, "
                                  f"{fmt(acc.get('param_buffer_bytes'), '.4f', GIB)} params+buffers"),
-        ("PEFT overhead (MiB)", f"{fmt(acc.get('peft_overhead_bytes'), '.3f', MIB)}"),
+        ("PEFT overhead (MiB)", f"{fmt(acc.get('peft_overhead_bytes'), '.3f', MIB)} adapters, "
+                                f"{fmt(acc.get('qlora_recipe_overhead_bytes'), '.3f', MIB)} as qlora.py's set-up"),
         ("bits per weight", fmt(acc.get("bits_per_weight"), ".3f")),
     ]
     if tr.get("s_per_step") is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Iterator
@@ -46,6 +47,14 @@ def to_device(batch: dict, device: str) -> dict:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
+def autocast(device: str, compute_dtype: torch.dtype):
+    """Mixed precision as HF's Trainer runs it with bf16=True: needed once some weights are upcast to fp32
+    (norms, as prepare_model_for_kbit_training does) while others stay in bf16."""
+    if compute_dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.split(":")[0], dtype=compute_dtype)
+
+
 def train(
     model,
     batches: Iterator[dict],
@@ -56,6 +65,7 @@ def train(
     grad_accum: int,
     max_grad_norm: float,
     device: str,
+    compute_dtype: torch.dtype,
     measure_after: int,
     diverge_loss: float,
     log_every: int,
@@ -78,7 +88,8 @@ def train(
         step_loss = 0.0
         for _ in range(grad_accum):
             batch = to_device(next(batches), device)
-            loss = model(**batch).loss / grad_accum
+            with autocast(device, compute_dtype):
+                loss = model(**batch).loss / grad_accum
             loss.backward()
             step_loss += loss.item()
             tokens += int(batch["attention_mask"].sum())

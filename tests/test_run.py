@@ -145,3 +145,25 @@ def test_repository_root_has_the_two_commands():
     readme = (ROOT / "README.md").read_text()
     assert "make run" in readme and "make test" in readme
     assert "make test" in (ROOT / ".ci" / "run").read_text()
+
+
+def test_report_on_real_completed_failed_and_planned_runs(compose, tmp_path, monkeypatch):
+    from qpeft_bench import report
+
+    runs = tmp_path / "runs"
+    assert recipe.run(compose(FAST), runs / "a", progress=False) == "completed"
+    assert recipe.run(compose(["mode=plan", "model=llama2_7b", "peft.r=64", "peft.alpha=16"]), runs / "b",
+                      progress=False) == "planned"
+    monkeypatch.setattr(recipe, "train", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom")))
+    assert recipe.run(compose([*FAST, "peft.r=4"]), runs / "c", progress=False) == "failed"
+
+    assert report.main([str(runs), "--out", str(tmp_path / "tables")]) == 0
+    import csv
+
+    rows = {r["status"]: r for r in csv.DictReader(open(tmp_path / "tables" / "overview.csv"))}
+    assert set(rows) == {"completed", "planned", "failed"}
+    assert rows["planned"]["trainable_params"] == "159907840"
+    assert rows["planned"]["model"] == "llama2_7b"
+    completed = json.loads((runs / "a" / "result.json").read_text())
+    assert float(rows["completed"]["ppl_after"]) == pytest.approx(completed["eval"]["after"]["ppl_heldout"])
+    assert rows["failed"]["r"] == "4"

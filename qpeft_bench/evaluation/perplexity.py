@@ -9,11 +9,12 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from qpeft_bench.train import to_device
+from qpeft_bench.train import autocast, to_device
 
 
 @torch.no_grad()
-def heldout_perplexity(model, batches: Iterable[dict], device: str, progress: bool = True, desc: str = "eval") -> dict:
+def heldout_perplexity(model, batches: Iterable[dict], device: str, compute_dtype: torch.dtype = torch.float32,
+                       progress: bool = True, desc: str = "eval") -> dict:
     """Token-level NLL summed over every labelled (non -100) position, then averaged: batches of different
     lengths weigh by their tokens, not by their count."""
     was_training = model.training
@@ -22,7 +23,8 @@ def heldout_perplexity(model, batches: Iterable[dict], device: str, progress: bo
     try:
         for batch in tqdm(batches, desc=desc, unit="batch", disable=not progress, dynamic_ncols=True):
             batch = to_device(batch, device)
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            with autocast(device, compute_dtype):
+                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             labels = batch["labels"][:, 1:]
             logits = logits[:, :-1].float()
             nll += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100,
