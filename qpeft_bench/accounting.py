@@ -9,9 +9,15 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
+from qpeft_bench.models import is_norm_param
+
 
 def tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
 
 
 def param_buffer_bytes(model: nn.Module) -> int:
@@ -69,7 +75,7 @@ def _quantized_summary(pb: int, state: int, q_bytes: int, numel: int) -> dict:
 def adapter_sizes(model: nn.Module, param_buffer_bytes_before: int, total_params: int) -> dict:
     """Trainable parameters and the PEFT overhead: footprint with adapters minus footprint without, at the
     same stage and before any upcast of non-adapter weights."""
-    trainable = [p for p in model.parameters() if p.requires_grad]
+    trainable = trainable_parameters(model)
     n = sum(p.numel() for p in trainable)
     return {
         "trainable_params": n,
@@ -91,7 +97,7 @@ def qlora_recipe_overhead_bytes(model: nn.Module, peft_overhead_bytes: int, adde
     norm_upcast = sum(
         p.numel() * (4 - p.element_size())
         for name, p in model.named_parameters()
-        if "norm" in name.rsplit(".", 2)[-2] and p.element_size() < 4
+        if is_norm_param(name) and p.element_size() < 4
     )
     emb = model.get_input_embeddings().weight
     out = model.get_output_embeddings().weight

@@ -58,6 +58,7 @@ class SweepSummary(Callback):
         log.info("sweep finished: %d runs: %s", len(self.outcomes), ", ".join(f"{n} {s}" for s, n in counts.items()))
         if any(s not in ("completed", "skipped", "planned") for s in self.outcomes):
             log.error("some runs did not complete; re-run the same command to redo them (completed ones are skipped)")
+            sys.exit(1)  # a sweep with failed runs must not look green to make, CI or a job scheduler
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="run")

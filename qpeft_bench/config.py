@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -175,16 +176,17 @@ class TrainConfig:
     weight_decay: float = 0.001
     max_grad_norm: float = 0.3
     optimizer: typing.Literal["auto", "adamw", "paged_adamw_32bit"] = "auto"  # auto: paged on CUDA
-    compute_dtype: typing.Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 on CUDA
+    # dtype of matmuls (autocast) and of bitsandbytes' compute; auto: model.dtype. float16 uses loss scaling.
+    compute_dtype: typing.Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     gradient_checkpointing: bool = False
-    upcast_norms_fp32: bool = False  # what prepare_model_for_kbit_training does; moves peak memory
+    upcast_norms_fp32: bool = False  # qlora.py's end state: norms in fp32 (moves peak memory on 7B)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     log_every: int = 10
     measure_after: int = 2  # steps excluded from time and memory figures (warm-up)
     diverge_loss: float = 1e4  # a loss above this (or NaN/Inf) ends the run with status `diverged`
 
     def check(self, where: str) -> None:
-        for name in ("max_steps", "batch_size", "grad_accum", "lr", "log_every"):
+        for name in ("max_steps", "batch_size", "grad_accum", "lr", "log_every", "diverge_loss"):
             positive(where, name, getattr(self, name))
         for name in ("warmup_steps", "weight_decay", "max_grad_norm", "measure_after"):
             positive(where, name, getattr(self, name), allow_zero=True)
@@ -193,6 +195,18 @@ class TrainConfig:
                 f"{where}.measure_after={self.measure_after} must be below train.max_steps={self.max_steps}: "
                 "no step would be measured"
             )
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
+            raise ConfigError(f"{where}.device={self.device!r}; choose auto, cpu, cuda or cuda:N")
+
+    def check_device(self) -> None:
+        """Checks that depend on this machine: only for runs that will train here."""
+        import torch
+
+        cuda = self.device.startswith("cuda") or (self.device == "auto" and torch.cuda.is_available())
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ConfigError(f"train.device={self.device!r} but CUDA is not available on this machine")
+        if self.optimizer == "paged_adamw_32bit" and not cuda:
+            raise ConfigError("train.optimizer=paged_adamw_32bit needs CUDA; use adamw (or auto) on the CPU")
 
 
 @dataclass
@@ -212,7 +226,16 @@ class EvalConfig:
         positive(where, "max_batches", self.max_batches)
 
 
-MODES = ("train", "plan")
+
+
+@dataclass
+class RunConfig:
+    """The top-level keys of conf/run.yaml."""
+
+    mode: typing.Literal["train", "plan"] = "train"
+    seed: int = 0
+    output_root: str = "runs"
+    overwrite: bool = False
 
 
 @dataclass
@@ -244,14 +267,11 @@ def validate(cfg: dict) -> RunSpec:
     """Check a composed config (a plain dict, resolved) and return typed pieces. No model is loaded."""
     from qpeft_bench import adapters, quant  # the registries; imported lazily to keep this module light
 
-    known_top = {"mode", "seed", "model", "quant", "peft", "data", "train", "eval", "output_root", "overwrite"}
-    unknown = sorted(set(cfg) - known_top - {"hydra"})
-    if unknown:
-        raise ConfigError(f"unknown top-level key(s) {', '.join(unknown)}; valid: {', '.join(sorted(known_top))}")
-    if cfg.get("mode") not in MODES:
-        raise ConfigError(f"mode={cfg.get('mode')!r}; choose one of {', '.join(MODES)}")
-    if not isinstance(cfg.get("seed"), int):
-        raise ConfigError(f"seed={cfg.get('seed')!r} must be an integer")
+    groups = ("model", "quant", "peft", "data", "train", "eval")
+    missing = [g for g in groups if g not in cfg]
+    if missing:
+        raise ConfigError(f"config group(s) {', '.join(missing)} missing; choose an option, e.g. model=tiny_llama")
+    top = from_dict(RunConfig, {k: v for k, v in cfg.items() if k not in groups and k != "hydra"}, "run")
 
     model = from_dict(ModelConfig, cfg["model"], "model")
     quant_name, quant_knobs = _split_named(cfg["quant"], "name", "quant")
@@ -265,8 +285,8 @@ def validate(cfg: dict) -> RunSpec:
     amod = adapters.get(peft_method)
     pcfg = from_dict(amod.Config, peft_knobs, "peft")
     spec = RunSpec(
-        mode=cfg["mode"],
-        seed=cfg["seed"],
+        mode=top.mode,
+        seed=top.seed,
         model=model,
         quant_name=quant_name,
         quant=qcfg,
@@ -275,9 +295,11 @@ def validate(cfg: dict) -> RunSpec:
         data=from_dict(DataConfig, cfg["data"], "data"),
         train=from_dict(TrainConfig, cfg["train"], "train"),
         eval=from_dict(EvalConfig, cfg["eval"], "eval"),
-        output_root=str(cfg.get("output_root", "runs")),
-        overwrite=bool(cfg.get("overwrite", False)),
+        output_root=top.output_root,
+        overwrite=top.overwrite,
     )
+    if spec.mode == "train":
+        spec.train.check_device()
     # Checks that need the architecture (sizes that must divide, ranks that must fit) read only config.json.
     from qpeft_bench.models import linear_shapes
 

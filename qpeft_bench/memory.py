@@ -24,6 +24,7 @@ class MemoryProbe:
         self.device = device
         self.kind = "cuda_max_allocated" if self.cuda else "cpu_peak_rss"
         self.samples: list[int] = []
+        self.peak_reserved = 0
         self.peak_reset = True
 
     def reset(self) -> None:
@@ -42,6 +43,8 @@ class MemoryProbe:
         if self.cuda:
             torch.cuda.synchronize(self.device)
             self.samples.append(torch.cuda.max_memory_allocated(self.device))
+            # read before the reset below, which clears the reserved peak too
+            self.peak_reserved = max(self.peak_reserved, torch.cuda.max_memory_reserved(self.device))
             torch.cuda.reset_peak_memory_stats(self.device)
         else:
             rss = _proc_status_kib("VmRSS")
@@ -52,7 +55,7 @@ class MemoryProbe:
         out = {"memory_kind": self.kind, "peak_reset_after_warmup": self.peak_reset}
         if self.cuda:
             out["peak_memory_bytes"] = max(self.samples, default=0)
-            out["peak_reserved_bytes"] = torch.cuda.max_memory_reserved(self.device)
+            out["peak_reserved_bytes"] = self.peak_reserved
         else:
             hwm = _proc_status_kib("VmHWM")
             out["peak_memory_bytes"] = hwm * 1024 if hwm is not None else max(self.samples, default=0)

@@ -88,13 +88,10 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def resolve_compute_dtype(compute_dtype: str, device: str) -> str:
-    """auto: bf16 where the GPU supports it; float32 on the CPU, where bf16 matmuls are slow or emulated."""
-    if compute_dtype != "auto":
-        return compute_dtype
-    if device.startswith("cuda") and torch.cuda.is_bf16_supported():
-        return "bfloat16"
-    return "float32"
+def is_norm_param(name: str) -> bool:
+    """A normalisation weight (RMSNorm/LayerNorm): its module's own name contains 'norm'."""
+    parts = name.split(".")
+    return len(parts) >= 2 and "norm" in parts[-2]
 
 
 @contextlib.contextmanager

@@ -23,6 +23,7 @@ from qpeft_bench.train import Diverged, make_optimizer, make_scheduler, train
 
 log = logging.getLogger("qpeft_bench")
 DONE = ("completed",)
+KEEP = ("completed", "planned")  # records that another config must not replace in the same directory
 
 
 def run(config: dict, run_dir: Path, progress: bool = True) -> str:
@@ -35,16 +36,16 @@ def run(config: dict, run_dir: Path, progress: bool = True) -> str:
         if spec.mode == "train":
             data.check_source(spec.data.format, spec.data.path, spec.data.hub_id)
             device = models.resolve_device(spec.train.device)
-    except (ConfigError, FileNotFoundError, ValueError) as err:
-        # Bad input: say it in one line, write nothing that could be mistaken for a result.
-        log.error("config error: %s", err)
+    except Exception as err:  # noqa: BLE001 - any bad input: one line, and nothing written
+        detail = str(err) if isinstance(err, (ConfigError, FileNotFoundError, ValueError)) else repr(err)
+        log.error("config error: %s", detail.splitlines()[0] if detail else type(err).__name__)
         return "failed"
 
     existing = results.read_record(run_dir)
     if existing is not None and not spec.overwrite:
-        if existing.get("run_id") != rid and existing.get("status") in DONE:
-            log.error("%s holds the completed run %s of another config; choose another hydra.run.dir or set "
-                      "overwrite=true", run_dir, existing.get("run_id"))
+        if existing.get("run_id") != rid and existing.get("status") in KEEP:
+            log.error("%s holds the %s run %s of another config; choose another hydra.run.dir or set "
+                      "overwrite=true", run_dir, existing.get("status"), existing.get("run_id"))
             return "failed"
         if existing.get("run_id") == rid and existing.get("status") in DONE:
             log.info("skip: run %s already completed (%s); overwrite=true redoes it", rid, run_dir / results.RECORD)
@@ -62,7 +63,7 @@ def run(config: dict, run_dir: Path, progress: bool = True) -> str:
             record["status"] = "completed"
     except Diverged as err:
         record["status"] = "diverged"
-        record["train"].update({"diverged_at_step": err.step, "diverged_loss": err.loss})
+        record["train"].update({"diverged_at_step": err.step, "diverged_loss": err.loss})  # NaN -> "nan" on write
         log.error("%s", err)
     except torch.OutOfMemoryError as err:
         record["status"] = "oom"
@@ -167,14 +168,14 @@ def fine_tune(spec: RunSpec, device: str, record: dict, save, progress: bool) ->
     save()
     if t.upcast_norms_fp32:
         for name, p in peft_model.named_parameters():
-            if "norm" in name and p.dtype in (torch.float16, torch.bfloat16):
+            if models.is_norm_param(name) and p.dtype in (torch.float16, torch.bfloat16):
                 p.data = p.data.float()
     if t.gradient_checkpointing:
         peft_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         peft_model.enable_input_require_grads()
 
     # 6. Fine-tune.
-    params = adapters.trainable_parameters(peft_model)
+    params = accounting.trainable_parameters(peft_model)
     optimizer, opt_name = make_optimizer(params, t.optimizer, t.lr, t.weight_decay, device)
     scheduler = make_scheduler(optimizer, t.lr_scheduler, t.warmup_steps, t.max_steps)
     record["train"] = {"optimizer": opt_name, "compute_dtype": compute_dtype, "device": device,

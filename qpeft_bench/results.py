@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import platform
 import socket
@@ -23,14 +24,57 @@ NON_IDENTITY_KEYS = ("hydra", "output_root", "overwrite")
 
 
 def run_id(config: dict) -> str:
-    """Stable 12-hex-digit hash of the resolved config without output/launcher keys."""
+    """Stable 12-hex-digit hash of the resolved config without output/launcher keys.
+
+    Normalised so that equal configs hash equally: keys sorted, 16 and 16.0 the same number, shipped assets
+    named by their path inside the package plus a fingerprint of their content (the checkout's location
+    does not matter, a rebuilt tiny model does), and `train.device=auto` replaced by the device it means
+    here (a run measured on the CPU is not the same run on a GPU).
+    """
+    identity = _normalise({k: v for k, v in config.items() if k not in NON_IDENTITY_KEYS})
+    train = identity.get("train")
+    if identity.get("mode") == "train" and isinstance(train, dict) and train.get("device") == "auto":
+        import torch
+
+        train["device"] = "cuda" if torch.cuda.is_available() else "cpu"
+    blob = json.dumps(identity, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def _normalise(value):
     from qpeft_bench import ASSETS
 
-    identity = {k: v for k, v in config.items() if k not in NON_IDENTITY_KEYS}
-    blob = json.dumps(identity, sort_keys=True, separators=(",", ":"), default=str)
-    # Paths of shipped assets are absolute once resolved; the id must not change with the checkout's location.
-    blob = blob.replace(str(ASSETS), "<assets>")
-    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+    if isinstance(value, dict):
+        return {k: _normalise(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_normalise(v) for v in value]
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str) and value.startswith(str(ASSETS)):
+        return f"<assets>{value[len(str(ASSETS)):]}@{_fingerprint(Path(value))}"
+    return value
+
+
+def _fingerprint(path: Path) -> str:
+    """Content hash of a shipped asset (file or directory); assets are small, so this takes milliseconds."""
+    digest = hashlib.sha256()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for file in files:
+        if file.exists():
+            digest.update(file.name.encode())
+            digest.update(file.read_bytes())
+    return digest.hexdigest()[:8]
+
+
+def _json_safe(value):
+    """NaN and infinities become strings: bare NaN is not JSON, and strict readers reject the record."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_json_safe(v) for v in value]
+    return value
 
 
 def atomic_write_json(path: Path, data: dict) -> None:
@@ -41,7 +85,7 @@ def atomic_write_json(path: Path, data: dict) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2, sort_keys=False, allow_nan=True)
+            json.dump(_json_safe(data), f, indent=2, sort_keys=False, allow_nan=False)
             f.write("\n")
             f.flush()
             os.fsync(f.fileno())

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 import torch
 from tqdm.auto import tqdm
 
+from qpeft_bench.accounting import trainable_parameters
 from qpeft_bench.memory import MemoryProbe
 
 
@@ -31,6 +32,7 @@ def make_optimizer(params: list, name: str, lr: float, weight_decay: float, devi
 
 def make_scheduler(optimizer, name: str, warmup_steps: int, max_steps: int):
     def factor(step: int) -> float:
+        # (step + 1): the first update already gets a non-zero rate; HF's step / warmup wastes a step at 0.
         if step < warmup_steps:
             return (step + 1) / warmup_steps
         progress = (step - warmup_steps) / max(1, max_steps - warmup_steps)
@@ -55,6 +57,23 @@ def autocast(device: str, compute_dtype: torch.dtype):
     return torch.autocast(device_type=device.split(":")[0], dtype=compute_dtype)
 
 
+def accumulate(model, micro_batches: list[dict], device: str, compute_dtype: torch.dtype, scaler=None) -> tuple[float, int]:
+    """Forward and backward over the micro-batches of one optimizer step, weighting each by its labelled
+    tokens so the gradient is that of the mean NLL over the whole window (as one big batch would give),
+    not a mean of per-batch means. Returns (mean loss, tokens seen)."""
+    counts = [int((b["labels"][:, 1:] != -100).sum()) for b in micro_batches]
+    total = max(1, sum(counts))
+    step_loss, tokens = 0.0, 0
+    for batch, n in zip(micro_batches, counts, strict=True):
+        batch = to_device(batch, device)
+        with autocast(device, compute_dtype):
+            loss = model(**batch).loss * (n / total)  # the model's loss is the mean over this batch's tokens
+        (scaler.scale(loss) if scaler is not None else loss).backward()
+        step_loss += loss.item()
+        tokens += int(batch["attention_mask"].sum())
+    return step_loss, tokens
+
+
 def train(
     model,
     batches: Iterator[dict],
@@ -72,7 +91,9 @@ def train(
     progress: bool = True,
 ) -> dict:
     """Run `max_steps` optimizer steps; time and memory are measured on the steps after `measure_after`."""
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = trainable_parameters(model)
+    # fp16 gradients underflow without loss scaling; bf16 and fp32 need none.
+    scaler = torch.amp.GradScaler(device.split(":")[0]) if compute_dtype == torch.float16 else None
     probe = MemoryProbe(device)
     losses: list[float] = []
     tokens = 0
@@ -85,19 +106,20 @@ def train(
             if device.startswith("cuda"):
                 torch.cuda.synchronize(device)
             t_start, tokens = time.perf_counter(), 0
-        step_loss = 0.0
-        for _ in range(grad_accum):
-            batch = to_device(next(batches), device)
-            with autocast(device, compute_dtype):
-                loss = model(**batch).loss / grad_accum
-            loss.backward()
-            step_loss += loss.item()
-            tokens += int(batch["attention_mask"].sum())
+        step_loss, n_tokens = accumulate(model, [next(batches) for _ in range(grad_accum)], device, compute_dtype,
+                                         scaler)
+        tokens += n_tokens
         if not math.isfinite(step_loss) or step_loss > diverge_loss:
             raise Diverged(step, step_loss)
+        if scaler is not None:
+            scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
         if max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-        optimizer.step()
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(step_loss)

@@ -51,6 +51,11 @@ def test_default_config_is_the_embedded_qlora_run(compose):
         (["data.val_fraction=1.5"], "val_fraction"),
         (["model.path=/nonexistent/dir"], "is not a directory"),
         (["train.measure_after=60"], "measure_after"),
+        (["overwrite=no"], "overwrite='no' has the wrong type"),
+        (["seed=true"], "seed=True has the wrong type"),
+        (["train.device=gpu"], "train.device='gpu'"),
+        (["train.optimizer=paged_adamw_32bit", "train.device=cpu"], "needs CUDA"),
+        (["~model"], "missing"),
     ],
 )
 def test_bad_input_is_one_clear_error(compose, overrides, message):

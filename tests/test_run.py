@@ -94,9 +94,11 @@ def test_plan_mode_cli_honours_run_dir(tmp_path):
 
 def test_help_lists_groups_and_options(tmp_path):
     out = cli("--help", cwd=tmp_path).stdout
-    for text in ("model:", "quant:", "peft:", "data:", "train:", "eval:", "sweep:", "llama2_7b", "nf4", "lora",
-                 "tiny_alpaca"):
-        assert text in out, text
+    groups = out.split("== Config groups")[1].split("== Composed config")[0]
+    # options that only the group list shows (the composed config holds the defaults only)
+    for text in ("model:", "quant:", "peft:", "data:", "train:", "eval:", "sweep:", "experiment:", "fp4",
+                 "opt_1_3b", "llama2_70b", "hh_rlhf", "qlora", "smoke"):
+        assert text in groups, text
 
 
 def test_unknown_key_is_a_clear_error_with_nonzero_exit(tmp_path):
@@ -105,6 +107,18 @@ def test_unknown_key_is_a_clear_error_with_nonzero_exit(tmp_path):
     proc = cli("+peft.rank=4", cwd=tmp_path, check=False)
     assert proc.returncode != 0 and "unknown key peft.rank" in proc.stdout + proc.stderr
     assert not list(tmp_path.rglob("result.json"))
+
+
+def test_plan_grid_writes_one_record_per_point_and_fails_loudly_on_a_bad_one(tmp_path):
+    cli("-m", "mode=plan", "model=llama2_7b", "peft.r=4,8", "peft.alpha=8,16", cwd=tmp_path)
+    records = [json.loads(p.read_text()) for p in tmp_path.glob("runs/*/result.json")]
+    assert len({r["run_id"] for r in records}) == 4 and {r["status"] for r in records} == {"planned"}
+    assert {(r["config"]["peft"]["r"], r["config"]["peft"]["alpha"]) for r in records} == {
+        (4, 8), (4, 16), (8, 8), (8, 16)}
+    proc = cli("-m", "mode=plan", "model=llama2_7b", "peft.r=8,0", cwd=tmp_path / "bad", check=False)
+    assert proc.returncode == 1
+    assert "peft.r=0 must be > 0" in proc.stdout + proc.stderr
+    assert "sweep finished: 2 runs: 1 failed, 1 planned" in proc.stdout + proc.stderr
 
 
 @pytest.mark.slow

@@ -29,6 +29,3 @@ def get(method: str) -> ModuleType:
         raise ConfigError(f"peft.method={method!r} is not implemented; available: {', '.join(names())}")
     return importlib.import_module(_TABLE[method])
 
-
-def trainable_parameters(model) -> list:
-    return [p for p in model.parameters() if p.requires_grad]
