@@ -3,7 +3,13 @@ the outcome into an exit code. Everything else lives in recipe.py."""
 
 from __future__ import annotations
 
-import logging
+import os
+
+# libgomp's default busy-waiting makes a 2-thread torch run 15-30x slower as soon as any other process is busy
+# on a small machine (measured on the 2-core dev boxes); a short spin keeps the single-process speed.
+os.environ.setdefault("GOMP_SPINCOUNT", "10000")
+
+import logging  # noqa: E402
 import sys
 import warnings
 from pathlib import Path

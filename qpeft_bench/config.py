@@ -63,22 +63,21 @@ def from_dict(cls: type, data: dict, where: str) -> Any:
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
+    prefix = f"{where}." if where else ""  # where="" for the top level of the config
     if unknown:
         raise ConfigError(
-            f"unknown key{'s' if len(unknown) > 1 else ''} {', '.join(f'{where}.{k}' for k in unknown)}; "
-            f"valid keys of {where}: {', '.join(sorted(names))}"
+            f"unknown key{'s' if len(unknown) > 1 else ''} {', '.join(prefix + k for k in unknown)}; "
+            f"valid keys{f' of {where}' if where else ' at the top level'}: {', '.join(sorted(names))}"
         )
     kwargs = {}
     for f in dataclasses.fields(cls):
         if f.name not in data:
             if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-                raise ConfigError(f"{where}.{f.name} is required")
+                raise ConfigError(f"{prefix}{f.name} is required")
             continue
         value = data[f.name]
         if not _type_ok(value, hints[f.name]):
-            raise ConfigError(
-                f"{where}.{f.name}={value!r} has the wrong type: expected {_type_name(hints[f.name])}"
-            )
+            raise ConfigError(f"{prefix}{f.name}={value!r} has the wrong type: expected {_type_name(hints[f.name])}")
         kwargs[f.name] = value
     obj = cls(**kwargs)
     check = getattr(obj, "check", None)
@@ -271,7 +270,7 @@ def validate(cfg: dict) -> RunSpec:
     missing = [g for g in groups if g not in cfg]
     if missing:
         raise ConfigError(f"config group(s) {', '.join(missing)} missing; choose an option, e.g. model=tiny_llama")
-    top = from_dict(RunConfig, {k: v for k, v in cfg.items() if k not in groups and k != "hydra"}, "run")
+    top = from_dict(RunConfig, {k: v for k, v in cfg.items() if k not in groups and k != "hydra"}, "")
 
     model = from_dict(ModelConfig, cfg["model"], "model")
     quant_name, quant_knobs = _split_named(cfg["quant"], "name", "quant")

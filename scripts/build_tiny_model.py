@@ -16,9 +16,20 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+# On a shared CPU, libgomp's default spin-waiting (300k spins) makes a 2-thread run ~15-30x slower as soon as
+# another process holds a core. Measured per step, idle / with one busy core: default 0.34 s / 5.6 s,
+# GOMP_SPINCOUNT=10000 0.37 s / ~1 s, OMP_WAIT_POLICY=PASSIVE 0.41-0.49 s / 0.61 s. Set before torch loads.
+os.environ.setdefault("GOMP_SPINCOUNT", "10000")
+
+import torch  # noqa: E402
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers  # noqa: E402
+from transformers import (  # noqa: E402
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import tiny_world  # noqa: E402
@@ -70,7 +81,7 @@ def main():
     ap.add_argument("--steps", type=int, default=2000)
     ap.add_argument("--out", type=Path, default=ROOT / "qpeft_bench/assets/tiny_llama")
     ap.add_argument("--data-out", type=Path, default=ROOT / "qpeft_bench/assets/data")
-    ap.add_argument("--docs", type=int, default=40000, help="pretraining corpus size in documents")
+    ap.add_argument("--docs", type=int, default=60000, help="pretraining corpus size in documents")
     ap.add_argument("--heldout-kb", type=int, default=80)
     ap.add_argument("--alpaca", type=int, default=2400)
     ap.add_argument("--batch", type=int, default=16)
@@ -159,16 +170,17 @@ def main():
     (args.data_out / "tiny_text.txt").write_text("\n\n".join(held) + "\n")
     (args.data_out / "tiny_alpaca.json").write_text(json.dumps(alpaca, indent=1, ensure_ascii=False) + "\n")
 
-    # from_pretrained upcasts to fp32 by default (what the tests see); also measure true bf16 compute.
+    # from_pretrained gives bf16 parameters by default here (config dtype); also measure with fp32 compute.
     m = AutoModelForCausalLM.from_pretrained(args.out)
     t2 = AutoTokenizer.from_pretrained(args.out)
     assert t2("Mira lives in Olden.")["input_ids"] == tok("Mira lives in Olden.")["input_ids"]
     sample = train_w[torch.randperm(len(train_w), generator=torch.Generator().manual_seed(1))[:128]]
     train_nll, held_nll = mean_nll(m, sample), mean_nll(m, held_w)
-    held_nll_bf16 = mean_nll(AutoModelForCausalLM.from_pretrained(args.out, dtype=torch.bfloat16), held_w)
+    held_nll_fp32 = mean_nll(AutoModelForCausalLM.from_pretrained(args.out, dtype=torch.float32), held_w)
     size_mb = os.path.getsize(args.out / "model.safetensors") / 1e6
-    print(f"reloaded: train NLL {train_nll:.4f}, held-out NLL {held_nll:.4f} (bf16 compute {held_nll_bf16:.4f}); "
-          f"model.safetensors {size_mb:.2f} MB; training {train_time:.0f}s", flush=True)
+    print(f"reloaded ({next(m.parameters()).dtype}): train NLL {train_nll:.4f}, held-out NLL {held_nll:.4f} "
+          f"(fp32 compute {held_nll_fp32:.4f}); model.safetensors {size_mb:.2f} MB; training {train_time:.0f}s",
+          flush=True)
 
     cmd = "python scripts/build_tiny_model.py " + " ".join(sys.argv[1:])
     (args.out / "README.md").write_text(CARD.format(
@@ -178,8 +190,9 @@ def main():
         lr=args.lr, warmup=args.warmup, epochs=epochs, amp="bf16 autocast (fp32 master weights)" if use_amp else "fp32",
         threads=args.threads, train_time=train_time, total_time=time.time() - t_start,
         last_loss=sum(losses[-50:]) / 50, train_nll=train_nll, held_nll=held_nll, held_ppl=math.exp(held_nll),
-        held_nll_bf16=held_nll_bf16, ln_v=math.log(len(tok)), size_mb=size_mb, torch=torch.__version__,
-        tf=__import__("transformers").__version__))
+        held_nll_fp32=held_nll_fp32, ln_v=math.log(len(tok)), size_mb=size_mb, torch=torch.__version__,
+        tf=__import__("transformers").__version__, n_people=len(tiny_world.NAMES), n_towns=len(tiny_world.TOWNS),
+        n_rivers=len(tiny_world.RIVERS), n_animals=len(tiny_world.ANIMALS)))
     print(f"done in {time.time() - t_start:.0f}s", flush=True)
 
 
@@ -197,7 +210,8 @@ outside its world; do not use it for anything but testing.
   torch {torch}, transformers {tf}.
 - **Data**: `scripts/tiny_world.py`, `corpus(seed={seed}, n_docs={docs})`: {docs} short documents,
   {mb:.2f} MB, {ntok:,} tokens (with one `<s>` and `</s>` per document): encyclopedic sentences about
-  40 made-up people, 12 towns, 5 rivers and 18 animals; short stories; two-digit arithmetic facts.
+  {n_people} made-up people, {n_towns} towns, {n_rivers} rivers and {n_animals} animals; short stories;
+  arithmetic facts on numbers up to 99.
   The world's facts are fixed; the seed only chooses which sentences are sampled.
 - **Tokenizer**: byte-level BPE (`tokenizers`), vocab {vocab} including `<unk>`=0, `<s>`=1, `</s>`=2,
   `<pad>`=3; digits are split one per token. `tokenizer(text)` prepends `<s>` (LLaMA-like) and adds
@@ -210,13 +224,13 @@ outside its world; do not use it for anything but testing.
   warm-up steps then cosine decay to 10 % of the peak, gradient clipping 1.0; {steps} steps of
   {batch} × {seq} tokens (packed windows, ≈{epochs:.1f} epochs), {amp}.
   Training took {train_time:.0f} s of wall time ({total_time:.0f} s for the whole script) on a shared
-  2-core CPU.
+  2-core AMD EPYC (AVX512-BF16) with `GOMP_SPINCOUNT=10000`.
 
 ## Results (the saved bf16 weights, reloaded from disk)
 - Final training loss (mean of the last 50 steps): {last_loss:.4f}; NLL on 128 training windows: {train_nll:.4f}.
-- Held-out NLL on `qpeft_bench/assets/data/tiny_text.txt`: **{held_nll:.4f}** (perplexity {held_ppl:.2f};
-  {held_nll_bf16:.4f} when loaded with `dtype=torch.bfloat16`), versus ln(vocab) = {ln_v:.2f} for an
-  untrained model. `from_pretrained` without `dtype` returns fp32 parameters (the bf16 values, upcast).
+- Held-out NLL on `qpeft_bench/assets/data/tiny_text.txt`: **{held_nll:.4f}** (perplexity {held_ppl:.2f})
+  as loaded by plain `from_pretrained` (bf16 parameters and compute); {held_nll_fp32:.4f} when loaded
+  with `dtype=torch.float32`. An untrained model would score about ln(vocab) = {ln_v:.2f}.
   The held-out text ({held_docs} documents, {held_kb:.0f} KB, {held_tok:,} tokens) is `corpus(seed={held_seed})`
   minus any document that also occurs in the training corpus. It is new text about the *same* facts, so
   this loss measures how well the world was learned, not generalization to new facts. The number above

@@ -2,7 +2,7 @@
 (b) an Alpaca-style instruction data set about the same world.
 
 Why a synthetic world: the embedded test model must be small enough to ship in the wheel yet *really*
-pretrained, so that fine-tuning and quantization effects are measurable. A closed world with a few hundred
+pretrained, so that fine-tuning and quantization effects are measurable. A closed world with a few thousand
 facts is learnable by a 4M-parameter model in minutes on a CPU, and the instruction set can then ask about
 facts the model has seen only as prose, in a format (terse Q&A, small tasks) it has never seen.
 
@@ -23,57 +23,73 @@ REGIONS = ["the north", "the south", "the east", "the west", "the hills", "the c
 DAYS = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"]
 MONTHS = ["January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
           "November", "December"]
-NAMES = ["Mira", "Tobin", "Asha", "Brannoc", "Celia", "Dorin", "Elska", "Fenn", "Galia", "Hobb", "Ilsa", "Joren",
+HAND_NAMES = ["Mira", "Tobin", "Asha", "Brannoc", "Celia", "Dorin", "Elska", "Fenn", "Galia", "Hobb", "Ilsa", "Joren",
          "Kesta", "Lomas", "Marra", "Nix", "Orrin", "Pella", "Quen", "Rusk", "Sable", "Tamsin", "Ulric", "Vessa",
          "Wren", "Yara", "Zeb", "Alder", "Bryn", "Corla", "Dace", "Emble", "Fira", "Gorr", "Hestia", "Ivo",
          "Jessa", "Kell", "Lark", "Maddox"]
-SURNAMES = ["Fallow", "Brindle", "Ashcombe", "Thorne", "Pike", "Marsh", "Oakes", "Whitlow", "Crane", "Dunmore",
+HAND_SURNAMES = ["Fallow", "Brindle", "Ashcombe", "Thorne", "Pike", "Marsh", "Oakes", "Whitlow", "Crane", "Dunmore",
             "Hollis", "Rook", "Pennick", "Sallow", "Trask", "Wick", "Barrow", "Cobb", "Dell", "Ember", "Finch",
             "Gale", "Heath", "Ivers", "Jory", "Kettle", "Lowe", "Moss", "Nettle", "Orme", "Pruitt", "Quarry",
             "Reed", "Stroud", "Tull", "Vane", "Wyke", "Yarrow", "Birch", "Colley"]
 # job: (workplace, tool, what the job does)
 JOBS = {
-    "baker": ("bakery", "oven", "bakes bread and cakes"), "fisher": ("boat", "net", "catches fish in the river"),
-    "smith": ("forge", "hammer", "makes nails and horseshoes"), "farmer": ("farm", "plough", "grows wheat and beans"),
+    "baker": ("bakery", "oven", "bakes bread and cakes"),
+    "fisher": ("boat", "net", "catches fish in the river"),
+    "smith": ("forge", "hammer", "makes nails and horseshoes"),
+    "farmer": ("farm", "plough", "grows wheat and beans"),
     "teacher": ("school", "chalk", "teaches children to read and write"),
-    "potter": ("workshop", "wheel", "makes bowls and jugs from clay"), "weaver": ("workshop", "loom", "weaves wool into cloth"),
-    "miller": ("mill", "millstone", "grinds grain into flour"), "carpenter": ("workshop", "saw", "builds tables and chairs"),
-    "healer": ("infirmary", "herbs", "cares for people who are sick"), "sailor": ("ship", "rope", "sails along the coast"),
-    "shepherd": ("pasture", "crook", "looks after a flock of sheep"), "painter": ("studio", "brush", "paints pictures of the river"),
-    "tailor": ("shop", "needle", "sews coats and shirts"), "guard": ("gate", "spear", "watches the town gate at night"),
+    "potter": ("workshop", "wheel", "makes bowls and jugs from clay"),
+    "weaver": ("workshop", "loom", "weaves wool into cloth"),
+    "miller": ("mill", "millstone", "grinds grain into flour"),
+    "carpenter": ("workshop", "saw", "builds tables and chairs"),
+    "healer": ("infirmary", "herbs", "cares for people who are sick"),
+    "sailor": ("ship", "rope", "sails along the coast"),
+    "shepherd": ("pasture", "crook", "looks after a flock of sheep"),
+    "painter": ("studio", "brush", "paints pictures of the river"),
+    "tailor": ("shop", "needle", "sews coats and shirts"),
+    "guard": ("gate", "spear", "watches the town gate at night"),
     "beekeeper": ("garden", "smoker", "keeps bees and collects honey"),
 }
 COLORS = ["red", "blue", "green", "yellow", "white", "black", "brown", "grey", "orange", "purple"]
 FOODS = ["bread", "cheese", "apples", "plums", "honey", "fish soup", "porridge", "carrots", "pears", "beans",
          "nuts", "plum pie"]
-HOBBIES = ["singing", "fishing", "reading", "dancing", "climbing trees", "swimming", "telling riddles", "gardening",
-           "knitting", "long walks", "drawing maps", "playing the flute"]
+HOBBIES = ["singing", "fishing", "reading", "dancing", "climbing trees", "swimming", "telling riddles",
+           "gardening", "knitting", "long walks", "drawing maps", "playing the flute"]
 TRAITS = ["kind", "quiet", "brave", "clever", "cheerful", "patient", "shy", "loud", "careful", "honest", "curious",
           "gentle", "stubborn", "generous", "proud", "lazy"]
-LANDMARKS = ["an old stone tower", "a wooden bridge", "a busy inn", "a small school", "a quiet temple", "a harbour",
-             "a windmill", "an apple orchard", "a market square", "a library", "a deep well", "a clock tower",
-             "a rose garden", "a ruined castle"]
+LANDMARKS = ["an old stone tower", "a wooden bridge", "a busy inn", "a small school", "a quiet temple",
+             "a harbour", "a windmill", "an apple orchard", "a market square", "a library", "a deep well",
+             "a clock tower", "a rose garden", "a ruined castle"]
 TREES = ["oak", "birch", "willow", "pine", "ash", "elm", "beech", "hazel", "maple", "cherry"]
 WEATHER = ["sunny", "rainy", "windy", "foggy", "warm", "cloudy", "misty", "stormy"]
 WINTER_WEATHER = ["snowy", "cold", "frosty", "foggy", "windy", "grey"]  # for December to February
 GARMENTS = ["cloak", "apron", "hat", "scarf", "pair of boots", "tunic", "dress", "jacket", "waistcoat", "shawl"]
 HOUSES = ["a thatched roof", "a blue door", "a small garden", "a tall chimney", "a round window", "ivy on the walls",
           "a crooked gate", "a red roof"]
-OBJECTS = ["basket", "lamp", "rope", "hammer", "needle", "bowl", "cup", "coat", "hat", "key", "map", "letter", "book",
-           "box", "kettle", "blanket", "ladder", "bucket", "candle", "shovel", "scarf", "bell", "drum", "kite", "ring",
-           "spoon", "jar", "sack", "whistle", "mirror"]
+OBJECTS = ["basket", "lamp", "rope", "hammer", "needle", "bowl", "cup", "coat", "hat", "key", "map", "letter",
+           "book", "box", "kettle", "blanket", "ladder", "bucket", "candle", "shovel", "scarf", "bell",
+           "drum", "kite", "ring", "spoon", "jar", "sack", "whistle", "mirror"]
 OBJ_ADJ = ["old", "new", "small", "heavy", "shiny", "broken", "tiny", "painted", "wooden", "strange", "lovely", "dusty"]
 # animal: (plural, legs, sound, home, size, diet, body)
 ANIMALS = {
-    "cat": ("cats", 4, "meows", "houses", "small", "mice", "soft fur"), "dog": ("dogs", 4, "barks", "houses", "small", "meat", "a long tail"),
-    "goat": ("goats", 4, "bleats", "hills", "small", "grass", "two horns"), "horse": ("horses", 4, "neighs", "fields", "big", "hay", "a long mane"),
-    "owl": ("owls", 2, "hoots", "woods", "small", "mice", "big eyes"), "fox": ("foxes", 4, "yelps", "woods", "small", "rabbits", "a bushy tail"),
-    "rabbit": ("rabbits", 4, "squeaks", "fields", "small", "carrots", "long ears"), "duck": ("ducks", 2, "quacks", "ponds", "small", "seeds", "webbed feet"),
-    "sheep": ("sheep", 4, "bleats", "hills", "big", "grass", "thick wool"), "cow": ("cows", 4, "moos", "fields", "big", "grass", "four stomachs"),
-    "pig": ("pigs", 4, "grunts", "farms", "big", "turnips", "a curly tail"), "hen": ("hens", 2, "clucks", "farms", "small", "seeds", "a red comb"),
-    "crow": ("crows", 2, "caws", "woods", "small", "worms", "black feathers"), "frog": ("frogs", 4, "croaks", "ponds", "small", "insects", "sticky feet"),
-    "deer": ("deer", 4, "barks", "woods", "big", "leaves", "antlers"), "bear": ("bears", 4, "growls", "woods", "big", "berries", "sharp claws"),
-    "wolf": ("wolves", 4, "howls", "woods", "big", "meat", "grey fur"), "mouse": ("mice", 4, "squeaks", "houses", "small", "cheese", "a thin tail"),
+    "cat": ("cats", 4, "meows", "houses", "small", "mice", "soft fur"),
+    "dog": ("dogs", 4, "barks", "houses", "small", "meat", "a long tail"),
+    "goat": ("goats", 4, "bleats", "hills", "small", "grass", "two horns"),
+    "horse": ("horses", 4, "neighs", "fields", "big", "hay", "a long mane"),
+    "owl": ("owls", 2, "hoots", "woods", "small", "mice", "big eyes"),
+    "fox": ("foxes", 4, "yelps", "woods", "small", "rabbits", "a bushy tail"),
+    "rabbit": ("rabbits", 4, "squeaks", "fields", "small", "carrots", "long ears"),
+    "duck": ("ducks", 2, "quacks", "ponds", "small", "seeds", "webbed feet"),
+    "sheep": ("sheep", 4, "bleats", "hills", "big", "grass", "thick wool"),
+    "cow": ("cows", 4, "moos", "fields", "big", "grass", "four stomachs"),
+    "pig": ("pigs", 4, "grunts", "farms", "big", "turnips", "a curly tail"),
+    "hen": ("hens", 2, "clucks", "farms", "small", "seeds", "a red comb"),
+    "crow": ("crows", 2, "caws", "woods", "small", "worms", "black feathers"),
+    "frog": ("frogs", 4, "croaks", "ponds", "small", "insects", "sticky feet"),
+    "deer": ("deer", 4, "barks", "woods", "big", "leaves", "antlers"),
+    "bear": ("bears", 4, "growls", "woods", "big", "berries", "sharp claws"),
+    "wolf": ("wolves", 4, "howls", "woods", "big", "meat", "grey fur"),
+    "mouse": ("mice", 4, "squeaks", "houses", "small", "cheese", "a thin tail"),
 }
 PETS = ["cat", "dog", "goat", "horse", "owl", "rabbit", "duck", "hen", "pig", "sheep"]
 # singular/plural pairs for simple scene sentences (they feed the plural-rewriting task)
@@ -84,7 +100,8 @@ VERBS = {"runs": "run", "sleeps": "sleep", "eats": "eat", "plays": "play", "rest
 # food: (where it comes from, the meal it is eaten at)
 RECIPES = {"bread": ("is made from flour, water, salt and yeast", "breakfast"),
            "cheese": ("is made from milk and salt", "lunch"), "apples": ("grow on apple trees", "a snack"),
-           "plums": ("grow on plum trees", "a snack"), "honey": ("is made by bees from the nectar of flowers", "breakfast"),
+           "plums": ("grow on plum trees", "a snack"),
+           "honey": ("is made by bees from the nectar of flowers", "breakfast"),
            "fish soup": ("is made from fish, onions, leeks and pepper", "supper"),
            "porridge": ("is made from oats, milk and a pinch of salt", "breakfast"),
            "carrots": ("grow under the soil", "supper"), "pears": ("grow on pear trees", "a snack"),
@@ -92,10 +109,11 @@ RECIPES = {"bread": ("is made from flour, water, salt and yeast", "breakfast"),
            "plum pie": ("is made from plums, butter, flour and sugar", "supper")}
 CREATURES = ["dragon", "giant", "witch", "troll", "ghost", "wizard", "knight", "fairy", "serpent", "griffin",
              "mermaid", "king", "queen", "bandit", "hermit"]
-DEEDS = ["guarded a golden treasure", "stole the moon for one night", "built the first bridge", "sang to the fish",
-         "turned the river to silver", "slept for a hundred years under a hill", "taught the people to bake bread",
-         "lost a magic ring in the well", "fought a storm with a wooden sword", "planted the first orchard",
-         "carved a door into the mountain", "tamed a white horse made of cloud"]
+DEEDS = ["guarded a golden treasure", "stole the moon for one night", "built the first bridge",
+         "sang to the fish", "turned the river to silver", "slept for a hundred years under a hill",
+         "taught the people to bake bread", "lost a magic ring in the well",
+         "fought a storm with a wooden sword", "planted the first orchard", "carved a door into the mountain",
+         "tamed a white horse made of cloud"]
 CUSTOMS = ["leave a candle by the window", "sing on the first day of spring", "never whistle after dark",
            "throw a small loaf into the river", "ring the bell at dawn", "wear a green ribbon in autumn",
            "tell the story to every child", "paint their doors blue", "dance around the old well"]
@@ -103,20 +121,22 @@ NATURE = ["In spring, daisies and tulips bloom in the meadows.", "In summer, the
           "In autumn, the leaves turn gold and fall from the trees.", "In winter, snow covers the hills.",
           "The sun rises in the east and sets in the west.", "The sky is blue on a clear day.",
           "Grass is green and snow is white.", "Clouds bring rain, and rain fills the rivers.",
-          "The moon shines at night.", "Stars are bright when the night is dark.", "Moss grows on the north side of stones.",
-          "Ferns and nettles grow in the shade of the woods.", "Heather and thistles cover the high moors.",
-          "Lilies float on the quiet ponds.", "Wild roses grow along the hedges.", "Clover is sweet, and bees love it.",
+          "The moon shines at night.", "Stars are bright when the night is dark.",
+          "Moss grows on the north side of stones.", "Ferns and nettles grow in the shade of the woods.",
+          "Heather and thistles cover the high moors.", "Lilies float on the quiet ponds.",
+          "Wild roses grow along the hedges.", "Clover is sweet, and bees love it.",
           "Mushrooms appear in the woods after rain.", "Ice covers the ponds in the coldest weeks.",
           "Thunder follows lightning during a storm.", "A rainbow appears when the sun shines through rain.",
           "Every river flows down to the sea.", "Frost makes the grass sparkle in the morning.",
           "Fog rises from the rivers on cold mornings.", "Blackberries ripen at the end of summer.",
-          "Swallows fly south before winter.", "The wind is strongest on the coast.", "Rocks and pebbles line the river banks.",
-          "A week has seven days, and a year has twelve months.", "Wheat turns yellow before the harvest.",
-          "Barley and oats grow in the fields near the rivers.", "Squirrels hide acorns for the winter.",
-          "Beavers build dams across small streams.", "Salmon swim upstream to lay their eggs.",
-          "Hedgehogs sleep through the winter.", "Butterflies visit the flowers in July.",
-          "December, January and February are the winter months.", "June, July and August are the summer months.",
-          "Spiders spin webs between the branches.", "Woodpeckers knock on the bark of trees."]
+          "Swallows fly south before winter.", "The wind is strongest on the coast.",
+          "Rocks and pebbles line the river banks.", "A week has seven days, and a year has twelve months.",
+          "Wheat turns yellow before the harvest.", "Barley and oats grow in the fields near the rivers.",
+          "Squirrels hide acorns for the winter.", "Beavers build dams across small streams.",
+          "Salmon swim upstream to lay their eggs.", "Hedgehogs sleep through the winter.",
+          "Butterflies visit the flowers in July.", "December, January and February are the winter months.",
+          "June, July and August are the summer months.", "Spiders spin webs between the branches.",
+          "Woodpeckers knock on the bark of trees."]
 NUM_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven",
              "twelve", "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen", "nineteen"]
 TENS = ["", "", "twenty", "thirty", "forty", "fifty", "sixty", "seventy", "eighty", "ninety"]
@@ -131,6 +151,34 @@ def in_words(n):
     return TENS[n // 10] + ("" if n % 10 == 0 else "-" + NUM_WORDS[n % 10])
 
 
+# Many people, so that the model holds a few thousand facts it has seen only tens of times each. With 40
+# people every fact was memorized with a huge margin and NF4 quantization changed nothing measurable.
+N_PEOPLE = 400
+
+
+def _generate_names(rng, n, suffixes, taken):
+    """Pronounceable made-up words: onset + vowel + middle + vowel/suffix."""
+    onsets = ["B", "C", "D", "F", "G", "H", "J", "K", "L", "M", "N", "P", "R", "S", "T", "V", "W", "Y", "Z", "Br",
+              "Dr", "Gr", "Tr", "Th", "St", "Fl", "Kr", "Sh"]
+    vowels = ["a", "e", "i", "o", "u", "ae", "ea", "y"]
+    mids = ["l", "r", "n", "m", "s", "d", "v", "th", "nd", "rr", "ll", "sk"]
+    out, seen = [], set(taken)
+    while len(out) < n:
+        w = rng.choice(onsets) + rng.choice(vowels) + rng.choice(mids) + rng.choice(suffixes)
+        if w not in seen and not any(a == b == c for a, b, c in zip(w, w[1:], w[2:], strict=False)):  # no "Nallley"
+            seen.add(w)
+            out.append(w)
+    return out
+
+
+_name_rng = random.Random(WORLD_SEED + 1)
+NAMES = HAND_NAMES + _generate_names(_name_rng, N_PEOPLE - len(HAND_NAMES),
+                                     ["a", "o", "in", "en", "is", "ar", "ic", "ia", "on", "el"], HAND_NAMES + TOWNS)
+SURNAMES = HAND_SURNAMES + _generate_names(_name_rng, N_PEOPLE - len(HAND_SURNAMES),
+                                           ["ley", "wick", "ford", "ton", "by", "well", "more", "field", "brook",
+                                            "worth", "cott", "hill", "ridge"], HAND_SURNAMES + NAMES + TOWNS)
+
+
 def _build_world():
     rng = random.Random(WORLD_SEED)
     towns = {}
@@ -141,14 +189,14 @@ def _build_world():
                         inn=f"The {rng.choice(COLORS).capitalize()} {rng.choice(sorted(ANIMALS)).capitalize()}",
                         legend=(rng.choice(CREATURES), rng.choice(DEEDS), rng.choice(CUSTOMS)))
     people = {}
-    for n, s in zip(NAMES, SURNAMES):
+    for n, s in zip(NAMES, SURNAMES, strict=True):
         people[n] = dict(surname=s, town=rng.choice(TOWNS), job=rng.choice(sorted(JOBS)), color=rng.choice(COLORS),
                          food=rng.choice(FOODS), pet=rng.choice(PETS), age=rng.randint(18, 79),
                          hobby=rng.choice(HOBBIES), trait=rng.choice(TRAITS), pron=rng.choice(["he", "she"]),
                          garment=rng.choice(GARMENTS), house=rng.choice(HOUSES))
     order = NAMES[:]
     rng.shuffle(order)
-    for a, b in zip(order[0::2], order[1::2]):  # friendship is symmetric: pair people up
+    for a, b in zip(order[0::2], order[1::2], strict=True):  # friendship is symmetric: pair people up
         people[a]["friend"], people[b]["friend"] = b, a
     return towns, people
 
@@ -189,7 +237,8 @@ def person_doc(rng, n):
         rng.choice([f"People say that {n} is very {p['trait']}.", f"{n} is {p['trait']}."]),
         rng.choice([f"{his} family name is {p['surname']}.", f"{n}'s family name is {p['surname']}."]),
         f"The river {TOWN_FACTS[p['town']]['river']} flows past {p['town']}, where {n} lives.",
-        rng.choice([f"{n} usually wears a {p['color']} {p['garment']}.", f"{he} often wears a {p['color']} {p['garment']}."]),
+        rng.choice([f"{n} usually wears a {p['color']} {p['garment']}.",
+                    f"{he} often wears a {p['color']} {p['garment']}."]),
         f"{n}'s house has {p['house']}.",
     ]
     rng.shuffle(facts)
@@ -211,7 +260,7 @@ def town_doc(rng, t):
         f"The inn of {t} is called {f['inn']}.",
     ]
     if people:
-        rng.shuffle(people)
+        people = rng.sample(people, min(len(people), rng.randint(2, 4)))
         who = people[0] if len(people) == 1 else ", ".join(people[:-1]) + " and " + people[-1]
         facts.append(f"People who live in {t} include {who}.")
     rng.shuffle(facts)
@@ -221,8 +270,8 @@ def town_doc(rng, t):
 def animal_doc(rng, a):
     pl, legs, sound, home, size, diet, body = ANIMALS[a]
     facts = [f"The {a} has {NUM_WORDS[legs]} legs.", f"{cap(art(a))} {sound}.", f"Many {pl} live in the {home}.",
-             f"{cap(art(a))} is a {size} animal.", f"Many {pl} are {rng.choice(COLORS)}.", f"{cap(art(a))} eats {diet}.",
-             f"{cap(art(a))} has {body}."]
+             f"{cap(art(a))} is a {size} animal.", f"Many {pl} are {rng.choice(COLORS)}.",
+             f"{cap(art(a))} eats {diet}.", f"{cap(art(a))} has {body}."]
     keepers = [n for n in NAMES if PEOPLE[n]["pet"] == a]
     if keepers:
         facts.append(f"{rng.choice(keepers)} has a pet {a}.")
@@ -243,10 +292,11 @@ def job_doc(rng, j):
 
 def legend_doc(rng, t):
     creature, deed, custom = TOWN_FACTS[t]["legend"]
-    return " ".join([rng.choice([f"Long ago, {art(creature)} lived near {t}.", f"The people of {t} tell an old story."]),
-                     f"The legend says that {art(creature)} {deed}.",
-                     f"Since then, the people of {t} {custom}.", rng.choice(["Nobody knows if it is true.",
-                     "Children love this story.", "Old people still believe it.", ""])]).strip()
+    opening = rng.choice([f"Long ago, {art(creature)} lived near {t}.", f"The people of {t} tell an old story."])
+    closing = rng.choice(["Nobody knows if it is true.", "Children love this story.",
+                          "Old people still believe it.", ""])
+    return " ".join([opening, f"The legend says that {art(creature)} {deed}.",
+                     f"Since then, the people of {t} {custom}.", closing]).strip()
 
 
 def food_doc(rng, food):
@@ -334,10 +384,10 @@ def arithmetic_doc(rng):
 def corpus(seed, n_docs):
     """Return n_docs short documents (one paragraph each, no newlines inside)."""
     rng = random.Random(seed)
-    makers = [(0.22, lambda: person_doc(rng, rng.choice(NAMES))), (0.09, lambda: town_doc(rng, rng.choice(TOWNS))),
+    makers = [(0.28, lambda: person_doc(rng, rng.choice(NAMES))), (0.09, lambda: town_doc(rng, rng.choice(TOWNS))),
               (0.07, lambda: animal_doc(rng, pick(rng, ANIMALS))), (0.04, lambda: job_doc(rng, pick(rng, JOBS))),
               (0.03, lambda: legend_doc(rng, rng.choice(TOWNS))), (0.03, lambda: food_doc(rng, rng.choice(FOODS))),
-              (0.03, lambda: nature_doc(rng)), (0.23, lambda: story_doc(rng)), (0.18, lambda: arithmetic_doc(rng)),
+              (0.03, lambda: nature_doc(rng)), (0.20, lambda: story_doc(rng)), (0.15, lambda: arithmetic_doc(rng)),
               (0.08, lambda: " ".join(scene(rng) for _ in range(rng.randint(2, 5))))]
     return [_weighted(rng, makers)() for _ in range(n_docs)]
 
@@ -407,8 +457,9 @@ def _arith(rng):
 
 
 def _list_task(rng):
-    pool = sorted(ANIMALS) + COLORS + TOWNS + sorted(JOBS) + TREES + OBJECTS
-    words = rng.sample(pool, rng.randint(3, 6))
+    # Frequent corpus words only: rarer ones (trees, objects) split into many tokens and overflow 160 tokens.
+    pool = sorted(ANIMALS) + COLORS + TOWNS + sorted(JOBS) + [f for f in FOODS if " " not in f]
+    words = rng.sample(pool, rng.randint(3, 5))  # 6 words would push a few examples past 160 tokens
     if rng.random() < 0.5:
         return ("Reverse the order of these words.", ", ".join(words), ", ".join(words[::-1]))
     return ("Sort these words in alphabetical order.", ", ".join(words), ", ".join(sorted(words, key=str.lower)))

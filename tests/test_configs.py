@@ -41,7 +41,7 @@ def test_default_config_is_the_embedded_qlora_run(compose):
     "overrides, message",
     [
         (["+peft.rank=4"], "unknown key peft.rank"),
-        (["+foo=1"], "unknown top-level key"),
+        (["+foo=1"], "unknown key foo; valid keys at the top level"),
         (["peft.r=0"], "peft.r=0 must be > 0"),
         (["peft.r=-4"], "peft.r=-4 must be > 0"),
         (["peft.r=eight"], "wrong type"),

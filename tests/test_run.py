@@ -42,6 +42,7 @@ def test_short_default_run_writes_a_complete_record(compose, tmp_path):
 
 
 def test_completed_runs_are_skipped_and_overwrite_redoes_them(compose, tmp_path, caplog):
+    caplog.set_level("INFO", logger="qpeft_bench")
     config = compose(FAST)
     assert recipe.run(config, tmp_path, progress=False) == "completed"
     first = (tmp_path / "result.json").read_text()
@@ -115,13 +116,13 @@ def test_plan_grid_writes_one_record_per_point_and_fails_loudly_on_a_bad_one(tmp
     assert len({r["run_id"] for r in records}) == 4 and {r["status"] for r in records} == {"planned"}
     assert {(r["config"]["peft"]["r"], r["config"]["peft"]["alpha"]) for r in records} == {
         (4, 8), (4, 16), (8, 8), (8, 16)}
+    (tmp_path / "bad").mkdir()
     proc = cli("-m", "mode=plan", "model=llama2_7b", "peft.r=8,0", cwd=tmp_path / "bad", check=False)
     assert proc.returncode == 1
     assert "peft.r=0 must be > 0" in proc.stdout + proc.stderr
     assert "sweep finished: 2 runs: 1 failed, 1 planned" in proc.stdout + proc.stderr
 
 
-@pytest.mark.slow
 def test_grid_runs_once_and_resumes(tmp_path):
     """`-m` over a 2x2 grid: four records; a re-run skips all; a failed one is redone, the rest skipped."""
     grid = ["-m", "peft.r=4,8", "peft.alpha=8,16", *FAST, "output_root=runs"]

@@ -18,6 +18,9 @@ DATA = ROOT / "qpeft_bench/assets/data"
 sys.path.insert(0, str(ROOT / "scripts"))
 import tiny_world  # noqa: E402
 
+# Held-out NLL measured at build time is 0.619 (see the model card); ln(2048) = 7.62 for an untrained model.
+# The margin absorbs numeric drift across torch/transformers versions, not a worse model.
+NLL_BOUND = 0.70
 ALPACA_SEED = 2_000_003  # build seed 0 + the offset build_tiny_model.py uses for the instruction set
 # Alpaca's prompt templates (no-input and with-input variants), used for the length budget.
 PROMPT = ("Below is an instruction that describes a task. Write a response that appropriately completes the "
@@ -97,5 +100,3 @@ def test_model_is_pretrained(model, tok):
     assert nll < 0.6 * math.log(model.config.vocab_size)
     assert nll < NLL_BOUND, nll
 
-
-NLL_BOUND = 1.0  # measured held-out NLL is in the model card; this leaves room for numeric drift

@@ -124,7 +124,7 @@ def test_heldout_perplexity_is_exp_of_the_token_mean_nll():
     with torch.no_grad():
         n = [int((x["labels"][:, 1:] != -100).sum()) for x in (a, b)]
         losses = [model(**x).loss.item() for x in (a, b)]
-    expected = sum(loss * k for loss, k in zip(losses, n)) / sum(n)
+    expected = sum(loss * k for loss, k in zip(losses, n, strict=True)) / sum(n)
     assert got["tokens"] == sum(n)
     assert got["nll"] == pytest.approx(expected, rel=1e-5)
     assert got["ppl"] == pytest.approx(math.exp(expected), rel=1e-5)
