@@ -9,6 +9,7 @@ Every quantizer module provides:
                                            the storage format of one quantized linear, for plan mode
   state_bytes(module) -> int               quantization state a real quantized module keeps *outside*
                                            its parameters and buffers (absmax, double-quant state, ...)
+  dequantize(module) -> Tensor             the (out, in) weight the module computes with, for references
 Modules are imported on first use so that a CPU-only install without an optional backend still works.
 """
 
@@ -24,6 +25,7 @@ _TABLE: dict[str, tuple[str, dict]] = {
     "none": ("qpeft_bench.quant.none", {}),
     "nf4": ("qpeft_bench.quant.bnb4bit", {"quant_type": "nf4"}),
     "fp4": ("qpeft_bench.quant.bnb4bit", {"quant_type": "fp4"}),
+    "hqq": ("qpeft_bench.quant.hqq", {}),
 }
 
 

@@ -82,6 +82,12 @@ def linear_storage(in_f: int, out_f: int, bias: bool, cfg: Config, dtype: str) -
     return weight + bias_bytes, state
 
 
+def dequantize(module) -> torch.Tensor:
+    import bitsandbytes.functional as bf
+
+    return bf.dequantize_4bit(module.weight.data, module.weight.quant_state)
+
+
 def _tensor_bytes(obj, seen: set[int]) -> int:
     """Bytes of the tensors held by a bitsandbytes QuantState, following its nested state2."""
     total = 0

@@ -27,5 +27,9 @@ def linear_storage(in_f: int, out_f: int, bias: bool, cfg: Config, dtype: str) -
     return (in_f * out_f + (out_f if bias else 0)) * itemsize, 0
 
 
+def dequantize(module) -> torch.Tensor:
+    return module.weight.data
+
+
 def state_bytes(module) -> int:
     return 0

@@ -1,0 +1,94 @@
+"""LoRA gradients through every quantized base equal those of a reference holding the dequantized weights in
+fp32 (DESIGN §7: a silently wrong CPU kernel is exactly what such a test catches)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from qpeft_bench import adapters, models, quant
+
+NAMES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+CASES = [
+    ("nf4", {"double_quant": True}),
+    ("nf4", {"double_quant": False}),
+    ("fp4", {"blocksize": 128}),
+    ("hqq", {"nbits": 4, "group_size": 64}),
+    ("hqq", {"nbits": 2, "group_size": 32}),
+    ("hqq", {"nbits": 3, "group_size": 64, "axis": 0}),
+]
+
+
+def _tiny_random_llama() -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=256, max_position_embeddings=64)
+    return LlamaForCausalLM(cfg).float().eval()
+
+
+def _dequantized_copy(qmodel, targets: list[str], qmod) -> torch.nn.Module:
+    """The same network with each quantized target replaced by an fp32 nn.Linear of its dequantized weight."""
+    ref = copy.deepcopy(qmodel)
+    for name in targets:
+        mod = ref.get_submodule(name)
+        lin = torch.nn.Linear(mod.in_features, mod.out_features, bias=False)
+        lin.weight.data = qmod.dequantize(mod).float().reshape(mod.out_features, mod.in_features)
+        lin.weight.requires_grad_(False)
+        parent, _, child = name.rpartition(".")
+        setattr(ref.get_submodule(parent), child, lin)
+    return ref
+
+
+def _lora_grads(model, ids) -> dict[str, torch.Tensor]:
+    model.train()
+    model.zero_grad()
+    model(input_ids=ids, labels=ids).loss.backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("qname, knobs", CASES, ids=[f"{q}-{'-'.join(f'{k}{v}' for k, v in kn.items())}"
+                                                     for q, kn in CASES])
+def test_lora_gradients_through_quantized_base_match_dequantized_fp32(qname, knobs):
+    qmod = quant.get(qname)
+    model = _tiny_random_llama()
+    targets = list(models.find_linears(model, NAMES))
+    qmod.quantize(model, targets, qmod.Config(**{**quant.preset(qname), **knobs}), "float32", "cpu")
+    reference = _dequantized_copy(model, targets, qmod)
+    # the quantized weights really differ from the original ones (otherwise the test proves nothing)
+    assert not torch.allclose(reference.get_submodule(targets[0]).weight,
+                              _tiny_random_llama().get_submodule(targets[0]).weight)
+
+    lora, cfg = adapters.get("lora"), adapters.get("lora").Config(r=4, alpha=8, dropout=0.0, adapter_dtype="float32")
+    with models.seeded(1):
+        qpeft = lora.attach(model, targets, cfg)
+    with models.seeded(1):
+        rpeft = lora.attach(reference, targets, cfg)
+    # LoRA's B starts at zero, which would leave A without gradient: give both the same non-zero B.
+    lora_q = [(n, p) for n, p in qpeft.named_parameters() if "lora_" in n]
+    lora_r = [(n, p) for n, p in rpeft.named_parameters() if "lora_" in n]
+    for (n1, p1), (n2, p2) in zip(lora_q, lora_r, strict=True):
+        assert n1 == n2
+        torch.testing.assert_close(p1.data, p2.data)  # same seed, same initial adapters
+        if "lora_B" in n1:
+            p1.data.normal_(0, 0.02, generator=torch.Generator().manual_seed(len(n1)))
+            p2.data.copy_(p1.data)
+
+    ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        qpeft.eval()
+        qpeft(input_ids=ids)  # an eval-mode forward first: it arms bitsandbytes' autograd-less CPU kernel
+    grads_q, grads_r = _lora_grads(qpeft, ids), _lora_grads(rpeft, ids)
+    assert len(grads_q) == 2 * len(targets)
+    for name, g in grads_r.items():
+        assert g.abs().sum() > 0, name
+        torch.testing.assert_close(grads_q[name], g, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_bitsandbytes_quantizer_disables_the_cpu_gemv_path():
+    model = _tiny_random_llama()
+    targets = list(models.find_linears(model, NAMES))
+    quant.get("nf4").quantize(model, targets, quant.get("nf4").Config(), "float32", "cpu")
+    assert all(model.get_submodule(t).support_avx512bf16_for_cpu is False for t in targets)
