@@ -37,8 +37,7 @@ def _dequantized_copy(qmodel, targets: list[str], qmod) -> torch.nn.Module:
         lin = torch.nn.Linear(mod.in_features, mod.out_features, bias=False)
         lin.weight.data = qmod.dequantize(mod).float().reshape(mod.out_features, mod.in_features)
         lin.weight.requires_grad_(False)
-        parent, _, child = name.rpartition(".")
-        setattr(ref.get_submodule(parent), child, lin)
+        ref.set_submodule(name, lin)
     return ref
 
 

@@ -39,9 +39,7 @@ def quantize(model, targets: list[str], cfg: Config, compute_dtype: str, device:
     import bitsandbytes as bnb
 
     for name in targets:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        old = getattr(parent, child)
+        old = model.get_submodule(name)
         new = bnb.nn.Linear4bit(
             old.in_features,
             old.out_features,
@@ -64,7 +62,7 @@ def quantize(model, targets: list[str], cfg: Config, compute_dtype: str, device:
         # On CPUs with AVX512-BF16, an eval-mode forward repacks the weight for a gemv kernel that has no
         # autograd: gradients of everything before that layer are then silently wrong. Never take that path.
         new.support_avx512bf16_for_cpu = False
-        setattr(parent, child, new)
+        model.set_submodule(name, new)
         del old
 
 

@@ -49,11 +49,9 @@ def quantize(model, targets: list[str], cfg: Config, compute_dtype: str, device:
 
     qcfg = _quant_config(cfg)
     for name in targets:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        layer = HQQLinear(getattr(parent, child), quant_config=qcfg, compute_dtype=DTYPE[compute_dtype],
+        layer = HQQLinear(model.get_submodule(name), quant_config=qcfg, compute_dtype=DTYPE[compute_dtype],
                           device=device, del_orig=True)
-        setattr(parent, child, layer)
+        model.set_submodule(name, layer)
     # peft's prepare_model_for_kbit_training only turns gradient checkpointing on for hqq-patched models
     # that say so (DESIGN §7).
     model.hqq_quantized = True
