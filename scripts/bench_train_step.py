@@ -1,0 +1,111 @@
+"""Time and memory of fine-tuning steps on a real-shape model with random weights (the shape, not the
+weights, decides speed and memory), through the project's own quantizers, adapters and training loop.
+
+    python scripts/bench_train_step.py model=llama2_7b quant=nf4 peft.r=64 train=qlora --steps 10 --seq 512
+    python scripts/bench_train_step.py model=llama2_7b quant=hqq peft.r=64 train=qlora --steps 10 --seq 512
+
+Arguments are the usual `qpeft-bench` overrides plus --steps, --seq (tokens per sequence) and --json FILE.
+Batches are random tokens of full length (no padding), batch size from train.batch_size. The first
+train.measure_after steps are warm-up. Prints s/step, tokens/s and peak/mean allocated memory, and the memory
+held after each stage (load, quantize, adapters), which is where a quantizer's extra memory shows up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+import torch
+from hydra import compose, initialize_config_dir
+
+from qpeft_bench import accounting, adapters, models, quant
+from qpeft_bench.cli import CONF_DIR, job_config
+from qpeft_bench.config import validate
+from qpeft_bench.train import make_optimizer, make_scheduler, train
+
+GIB = 2**30
+
+
+def allocated(device: str) -> int:
+    if not device.startswith("cuda"):
+        return 0
+    torch.cuda.synchronize(device)
+    return torch.cuda.memory_allocated(device)
+
+
+def random_batches(vocab: int, batch: int, seq: int, device: str):
+    g = torch.Generator().manual_seed(0)
+    while True:
+        ids = torch.randint(0, vocab, (batch, seq), generator=g)
+        yield {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--seq", type=int, default=512)
+    parser.add_argument("--json", default=None)
+    args, overrides = parser.parse_known_args(argv)
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        spec = validate(job_config(compose(config_name="run", overrides=overrides)))
+    t = spec.train
+    device = models.resolve_device(t.device)
+    compute = spec.model.dtype if t.compute_dtype == "auto" else t.compute_dtype
+    arch = spec.model.arch_dict()
+    stages = {}
+
+    torch.manual_seed(0)
+    from transformers import AutoModelForCausalLM
+
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(models.hf_config(arch, spec.model.dtype),
+                                                 dtype=models.DTYPE[spec.model.dtype])
+    model.config.use_cache = False
+    stages["loaded"] = allocated(device)
+    targets = list(models.find_linears(model, spec.model.linear_names))
+    qmod = quant.get(spec.quant_name)
+    t0 = time.perf_counter()
+    qmod.quantize(model, targets, spec.quant, compute, device)
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    stages["quantize_s"] = time.perf_counter() - t0
+    stages["quantized"] = allocated(device)
+    with models.seeded(spec.seed):
+        model = adapters.get(spec.peft_method).attach(model, targets, spec.peft)
+    if t.upcast_norms_fp32:
+        for name, p in model.named_parameters():
+            if models.is_norm_param(name) and p.dtype in (torch.float16, torch.bfloat16):
+                p.data = p.data.float()
+    if t.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    stages["adapters"] = allocated(device)
+    optimizer, opt_name = make_optimizer(accounting.trainable_parameters(model), t.optimizer, t.lr,
+                                         t.weight_decay, device)
+    result = train(model, random_batches(arch["vocab_size"], t.batch_size, args.seq, device), optimizer,
+                   make_scheduler(optimizer, t.lr_scheduler, t.warmup_steps, args.steps), max_steps=args.steps,
+                   grad_accum=t.grad_accum, max_grad_norm=t.max_grad_norm, device=device,
+                   compute_dtype=models.DTYPE[compute], measure_after=t.measure_after,
+                   diverge_loss=float("inf"), log_every=t.log_every, progress=False)
+    out = {"model": spec.model.name, "quant": spec.quant_name, "quant_cfg": vars(spec.quant),
+           "peft": spec.peft_method, "peft_cfg": vars(spec.peft), "batch": t.batch_size, "seq": args.seq,
+           "gradient_checkpointing": t.gradient_checkpointing, "upcast_norms_fp32": t.upcast_norms_fp32,
+           "optimizer": opt_name, "device": device, "stages_bytes": stages,
+           **{k: v for k, v in result.items() if k != "losses"}, "first_losses": result["losses"][:4]}
+    print(f"{spec.model.name} {spec.quant_name} {vars(spec.quant)} {spec.peft_method} r={getattr(spec.peft, 'r', '-')}"
+          f" batch {t.batch_size}x{args.seq} GC={t.gradient_checkpointing} upcast={t.upcast_norms_fp32} {opt_name}")
+    print(f"  allocated after load {stages['loaded'] / GIB:.2f} GiB, after quantize {stages['quantized'] / GIB:.2f} "
+          f"GiB ({stages['quantize_s']:.1f} s), after adapters {stages['adapters'] / GIB:.2f} GiB")
+    print(f"  {result['s_per_step']:.3f} s/step, {result['tokens_per_s']:.0f} tokens/s, peak "
+          f"{result['peak_memory_bytes'] / GIB:.2f} GiB, mean {result['mean_memory_bytes'] / GIB:.2f} GiB "
+          f"({result['memory_kind']}), first losses {[round(x, 3) for x in result['losses'][:4]]}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=2, default=str)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
