@@ -19,7 +19,7 @@ import torch
 from qpeft_bench import accounting, adapters, data, models, quant, results
 from qpeft_bench.config import ConfigError, RunSpec, validate
 from qpeft_bench.evaluation.perplexity import heldout_perplexity
-from qpeft_bench.train import Diverged, make_optimizer, make_scheduler, train
+from qpeft_bench.train import Diverged, make_optimizer, make_scheduler, prepare_for_training, train
 
 log = logging.getLogger("qpeft_bench")
 DONE = ("completed",)
@@ -166,13 +166,8 @@ def fine_tune(spec: RunSpec, device: str, record: dict, save, progress: bool) ->
         peft_model = with_adapters(acc, model, targets, adapters.get(spec.peft_method), spec)
     acc["adapter_init_time_s"] = time.perf_counter() - t0
     save()
-    if t.upcast_norms_fp32:
-        for name, p in peft_model.named_parameters():
-            if models.is_norm_param(name) and p.dtype in (torch.float16, torch.bfloat16):
-                p.data = p.data.float()
-    if t.gradient_checkpointing:
-        peft_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        peft_model.enable_input_require_grads()
+    prepare_for_training(peft_model, upcast_norms_fp32=t.upcast_norms_fp32,
+                         gradient_checkpointing=t.gradient_checkpointing)
 
     # 6. Fine-tune.
     params = accounting.trainable_parameters(peft_model)

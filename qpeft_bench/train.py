@@ -20,6 +20,19 @@ class Diverged(RuntimeError):
         self.step, self.loss = step, loss
 
 
+def prepare_for_training(model, *, upcast_norms_fp32: bool, gradient_checkpointing: bool) -> None:
+    """The two set-up switches that move peak memory by gigabytes on 7B models (DESIGN §6)."""
+    from qpeft_bench.models import is_norm_param
+
+    if upcast_norms_fp32:  # qlora.py's end state after prepare_model_for_kbit_training
+        for name, p in model.named_parameters():
+            if is_norm_param(name) and p.dtype in (torch.float16, torch.bfloat16):
+                p.data = p.data.float()
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()  # the frozen embeddings would otherwise cut the graph
+
+
 def make_optimizer(params: list, name: str, lr: float, weight_decay: float, device: str):
     if name == "auto":
         name = "paged_adamw_32bit" if device.startswith("cuda") else "adamw"

@@ -23,7 +23,7 @@ from hydra import compose, initialize_config_dir
 from qpeft_bench import accounting, adapters, models, quant
 from qpeft_bench.cli import CONF_DIR, job_config
 from qpeft_bench.config import validate
-from qpeft_bench.train import make_optimizer, make_scheduler, train
+from qpeft_bench.train import make_optimizer, make_scheduler, prepare_for_training, train
 
 GIB = 2**30
 
@@ -74,13 +74,7 @@ def main(argv: list[str]) -> int:
     stages["quantized"] = allocated(device)
     with models.seeded(spec.seed):
         model = adapters.get(spec.peft_method).attach(model, targets, spec.peft)
-    if t.upcast_norms_fp32:
-        for name, p in model.named_parameters():
-            if models.is_norm_param(name) and p.dtype in (torch.float16, torch.bfloat16):
-                p.data = p.data.float()
-    if t.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
+    prepare_for_training(model, upcast_norms_fp32=t.upcast_norms_fp32, gradient_checkpointing=t.gradient_checkpointing)
     stages["adapters"] = allocated(device)
     optimizer, opt_name = make_optimizer(accounting.trainable_parameters(model), t.optimizer, t.lr,
                                          t.weight_decay, device)

@@ -53,6 +53,15 @@ def test_short_run_on_each_quantizer(compose, tmp_path, qname):
     assert math.isfinite(rec["eval"]["after"]["ppl_heldout"])
 
 
+def test_qlora_setup_switches_train_and_are_recorded(compose, tmp_path):
+    # fp32 norms next to bf16 weights only work under autocast: this failed on CUDA before autocast was added.
+    overrides = [*FAST, "train.upcast_norms_fp32=true", "train.gradient_checkpointing=true"]
+    assert recipe.run(compose(overrides), tmp_path, progress=False) == "completed"
+    tr = json.loads((tmp_path / "result.json").read_text())["train"]
+    assert tr["upcast_norms_fp32"] is True and tr["gradient_checkpointing"] is True
+    assert all(math.isfinite(x) for x in tr["losses"])
+
+
 def test_completed_runs_are_skipped_and_overwrite_redoes_them(compose, tmp_path, caplog):
     caplog.set_level("INFO", logger="qpeft_bench")
     config = compose(FAST)
