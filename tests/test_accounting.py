@@ -64,6 +64,7 @@ def test_plan_mode_works_for_every_card(compose, model):
     ("nf4", []), ("nf4", ["quant.double_quant=false"]), ("fp4", ["quant.blocksize=128"]), ("none", []),
     ("hqq", []), ("hqq", ["quant.nbits=2", "quant.group_size=32"]), ("hqq", ["quant.nbits=3"]),
     ("hqq", ["quant.nbits=1", "quant.axis=0"]), ("hqq", ["quant.nbits=8", "quant.group_size=128"]),
+    ("rtn", []), ("rtn", ["quant.bits=2", "quant.group_size=64"]), ("rtn", ["quant.bits=8", "quant.symmetric=true"]),
 ])
 def test_plan_and_real_agree_on_the_tiny_model(compose, qname, overrides):
     from qpeft_bench import models

@@ -19,6 +19,8 @@ CASES = [
     ("hqq", {"nbits": 4, "group_size": 64}),
     ("hqq", {"nbits": 2, "group_size": 32}),
     ("hqq", {"nbits": 3, "group_size": 64, "axis": 0}),
+    ("rtn", {"bits": 4, "group_size": 64}),
+    ("rtn", {"bits": 2, "group_size": 32, "symmetric": True}),
 ]
 
 

@@ -42,13 +42,13 @@ def test_short_default_run_writes_a_complete_record(compose, tmp_path):
     assert meta["git_commit"] is None or len(meta["git_commit"]) == 40
 
 
-@pytest.mark.parametrize("qname", ["none", "fp4", "hqq"])
+@pytest.mark.parametrize("qname", ["none", "fp4", "hqq", "rtn"])
 def test_short_run_on_each_quantizer(compose, tmp_path, qname):
     assert recipe.run(compose([*FAST, f"quant={qname}"]), tmp_path, progress=False) == "completed"
     rec = json.loads((tmp_path / "result.json").read_text())
     acc = rec["accounting"]
     assert rec["config"]["quant"]["name"] == qname
-    expected_bits = {"none": 16, "fp4": 4.2, "hqq": 4.5}[qname]
+    expected_bits = {"none": 16, "fp4": 4.2, "hqq": 4.5, "rtn": 4.25}[qname]
     assert acc["bits_per_weight"] == pytest.approx(expected_bits, abs=0.01)
     assert math.isfinite(rec["eval"]["after"]["ppl_heldout"])
 

@@ -26,6 +26,7 @@ _TABLE: dict[str, tuple[str, dict]] = {
     "nf4": ("qpeft_bench.quant.bnb4bit", {"quant_type": "nf4"}),
     "fp4": ("qpeft_bench.quant.bnb4bit", {"quant_type": "fp4"}),
     "hqq": ("qpeft_bench.quant.hqq", {}),
+    "rtn": ("qpeft_bench.quant.rtn", {}),
 }
 
 
