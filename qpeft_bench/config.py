@@ -251,7 +251,6 @@ class RunSpec:
     data: DataConfig
     train: TrainConfig
     eval: EvalConfig
-    output_root: str
     overwrite: bool
 
 
@@ -294,7 +293,6 @@ def validate(cfg: dict) -> RunSpec:
         data=from_dict(DataConfig, cfg["data"], "data"),
         train=from_dict(TrainConfig, cfg["train"], "train"),
         eval=from_dict(EvalConfig, cfg["eval"], "eval"),
-        output_root=top.output_root,
         overwrite=top.overwrite,
     )
     if spec.mode == "train":
@@ -308,4 +306,9 @@ def validate(cfg: dict) -> RunSpec:
         raise ConfigError(f"model {model.name!r}: {err}") from err
     qmod.check_against_arch(qcfg, shapes)
     amod.check_against_arch(pcfg, shapes)
+    context = model.arch_dict().get("max_position_embeddings")
+    longest = spec.data.max_source_len + spec.data.max_target_len
+    if context is not None and longest > context:
+        raise ConfigError(f"data.max_source_len + data.max_target_len = {longest} exceeds the context length "
+                          f"{context} of model {model.name!r}; lower them")
     return spec

@@ -93,7 +93,7 @@ def plan_accounting(spec: RunSpec) -> dict:
     targets = list(models.find_linears(model, spec.model.linear_names))
     acc = accounting.base_sizes(model)
     storage = functools.partial(qmod.linear_storage, cfg=spec.quant, dtype=spec.model.dtype)
-    acc.update(accounting.planned_quantized_sizes(model, targets, lambda i, o, b: storage(i, o, b)))
+    acc.update(accounting.planned_quantized_sizes(model, targets, storage))
     with_adapters(acc, model, targets, amod, spec)
     return acc
 
