@@ -228,6 +228,35 @@ class EvalConfig:
 
 
 @dataclass
+class CalibConfig:
+    """Calibration data: statistics for the quantizers that need them and the batch every quantizer's output
+    error is measured on."""
+
+    name: str
+    source: typing.Literal["finetune", "text", "none"] = "finetune"  # finetune: the training split's text
+    path: str | None = None  # source=text: a local UTF-8 text file
+    samples: int = 64  # windows of seq_len tokens at seeded random offsets
+    seq_len: int = 256
+    probe_samples: int = 1  # windows (the first ones) on which each layer's output error is measured
+    seed: int = 0
+
+    def check(self, where: str) -> None:
+        for name in ("samples", "seq_len", "probe_samples"):
+            positive(where, name, getattr(self, name))
+        if self.probe_samples > self.samples:
+            raise ConfigError(f"{where}.probe_samples={self.probe_samples} exceeds {where}.samples={self.samples}")
+        if self.source == "text":
+            if self.path is None:
+                raise ConfigError(f"{where}.source=text needs {where}.path (a local text file)")
+            if not Path(self.path).is_file():
+                raise ConfigError(f"{where}.path={self.path!r} does not exist")
+
+    @property
+    def enabled(self) -> bool:
+        return self.source != "none"
+
+
+@dataclass
 class RunConfig:
     """The top-level keys of conf/run.yaml."""
 
@@ -249,6 +278,7 @@ class RunSpec:
     peft_method: str
     peft: Any  # the PEFT method's own Config dataclass
     data: DataConfig
+    calib: CalibConfig
     train: TrainConfig
     eval: EvalConfig
     overwrite: bool
@@ -265,7 +295,7 @@ def validate(cfg: dict) -> RunSpec:
     """Check a composed config (a plain dict, resolved) and return typed pieces. No model is loaded."""
     from qpeft_bench import adapters, quant  # the registries; imported lazily to keep this module light
 
-    groups = ("model", "quant", "peft", "data", "train", "eval")
+    groups = ("model", "quant", "peft", "data", "calib", "train", "eval")
     missing = [g for g in groups if g not in cfg]
     if missing:
         raise ConfigError(f"config group(s) {', '.join(missing)} missing; choose an option, e.g. model=tiny_llama")
@@ -291,12 +321,18 @@ def validate(cfg: dict) -> RunSpec:
         peft_method=peft_method,
         peft=pcfg,
         data=from_dict(DataConfig, cfg["data"], "data"),
+        calib=from_dict(CalibConfig, cfg["calib"], "calib"),
         train=from_dict(TrainConfig, cfg["train"], "train"),
         eval=from_dict(EvalConfig, cfg["eval"], "eval"),
         overwrite=top.overwrite,
     )
+    device = None
     if spec.mode == "train":
         spec.train.check_device()
+        from qpeft_bench.models import resolve_device
+
+        device = resolve_device(spec.train.device)
+    quant.check_runnable(quant_name, qmod, model.family, device, spec.calib.enabled)
     # Checks that need the architecture (sizes that must divide, ranks that must fit) read only config.json.
     from qpeft_bench.models import linear_shapes
 
@@ -311,4 +347,7 @@ def validate(cfg: dict) -> RunSpec:
     if context is not None and longest > context:
         raise ConfigError(f"data.max_source_len + data.max_target_len = {longest} exceeds the context length "
                           f"{context} of model {model.name!r}; lower them")
+    if context is not None and spec.calib.enabled and spec.calib.seq_len > context:
+        raise ConfigError(f"calib.seq_len={spec.calib.seq_len} exceeds the context length {context} of model "
+                          f"{model.name!r}; lower it")
     return spec

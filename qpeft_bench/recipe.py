@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from qpeft_bench import accounting, adapters, data, models, quant, results
+from qpeft_bench import accounting, adapters, calibration, data, models, quant, results
 from qpeft_bench.config import ConfigError, RunSpec, validate
 from qpeft_bench.evaluation.perplexity import heldout_perplexity
 from qpeft_bench.train import Diverged, make_optimizer, make_scheduler, prepare_for_training, train
@@ -141,13 +141,20 @@ def fine_tune(spec: RunSpec, device: str, record: dict, save, progress: bool) ->
     targets = list(models.find_linears(model, spec.model.linear_names))
     acc = accounting.base_sizes(model)
 
-    # 3. Quantize the target linears in place.
-    qmod = quant.get(spec.quant_name)
-    t0 = time.perf_counter()
-    qmod.quantize(model, targets, spec.quant, compute_dtype, device)
-    acc["quantize_time_s"] = time.perf_counter() - t0
-    acc.update(accounting.measured_quantized_sizes(model, targets, qmod.state_bytes))
+    # 3. Quantize the target linears in place, measuring each layer's weight and output error on the probe.
+    windows = calibration_windows(spec.calib, tokenizer, train_ex)
+    probe = None if windows is None else windows[:spec.calib.probe_samples]
+    record["quant"] = quant.quantize_model(spec.quant_name, model, targets, spec.quant, compute_dtype, device,
+                                           windows=windows, probe=probe, progress=progress)
+    if windows is not None:
+        record["quant"]["calibration"] = {"source": spec.calib.source, "windows": windows.shape[0],
+                                          "seq_len": windows.shape[1], "tokens": windows.numel()}
+    acc.update(accounting.measured_quantized_sizes(model, targets, quant.get(spec.quant_name).state_bytes))
     record["accounting"] = acc
+    q = record["quant"]
+    log.info("quantized %d layers in %.2f s (+%.2f s calibration): weight error %.4f, output error %s",
+             len(targets), q["quantize_time_s"], q["calibration_time_s"], q["weight_rel_error"],
+             "-" if q["output_rel_error"] is None else f"{q['output_rel_error']:.4f}")
     save()
 
     # 4. The quantized base before fine-tuning (the "no fine-tuning" row of the tables).
@@ -185,6 +192,15 @@ def fine_tune(spec: RunSpec, device: str, record: dict, save, progress: bool) ->
 
     # 7. Evaluate the fine-tuned model.
     record["eval"]["after"] = evaluate(peft_model, "eval after")
+
+
+def calibration_windows(calib, tokenizer, train_examples: list[dict]):
+    """Calibration token windows (samples, seq_len) from the configured source, or None for calib=none."""
+    if not calib.enabled:
+        return None
+    texts = (calibration.example_texts(train_examples) if calib.source == "finetune"
+             else calibration.read_text(calib.path))
+    return calibration.token_windows(tokenizer, texts, calib.samples, calib.seq_len, calib.seed)
 
 
 def _batches(features: list[dict], batch_size: int, pad_id: int, seed: int, group: bool, limit: int | None = None):

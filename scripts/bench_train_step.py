@@ -20,7 +20,7 @@ import time
 import torch
 from hydra import compose, initialize_config_dir
 
-from qpeft_bench import accounting, adapters, models, quant
+from qpeft_bench import accounting, adapters, calibration, models, quant
 from qpeft_bench.cli import CONF_DIR, job_config
 from qpeft_bench.config import validate
 from qpeft_bench.train import make_optimizer, make_scheduler, prepare_for_training, train
@@ -65,9 +65,10 @@ def main(argv: list[str]) -> int:
     model.config.use_cache = False
     stages["loaded"] = allocated(device)
     targets = list(models.find_linears(model, spec.model.linear_names))
-    qmod = quant.get(spec.quant_name)
+    # random tokens for calibrating quantizers: speed and memory do not depend on what the windows say
+    windows = calibration.random_windows(arch["vocab_size"], spec.calib.samples, spec.calib.seq_len, spec.seed)
     t0 = time.perf_counter()
-    qmod.quantize(model, targets, spec.quant, compute, device)
+    quant.quantize_model(spec.quant_name, model, targets, spec.quant, compute, device, windows=windows)
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
     stages["quantize_s"] = time.perf_counter() - t0

@@ -18,7 +18,7 @@ import time
 import torch
 from hydra import compose, initialize_config_dir
 
-from qpeft_bench import accounting, adapters, models, quant, recipe
+from qpeft_bench import accounting, adapters, calibration, models, quant, recipe
 from qpeft_bench.cli import CONF_DIR, job_config
 from qpeft_bench.config import validate
 
@@ -42,8 +42,10 @@ def measured(spec, device: str) -> dict:
     targets = list(models.find_linears(model, spec.model.linear_names))
     acc = accounting.base_sizes(model)
     qmod = quant.get(spec.quant_name)
+    # random tokens for calibrating quantizers: sizes do not depend on what the windows say
+    windows = calibration.random_windows(arch["vocab_size"], spec.calib.samples, spec.calib.seq_len, 0)
     t0 = time.perf_counter()
-    qmod.quantize(model, targets, spec.quant, spec.model.dtype, device)
+    quant.quantize_model(spec.quant_name, model, targets, spec.quant, spec.model.dtype, device, windows=windows)
     if device.startswith("cuda"):
         torch.cuda.synchronize()
         acc["cuda_allocated_after_quantize_bytes"] = torch.cuda.memory_allocated()

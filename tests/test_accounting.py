@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import REFERENCE
 
-from qpeft_bench import accounting, adapters, quant, recipe
+from qpeft_bench import accounting, adapters, calibration, quant, recipe
 from qpeft_bench.config import validate
 
 GIB, MIB = 2**30, 2**20
@@ -75,9 +75,9 @@ def test_plan_and_real_agree_on_the_tiny_model(compose, qname, overrides):
     model = models.load_model(spec.model.path, spec.model.dtype, "cpu")
     targets = list(models.find_linears(model, spec.model.linear_names))
     real = accounting.base_sizes(model)
-    qmod = quant.get(qname)
-    qmod.quantize(model, targets, spec.quant, spec.model.dtype, "cpu")
-    real.update(accounting.measured_quantized_sizes(model, targets, qmod.state_bytes))
+    windows = calibration.random_windows(model.config.vocab_size, 8, 64, 0)
+    quant.quantize_model(qname, model, targets, spec.quant, spec.model.dtype, "cpu", windows=windows)
+    real.update(accounting.measured_quantized_sizes(model, targets, quant.get(qname).state_bytes))
     recipe.with_adapters(real, model, targets, adapters.get("lora"), spec)
 
     for key in ("total_params", "base_model_bytes", "param_buffer_bytes", "quantized_model_bytes",

@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from qpeft_bench import adapters, models, quant
+from qpeft_bench import adapters, calibration, models, quant
 
 NAMES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 CASES = [
@@ -56,7 +56,9 @@ def test_lora_gradients_through_quantized_base_match_dequantized_fp32(qname, kno
     qmod = quant.get(qname)
     model = _tiny_random_llama()
     targets = list(models.find_linears(model, NAMES))
-    qmod.quantize(model, targets, qmod.Config(**{**quant.preset(qname), **knobs}), "float32", "cpu")
+    windows = calibration.random_windows(256, 8, 32, 0)
+    quant.quantize_model(qname, model, targets, qmod.Config(**{**quant.preset(qname), **knobs}), "float32", "cpu",
+                         windows=windows)
     reference = _dequantized_copy(model, targets, qmod)
     # the quantized weights really differ from the original ones (otherwise the test proves nothing)
     assert not torch.allclose(reference.get_submodule(targets[0]).weight,
@@ -91,5 +93,5 @@ def test_lora_gradients_through_quantized_base_match_dequantized_fp32(qname, kno
 def test_bitsandbytes_quantizer_disables_the_cpu_gemv_path():
     model = _tiny_random_llama()
     targets = list(models.find_linears(model, NAMES))
-    quant.get("nf4").quantize(model, targets, quant.get("nf4").Config(), "float32", "cpu")
+    quant.quantize_model("nf4", model, targets, quant.get("nf4").Config(), "float32", "cpu")
     assert all(model.get_submodule(t).support_avx512bf16_for_cpu is False for t in targets)

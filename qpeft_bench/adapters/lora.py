@@ -40,7 +40,7 @@ def attach(model, targets: list[str], cfg: Config):
     from peft import LoraConfig, get_peft_model
     from peft.tuners.lora.layer import Linear as LoraLinear
 
-    from qpeft_bench.quant.qlinear import GroupQuantLinear
+    from qpeft_bench.quant.qlinear import QuantLinear
 
     config = LoraConfig(
         r=cfg.r,
@@ -51,7 +51,7 @@ def attach(model, targets: list[str], cfg: Config):
         task_type="CAUSAL_LM",
     )
     # our own quantized layers compute y = W x like nn.Linear; peft's LoRA wrapper needs to be told so
-    config._register_custom_module({GroupQuantLinear: LoraLinear})
+    config._register_custom_module({QuantLinear: LoraLinear})
     # autocast_adapter_dtype=False: peft would otherwise upcast bf16 adapters to fp32 behind our back.
     model = get_peft_model(model, config, autocast_adapter_dtype=False)
     for name, param in model.named_parameters():

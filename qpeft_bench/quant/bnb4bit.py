@@ -35,35 +35,32 @@ def check_against_arch(cfg: Config, shapes: dict[str, tuple[int, int]]) -> None:
         raise ConfigError(f"quant.blocksize={cfg.blocksize} is not supported by bitsandbytes; use one of {allowed}")
 
 
-def quantize(model, targets: list[str], cfg: Config, compute_dtype: str, device: str) -> None:
+def quantize_linear(old, cfg: Config, compute_dtype: str, device: str, stats=None):
     import bitsandbytes as bnb
 
-    for name in targets:
-        old = model.get_submodule(name)
-        new = bnb.nn.Linear4bit(
-            old.in_features,
-            old.out_features,
-            bias=old.bias is not None,
-            compute_dtype=DTYPE[compute_dtype],
-            compress_statistics=cfg.double_quant,
-            quant_type=cfg.quant_type,
-            device="meta",  # placeholders only; the real tensors are assigned below
-        )
-        new.weight = bnb.nn.Params4bit(
-            old.weight.data.to("cpu") if device == "cpu" else old.weight.data,
-            requires_grad=False,
-            quant_type=cfg.quant_type,
-            blocksize=cfg.blocksize,
-            compress_statistics=cfg.double_quant,
-        )
-        if old.bias is not None:
-            new.bias = torch.nn.Parameter(old.bias.data, requires_grad=False)
-        new = new.to(device)  # moving Params4bit to a device is what quantizes it
-        # On CPUs with AVX512-BF16, an eval-mode forward repacks the weight for a gemv kernel that has no
-        # autograd: gradients of everything before that layer are then silently wrong. Never take that path.
-        new.support_avx512bf16_for_cpu = False
-        model.set_submodule(name, new)
-        del old
+    new = bnb.nn.Linear4bit(
+        old.in_features,
+        old.out_features,
+        bias=old.bias is not None,
+        compute_dtype=DTYPE[compute_dtype],
+        compress_statistics=cfg.double_quant,
+        quant_type=cfg.quant_type,
+        device="meta",  # placeholders only; the real tensors are assigned below
+    )
+    new.weight = bnb.nn.Params4bit(
+        old.weight.data.to("cpu") if device == "cpu" else old.weight.data,
+        requires_grad=False,
+        quant_type=cfg.quant_type,
+        blocksize=cfg.blocksize,
+        compress_statistics=cfg.double_quant,
+    )
+    if old.bias is not None:
+        new.bias = torch.nn.Parameter(old.bias.data, requires_grad=False)
+    new = new.to(device)  # moving Params4bit to a device is what quantizes it
+    # On CPUs with AVX512-BF16, an eval-mode forward repacks the weight for a gemv kernel that has no
+    # autograd: gradients of everything before that layer are then silently wrong. Never take that path.
+    new.support_avx512bf16_for_cpu = False
+    return new
 
 
 def linear_storage(in_f: int, out_f: int, bias: bool, cfg: Config, dtype: str) -> tuple[int, int]:

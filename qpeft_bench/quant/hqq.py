@@ -44,17 +44,18 @@ def _quant_config(cfg: Config) -> dict:
     return BaseQuantizeConfig(nbits=cfg.nbits, group_size=cfg.group_size, axis=cfg.axis)
 
 
-def quantize(model, targets: list[str], cfg: Config, compute_dtype: str, device: str) -> None:
-    from hqq.core.quantize import HQQLinear
-
-    qcfg = _quant_config(cfg)
-    for name in targets:
-        layer = HQQLinear(model.get_submodule(name), quant_config=qcfg, compute_dtype=DTYPE[compute_dtype],
-                          device=device, del_orig=True)
-        model.set_submodule(name, layer)
+def prepare(model, targets: list[str], cfg: Config, windows, device: str) -> dict:
     # peft's prepare_model_for_kbit_training only turns gradient checkpointing on for hqq-patched models
     # that say so (DESIGN §7).
     model.hqq_quantized = True
+    return {}
+
+
+def quantize_linear(old, cfg: Config, compute_dtype: str, device: str, stats=None):
+    from hqq.core.quantize import HQQLinear
+
+    return HQQLinear(old, quant_config=_quant_config(cfg), compute_dtype=DTYPE[compute_dtype], device=device,
+                     del_orig=True)
 
 
 def linear_storage(in_f: int, out_f: int, bias: bool, cfg: Config, dtype: str) -> tuple[int, int]:

@@ -18,8 +18,8 @@ def check_against_arch(cfg: Config, shapes: dict[str, tuple[int, int]]) -> None:
     pass
 
 
-def quantize(model, targets: list[str], cfg: Config, compute_dtype: str, device: str) -> None:
-    pass
+def quantize_linear(linear, cfg: Config, compute_dtype: str, device: str, stats=None):
+    return linear
 
 
 def linear_storage(in_f: int, out_f: int, bias: bool, cfg: Config, dtype: str) -> tuple[int, int]:

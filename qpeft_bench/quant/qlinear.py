@@ -31,7 +31,19 @@ def unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
     return torch.stack(parts, dim=-1).reshape(packed.shape[0], -1)
 
 
-class GroupQuantLinear(nn.Module):
+class QuantLinear(nn.Module):
+    """Base of our own quantized layers: y = W x (+ b) like nn.Linear, with W held in some compressed form.
+
+    Adapters (peft's LoRA wrapper among them) recognise every subclass through this one class."""
+
+    in_features: int
+    out_features: int
+
+    def dequantize(self) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class GroupQuantLinear(QuantLinear):
     def __init__(self, in_features: int, out_features: int, bits: int, group_size: int, bias: torch.Tensor | None,
                  codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor):
         super().__init__()

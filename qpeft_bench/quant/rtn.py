@@ -45,14 +45,12 @@ def quantize_weight(weight: torch.Tensor, bits: int, group_size: int, symmetric:
     return codes.reshape(weight.shape).to(torch.uint8), scale, zero
 
 
-def quantize(model, targets: list[str], cfg: Config, compute_dtype: str, device: str) -> None:
-    for name in targets:
-        old = model.get_submodule(name)
-        codes, scale, zero = quantize_weight(old.weight.data, cfg.bits, cfg.group_size, cfg.symmetric)
-        dtype = old.weight.dtype  # scales in the model's dtype, as the storage format says
-        layer = GroupQuantLinear(old.in_features, old.out_features, cfg.bits, cfg.group_size,
-                                 None if old.bias is None else old.bias.data, codes, scale.to(dtype), zero.to(dtype))
-        model.set_submodule(name, layer.to(device))
+def quantize_linear(old, cfg: Config, compute_dtype: str, device: str, stats=None):
+    codes, scale, zero = quantize_weight(old.weight.data, cfg.bits, cfg.group_size, cfg.symmetric)
+    dtype = old.weight.dtype  # scales in the model's dtype, as the storage format says
+    layer = GroupQuantLinear(old.in_features, old.out_features, cfg.bits, cfg.group_size,
+                             None if old.bias is None else old.bias.data, codes, scale.to(dtype), zero.to(dtype))
+    return layer.to(device)
 
 
 def linear_storage(in_f: int, out_f: int, bias: bool, cfg: Config, dtype: str) -> tuple[int, int]:
