@@ -47,6 +47,12 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--seq", type=int, default=512)
     parser.add_argument("--json", default=None)
+    parser.add_argument("--peft-prepare", action="store_true",
+                        help="set up as the reference recipe does: peft's prepare_model_for_kbit_training("
+                             "use_gradient_checkpointing=train.gradient_checkpointing) before the adapters, "
+                             "instead of our prepare_for_training after them")
+    parser.add_argument("--no-hqq-flag", action="store_true",
+                        help="drop model.hqq_quantized after quantizing (what a recipe unaware of DESIGN §7 has)")
     args, overrides = parser.parse_known_args(argv)
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         spec = validate(job_config(compose(config_name="run", overrides=overrides)))
@@ -73,9 +79,19 @@ def main(argv: list[str]) -> int:
         torch.cuda.empty_cache()
     stages["quantize_s"] = time.perf_counter() - t0
     stages["quantized"] = allocated(device)
+    if args.no_hqq_flag and hasattr(model, "hqq_quantized"):
+        del model.hqq_quantized
+    if args.peft_prepare:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=t.gradient_checkpointing)
     with models.seeded(spec.seed):
         model = adapters.get(spec.peft_method).attach(model, targets, spec.peft)
-    prepare_for_training(model, upcast_norms_fp32=t.upcast_norms_fp32, gradient_checkpointing=t.gradient_checkpointing)
+    if not args.peft_prepare:
+        prepare_for_training(model, upcast_norms_fp32=t.upcast_norms_fp32,
+                             gradient_checkpointing=t.gradient_checkpointing)
+    model.train()
+    stages["checkpointing_active"] = bool(getattr(model, "is_gradient_checkpointing", False))
     stages["adapters"] = allocated(device)
     optimizer, opt_name = make_optimizer(accounting.trainable_parameters(model), t.optimizer, t.lr,
                                          t.weight_decay, device)
@@ -87,10 +103,13 @@ def main(argv: list[str]) -> int:
     out = {"model": spec.model.name, "quant": spec.quant_name, "quant_cfg": vars(spec.quant),
            "peft": spec.peft_method, "peft_cfg": vars(spec.peft), "batch": t.batch_size, "seq": args.seq,
            "gradient_checkpointing": t.gradient_checkpointing, "upcast_norms_fp32": t.upcast_norms_fp32,
+           "setup": "peft.prepare_model_for_kbit_training" if args.peft_prepare else "qpeft_bench",
+           "hqq_flag": bool(getattr(model, "hqq_quantized", False)) if spec.quant_name == "hqq" else None,
            "optimizer": opt_name, "device": device, "stages_bytes": stages,
            **{k: v for k, v in result.items() if k != "losses"}, "first_losses": result["losses"][:4]}
     print(f"{spec.model.name} {spec.quant_name} {vars(spec.quant)} {spec.peft_method} r={getattr(spec.peft, 'r', '-')}"
-          f" batch {t.batch_size}x{args.seq} GC={t.gradient_checkpointing} upcast={t.upcast_norms_fp32} {opt_name}")
+          f" batch {t.batch_size}x{args.seq} GC={t.gradient_checkpointing} (active: {stages['checkpointing_active']})"
+          f" upcast={t.upcast_norms_fp32} {opt_name} set-up: {out['setup']}")
     print(f"  allocated after load {stages['loaded'] / GIB:.2f} GiB, after quantize {stages['quantized'] / GIB:.2f} "
           f"GiB ({stages['quantize_s']:.1f} s), after adapters {stages['adapters'] / GIB:.2f} GiB")
     print(f"  {result['s_per_step']:.3f} s/step, {result['tokens_per_s']:.0f} tokens/s, peak "

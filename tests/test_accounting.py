@@ -65,6 +65,8 @@ def test_plan_mode_works_for_every_card(compose, model):
     ("hqq", []), ("hqq", ["quant.nbits=2", "quant.group_size=32"]), ("hqq", ["quant.nbits=3"]),
     ("hqq", ["quant.nbits=1", "quant.axis=0"]), ("hqq", ["quant.nbits=8", "quant.group_size=128"]),
     ("rtn", []), ("rtn", ["quant.bits=2", "quant.group_size=64"]), ("rtn", ["quant.bits=8", "quant.symmetric=true"]),
+    ("rtn", ["quant.bits=3"]), ("gptq", ["quant.bits=3", "quant.group_size=64"]),
+    ("int8", []), ("smoothquant", []), ("icq", []), ("gptq", []), ("owq", []), ("qeft", []),
 ])
 def test_plan_and_real_agree_on_the_tiny_model(compose, qname, overrides):
     from qpeft_bench import models

@@ -61,7 +61,7 @@ def test_default_config_is_the_embedded_qlora_run(compose):
         (["quant=hqq", "quant.group_size=96"], "does not divide in_features=256 of model.layers.0.self_attn.q_proj"),
         (["quant=hqq", "quant.nbits=5"], "quant.nbits=5 has the wrong type"),
         (["quant=rtn", "quant.group_size=100"], "does not divide in_features=256"),
-        (["quant=rtn", "quant.bits=3"], "quant.bits=3 has the wrong type"),
+        (["quant=rtn", "quant.bits=5"], "quant.bits=5 has the wrong type"),
         (["data.max_target_len=400"], "exceeds the context length 512 of model 'tiny_llama'"),
     ],
 )

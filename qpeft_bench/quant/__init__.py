@@ -41,6 +41,12 @@ _TABLE: dict[str, tuple[str, dict]] = {
     "fp4": ("qpeft_bench.quant.bnb4bit", {"quant_type": "fp4"}),
     "hqq": ("qpeft_bench.quant.hqq", {}),
     "rtn": ("qpeft_bench.quant.rtn", {}),
+    "int8": ("qpeft_bench.quant.bnb8bit", {}),
+    "gptq": ("qpeft_bench.quant.gptq", {}),
+    "smoothquant": ("qpeft_bench.quant.smoothquant", {}),
+    "owq": ("qpeft_bench.quant.owq", {}),
+    "qeft": ("qpeft_bench.quant.qeft", {}),
+    "icq": ("qpeft_bench.quant.icq", {}),
 }
 
 

@@ -8,40 +8,57 @@ from dataclasses import dataclass
 
 import torch
 
-from qpeft_bench.config import ConfigError
 from qpeft_bench.models import DTYPE
-from qpeft_bench.quant.qlinear import GroupQuantLinear
+from qpeft_bench.quant.qlinear import GroupQuantLinear, check_layout, storage_bytes
 
 
 @dataclass
 class Config:
-    bits: typing.Literal[2, 4, 8] = 4  # 3-bit needs a packing across bytes: not implemented yet
+    bits: typing.Literal[2, 3, 4, 8] = 4
     group_size: int = 128  # consecutive input features sharing a scale and zero point
     symmetric: bool = False  # true: scale from max|w|, zero point at mid-range
 
 
 def check_against_arch(cfg: Config, shapes: dict[str, tuple[int, int]]) -> None:
-    if cfg.group_size <= 0:
-        raise ConfigError(f"quant.group_size={cfg.group_size} must be > 0")
-    for name, (in_f, out_f) in shapes.items():
-        if in_f % cfg.group_size:
-            raise ConfigError(f"quant.group_size={cfg.group_size} does not divide in_features={in_f} of {name} "
-                              f"({in_f} -> {out_f}); choose a divisor of {in_f}")
+    check_layout(cfg.group_size, shapes)
+
+
+def group_params(weight: torch.Tensor, bits: int, group_size: int, symmetric: bool,
+                 skip: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero point (in code units) per (row, group) of an (out, in) weight, in fp32.
+
+    `skip` (in,) bool marks columns left out of the min/max (weak columns kept in 16 bits elsewhere)."""
+    w = weight.float()
+    levels = 2**bits - 1
+    if skip is not None and skip.any():
+        keep = ~skip
+        w_hi = torch.where(keep, w, torch.tensor(-torch.inf, device=w.device))
+        w_lo = torch.where(keep, w, torch.tensor(torch.inf, device=w.device))
+        hi = w_hi.reshape(w.shape[0], -1, group_size).amax(-1)
+        lo = w_lo.reshape(w.shape[0], -1, group_size).amin(-1)
+        hi, lo = hi.nan_to_num(0.0, 0.0, 0.0), lo.nan_to_num(0.0, 0.0, 0.0)  # a group of weak columns only
+    else:
+        grouped = w.reshape(w.shape[0], -1, group_size)
+        hi, lo = grouped.amax(-1), grouped.amin(-1)
+    if symmetric:
+        scale = torch.maximum(hi.abs(), lo.abs()) / (levels / 2)
+        zero = torch.full_like(scale, (levels + 1) / 2)
+    else:
+        scale = (hi - lo) / levels
+        zero = torch.round(-lo / scale.clamp(min=1e-12))
+    return scale.clamp(min=1e-12), zero  # constant groups: any scale reproduces them
+
+
+def encode(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
+    """Nearest code of w on the grid (code - zero) * scale, clamped to [0, 2^bits - 1]; shapes broadcast."""
+    return torch.clamp(torch.round(w / scale + zero), 0, 2**bits - 1)
 
 
 def quantize_weight(weight: torch.Tensor, bits: int, group_size: int, symmetric: bool):
     """(out, in) weight -> integer codes, scales and zero points per group, all computed in fp32."""
+    scale, zero = group_params(weight, bits, group_size, symmetric)
     w = weight.float().reshape(weight.shape[0], -1, group_size)
-    levels = 2**bits - 1
-    if symmetric:
-        scale = w.abs().amax(-1) / (levels / 2)
-        zero = torch.full_like(scale, (levels + 1) / 2)
-    else:
-        lo, hi = w.amin(-1), w.amax(-1)
-        scale = (hi - lo) / levels
-        zero = torch.round(-lo / scale.clamp(min=1e-12))
-    scale = scale.clamp(min=1e-12)  # constant groups: any scale reproduces them
-    codes = torch.clamp(torch.round(w / scale.unsqueeze(-1) + zero.unsqueeze(-1)), 0, levels)
+    codes = encode(w, scale.unsqueeze(-1), zero.unsqueeze(-1), bits)
     return codes.reshape(weight.shape).to(torch.uint8), scale, zero
 
 
@@ -54,9 +71,7 @@ def quantize_linear(old, cfg: Config, compute_dtype: str, device: str, stats=Non
 
 
 def linear_storage(in_f: int, out_f: int, bias: bool, cfg: Config, dtype: str) -> tuple[int, int]:
-    elem = torch.tensor([], dtype=DTYPE[dtype]).element_size()
-    groups = in_f * out_f // cfg.group_size
-    return in_f * out_f * cfg.bits // 8 + 2 * groups * elem + (out_f * elem if bias else 0), 0
+    return storage_bytes(in_f, out_f, cfg.bits, cfg.group_size, DTYPE[dtype].itemsize, bias), 0
 
 
 def dequantize(module) -> torch.Tensor:
