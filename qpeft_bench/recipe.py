@@ -226,6 +226,7 @@ GIB, MIB = 2**30, 2**20
 
 def summary_table(record: dict, path: Path) -> str:
     cfg, acc, tr, ev = record["config"], record.get("accounting", {}), record.get("train", {}), record.get("eval", {})
+    q = record.get("quant", {})
     peft = cfg.get("peft", {})
 
     def fmt(value, spec: str, scale: int = 1) -> str:
@@ -242,6 +243,10 @@ def summary_table(record: dict, path: Path) -> str:
                                 f"{fmt(acc.get('qlora_recipe_overhead_bytes'), '.3f', MIB)} as qlora.py's set-up"),
         ("bits per weight", fmt(acc.get("bits_per_weight"), ".3f")),
     ]
+    if q:
+        rows.append(("quant error weight / output", f"{fmt(q.get('weight_rel_error'), '.4f')} / "
+                                                    f"{fmt(q.get('output_rel_error'), '.4f')} (relative, mean over "
+                                                    f"layers), {fmt(q.get('quantize_time_s'), '.2f')} s"))
     if tr.get("s_per_step") is not None:
         rows += [
             ("s/step, tokens/s", f"{tr['s_per_step']:.3f}, {tr['tokens_per_s']:.0f}"),

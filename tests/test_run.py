@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 from conftest import CLI, FAST, ROOT
 
-from qpeft_bench import recipe, results
+from qpeft_bench import quant, recipe, results
+from qpeft_bench.config import validate
 
 ACCOUNTING_KEYS = {"total_params", "trainable_params", "trainable_pct", "base_model_bytes", "quantized_model_bytes",
                    "param_buffer_bytes", "adapter_bytes", "peft_overhead_bytes", "bits_per_weight"}
@@ -42,14 +43,21 @@ def test_short_default_run_writes_a_complete_record(compose, tmp_path):
     assert meta["git_commit"] is None or len(meta["git_commit"]) == 40
 
 
-@pytest.mark.parametrize("qname", ["none", "fp4", "hqq", "rtn"])
+@pytest.mark.parametrize("qname", quant.names())
 def test_short_run_on_each_quantizer(compose, tmp_path, qname):
-    assert recipe.run(compose([*FAST, f"quant={qname}"]), tmp_path, progress=False) == "completed"
+    config = compose([*FAST, f"quant={qname}", "calib.samples=8", "calib.seq_len=128"])
+    assert recipe.run(config, tmp_path, progress=False) == "completed"
     rec = json.loads((tmp_path / "result.json").read_text())
-    acc = rec["accounting"]
-    assert rec["config"]["quant"]["name"] == qname
-    expected_bits = {"none": 16, "fp4": 4.2, "hqq": 4.5, "rtn": 4.25}[qname]
-    assert acc["bits_per_weight"] == pytest.approx(expected_bits, abs=0.01)
+    acc, q = rec["accounting"], rec["quant"]
+    assert rec["config"]["quant"]["name"] == q["name"] == qname
+    planned = recipe.plan_accounting(validate({**config, "mode": "plan"}))
+    assert acc["bits_per_weight"] == pytest.approx(planned["bits_per_weight"], rel=1e-9)
+    assert acc["quantized_model_bytes"] == planned["quantized_model_bytes"]
+    # every layer's error was measured on the probe; a real quantizer loses something, none only bf16 rounding
+    assert len(q["layers"]) == 28 and q["quantize_time_s"] >= 0
+    assert q["calibration"] == {"source": "finetune", "windows": 8, "seq_len": 128, "tokens": 1024}
+    assert (q["weight_rel_error"] == 0) == (qname == "none")
+    assert 0 < q["output_rel_error"] < (0.01 if qname == "none" else 0.5)
     assert math.isfinite(rec["eval"]["after"]["ppl_heldout"])
 
 
