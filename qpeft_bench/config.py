@@ -342,6 +342,12 @@ def validate(cfg: dict) -> RunSpec:
         raise ConfigError(f"model {model.name!r}: {err}") from err
     qmod.check_against_arch(qcfg, shapes)
     amod.check_against_arch(pcfg, shapes)
+    compute = model.dtype if spec.train.compute_dtype == "auto" else spec.train.compute_dtype
+    adapter_dtype = getattr(pcfg, "adapter_dtype", "float32")
+    if spec.mode == "train" and compute == "float16" and adapter_dtype != "float32":
+        raise ConfigError(f"train.compute_dtype resolves to float16 (model.dtype={model.dtype}) with "
+                          f"peft.adapter_dtype={adapter_dtype}: fp16 loss scaling cannot unscale 16-bit gradients; "
+                          "set peft.adapter_dtype=float32 or train.compute_dtype=bfloat16")
     context = model.arch_dict().get("max_position_embeddings")
     longest = spec.data.max_source_len + spec.data.max_target_len
     if context is not None and longest > context:

@@ -4,6 +4,7 @@ fp32 (DESIGN §7: a silently wrong CPU kernel is exactly what such a test catche
 from __future__ import annotations
 
 import copy
+import functools
 
 import pytest
 import torch
@@ -76,24 +77,35 @@ def _check_gradients(qname: str, knobs: dict, device: str, compute_dtype: str = 
     lora_r = [(n, p) for n, p in rpeft.named_parameters() if "lora_" in n]
     for (n1, p1), (n2, p2) in zip(lora_q, lora_r, strict=True):
         assert n1 == n2
-        torch.testing.assert_close(p1.data, p2.data)  # same seed, same initial adapters
+        if device == "cpu":
+            torch.testing.assert_close(p1.data, p2.data)  # same seed, same initial adapters
+        else:  # peft may initialise on another device's generator for some base layers: align them
+            p2.data.copy_(p1.data)
         if "lora_B" in n1:
             p1.data.copy_(torch.randn(p1.shape, generator=torch.Generator().manual_seed(len(n1))) * 0.02)
             p2.data.copy_(p1.data)
 
     ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(2)).to(device)
-    with torch.no_grad():
+    low = compute_dtype != "float32"
+    autocast = functools.partial(torch.autocast, device.split(":")[0], dtype=models.DTYPE[compute_dtype], enabled=low)
+    with torch.no_grad(), autocast():  # (hqq computes in its compute dtype and wants inputs in it)
         qpeft.eval()
         qpeft(input_ids=ids)  # an eval-mode forward first: it arms bitsandbytes' autograd-less CPU kernel
-    with torch.autocast(device.split(":")[0], dtype=models.DTYPE[compute_dtype], enabled=compute_dtype != "float32"):
-        grads_q, grads_r = _lora_grads(qpeft, ids), _lora_grads(rpeft, ids)
+    grads_r = _lora_grads(rpeft, ids)  # the fp32 reference
+    with autocast():
+        grads_q = _lora_grads(qpeft, ids)
+        grads_r_low = _lora_grads(rpeft, ids) if low else None
     assert len(grads_q) == 2 * len(targets)
     for name, g in grads_r.items():
         assert g.abs().sum() > 0, name
-        if compute_dtype == "float32":
+        if not low:
             torch.testing.assert_close(grads_q[name], g, rtol=1e-4, atol=1e-6, msg=name)
-        else:  # 16-bit matmuls on both sides, in different orders: compare whole tensors, not elements
-            assert float((grads_q[name] - g).norm() / g.norm()) < 3e-2, name
+        else:
+            # 16-bit matmuls: the tolerance is the error the fp32 reference itself shows when run in that
+            # dtype. A wrong quantized path is off by far more than rounding.
+            noise = float((grads_r_low[name] - g).norm())
+            err = float((grads_q[name] - g).norm())
+            assert err <= 3 * noise + 1e-3 * float(g.norm()), f"{name}: {err:.3e} vs 16-bit noise {noise:.3e}"
 
 
 @pytest.mark.parametrize("qname, knobs", CASES, ids=[f"{q}-{'-'.join(f'{k}{v}' for k, v in kn.items())}"

@@ -144,7 +144,19 @@ def test_qeft_layers_share_one_contiguous_set_and_o_proj_keeps_indices():
     (["quant=qeft", "model=opt_1_3b", "mode=plan"], "supports model families llama; this model is 'opt'"),
     (["calib=text", "calib.path=/no/such/file.txt"], "does not exist"),
     (["quant=gptq", "calib.seq_len=4096"], "calib.seq_len=4096 exceeds the context length 512"),
+    (["model.dtype=float16", "peft.adapter_dtype=bfloat16"], "fp16 loss scaling cannot unscale"),
 ])
 def test_impossible_quantizer_settings_fail_before_loading(compose, overrides, message):
     with pytest.raises(ConfigError, match=message):
         validate(compose(overrides))
+
+
+def test_a_cuda_only_quantizer_is_refused_on_the_cpu_before_loading():
+    # none of our quantizers is CUDA-only today; the check exists for kernels that are (and for the next one)
+    import types
+
+    fake = types.SimpleNamespace(CUDA_ONLY=True)
+    with pytest.raises(ConfigError, match="quant=fused runs only on CUDA; train.device resolves to 'cpu'"):
+        quant.check_runnable("fused", fake, "llama", "cpu", has_calibration=True)
+    quant.check_runnable("fused", fake, "llama", "cuda:0", has_calibration=True)  # fine there
+    quant.check_runnable("fused", fake, "llama", None, has_calibration=True)  # plan mode: no device involved
