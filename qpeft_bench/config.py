@@ -275,8 +275,10 @@ class RunSpec:
     model: ModelConfig
     quant_name: str
     quant: Any  # the quantizer's own Config dataclass
-    peft_method: str
+    peft_method: str  # the adapter module (lora for rslora/dora/loftq too)
+    peft_name: str  # the peft/ option chosen (dora, loftq, ...), for tables
     peft: Any  # the PEFT method's own Config dataclass
+    peft_targets: list[str] | None  # linear names that get adapters; None: all of model.linear_names
     data: DataConfig
     calib: CalibConfig
     train: TrainConfig
@@ -289,6 +291,11 @@ def _split_named(section: dict, key: str, where: str) -> tuple[str, dict]:
         raise ConfigError(f"{where}.{key} is required (which option of the {where} group)")
     rest = dict(section)
     return rest.pop(key), rest
+
+
+def adapter_target(module_name: str, peft_targets: list[str] | None) -> bool:
+    """Whether a quantized target linear also gets an adapter (peft.targets null: all of them)."""
+    return peft_targets is None or module_name.rsplit(".", 1)[-1] in peft_targets
 
 
 def validate(cfg: dict) -> RunSpec:
@@ -310,8 +317,17 @@ def validate(cfg: dict) -> RunSpec:
         raise ConfigError(f"quant={quant_name} fixes {fixed}; remove {clash} or choose another quant option")
     qcfg = from_dict(qmod.Config, {**quant_knobs, **fixed}, "quant")
     peft_method, peft_knobs = _split_named(cfg["peft"], "method", "peft")
+    peft_name = peft_knobs.pop("name", peft_method)
+    peft_targets = peft_knobs.pop("targets", None)
     amod = adapters.get(peft_method)
     pcfg = from_dict(amod.Config, peft_knobs, "peft")
+    if peft_targets is not None:
+        if not _type_ok(peft_targets, list[str]) or not peft_targets:
+            raise ConfigError(f"peft.targets={peft_targets!r}: a non-empty list of linear names, or null for all")
+        outside = sorted(set(peft_targets) - set(model.linear_names))
+        if outside:
+            raise ConfigError(f"peft.targets {outside} are not among model.linear_names {model.linear_names} "
+                              "(the quantized linears adapters can sit on)")
     spec = RunSpec(
         mode=top.mode,
         seed=top.seed,
@@ -319,7 +335,9 @@ def validate(cfg: dict) -> RunSpec:
         quant_name=quant_name,
         quant=qcfg,
         peft_method=peft_method,
+        peft_name=peft_name,
         peft=pcfg,
+        peft_targets=peft_targets,
         data=from_dict(DataConfig, cfg["data"], "data"),
         calib=from_dict(CalibConfig, cfg["calib"], "calib"),
         train=from_dict(TrainConfig, cfg["train"], "train"),
@@ -341,7 +359,10 @@ def validate(cfg: dict) -> RunSpec:
     except ValueError as err:  # a linear name that matches nothing, or an arch transformers rejects
         raise ConfigError(f"model {model.name!r}: {err}") from err
     qmod.check_against_arch(qcfg, shapes)
-    amod.check_against_arch(pcfg, shapes)
+    amod.check_against_arch(pcfg, {n: s for n, s in shapes.items() if adapter_target(n, peft_targets)})
+    why = adapters.unsupported(amod, quant_name, qcfg, pcfg)
+    if why:
+        raise ConfigError(f"peft={peft_name} cannot run on quant={quant_name}: {why}")
     compute = model.dtype if spec.train.compute_dtype == "auto" else spec.train.compute_dtype
     adapter_dtype = getattr(pcfg, "adapter_dtype", "float32")
     if spec.mode == "train" and compute == "float16" and adapter_dtype != "float32":

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from qpeft_bench import accounting, adapters, calibration, data, models, quant, results
-from qpeft_bench.config import ConfigError, RunSpec, validate
+from qpeft_bench.config import ConfigError, RunSpec, adapter_target, validate
 from qpeft_bench.evaluation.perplexity import heldout_perplexity
 from qpeft_bench.train import Diverged, make_optimizer, make_scheduler, prepare_for_training, train
 
@@ -102,6 +102,7 @@ def with_adapters(acc: dict, model, targets: list[str], amod, spec: RunSpec):
     """Attach the adapters and add their accounting to `acc`; shared by plan and train so both count the
     same way. Returns the adapted model."""
     base_pb = accounting.param_buffer_bytes(model)
+    targets = [t for t in targets if adapter_target(t, spec.peft_targets)]
     peft_model = amod.attach(model, targets, spec.peft)
     acc.update(accounting.adapter_sizes(peft_model, base_pb, acc["total_params"]))
     acc["qlora_recipe_overhead_bytes"] = accounting.qlora_recipe_overhead_bytes(model, acc["peft_overhead_bytes"])
@@ -234,7 +235,7 @@ def summary_table(record: dict, path: Path) -> str:
 
     rows = [
         ("run", f"{record['run_id']}  status: {record['status']}"),
-        ("model / quant / method", f"{cfg['model']['name']} / {cfg['quant']['name']} / {peft.get('method')}"
+        ("model / quant / method", f"{cfg['model']['name']} / {cfg['quant']['name']} / {peft.get('name', peft.get('method'))}"
                                    + (f" r={peft['r']} alpha={peft['alpha']}" if "r" in peft else "")),
         ("trainable params", f"{fmt(acc.get('trainable_params'), ',')} ({fmt(acc.get('trainable_pct'), '.4f')} %)"),
         ("quantized size (GiB)", f"{fmt(acc.get('quantized_model_bytes'), '.4f', GIB)} stored, "

@@ -1,11 +1,21 @@
 """PEFT methods: one module each (peft-backed or our own), dispatched through a small table.
 
 Every method module provides:
-  Config                                    dataclass of its knobs (the `peft/` config group's keys)
+  Config                                    dataclass of its knobs (the `peft/` config group's keys, less the
+                                            common `method`, `name` and `targets`)
   check_against_arch(cfg, shapes)           ranks that must fit, sizes that must divide, from
-                                            {module: (in, out)} alone, before any weight is loaded
+                                            {module: (in, out)} of the adapter targets alone, before loading
   attach(model, targets, cfg) -> model      add the adapters to the (quantized) target linears, freeze
                                             everything else, and verify every target got what was asked
+  save(model, path, cfg) / load(model, targets, cfg, path) -> model
+                                            adapters to a directory and back onto a freshly quantized base
+  merge(model) -> model                     fold the adapters into the base (raises base.MergeUnsupported
+                                            saying why where there is no exact merge)
+and optionally:
+  unsupported(quant_name, qcfg, cfg) -> str | None
+                                            why this method cannot run on that quantizer (None: it can);
+                                            checked at compose time and printed as the README's support matrix
+Our own adapter layers build on `adapters/base.py` (wrapper layer, verification, save format, zero-point merge).
 """
 
 from __future__ import annotations
@@ -16,7 +26,13 @@ from types import ModuleType
 from qpeft_bench.config import ConfigError
 
 _TABLE: dict[str, str] = {
-    "lora": "qpeft_bench.adapters.lora",
+    "lora": "qpeft_bench.adapters.lora",  # also rslora, dora, loftq and their combinations (conf/peft/)
+    "ia3": "qpeft_bench.adapters.ia3",
+    "qa_lora": "qpeft_bench.adapters.qa_lora",
+    "qbara": "qpeft_bench.adapters.qbara",
+    "qahira": "qpeft_bench.adapters.qahira",
+    "irqlora": "qpeft_bench.adapters.irqlora",
+    "weak_columns": "qpeft_bench.adapters.weak_columns",
 }
 
 
@@ -29,3 +45,7 @@ def get(method: str) -> ModuleType:
         raise ConfigError(f"peft.method={method!r} is not implemented; available: {', '.join(names())}")
     return importlib.import_module(_TABLE[method])
 
+
+def unsupported(amod: ModuleType, quant_name: str, qcfg, cfg) -> str | None:
+    check = getattr(amod, "unsupported", None)
+    return None if check is None else check(quant_name, qcfg, cfg)

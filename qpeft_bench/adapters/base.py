@@ -1,0 +1,231 @@
+"""What our own adapters (QA-LoRA, Q-BaRA, QA-HiRA, IR-QLoRA's IEC, weak-column tuning) share.
+
+An adapter layer wraps the frozen base linear of any quantizer (`base`: nn.Linear, bitsandbytes, HQQ or one of our
+formats) and adds a trainable path: y = base(x) + delta(x). The model stays a plain transformers model (no peft
+wrapper), so everything else (training loop, evaluation, accounting) works unchanged.
+
+Saved format (directory): `adapter_config.json` = {"format": FORMAT, "version": VERSION, "method": ..., "config":
+{...}, "targets": [...]}, and `adapter_model.safetensors` holding every tensor whose name contains ".adapter."
+(the trainable parameters and any adapter buffers), keyed by their full module path in the model.
+
+Exact merges into group-wise zero points (QA-LoRA, and Q-BaRA/QA-HiRA when their pooling blocks cover whole
+quantization groups): a weight update that is constant over each quantization group of a row, dW[o, j] = d[o, g(j)],
+is absorbed by the zero point, since (c - z) s + d = (c - (z - d / s)) s. `merge_group_constant` does that for
+each quantizer with group-wise zero points.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from qpeft_bench.config import ConfigError
+
+FORMAT = "qpeft-bench/adapter"
+VERSION = 1
+CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
+
+
+class MergeUnsupported(NotImplementedError):
+    """This method (or this method on this quantizer) has no exact merge; the message says why."""
+
+
+class AdapterLinear(nn.Module):
+    """Frozen `base` + trainable `adapter` (a sub-module, so saved tensors are found by the '.adapter.' name)."""
+
+    def __init__(self, base: nn.Module):
+        super().__init__()
+        self.base = base
+        self.in_features, self.out_features = base.in_features, base.out_features
+
+    def delta(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        return y + self.delta(x).to(y.dtype)
+
+    def describe(self) -> dict:
+        """The knobs this layer really has (checked against the config after attaching)."""
+        raise NotImplementedError
+
+    def merge(self) -> nn.Module:
+        """The base with the adapter folded in, computing the same function with no extra path."""
+        raise MergeUnsupported(f"{type(self).__name__} has no merge")
+
+
+def attach_wrappers(model: nn.Module, targets: list[str], make: Callable[[str, nn.Module], AdapterLinear]) -> nn.Module:
+    """Freeze every parameter, then replace each target by make(name, module); adapter parameters stay trainable."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for name in targets:
+        model.set_submodule(name, make(name, model.get_submodule(name)))
+    return model
+
+
+def verify_wrappers(model: nn.Module, targets: list[str], cls: type, expected: Callable[[str], dict]) -> None:
+    """Every target must be wrapped by `cls` with exactly the knobs asked for; nothing else may be wrapped."""
+    wrapped = {n for n, m in model.named_modules() if isinstance(m, AdapterLinear)}
+    if wrapped != set(targets):
+        missing, extra = sorted(set(targets) - wrapped), sorted(wrapped - set(targets))
+        raise RuntimeError(f"adapters on the wrong modules: missing {missing[:3]}, unexpected {extra[:3]}")
+    for name in targets:
+        layer = model.get_submodule(name)
+        if not isinstance(layer, cls):
+            raise RuntimeError(f"{name}: expected {cls.__name__}, got {type(layer).__name__}")
+        got, want = layer.describe(), expected(name)
+        if got != want:
+            raise RuntimeError(f"{name}: adapter has {got}, asked for {want}")
+
+
+def merge_all(model: nn.Module) -> nn.Module:
+    """Replace every adapter layer by its merge (raises MergeUnsupported naming the first that cannot)."""
+    names = [n for n, m in model.named_modules() if isinstance(m, AdapterLinear)]
+    for name in names:
+        model.set_submodule(name, model.get_submodule(name).merge())
+    return model
+
+
+def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    state = dict(model.named_parameters()) | dict(model.named_buffers())
+    return {k: v.detach().contiguous().cpu() for k, v in state.items() if ".adapter." in k}
+
+
+def save_wrappers(model: nn.Module, path: str | Path, method: str, config: dict) -> None:
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    targets = sorted(n for n, m in model.named_modules() if isinstance(m, AdapterLinear))
+    save_file(adapter_state(model), str(path / WEIGHTS_FILE))
+    meta = {"format": FORMAT, "version": VERSION, "method": method, "config": config, "targets": targets}
+    (path / CONFIG_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+
+
+def read_saved(path: str | Path, method: str) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(adapter_config.json contents, tensors) of a saved adapter, after checking format, version and method."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not (path / CONFIG_FILE).is_file():
+        raise FileNotFoundError(f"{path} holds no {CONFIG_FILE}")
+    meta = json.loads((path / CONFIG_FILE).read_text())
+    if meta.get("format") != FORMAT or meta.get("version") != VERSION:
+        raise ValueError(f"{path}: format {meta.get('format')!r} version {meta.get('version')!r}; this build reads "
+                         f"{FORMAT!r} version {VERSION}")
+    if meta.get("method") != method:
+        raise ValueError(f"{path} holds a {meta.get('method')!r} adapter, not {method!r}")
+    return meta, load_file(str(path / WEIGHTS_FILE))
+
+
+def load_state(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Copy saved adapter tensors into an attached model; every saved and every expected tensor must match."""
+    current = adapter_state(model)
+    if set(current) != set(tensors):
+        raise ValueError(f"saved adapter tensors do not match the model: missing "
+                         f"{sorted(set(current) - set(tensors))[:3]}, unexpected {sorted(set(tensors) - set(current))[:3]}")
+    live = dict(model.named_parameters()) | dict(model.named_buffers())
+    with torch.no_grad():
+        for name, value in tensors.items():
+            if live[name].shape != value.shape:
+                raise ValueError(f"{name}: saved shape {tuple(value.shape)}, model has {tuple(live[name].shape)}")
+            live[name].copy_(value.to(live[name].device, live[name].dtype))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Pooling and repetition, the building blocks of the group-aware adapters
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def avg_pool(x: torch.Tensor, size: int) -> torch.Tensor:
+    """Mean over consecutive groups of `size` features of the last dimension: (..., n) -> (..., n / size)."""
+    return x.reshape(*x.shape[:-1], x.shape[-1] // size, size).mean(-1)
+
+
+def repeat(y: torch.Tensor, times: int) -> torch.Tensor:
+    """Each feature repeated `times` times in place (repeat-interleave): (..., n) -> (..., n * times)."""
+    return y.repeat_interleave(times, dim=-1)
+
+
+def check_divides(knob: str, value: int, shapes: dict[str, tuple[int, int]], sides: str = "in,out") -> None:
+    """`value` must divide in_features (and/or out_features) of every target; the error names layer and sizes."""
+    if value <= 0:
+        raise ConfigError(f"{knob}={value} must be > 0")
+    for name, (in_f, out_f) in shapes.items():
+        for side, size in (("in", in_f), ("out", out_f)):
+            if side in sides.split(",") and size % value:
+                raise ConfigError(f"{knob}={value} does not divide {side}_features={size} of {name} "
+                                  f"({in_f} -> {out_f})")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Exact merge into group-wise zero points
+# ---------------------------------------------------------------------------------------------------------------
+
+GROUP_ZERO_QUANTIZERS = ("rtn", "gptq", "hqq")  # formats with a scale and a zero point per group of inputs
+
+
+def group_size_of(base: nn.Module) -> int | None:
+    """The input-group size of a base layer with group-wise zero points, or None."""
+    from qpeft_bench.quant.qlinear import GroupQuantLinear
+
+    if isinstance(base, GroupQuantLinear):
+        return base.group_size
+    meta = getattr(base, "meta", None)
+    if isinstance(meta, dict) and "zero" in meta and meta.get("axis") == 1:  # hqq, groups along the input
+        return meta["group_size"]
+    return None
+
+
+@torch.no_grad()
+def merge_group_constant(base: nn.Module, delta: torch.Tensor) -> nn.Module:
+    """Fold dW (out, in / group_size), constant within each quantization group, into the base's zero points."""
+    from qpeft_bench.quant.qlinear import GroupQuantLinear
+
+    if isinstance(base, GroupQuantLinear):
+        if delta.shape != base.zeros.shape:
+            raise ValueError(f"delta {tuple(delta.shape)} does not match the zero points {tuple(base.zeros.shape)}")
+        zeros = base.zeros.float() - delta.float().to(base.zeros.device) / base.scales.float()
+        base.zeros.copy_(zeros.to(base.zeros.dtype))
+        return base
+    raise MergeUnsupported(f"no exact zero-point merge for {type(base).__name__}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Merge into a dequantized base (any quantizer): the merged layer is a plain nn.Linear in 16 or 32 bits
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def dense_weight(base: nn.Module) -> torch.Tensor:
+    """The (out, in) weight a base layer computes with, whatever its quantizer."""
+    from qpeft_bench import quant
+
+    cls = type(base).__name__
+    if type(base) is nn.Linear:
+        return base.weight.detach()
+    if cls == "Linear4bit":  # bitsandbytes first: their layers are not ours to call dequantize() on
+        return quant.get("nf4").dequantize(base)
+    if cls == "Linear8bitLt":
+        return quant.get("int8").dequantize(base)
+    if hasattr(base, "dequantize"):  # our formats and hqq
+        return base.dequantize().reshape(base.out_features, base.in_features)
+    raise MergeUnsupported(f"no dequantization for a {cls} base")
+
+
+@torch.no_grad()
+def merge_dense(base: nn.Module, delta_weight: torch.Tensor, dtype: torch.dtype | None = None) -> nn.Linear:
+    """nn.Linear holding dequantize(base) + delta_weight (and the base's bias), in `dtype` (default fp32)."""
+    weight = dense_weight(base).float()
+    weight = weight + delta_weight.float().to(weight.device)
+    bias = getattr(base, "bias", None)
+    merged = nn.Linear(base.in_features, base.out_features, bias=bias is not None, device=weight.device,
+                       dtype=dtype or torch.float32)
+    merged.weight.copy_(weight)
+    if bias is not None:
+        merged.bias.copy_(bias.float())
+    merged.requires_grad_(False)
+    return merged
