@@ -183,6 +183,7 @@ class TrainConfig:
     log_every: int = 10
     measure_after: int = 2  # steps excluded from time and memory figures (warm-up)
     diverge_loss: float = 1e4  # a loss above this (or NaN/Inf) ends the run with status `diverged`
+    save_adapter: bool = True  # write the trained adapters to <run dir>/adapter/ (reloadable onto the base)
 
     def check(self, where: str) -> None:
         for name in ("max_steps", "batch_size", "grad_accum", "lr", "log_every", "diverge_loss"):

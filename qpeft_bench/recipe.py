@@ -23,7 +23,8 @@ from qpeft_bench.train import Diverged, make_optimizer, make_scheduler, prepare_
 
 log = logging.getLogger("qpeft_bench")
 DONE = ("completed",)
-KEEP = ("completed", "planned")  # records that another config must not replace in the same directory
+KEEP = ("completed", "planned")
+ADAPTER_DIR = "adapter"  # inside the run directory  # records that another config must not replace in the same directory
 
 
 def run(config: dict, run_dir: Path, progress: bool = True) -> str:
@@ -59,7 +60,8 @@ def run(config: dict, run_dir: Path, progress: bool = True) -> str:
             record["status"] = "planned"
         else:
             results.atomic_write_json(path, record)
-            fine_tune(spec, device, record, lambda: results.atomic_write_json(path, record), progress)
+            fine_tune(spec, device, record, lambda: results.atomic_write_json(path, record), progress,
+                      adapter_dir=run_dir / ADAPTER_DIR)
             record["status"] = "completed"
     except Diverged as err:
         record["status"] = "diverged"
@@ -114,7 +116,7 @@ def with_adapters(acc: dict, model, targets: list[str], amod, spec: RunSpec):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def fine_tune(spec: RunSpec, device: str, record: dict, save, progress: bool) -> None:
+def fine_tune(spec: RunSpec, device: str, record: dict, save, progress: bool, adapter_dir: Path) -> None:
     d, t = spec.data, spec.train
     torch.manual_seed(spec.seed)
     source = d.path or d.hub_id
@@ -191,7 +193,11 @@ def fine_tune(spec: RunSpec, device: str, record: dict, save, progress: bool) ->
                                  log_every=t.log_every, progress=progress))
     save()
 
-    # 7. Evaluate the fine-tuned model.
+    # 7. Keep the adapters (reloadable onto the same quantized base), then evaluate the fine-tuned model.
+    if t.save_adapter:
+        adapters.get(spec.peft_method).save(peft_model, adapter_dir, spec.peft)
+        record["adapter"] = {"path": ADAPTER_DIR, "method": spec.peft_method, "name": spec.peft_name}
+        save()
     record["eval"]["after"] = evaluate(peft_model, "eval after")
 
 

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from qpeft_bench import quant
 from qpeft_bench.cli import CONF_DIR
 from qpeft_bench.config import ConfigError, validate
 
@@ -25,10 +26,19 @@ def test_every_config_file_composes_and_validates(compose, path):
     extra = ["model=llama2_7b"] if group == "data" and option != "tiny_alpaca" else []
     cfg = compose([f"{group}={option}", *extra])
     if group not in ("sweep", "experiment"):
-        section = {"quant": "name", "peft": "method"}.get(group, "name")
         if group in ("model", "data", "eval", "quant", "peft"):
-            assert cfg[group][section] == option, f"{path}: {section} must equal the file name"
-    spec = validate(cfg)
+            assert cfg[group]["name"] == option, f"{path}: name must equal the file name"
+    if group == "peft":  # methods tied to some quantizers (qa_lora, weak_columns): the first quantizer that takes it
+        for q in quant.names():
+            try:
+                spec = validate(compose([f"{group}={option}", f"quant={q}"]))
+                break
+            except ConfigError as err:
+                assert "cannot run on quant=" in str(err), err
+        else:
+            raise AssertionError(f"{path}: no quantizer accepts it")
+    else:
+        spec = validate(cfg)
     assert spec.mode == "train"
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from qpeft_bench.config import ConfigError
+from qpeft_bench.config import DTYPES, ConfigError
 
 FORMAT = "qpeft-bench/adapter"
 VERSION = 1
@@ -96,12 +96,18 @@ def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_wrappers(model: nn.Module, path: str | Path, method: str, config: dict) -> None:
+    targets = sorted(n for n, m in model.named_modules() if isinstance(m, AdapterLinear))
+    save_tensors(path, method, config, targets, adapter_state(model))
+
+
+def save_tensors(path: str | Path, method: str, config: dict, targets: list[str],
+                 tensors: dict[str, torch.Tensor]) -> None:
+    """Write the saved-adapter format (also for methods whose trained tensors live outside wrappers)."""
     from safetensors.torch import save_file
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    targets = sorted(n for n, m in model.named_modules() if isinstance(m, AdapterLinear))
-    save_file(adapter_state(model), str(path / WEIGHTS_FILE))
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path / WEIGHTS_FILE))
     meta = {"format": FORMAT, "version": VERSION, "method": method, "config": config, "targets": targets}
     (path / CONFIG_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
 
@@ -172,32 +178,52 @@ GROUP_ZERO_QUANTIZERS = ("rtn", "gptq", "hqq")  # formats with a scale and a zer
 def group_size_of(base: nn.Module) -> int | None:
     """The input-group size of a base layer with group-wise zero points, or None."""
     from qpeft_bench.quant.qlinear import GroupQuantLinear
+    from qpeft_bench.quant.weakcol import WeakColumnLinear
 
+    if isinstance(base, WeakColumnLinear):  # its 16-bit weak columns bypass the zero points
+        return None
     if isinstance(base, GroupQuantLinear):
         return base.group_size
     meta = getattr(base, "meta", None)
-    if isinstance(meta, dict) and "zero" in meta and meta.get("axis") == 1:  # hqq, groups along the input
+    # hqq with groups along the input, scales and zero points stored plainly (not quantized, not offloaded)
+    plain = isinstance(meta, dict) and "zero" in meta and "scale" in meta
+    if plain and meta.get("axis") == 1 and not meta.get("quant_zero") and not meta.get("quant_scale"):
         return meta["group_size"]
     return None
 
 
 @torch.no_grad()
 def merge_group_constant(base: nn.Module, delta: torch.Tensor) -> nn.Module:
-    """Fold dW (out, in / group_size), constant within each quantization group, into the base's zero points."""
+    """Fold dW (out, in / group_size), constant within each quantization group, into the base's zero points.
+
+    The zero points are kept in their stored dtype: exact in fp32, rounded to that dtype's precision in 16 bits."""
     from qpeft_bench.quant.qlinear import GroupQuantLinear
 
+    if group_size_of(base) is None:
+        raise MergeUnsupported(f"no exact zero-point merge for {type(base).__name__}: it has no plain zero point "
+                               "per group of inputs")
     if isinstance(base, GroupQuantLinear):
-        if delta.shape != base.zeros.shape:
-            raise ValueError(f"delta {tuple(delta.shape)} does not match the zero points {tuple(base.zeros.shape)}")
-        zeros = base.zeros.float() - delta.float().to(base.zeros.device) / base.scales.float()
-        base.zeros.copy_(zeros.to(base.zeros.dtype))
-        return base
-    raise MergeUnsupported(f"no exact zero-point merge for {type(base).__name__}")
+        zeros, scales = base.zeros, base.scales
+    else:  # hqq, axis=1: W = (W_q - zero) * scale over rows of the weight flattened into (out * in / L, L)
+        zeros, scales = base.meta["zero"], base.meta["scale"]
+    groups = (base.out_features, base.in_features // group_size_of(base))
+    if tuple(delta.shape) != groups or zeros.numel() != delta.numel() or scales.numel() != delta.numel():
+        raise ValueError(f"delta {tuple(delta.shape)} does not match the {groups} quantization groups "
+                         f"(zero points {tuple(zeros.shape)}, scales {tuple(scales.shape)})")
+    shifted = (zeros.float() - delta.float().to(zeros.device).reshape(zeros.shape) / scales.float()).to(zeros.dtype)
+    if isinstance(base, GroupQuantLinear):
+        zeros.copy_(shifted)
+    else:  # hqq made its meta tensors under inference_mode, which forbids in-place updates: replace the tensor
+        base.meta["zero"] = shifted
+    return base
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Merge into a dequantized base (any quantizer): the merged layer is a plain nn.Linear in 16 or 32 bits
 # ---------------------------------------------------------------------------------------------------------------
+
+
+ACTIVATION_QUANTIZING = ("W8A8Linear", "Linear8bitLt")  # smoothquant, int8: Q(x) is not dequantize(W) x
 
 
 def dense_weight(base: nn.Module) -> torch.Tensor:
@@ -219,6 +245,9 @@ def dense_weight(base: nn.Module) -> torch.Tensor:
 @torch.no_grad()
 def merge_dense(base: nn.Module, delta_weight: torch.Tensor, dtype: torch.dtype | None = None) -> nn.Linear:
     """nn.Linear holding dequantize(base) + delta_weight (and the base's bias), in `dtype` (default fp32)."""
+    if type(base).__name__ in ACTIVATION_QUANTIZING:
+        raise MergeUnsupported(f"{type(base).__name__} rounds its activations to int8: a dense merge would compute "
+                               "another function; keep the adapter unmerged")
     weight = dense_weight(base).float()
     weight = weight + delta_weight.float().to(weight.device)
     bias = getattr(base, "bias", None)
@@ -229,3 +258,56 @@ def merge_dense(base: nn.Module, delta_weight: torch.Tensor, dtype: torch.dtype 
         merged.bias.copy_(bias.float())
     merged.requires_grad_(False)
     return merged
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Pieces shared by the adapter layers
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def check_common(where: str, dropout: float, adapter_dtype: str) -> None:
+    """The knobs every pooled adapter shares (also used by qahira)."""
+    if not 0 <= dropout < 1:
+        raise ConfigError(f"{where}.dropout={dropout} must lie in [0, 1)")
+    if adapter_dtype not in DTYPES:
+        raise ConfigError(f"{where}.adapter_dtype={adapter_dtype!r}; choose one of {', '.join(DTYPES)}")
+
+
+def device_of(layer: nn.Module) -> torch.device:
+    """Where a base layer's tensors live (the meta device in plan mode), whatever its quantizer."""
+    for t in layer.parameters():
+        return t.device
+    for t in layer.buffers():
+        return t.device
+    return torch.device(getattr(layer, "device", "cpu"))
+
+
+def dropout_layer(p: float) -> nn.Module:
+    return nn.Dropout(p) if p > 0 else nn.Identity()
+
+
+def pooled_delta_weight(core: torch.Tensor, in_pool: int, out_repeat: int, scale: float) -> torch.Tensor:
+    """The (out, in) fp32 weight of x -> scale * repeat_out(core @ pool_in(x)): each entry of core spreads over an
+    out_repeat x in_pool block, divided by in_pool because pooling averages."""
+    dense = core.float().repeat_interleave(out_repeat, dim=0).repeat_interleave(in_pool, dim=1)
+    return dense * (scale / in_pool)
+
+
+@torch.no_grad()
+def merge_pooled(layer: nn.Module, delta_weight: torch.Tensor, in_pool: int) -> nn.Module:
+    """Fold delta_weight, constant over runs of in_pool inputs, into the base: exactly into its zero points where
+    every quantization group lies inside one run, else into a dequantized nn.Linear."""
+    group = group_size_of(layer)
+    if group is not None and in_pool % group == 0:
+        return merge_group_constant(layer, delta_weight[:, ::group])
+    return merge_dense(layer, delta_weight, dtype=dense_weight(layer).dtype)
+
+
+def check_saved(meta: dict, targets: list[str], config: dict) -> None:
+    """A saved adapter must have been trained with the same knobs on the same modules."""
+    if meta["config"] != config:
+        diff = {k: (meta["config"].get(k), v) for k, v in config.items() if meta["config"].get(k) != v}
+        raise ValueError(f"saved adapter was trained with other knobs (saved, asked): {diff}")
+    if meta["targets"] != sorted(targets):
+        missing, extra = sorted(set(targets) - set(meta["targets"])), sorted(set(meta["targets"]) - set(targets))
+        raise ValueError(f"saved adapter covers other modules: not saved {missing[:3]}, not asked {extra[:3]}")

@@ -1,0 +1,139 @@
+"""QA-LoRA (Xu et al.): y = Q(W) x + s · B A pool_L(x), s = alpha / r.
+
+pool_L averages each group of L consecutive input features, so A is r × (in / L) and B is out × r. L equals the
+base quantizer's group size: the update dW[o, j] = s (B A)[o, j // L] / L is then constant over every quantization
+group of a row, and `merge` folds it into the group zero points exactly (base.merge_group_constant). The merged
+model is the quantized model itself, with no extra path and no extra bytes. That needs a format with a zero point
+per group of inputs: rtn, gptq, and hqq with axis=1.
+
+Dropout acts on the pooled input, as in the authors' code (in / L features to drop instead of in). A is
+initialised like LoRA's A (Kaiming-uniform with a = √5, fan-in in / L) and B at zero, so the adapted model starts
+as the quantized base. Saved in base.py's versioned adapter format (tensors `<module>.adapter.A` / `.B`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qpeft_bench.adapters import base
+from qpeft_bench.config import DTYPES, ConfigError, positive
+from qpeft_bench.models import DTYPE
+
+METHOD = "qa_lora"
+
+
+@dataclass
+class Config:
+    r: int = 8
+    alpha: float = 16
+    group_size: int = 64  # L: must equal quant.group_size so that the update folds into the zero points
+    dropout: float = 0.05
+    adapter_dtype: str = "bfloat16"  # as LoRA's: what qlora.py trains in and what the overhead tables count
+
+    def check(self, where: str) -> None:
+        positive(where, "r", self.r)
+        positive(where, "alpha", self.alpha)
+        positive(where, "group_size", self.group_size)
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"{where}.dropout={self.dropout} must lie in [0, 1)")
+        if self.adapter_dtype not in DTYPES:
+            raise ConfigError(f"{where}.adapter_dtype={self.adapter_dtype!r}; choose one of {', '.join(DTYPES)}")
+
+
+def check_against_arch(cfg: Config, shapes: dict[str, tuple[int, int]]) -> None:
+    # No rank cap as in LoRA: r > in / L is wasteful but well defined, and small models reach it at sane L.
+    base.check_divides("peft.group_size", cfg.group_size, shapes, sides="in")
+
+
+def unsupported(quant_name: str, qcfg, cfg: Config) -> str | None:
+    if quant_name in ("owq", "qeft"):
+        return "QA-LoRA merges into the group zero points, which the 16-bit weak columns bypass"
+    if quant_name not in base.GROUP_ZERO_QUANTIZERS:
+        return (f"QA-LoRA merges into per-group zero points, which only {', '.join(base.GROUP_ZERO_QUANTIZERS)} "
+                "have")
+    if getattr(qcfg, "axis", 1) != 1:  # hqq's axis=0 groups run along the outputs
+        return "QA-LoRA needs groups along the inputs (quant.axis=1)"
+    if qcfg.group_size != cfg.group_size:
+        return (f"peft.group_size={cfg.group_size} must equal quant.group_size={qcfg.group_size}: the update is "
+                "constant over L inputs and folds into the zero points only when those L are one quantization group")
+    return None
+
+
+class QALoRALinear(base.AdapterLinear):
+    def __init__(self, base_layer: nn.Module, r: int, alpha: float, group_size: int, dropout: float,
+                 dtype: torch.dtype):
+        super().__init__(base_layer)
+        if self.in_features % group_size:
+            raise ValueError(f"group_size={group_size} does not divide in_features={self.in_features}")
+        quant_group = base.group_size_of(base_layer)
+        if quant_group is not None and quant_group != group_size:
+            raise ValueError(f"group_size={group_size} differs from the base layer's quantization groups of "
+                             f"{quant_group} inputs")
+        self.r, self.alpha, self.group_size = r, alpha, group_size
+        self.scale = alpha / r
+        device = base.device_of(base_layer)
+        a = torch.empty(r, self.in_features // group_size, device=device)
+        nn.init.kaiming_uniform_(a, a=math.sqrt(5))  # LoRA's A initialisation, with fan-in in / L
+        b = torch.zeros(self.out_features, r, device=device)
+        self.adapter = nn.ParameterDict({"A": nn.Parameter(a.to(dtype)), "B": nn.Parameter(b.to(dtype))})
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    def delta(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = self.adapter["A"], self.adapter["B"]
+        pooled = self.dropout(base.avg_pool(x, self.group_size).to(a.dtype))
+        return F.linear(F.linear(pooled, a), b) * self.scale
+
+    def describe(self) -> dict:
+        return {"r": self.adapter["A"].shape[0], "scale": self.scale, "group_size": self.group_size,
+                "dtype": self.adapter["A"].dtype}
+
+    def group_delta(self) -> torch.Tensor:
+        """dW per (output, input group), (out, in / L) in fp32: the pooling's 1 / L included."""
+        b, a = self.adapter["B"].detach().float(), self.adapter["A"].detach().float()
+        return self.scale * (b @ a) / self.group_size
+
+    def merge(self) -> nn.Module:
+        return base.merge_group_constant(self.base, self.group_delta())
+
+
+def attach(model, targets: list[str], cfg: Config):
+    dtype = DTYPE[cfg.adapter_dtype]
+
+    def make(name: str, layer: nn.Module) -> QALoRALinear:
+        try:
+            return QALoRALinear(layer, cfg.r, cfg.alpha, cfg.group_size, cfg.dropout, dtype)
+        except ValueError as err:
+            raise ConfigError(f"{name} ({layer.in_features} -> {layer.out_features}): peft.{err}") from err
+
+    base.attach_wrappers(model, targets, make)
+    want = {"r": cfg.r, "scale": cfg.alpha / cfg.r, "group_size": cfg.group_size, "dtype": dtype}
+    base.verify_wrappers(model, targets, QALoRALinear, lambda name: want)
+    return model
+
+
+def save(model, path, cfg: Config) -> None:
+    base.save_wrappers(model, path, METHOD, dataclasses.asdict(cfg))
+
+
+def load(model, targets: list[str], cfg: Config, path):
+    meta, tensors = base.read_saved(path, METHOD)
+    # alpha changes the outputs without changing a shape, so the tensors alone cannot catch a mismatch
+    saved = {k: meta["config"].get(k) for k in ("r", "alpha", "group_size")}
+    asked = {k: getattr(cfg, k) for k in saved}
+    if saved != asked:
+        raise ValueError(f"{path}: saved adapter has {saved}, the config asks for {asked}")
+    if sorted(targets) != meta["targets"]:
+        raise ValueError(f"{path}: saved adapter covers {len(meta['targets'])} modules, asked for {len(targets)}")
+    model = attach(model, targets, cfg)
+    base.load_state(model, tensors)
+    return model
+
+
+def merge(model):
+    return base.merge_all(model)

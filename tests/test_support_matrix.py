@@ -1,0 +1,81 @@
+"""The method x quantizer support matrix: README's table is what the code says, and every "yes" trains."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+from conftest import ROOT
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from qpeft_bench import adapters, calibration, models, quant
+from qpeft_bench.config import adapter_target, validate
+
+spec_ = importlib.util.spec_from_file_location("support_matrix", ROOT / "scripts" / "support_matrix.py")
+support_matrix = importlib.util.module_from_spec(spec_)
+spec_.loader.exec_module(support_matrix)
+
+
+@pytest.fixture(scope="module")
+def cells(compose):
+    return support_matrix.matrix(compose)
+
+
+def test_readme_support_matrix_is_current(cells):
+    readme = (ROOT / "README.md").read_text()
+    assert support_matrix.readme_with(support_matrix.markdown(cells), readme) == readme, (
+        "README.md's support matrix is stale: run python scripts/support_matrix.py --write")
+
+
+def test_every_quantizer_and_method_appear(cells):
+    assert {q for _, q in cells} == set(quant.names())
+    assert {p for p, _ in cells} >= set(adapters.names()) - {"lora"} | {"lora", "rslora", "dora", "loftq"}
+
+
+def _tiny_llama() -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=256, max_position_embeddings=64)
+    return LlamaForCausalLM(cfg).to(torch.bfloat16)
+
+
+def test_every_supported_cell_trains(compose, cells):
+    """A training step on a small random LLaMA for each "yes": finite loss, gradients on every adapter tensor."""
+    yes = sorted(k for k, why in cells.items() if why is None)
+    assert len(yes) > len(cells) // 2
+    windows = calibration.random_windows(256, 4, 32, 0)
+    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    for peft_option, quant_option in yes:
+        spec = validate(compose(support_matrix.cell_overrides(peft_option, quant_option, compose)))
+        model = _tiny_llama()
+        targets = list(models.find_linears(model, spec.model.linear_names))
+        quant.quantize_model(spec.quant_name, model, targets, spec.quant, "bfloat16", "cpu", windows=windows)
+        with models.seeded(0):
+            model = adapters.get(spec.peft_method).attach(
+                model, [t for t in targets if adapter_target(t, spec.peft_targets)], spec.peft)
+        trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        assert trainable, (peft_option, quant_option)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        assert torch.isfinite(loss), (peft_option, quant_option)
+        no_grad = [n for n, p in trainable if p.grad is None]
+        assert not no_grad, (peft_option, quant_option, no_grad[:3])
+
+
+@pytest.mark.parametrize("card", support_matrix.options("model"))
+def test_plan_mode_counts_every_method_on_every_card(compose, cells, card):
+    from qpeft_bench import recipe
+
+    for peft_option in sorted({p for p, _ in cells}):
+        quant_option = next(q for (p, q), why in sorted(cells.items()) if p == peft_option and why is None)
+        overrides = [*support_matrix.cell_overrides(peft_option, quant_option, compose), f"model={card}", "mode=plan"]
+        try:
+            spec = validate(compose(overrides))
+        except Exception as err:  # noqa: BLE001 - a size rule of this card: must be a clear ConfigError
+            assert type(err).__name__ == "ConfigError", (card, peft_option, err)
+            continue
+        acc = recipe.plan_accounting(spec)
+        assert 0 < acc["trainable_params"] < acc["total_params"], (card, peft_option)
+        assert acc["adapter_bytes"] > 0
