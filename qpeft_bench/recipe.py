@@ -175,6 +175,8 @@ def fine_tune(spec: RunSpec, device: str, record: dict, save, progress: bool, ad
     with models.seeded(spec.seed):
         peft_model = with_adapters(acc, model, targets, adapters.get(spec.peft_method), spec)
     acc["adapter_init_time_s"] = time.perf_counter() - t0
+    if getattr(peft_model, "qpeft_loftq", None) is not None:  # LoftQ: cache hit or miss, its own time
+        record["adapter_init"] = {"loftq": peft_model.qpeft_loftq}
     save()
     prepare_for_training(peft_model, upcast_norms_fp32=t.upcast_norms_fp32,
                          gradient_checkpointing=t.gradient_checkpointing)

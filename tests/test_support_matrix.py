@@ -40,15 +40,19 @@ def _tiny_llama() -> LlamaForCausalLM:
     return LlamaForCausalLM(cfg).to(torch.bfloat16)
 
 
-def test_every_supported_cell_trains(compose, cells):
+def test_every_supported_cell_trains(compose, cells, tmp_path, monkeypatch):
     """A training step on a small random LLaMA for each "yes": finite loss, gradients on every adapter tensor."""
     yes = sorted(k for k, why in cells.items() if why is None)
     assert len(yes) > len(cells) // 2
     windows = calibration.random_windows(256, 4, 32, 0)
     ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    # LoftQ reads the unquantized weights from the checkpoint the model was loaded from: give it one
+    checkpoint = tmp_path / "tiny"
+    _tiny_llama().save_pretrained(checkpoint)
+    monkeypatch.setenv("QPEFT_CACHE", str(tmp_path / "cache"))
     for peft_option, quant_option in yes:
         spec = validate(compose(support_matrix.cell_overrides(peft_option, quant_option, compose)))
-        model = _tiny_llama()
+        model = models.load_model(str(checkpoint), "bfloat16", "cpu")
         targets = list(models.find_linears(model, spec.model.linear_names))
         quant.quantize_model(spec.quant_name, model, targets, spec.quant, "bfloat16", "cpu", windows=windows)
         with models.seeded(0):
