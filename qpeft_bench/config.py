@@ -285,6 +285,7 @@ class RunSpec:
     train: TrainConfig
     eval: EvalConfig
     overwrite: bool
+    peft_per_module: dict = field(default_factory=dict)  # {module: Config} where peft.by_layer sets knobs
 
 
 def _split_named(section: dict, key: str, where: str) -> tuple[str, dict]:
@@ -320,6 +321,11 @@ def validate(cfg: dict) -> RunSpec:
     peft_method, peft_knobs = _split_named(cfg["peft"], "method", "peft")
     peft_name = peft_knobs.pop("name", peft_method)
     peft_targets = peft_knobs.pop("targets", None)
+    by_layer = peft_knobs.pop("by_layer", None) or {}
+    layer_groups = peft_knobs.pop("layer_groups", None) or {}
+    if not isinstance(by_layer, dict) or not isinstance(layer_groups, dict):
+        raise ConfigError("peft.by_layer and peft.layer_groups must be mappings ({group: {knob: value}}, "
+                          "{group: regex})")
     amod = adapters.get(peft_method)
     pcfg = from_dict(amod.Config, peft_knobs, "peft")
     if peft_targets is not None:
@@ -360,7 +366,15 @@ def validate(cfg: dict) -> RunSpec:
     except ValueError as err:  # a linear name that matches nothing, or an arch transformers rejects
         raise ConfigError(f"model {model.name!r}: {err}") from err
     qmod.check_against_arch(qcfg, shapes)
-    amod.check_against_arch(pcfg, {n: s for n, s in shapes.items() if adapter_target(n, peft_targets)})
+    adapted = {n: s for n, s in shapes.items() if adapter_target(n, peft_targets)}
+    amod.check_against_arch(pcfg, adapted)
+    from qpeft_bench.layers import per_module_configs
+
+    arch = model.arch_dict()
+    spec.peft_per_module = per_module_configs(pcfg, sorted(adapted), arch.get("num_hidden_layers", 0), by_layer,
+                                              layer_groups, getattr(amod, "PER_LAYER_KNOBS", ()), peft_method)
+    for name, module_cfg in spec.peft_per_module.items():  # the size rules, with each module's own knobs
+        amod.check_against_arch(module_cfg, {name: adapted[name]})
     why = adapters.unsupported(amod, quant_name, qcfg, pcfg)
     if why:
         raise ConfigError(f"peft={peft_name} cannot run on quant={quant_name}: {why}")

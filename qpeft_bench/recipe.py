@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from qpeft_bench import accounting, adapters, calibration, data, models, quant, results
+from qpeft_bench import accounting, adapters, calibration, data, layers, models, quant, results
 from qpeft_bench.config import ConfigError, RunSpec, adapter_target, validate
 from qpeft_bench.evaluation.perplexity import heldout_perplexity
 from qpeft_bench.train import Diverged, make_optimizer, make_scheduler, prepare_for_training, train
@@ -53,6 +53,8 @@ def run(config: dict, run_dir: Path, progress: bool = True) -> str:
             return "skipped"
 
     record = results.new_record(rid, config, "running", results.run_meta(device))
+    if spec.peft_per_module:  # the knobs each module really gets from peft.by_layer
+        record["peft_layers"] = layers.knob_summary(spec.peft_per_module, adapters.get(spec.peft_method).PER_LAYER_KNOBS)
     path = run_dir / results.RECORD
     try:
         if spec.mode == "plan":
@@ -105,7 +107,10 @@ def with_adapters(acc: dict, model, targets: list[str], amod, spec: RunSpec):
     same way. Returns the adapted model."""
     base_pb = accounting.param_buffer_bytes(model)
     targets = [t for t in targets if adapter_target(t, spec.peft_targets)]
-    peft_model = amod.attach(model, targets, spec.peft)
+    if spec.peft_per_module:
+        peft_model = amod.attach(model, targets, spec.peft, per_module=spec.peft_per_module)
+    else:
+        peft_model = amod.attach(model, targets, spec.peft)
     acc.update(accounting.adapter_sizes(peft_model, base_pb, acc["total_params"]))
     acc["qlora_recipe_overhead_bytes"] = accounting.qlora_recipe_overhead_bytes(model, acc["peft_overhead_bytes"])
     return peft_model
@@ -252,6 +257,12 @@ def summary_table(record: dict, path: Path) -> str:
                                 f"{fmt(acc.get('qlora_recipe_overhead_bytes'), '.3f', MIB)} as qlora.py's set-up"),
         ("bits per weight", fmt(acc.get("bits_per_weight"), ".3f")),
     ]
+    if record.get("peft_layers"):  # per-layer-group knobs: how many modules got which values
+        combos: dict[str, int] = {}
+        for knobs in record["peft_layers"].values():
+            key = " ".join(f"{k}={v}" for k, v in knobs.items())
+            combos[key] = combos.get(key, 0) + 1
+        rows.append(("per-layer knobs", "; ".join(f"{k}: {n} modules" for k, n in combos.items())))
     if q:
         rows.append(("quant error weight / output", f"{fmt(q.get('weight_rel_error'), '.4f')} / "
                                                     f"{fmt(q.get('output_rel_error'), '.4f')} (relative, mean over "

@@ -122,23 +122,29 @@ def unsupported(quant_name: str, qcfg, cfg: Config) -> str | None:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def attach(model, targets: list[str], cfg: Config):
+PER_LAYER_KNOBS = ("r", "alpha")  # settable per layer group (peft.by_layer; qpeft_bench/layers.py)
+
+
+def attach(model, targets: list[str], cfg: Config, per_module: dict[str, Config] | None = None):
+    """`per_module`: {module: Config} with per-layer-group r/alpha (peft's rank_pattern/alpha_pattern)."""
     on_meta = any(p.is_meta for t in targets for p in model.get_submodule(t).parameters())
+    if per_module and cfg.loftq is not None:
+        raise ConfigError("peft.by_layer with LoftQ is not implemented: LoftQ initialises one rank for all layers")
     loftq = None
     if cfg.loftq is not None and not on_meta:  # plan mode counts parameters only
         loftq = loftq_init(model, targets, cfg.r, cfg.loftq["iters"])
-    peft_model = _wrap(model, targets, cfg)
+    peft_model = _wrap(model, targets, cfg, per_module or {})
     if loftq is not None:
         _set_loftq_factors(peft_model, loftq["factors"], cfg)
         peft_model.qpeft_loftq = loftq["report"]  # cache hit or miss and time, for the record
         if cfg.loftq["iters"] > 1:  # `save` keeps them: `load` rebuilds the re-quantized base from them
             peft_model.qpeft_loftq_shifts = {t: {k: f[k] for k in ("shift_L", "shift_R")}
                                              for t, f in loftq["factors"].items()}
-    verify(peft_model, targets, cfg)
+    verify(peft_model, targets, cfg, per_module)
     return peft_model
 
 
-def _wrap(model, targets: list[str], cfg: Config):
+def _wrap(model, targets: list[str], cfg: Config, per_module: dict[str, Config] | None = None):
     from peft import LoraConfig, get_peft_model
 
     from qpeft_bench.quant.qlinear import QuantLinear
@@ -150,6 +156,9 @@ def _wrap(model, targets: list[str], cfg: Config):
         use_rslora=cfg.use_rslora,
         use_dora=cfg.use_dora,
         target_modules=targets,  # full module names: peft matches them exactly
+        # per-module values as full names; verify() checks that peft applied each of them
+        rank_pattern={n: c.r for n, c in (per_module or {}).items() if c.r != cfg.r},
+        alpha_pattern={n: c.alpha for n, c in (per_module or {}).items() if c.alpha != cfg.alpha},
         bias="none",
         task_type="CAUSAL_LM",
     )
@@ -184,7 +193,7 @@ def lora_layers(model) -> dict:
     return tuner_layers(model, LoraLayer)
 
 
-def verify(model, targets: list[str], cfg: Config) -> None:
+def verify(model, targets: list[str], cfg: Config, per_module: dict[str, Config] | None = None) -> None:
     """Every target, and nothing else, carries an adapter of rank r with the scale asked for (alpha/r, or
     alpha/sqrt(r) with rsLoRA) and, exactly where DoRA is asked for, a magnitude per output feature; peft does not
     check this for us."""
@@ -194,7 +203,9 @@ def verify(model, targets: list[str], cfg: Config) -> None:
         raise RuntimeError(f"LoRA on the wrong modules: missing {missing[:3]} ({len(missing)}), unexpected "
                            f"{extra[:3]} ({len(extra)})")
     dtype = DTYPE[cfg.adapter_dtype]
+    default = cfg
     for name in targets:
+        cfg = (per_module or {}).get(name, default)
         layer = layers[name]
         r, scale = layer.r[ADAPTER], layer.scaling[ADAPTER]
         if r != cfg.r or not math.isclose(scale, cfg.scale, rel_tol=1e-12):

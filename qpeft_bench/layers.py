@@ -1,0 +1,103 @@
+"""Layer groups and per-module PEFT knobs (DESIGN §3).
+
+Groups of target modules:
+  attn         q, k, v, o projections (OPT: out_proj)
+  mlp          gate, up, down projections (OPT: fc1, fc2)
+  first_half   blocks 0 .. n//2 - 1 (closer to the input; with an odd n the middle block is in second_half)
+  second_half  blocks n//2 .. n - 1
+  <name>       user-defined: a regular expression searched in the full module name (`peft.layer_groups`)
+
+`peft.by_layer.<group>.<knob>=<value>` overrides a knob for the modules of a group. Precedence, lowest first:
+the method's default < type group (attn, mlp) < depth group (first_half, second_half) < user groups, in the order
+they are defined. So `by_layer.mlp.r=32 by_layer.first_half.r=16` gives r=16 to the MLP of the first half and
+r=32 to the MLP of the second half: the more specific selection (depth cuts across types) wins, and a
+user-defined group is the most specific of all. Overlaps are resolved this way silently only across levels;
+the resolved value of every module is recorded in the run (`peft_layers`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+from qpeft_bench.config import ConfigError, from_dict
+
+TYPE_GROUPS = {
+    "attn": ("q_proj", "k_proj", "v_proj", "o_proj", "out_proj"),
+    "mlp": ("gate_proj", "up_proj", "down_proj", "fc1", "fc2"),
+}
+DEPTH_GROUPS = ("first_half", "second_half")
+BUILTIN = (*TYPE_GROUPS, *DEPTH_GROUPS)
+_BLOCK = re.compile(r"\.(\d+)\.")
+
+
+def block_index(module_name: str) -> int:
+    found = _BLOCK.search(module_name)
+    if found is None:
+        raise ValueError(f"{module_name}: no block index in the module name")
+    return int(found.group(1))
+
+
+def members(group: str, module_name: str, num_blocks: int, user_groups: dict[str, str]) -> bool:
+    if group in TYPE_GROUPS:
+        return module_name.rsplit(".", 1)[-1] in TYPE_GROUPS[group]
+    if group in DEPTH_GROUPS:
+        first = block_index(module_name) < num_blocks // 2
+        return first if group == "first_half" else not first
+    return re.search(user_groups[group], module_name) is not None
+
+
+def resolve(modules: list[str], num_blocks: int, by_layer: dict[str, dict], user_groups: dict[str, str]) -> dict:
+    """{module: {knob: value}} of the overrides that apply to each module (modules without any are left out)."""
+    order = [g for g in TYPE_GROUPS if g in by_layer] + [g for g in DEPTH_GROUPS if g in by_layer]
+    order += [g for g in user_groups if g in by_layer]
+    out: dict[str, dict] = {}
+    for name in modules:
+        knobs: dict = {}
+        for group in order:
+            if members(group, name, num_blocks, user_groups):
+                knobs.update(by_layer[group])
+        if knobs:
+            out[name] = knobs
+    return out
+
+
+def per_module_configs(cfg, modules: list[str], num_blocks: int, by_layer: dict, user_groups: dict,
+                       tunable: tuple[str, ...], method: str) -> dict:
+    """{module: the method's Config with that module's overrides}, checked; {} when nothing is overridden.
+
+    `by_layer` is {group: {knob: value or None}}; None means "not set" (the YAML lists every tunable knob so that
+    command-line overrides need no `+`)."""
+    for name, regex in user_groups.items():
+        if name in BUILTIN:
+            raise ConfigError(f"peft.layer_groups.{name}: '{name}' is a built-in group; choose another name")
+        try:
+            re.compile(regex)
+        except re.error as err:
+            raise ConfigError(f"peft.layer_groups.{name}={regex!r} is not a valid regular expression: {err}") from err
+        if not any(re.search(regex, m) for m in modules):
+            raise ConfigError(f"peft.layer_groups.{name}={regex!r} matches no adapted module (e.g. {modules[0]})")
+    set_knobs = {}
+    for group, knobs in (by_layer or {}).items():
+        if group not in BUILTIN and group not in user_groups:
+            raise ConfigError(f"peft.by_layer.{group}: unknown layer group; groups: "
+                              f"{', '.join([*BUILTIN, *user_groups])}")
+        knobs = {k: v for k, v in (knobs or {}).items() if v is not None}
+        bad = sorted(set(knobs) - set(tunable))
+        if bad:
+            raise ConfigError(f"peft.by_layer.{group}: {', '.join(bad)} cannot be set per layer group for "
+                              f"peft.method={method}; per-group knobs: {', '.join(tunable) or 'none'}")
+        if knobs:
+            set_knobs[group] = knobs
+    if not set_knobs:
+        return {}
+    overrides = resolve(modules, num_blocks, set_knobs, user_groups)
+    # strict types and the method's own checks, per module
+    base = dataclasses.asdict(cfg)
+    return {name: from_dict(type(cfg), {**base, **overrides.get(name, {})}, f"peft (for {name})")
+            for name in modules}
+
+
+def knob_summary(per_module: dict, tunable: tuple[str, ...]) -> dict[str, dict]:
+    """{module: {knob: value}} of the tunable knobs, for the record."""
+    return {name: {k: getattr(c, k) for k in tunable} for name, c in per_module.items()}

@@ -1,0 +1,71 @@
+"""Layer groups and per-group PEFT knobs (issue 5): resolution of overlapping groups, plan counts, real runs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import FAST
+
+from qpeft_bench import layers, recipe
+from qpeft_bench.config import ConfigError, validate
+
+NAMES = [f"model.layers.{i}.{kind}" for i in range(4) for kind in
+         ("self_attn.q_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.down_proj")]
+
+
+def test_depth_overrides_type_and_user_groups_override_both():
+    by_layer = {"mlp": {"r": 32}, "attn": {"alpha": 8}, "first_half": {"r": 16}, "odd": {"r": 4}}
+    got = layers.resolve(NAMES, 4, by_layer, {"odd": r"layers\.3\..*q_proj"})
+    assert got["model.layers.0.mlp.down_proj"] == {"r": 16}  # first half beats mlp
+    assert got["model.layers.2.mlp.down_proj"] == {"r": 32}  # second half: the type group's value
+    assert got["model.layers.1.self_attn.q_proj"] == {"alpha": 8, "r": 16}  # different knobs combine
+    assert got["model.layers.2.self_attn.o_proj"] == {"alpha": 8}
+    assert got["model.layers.3.self_attn.q_proj"] == {"alpha": 8, "r": 4}  # the user group is the most specific
+
+
+def test_halves_split_by_block_index_with_the_middle_block_in_the_second_half():
+    assert layers.members("first_half", "model.layers.1.mlp.up_proj", 5, {})
+    assert layers.members("second_half", "model.layers.2.mlp.up_proj", 5, {})
+    assert layers.members("mlp", "model.decoder.layers.0.fc1", 24, {})  # OPT names
+    assert layers.members("attn", "model.decoder.layers.0.self_attn.out_proj", 24, {})
+
+
+def test_plan_counts_follow_the_per_group_ranks(compose):
+    overrides = ["mode=plan", "model=llama2_7b", "peft.r=64", "peft.by_layer.mlp.r=32", "peft.by_layer.first_half.r=16"]
+    spec = validate(compose(overrides))
+    acc = recipe.plan_accounting(spec)
+    arch = spec.model.arch_dict()
+    h, f, n = arch["hidden_size"], arch["intermediate_size"], arch["num_hidden_layers"]
+    attn, mlp = 4 * (h + h), 3 * (h + f)  # r * (in + out) per module, summed per block
+    expected = n // 2 * (attn + mlp) * 16 + (n - n // 2) * (attn * 64 + mlp * 32)
+    assert acc["trainable_params"] == expected
+    ranks = {name: c.r for name, c in spec.peft_per_module.items()}
+    assert ranks["model.layers.0.self_attn.q_proj"] == 16 and ranks["model.layers.31.mlp.up_proj"] == 32
+    assert ranks["model.layers.31.self_attn.v_proj"] == 64
+
+
+def test_a_real_run_records_and_applies_the_per_module_knobs(compose, tmp_path):
+    config = compose([*FAST, "peft.by_layer.mlp.r=4", "peft.by_layer.second_half.alpha=4"])
+    assert recipe.run(config, tmp_path, progress=False) == "completed"
+    rec = json.loads((tmp_path / "result.json").read_text())
+    pl = rec["peft_layers"]
+    assert pl["model.layers.0.mlp.up_proj"] == {"r": 4, "alpha": 16}
+    assert pl["model.layers.3.mlp.up_proj"] == {"r": 4, "alpha": 4}
+    assert pl["model.layers.0.self_attn.k_proj"] == {"r": 8, "alpha": 16}
+    planned = recipe.plan_accounting(validate({**config, "mode": "plan"}))
+    assert rec["accounting"]["trainable_params"] == planned["trainable_params"]
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["+peft.by_layer.middle.r=4"], "unknown layer group"),
+    (["+peft.by_layer.mlp.dropout=0.1"], "dropout cannot be set per layer group for peft.method=lora"),
+    (["peft=qbara", "+peft.by_layer.mlp.r=4"], "per-group knobs: none"),
+    (["+peft.layer_groups.none_such=lm_head", "+peft.by_layer.none_such.r=4"], "matches no adapted module"),
+    (["+peft.layer_groups.attn=q_proj"], "is a built-in group"),
+    (["peft.by_layer.mlp.r=0"], "peft .for model.layers.0.mlp.down_proj.\\.r=0 must be > 0"),
+    (["peft.by_layer.attn.r=300"], "peft.r=300 exceeds min"),
+])
+def test_bad_per_group_settings_fail_before_loading(compose, overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        validate(compose(overrides))
