@@ -60,7 +60,8 @@ def test_a_real_run_records_and_applies_the_per_module_knobs(compose, tmp_path):
 @pytest.mark.parametrize("overrides, message", [
     (["+peft.by_layer.middle.r=4"], "unknown layer group"),
     (["+peft.by_layer.mlp.dropout=0.1"], "dropout cannot be set per layer group for peft.method=lora"),
-    (["peft=qbara", "+peft.by_layer.mlp.r=4"], "per-group knobs: none"),
+    (["peft=ia3", "+peft.by_layer.mlp.r=4"], "per-group knobs: none"),
+    (["peft=qbara", "peft.by_layer.attn.balance=3"], "peft.balance=3 does not divide in_features=256 of model.layers.0"),
     (["+peft.layer_groups.none_such=lm_head", "+peft.by_layer.none_such.r=4"], "matches no adapted module"),
     (["+peft.layer_groups.attn=q_proj"], "is a built-in group"),
     (["peft.by_layer.mlp.r=0"], "peft .for model.layers.0.mlp.down_proj.\\.r=0 must be > 0"),
@@ -69,3 +70,19 @@ def test_a_real_run_records_and_applies_the_per_module_knobs(compose, tmp_path):
 def test_bad_per_group_settings_fail_before_loading(compose, overrides, message):
     with pytest.raises(ConfigError, match=message):
         validate(compose(overrides))
+
+
+@pytest.mark.parametrize("option, overrides, knob, values", [
+    ("qbara", ["peft.by_layer.mlp.balance=4", "peft.by_layer.first_half.r=4"], "balance", (2, 4)),
+    ("qahira", ["peft.by_layer.mlp.lambda1=8", "peft.by_layer.mlp.lambda2=8"], "lambda1", (4, 8)),
+])
+def test_our_pooled_adapters_take_per_group_knobs(compose, tmp_path, option, overrides, knob, values):
+    config = compose([*FAST, f"peft={option}", *overrides])
+    spec = validate(config)
+    assert {getattr(c, knob) for c in spec.peft_per_module.values()} == set(values)
+    assert recipe.run(config, tmp_path, progress=False) == "completed"  # attach() verifies every module
+    rec = json.loads((tmp_path / "result.json").read_text())
+    assert rec["peft_layers"]["model.layers.3.mlp.down_proj"][knob] == values[1]
+    assert rec["peft_layers"]["model.layers.3.self_attn.q_proj"][knob] == values[0]
+    planned = recipe.plan_accounting(validate({**config, "mode": "plan"}))
+    assert rec["accounting"]["trainable_params"] == planned["trainable_params"]

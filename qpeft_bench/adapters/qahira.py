@@ -97,16 +97,25 @@ class QAHiRALinear(base.AdapterLinear):
         return base.merge_pooled(self.base, self.delta_weight(), self.lambda1)
 
 
-def attach(model, targets: list[str], cfg: Config):
+PER_LAYER_KNOBS = ("lambda1", "lambda2", "scale")  # settable per layer group (peft.by_layer; layers.py)
+
+
+def attach(model, targets: list[str], cfg: Config, per_module: dict[str, Config] | None = None):
+    """`per_module`: {module: Config} with per-layer-group knobs (peft.by_layer)."""
     dtype = DTYPE[cfg.adapter_dtype]
-    model = base.attach_wrappers(model, targets, lambda name, layer: QAHiRALinear(
-        layer, cfg.lambda1, cfg.lambda2, cfg.scale, cfg.init, cfg.dropout, dtype))
-    verify(model, targets, cfg)
+
+    def make(name, layer):
+        c = (per_module or {}).get(name, cfg)
+        return QAHiRALinear(layer, c.lambda1, c.lambda2, c.scale, c.init, c.dropout, dtype)
+
+    model = base.attach_wrappers(model, targets, make)
+    verify(model, targets, cfg, per_module)
     return model
 
 
-def verify(model, targets: list[str], cfg: Config) -> None:
+def verify(model, targets: list[str], default: Config, per_module: dict[str, Config] | None = None) -> None:
     def expected(name: str) -> dict:
+        cfg = (per_module or {}).get(name, default)
         layer = model.get_submodule(name)
         return {"lambda1": cfg.lambda1, "lambda2": cfg.lambda2, "scale": cfg.scale,
                 "params": layer.in_features * layer.out_features // (cfg.lambda1 * cfg.lambda2),

@@ -107,18 +107,26 @@ class QBaRALinear(base.AdapterLinear):
         return base.merge_pooled(self.base, self.delta_weight(), self.balance)
 
 
-def attach(model, targets: list[str], cfg: Config):
+PER_LAYER_KNOBS = ("r", "alpha", "balance")  # settable per layer group (peft.by_layer; qpeft_bench/layers.py)
+
+
+def attach(model, targets: list[str], cfg: Config, per_module: dict[str, Config] | None = None):
+    """`per_module`: {module: Config} with per-layer-group knobs (peft.by_layer)."""
     dtype = DTYPE[cfg.adapter_dtype]
-    model = base.attach_wrappers(
-        model, targets, lambda name, layer: QBaRALinear(layer, cfg.r, cfg.balance, cfg.alpha, cfg.dropout, dtype))
-    verify(model, targets, cfg)
+
+    def make(name, layer):
+        c = (per_module or {}).get(name, cfg)
+        return QBaRALinear(layer, c.r, c.balance, c.alpha, c.dropout, dtype)
+
+    model = base.attach_wrappers(model, targets, make)
+    verify(model, targets, cfg, per_module)
     return model
 
 
-def verify(model, targets: list[str], cfg: Config) -> None:
-    lam = cfg.balance
-
+def verify(model, targets: list[str], default: Config, per_module: dict[str, Config] | None = None) -> None:
     def expected(name: str) -> dict:
+        cfg = (per_module or {}).get(name, default)
+        lam = cfg.balance
         layer = model.get_submodule(name)
         in_f, out_f = layer.in_features, layer.out_features
         # the parameter count is LoRA's at the same r: the method's defining property
