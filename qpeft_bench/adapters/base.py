@@ -16,6 +16,7 @@ each quantizer with group-wise zero points.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -110,6 +111,20 @@ def save_tensors(path: str | Path, method: str, config: dict, targets: list[str]
     save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path / WEIGHTS_FILE))
     meta = {"format": FORMAT, "version": VERSION, "method": method, "config": config, "targets": targets}
     (path / CONFIG_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+
+
+def save_method(model: nn.Module, path: str | Path, method: str, cfg) -> None:
+    """`save` of a wrapper-based method: its tensors and its config dataclass."""
+    save_wrappers(model, path, method, dataclasses.asdict(cfg))
+
+
+def load_method(attach: Callable, model: nn.Module, targets: list[str], cfg, path: str | Path, method: str):
+    """`load` of a wrapper-based method: same knobs and modules as saved (else ValueError), attach, copy tensors."""
+    meta, tensors = read_saved(path, method)
+    check_saved(meta, targets, dataclasses.asdict(cfg))
+    model = attach(model, targets, cfg)
+    load_state(model, tensors)
+    return model
 
 
 def read_saved(path: str | Path, method: str) -> tuple[dict, dict[str, torch.Tensor]]:

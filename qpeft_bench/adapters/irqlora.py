@@ -30,7 +30,6 @@ adapter_model.safetensors with `<module>.adapter.A`, `.B`, `.beta1`, `.beta2`).
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -123,15 +122,11 @@ def attach(model, targets: list[str], cfg: Config):
 
 
 def save(model, path, cfg: Config) -> None:
-    base.save_wrappers(model, path, METHOD, dataclasses.asdict(cfg))
+    base.save_method(model, path, METHOD, cfg)
 
 
 def load(model, targets: list[str], cfg: Config, path):
-    meta, tensors = base.read_saved(path, METHOD)
-    base.check_saved(meta, targets, dataclasses.asdict(cfg))
-    model = attach(model, targets, cfg)
-    base.load_state(model, tensors)
-    return model
+    return base.load_method(attach, model, targets, cfg, path, METHOD)
 
 
 def merge(model):

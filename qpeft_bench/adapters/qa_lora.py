@@ -13,7 +13,6 @@ as the quantized base. Saved in base.py's versioned adapter format (tensors `<mo
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -118,7 +117,7 @@ def attach(model, targets: list[str], cfg: Config):
 
 
 def save(model, path, cfg: Config) -> None:
-    base.save_wrappers(model, path, METHOD, dataclasses.asdict(cfg))
+    base.save_method(model, path, METHOD, cfg)
 
 
 def load(model, targets: list[str], cfg: Config, path):

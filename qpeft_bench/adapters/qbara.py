@@ -25,7 +25,6 @@ nn.Linear holding the dequantized weight plus dW (base.merge_dense), in the dtyp
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -137,15 +136,11 @@ def verify(model, targets: list[str], default: Config, per_module: dict[str, Con
 
 
 def save(model, path, cfg: Config) -> None:
-    base.save_wrappers(model, path, METHOD, dataclasses.asdict(cfg))
+    base.save_method(model, path, METHOD, cfg)
 
 
 def load(model, targets: list[str], cfg: Config, path):
-    meta, tensors = base.read_saved(path, METHOD)
-    base.check_saved(meta, targets, dataclasses.asdict(cfg))
-    model = attach(model, targets, cfg)
-    base.load_state(model, tensors)
-    return model
+    return base.load_method(attach, model, targets, cfg, path, METHOD)
 
 
 def merge(model):

@@ -24,9 +24,14 @@ import torch
 
 from qpeft_bench.calibration import capture_inputs, hessian
 from qpeft_bench.config import ConfigError
-from qpeft_bench.models import DTYPE
-from qpeft_bench.quant.qlinear import GroupQuantLinear, check_layout, storage_bytes
-from qpeft_bench.quant.rtn import encode, group_params
+from qpeft_bench.quant.qlinear import GroupQuantLinear, check_layout
+from qpeft_bench.quant.rtn import (  # noqa: F401 - the same storage format as RTN: sizes, dequantization
+    dequantize,
+    encode,
+    group_params,
+    linear_storage,
+    state_bytes,
+)
 
 NEEDS_CALIBRATION = True
 LAZY_BLOCK = 128  # columns whose updates are applied to the rest of the matrix at once (GPTQ's lazy batching)
@@ -131,15 +136,3 @@ def quantize_linear(old, cfg: Config, compute_dtype: str, device: str, stats: to
     layer = GroupQuantLinear(old.in_features, old.out_features, cfg.bits, cfg.group_size,
                              None if old.bias is None else old.bias.data, codes, scale.to(dtype), zero.to(dtype))
     return layer.to(device)
-
-
-def linear_storage(in_f: int, out_f: int, bias: bool, cfg: Config, dtype: str) -> tuple[int, int]:
-    return storage_bytes(in_f, out_f, cfg.bits, cfg.group_size, DTYPE[dtype].itemsize, bias), 0
-
-
-def dequantize(module) -> torch.Tensor:
-    return module.dequantize()
-
-
-def state_bytes(module) -> int:
-    return 0
