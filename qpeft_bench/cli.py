@@ -79,7 +79,23 @@ def _main(cfg: DictConfig) -> str:
 
 
 def main() -> None:
+    args = sys.argv[1:]
+    if {"-m", "--multirun"} & set(args) and "mode=plan" in args and not any(
+            a.startswith("-") and a not in ("-m", "--multirun") for a in args):
+        sys.exit(plan_grid([a for a in args if a not in ("-m", "--multirun")]))
     _main()
+
+
+def plan_grid(overrides: list[str]) -> int:
+    """`qpeft-bench -m ... mode=plan`: every grid point planned in this process (qpeft_bench/grid.py says why not
+    through Hydra's launcher), a record per point as `-m` would write it, and the grid printed as one table."""
+    from qpeft_bench import grid  # heavy imports only now
+
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
+    rows, failed, seconds = grid.plan(CONF_DIR, overrides, job_config)
+    print(grid.render(rows))
+    print(grid.totals(rows, failed, seconds))
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -323,9 +323,12 @@ def validate(cfg: dict) -> RunSpec:
     peft_targets = peft_knobs.pop("targets", None)
     by_layer = peft_knobs.pop("by_layer", None) or {}
     layer_groups = peft_knobs.pop("layer_groups", None) or {}
+    variant = peft_knobs.pop("variant", None) or []
     if not isinstance(by_layer, dict) or not isinstance(layer_groups, dict):
         raise ConfigError("peft.by_layer and peft.layer_groups must be mappings ({group: {knob: value}}, "
                           "{group: regex})")
+    if not _type_ok(variant, list[str]):
+        raise ConfigError(f"peft.variant={variant!r}: a list of edits such as [mlp.r/2, attn.balance:4]")
     amod = adapters.get(peft_method)
     pcfg = from_dict(amod.Config, peft_knobs, "peft")
     if peft_targets is not None:
@@ -368,9 +371,10 @@ def validate(cfg: dict) -> RunSpec:
     qmod.check_against_arch(qcfg, shapes)
     adapted = {n: s for n, s in shapes.items() if adapter_target(n, peft_targets)}
     amod.check_against_arch(pcfg, adapted)
-    from qpeft_bench.layers import per_module_configs
+    from qpeft_bench.layers import apply_variant, per_module_configs
 
     arch = model.arch_dict()
+    by_layer = apply_variant(variant, by_layer, dataclasses.asdict(pcfg))
     spec.peft_per_module = per_module_configs(pcfg, sorted(adapted), arch.get("num_hidden_layers", 0), by_layer,
                                               layer_groups, getattr(amod, "PER_LAYER_KNOBS", ()), peft_method)
     for name, module_cfg in spec.peft_per_module.items():  # the size rules, with each module's own knobs

@@ -13,6 +13,12 @@ they are defined. So `by_layer.mlp.r=32 by_layer.first_half.r=16` gives r=16 to 
 r=32 to the MLP of the second half: the more specific selection (depth cuts across types) wins, and a
 user-defined group is the most specific of all. Overlaps are resolved this way silently only across levels;
 the resolved value of every module is recorded in the run (`peft_layers`).
+
+`peft.variant` is the sweep-friendly spelling of the same overrides, relative to the method's defaults: a list of
+edits `<group>.<knob>/<n>` (the default divided by n, which must divide it), `<group>.<knob>*<n>` (multiplied) or
+`<group>.<knob>:<value>` (set), e.g. `peft.variant=[mlp.r/2]` or `[attn.lambda1:8,attn.lambda2:8]`. Hydra sweeps
+over lists (`peft.variant=[],[attn.r/2],[mlp.r/4]`), so the key-variable study's "rank of one group reduced 2x or
+4x" is one axis whatever the baseline rank, and the variant string names the run's column in the report.
 """
 
 from __future__ import annotations
@@ -60,6 +66,48 @@ def resolve(modules: list[str], num_blocks: int, by_layer: dict[str, dict], user
         if knobs:
             out[name] = knobs
     return out
+
+
+_EDIT = re.compile(r"(?P<group>[A-Za-z_]\w*)\.(?P<knob>\w+)(?P<op>[/*:])(?P<value>[^/*:]+)")
+
+
+def apply_variant(variant: list[str], by_layer: dict[str, dict], defaults: dict) -> dict[str, dict]:
+    """by_layer with the edits of `peft.variant` applied (a new dict); `defaults` are the method's global knobs."""
+    out = {g: dict(k or {}) for g, k in (by_layer or {}).items()}
+    for edit in variant:
+        found = _EDIT.fullmatch(str(edit).strip())
+        if found is None:
+            raise ConfigError(f"peft.variant: {edit!r} is not <group>.<knob>/<n>, <group>.<knob>*<n> or "
+                              "<group>.<knob>:<value> (e.g. mlp.r/2, attn.balance:4)")
+        group, knob, op, text = found["group"], found["knob"], found["op"], found["value"]
+        if knob not in defaults:
+            raise ConfigError(f"peft.variant: {edit!r}: the method has no knob {knob!r}")
+        base = defaults[knob]
+        try:
+            value = type(base)(text) if op == ":" and isinstance(base, (int, float)) else _number(text)
+        except ValueError as err:
+            raise ConfigError(f"peft.variant: {edit!r}: {text!r} is not a number") from err
+        if op == "/":
+            if not isinstance(base, int) or not isinstance(value, int) or value <= 0 or base % value:
+                raise ConfigError(f"peft.variant: {edit!r}: {knob}={base} is not divisible by {text}")
+            value = base // value
+        elif op == "*":
+            value = base * value
+        current = out.setdefault(group, {}).get(knob)
+        if current is not None and current != value:
+            raise ConfigError(f"peft.variant: {edit!r} sets {group}.{knob}={value}, but peft.by_layer.{group}.{knob}"
+                              f"={current} already; set it in one place")
+        out[group][knob] = value
+    return out
+
+
+def _number(text: str) -> int | float:
+    return int(text) if re.fullmatch(r"-?\d+", text) else float(text)
+
+
+def variant_label(variant: list[str] | None) -> str:
+    """The column name of a run in the by-layer-group report: its variant, or 'uniform' for none."""
+    return " ".join(variant) if variant else "uniform"
 
 
 def per_module_configs(cfg, modules: list[str], num_blocks: int, by_layer: dict, user_groups: dict,

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import functools
+import json
 
 import torch
 from torch import nn
@@ -76,8 +78,14 @@ def find_linears(model: nn.Module, linear_names: list[str]) -> dict[str, nn.Modu
 
 def linear_shapes(arch: dict, dtype: str, linear_names: list[str]) -> dict[str, tuple[int, int]]:
     """{module name: (in_features, out_features)} of the target linears, from the architecture alone."""
-    model = build_meta_model(arch, dtype)
-    return {n: (m.in_features, m.out_features) for n, m in find_linears(model, linear_names).items()}
+    return dict(_linear_shapes(json.dumps(arch, sort_keys=True), dtype, tuple(linear_names)))
+
+
+@functools.lru_cache(maxsize=64)
+def _linear_shapes(arch_json: str, dtype: str, linear_names: tuple[str, ...]) -> tuple:
+    # Cached: a sweep validates every grid point, and building a 70B model even on meta takes a second.
+    model = build_meta_model(json.loads(arch_json), dtype)
+    return tuple((n, (m.in_features, m.out_features)) for n, m in find_linears(model, list(linear_names)).items())
 
 
 def resolve_device(device: str) -> str:

@@ -9,14 +9,16 @@ at each stage boundary (atomically), so a run killed at any point leaves a reada
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import json
 import logging
 import time
 from pathlib import Path
 
 import torch
 
-from qpeft_bench import accounting, adapters, calibration, data, layers, models, quant, results
+from qpeft_bench import accounting, adapters, calibration, data, estimate, layers, models, quant, results
 from qpeft_bench.config import ConfigError, RunSpec, adapter_target, validate
 from qpeft_bench.evaluation.perplexity import heldout_perplexity
 from qpeft_bench.train import Diverged, make_optimizer, make_scheduler, prepare_for_training, train
@@ -27,8 +29,9 @@ KEEP = ("completed", "planned")
 ADAPTER_DIR = "adapter"  # inside the run directory  # records that another config must not replace in the same directory
 
 
-def run(config: dict, run_dir: Path, progress: bool = True) -> str:
-    """Run one configuration into `run_dir`; returns the final status (or 'skipped')."""
+def run(config: dict, run_dir: Path, progress: bool = True, summary: bool = True) -> str:
+    """Run one configuration into `run_dir`; returns the final status (or 'skipped'). `summary`: log the
+    run's summary table at the end (a planned grid prints one table for all runs instead)."""
     run_dir = Path(run_dir)
     rid = results.run_id(config)
     try:
@@ -59,6 +62,7 @@ def run(config: dict, run_dir: Path, progress: bool = True) -> str:
     try:
         if spec.mode == "plan":
             record["accounting"] = plan_accounting(spec)
+            record["estimate"] = plan_estimate(spec, record["accounting"])
             record["status"] = "planned"
         else:
             results.atomic_write_json(path, record)
@@ -82,7 +86,8 @@ def run(config: dict, run_dir: Path, progress: bool = True) -> str:
     finally:
         record["meta"]["end_time"] = results.now()
         results.atomic_write_json(path, record)
-    log.info("\n%s", summary_table(record, path))
+    if summary:
+        log.info("\n%s", summary_table(record, path))
     return record["status"]
 
 
@@ -92,14 +97,57 @@ def run(config: dict, run_dir: Path, progress: bool = True) -> str:
 
 
 def plan_accounting(spec: RunSpec) -> dict:
+    """Storage accounting of the run from its architecture card (cached per process on everything it depends on,
+    so the seeds and training settings of a sweep's grid cost one meta-model build between them)."""
+    key = json.dumps([spec.model.arch_dict(), spec.model.dtype, spec.model.linear_names, spec.quant_name,
+                      dataclasses.asdict(spec.quant), spec.peft_method, dataclasses.asdict(spec.peft),
+                      spec.peft_targets, {n: dataclasses.asdict(c) for n, c in spec.peft_per_module.items()}],
+                     sort_keys=True, default=str)
+    if key not in _PLANNED:
+        _PLANNED[key] = _plan_accounting(spec)
+    return dict(_PLANNED[key])
+
+
+_PLANNED: dict[str, dict] = {}
+
+
+def _plan_accounting(spec: RunSpec) -> dict:
     qmod, amod = quant.get(spec.quant_name), adapters.get(spec.peft_method)
     model = models.build_meta_model(spec.model.arch_dict(), spec.model.dtype)
     targets = list(models.find_linears(model, spec.model.linear_names))
     acc = accounting.base_sizes(model)
     storage = functools.partial(qmod.linear_storage, cfg=spec.quant, dtype=spec.model.dtype)
     acc.update(accounting.planned_quantized_sizes(model, targets, storage))
-    with_adapters(acc, model, targets, amod, spec)
+    with torch.device("meta"):  # adapters born on meta: no random init of 7B-70B-sized factors (seconds per run)
+        with_adapters(acc, model, targets, amod, spec)
     return acc
+
+
+def plan_estimate(spec: RunSpec, acc: dict) -> dict:
+    """Peak GPU memory and training time on one H100-class GPU, estimated from the architecture and the accounting
+    (qpeft_bench/estimate.py says what is and is not modelled). Padded batches of the longest sequence: an upper
+    bound on memory and time per step."""
+    t, d = spec.train, spec.data
+    arch, seq = spec.model.arch_dict(), d.max_source_len + d.max_target_len
+    compute = spec.model.dtype if t.compute_dtype == "auto" else t.compute_dtype
+    try:
+        mem = estimate.train_memory(
+            arch, batch_size=t.batch_size, seq_len=seq, gradient_checkpointing=t.gradient_checkpointing,
+            upcast_norms_fp32=t.upcast_norms_fp32, compute_dtype=compute, model_dtype=spec.model.dtype,
+            adapter_dtype=getattr(spec.peft, "adapter_dtype", "float32"), trainable_params=acc["trainable_params"],
+            quantized_bytes=acc["quantized_model_bytes"], adapter_rank=getattr(spec.peft, "r", 0),
+            adapter_dropout=getattr(spec.peft, "dropout", 0.0), adapter_targets=spec.peft_targets,
+            optimizer=t.optimizer, dequantizes=spec.quant_name != "none",
+            output_follows_input_dtype=getattr(quant.get(spec.quant_name), "OUTPUT_FOLLOWS_INPUT_DTYPE", False))
+        flops = estimate.step_flops(arch, batch_size=t.batch_size, seq_len=seq, grad_accum=t.grad_accum,
+                                    gradient_checkpointing=t.gradient_checkpointing,
+                                    trainable_params=acc["trainable_params"])
+    except ConfigError as err:  # an architecture family the estimator does not model: accounting still stands
+        return {"unavailable": str(err)}
+    step_s = estimate.step_seconds(flops)
+    return {"peak_memory_bytes": mem["peak_bytes"], "allocated_peak_bytes": mem["allocated_peak_bytes"],
+            "step_flops": flops, "s_per_step": step_s, "run_seconds": estimate.run_seconds(t.max_steps, step_s),
+            "seq_len": seq, "basis": "one H100-class GPU, reference-stack efficiency (qpeft_bench/estimate.py)"}
 
 
 def with_adapters(acc: dict, model, targets: list[str], amod, spec: RunSpec):
@@ -263,6 +311,12 @@ def summary_table(record: dict, path: Path) -> str:
             key = " ".join(f"{k}={v}" for k, v in knobs.items())
             combos[key] = combos.get(key, 0) + 1
         rows.append(("per-layer knobs", "; ".join(f"{k}: {n} modules" for k, n in combos.items())))
+    est = record.get("estimate", {})
+    if est.get("peak_memory_bytes") is not None:
+        rows.append(("est. peak GPU memory (GiB)", f"{est['peak_memory_bytes'] / GIB:.2f} (train mode, batch "
+                                                   f"{cfg['train']['batch_size']} x {est['seq_len']} tokens)"))
+        rows.append(("est. time on one H100", f"{est['s_per_step']:.3f} s/step, {est['run_seconds'] / 3600:.2f} h "
+                                              f"for {cfg['train']['max_steps']} steps"))
     if q:
         rows.append(("quant error weight / output", f"{fmt(q.get('weight_rel_error'), '.4f')} / "
                                                     f"{fmt(q.get('output_rel_error'), '.4f')} (relative, mean over "

@@ -124,6 +124,9 @@ RECORD_FIELDS: dict[str, tuple[str, ...]] = {
     "quant": ("config", "quant", "name"),
     "double_quant": ("config", "quant", "double_quant"),
     "method": ("config", "peft", "method"),
+    "peft_name": ("config", "peft", "name"),
+    "variant": ("config", "peft", "variant"),
+    "by_layer": ("config", "peft", "by_layer"),
     "r": ("config", "peft", "r"),
     "alpha": ("config", "peft", "alpha"),
     "dropout": ("config", "peft", "dropout"),
@@ -310,6 +313,7 @@ OVERVIEW = TableSpec(
 )
 
 TABLES: dict[str, TableSpec] = {spec.name: spec for spec in (OVERVIEW,)}
+PIVOTS = ("by_layer_group",)  # tables whose columns come from the data (built by their own function)
 
 
 # --------------------------------------------------------------------------- tables
@@ -326,6 +330,61 @@ def build_table(spec: TableSpec, loaded: LoadResult) -> Table:
     rows = sort_rows(records_to_rows(loaded.records), spec.sort_by)
     notes = [*spec.notes, *data_notes(spec, rows), *unreadable_notes(loaded.unreadable)]
     return Table(spec=spec, rows=rows, notes=notes)
+
+
+# The metric a by-layer-group table compares, and how it reads.
+LAYER_GROUP_METRICS = {"ppl_after": "held-out perplexity after fine-tuning (lower is better)"}
+
+
+def layer_group_label(variant: Any, by_layer: Any) -> str:
+    """A run's layer-group setting as a column name: its peft.variant edits and any peft.by_layer value it sets
+    ('uniform' when neither is set: the same knobs on every module)."""
+    parts = [str(v) for v in variant] if isinstance(variant, list) else []
+    if isinstance(by_layer, dict):
+        parts += [f"{group}.{knob}:{value}" for group, knobs in sorted(by_layer.items()) if isinstance(knobs, dict)
+                  for knob, value in sorted(knobs.items()) if value is not None]
+    return " ".join(parts) or "uniform"
+
+
+def by_layer_group_table(loaded: LoadResult, metric: str = "ppl_after") -> Table:
+    """Metric vs. layer group (the key-variable study's layout): one row per (model, data, quantizer, method,
+    baseline rank), one column per layer-group setting, cells the mean +- sample std over seeds of completed runs."""
+    rows = [r for r in records_to_rows(loaded.records) if r["status"] == "completed"]
+    skipped = len(loaded.records) - len(rows)
+    cells: dict[tuple, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    labels: list[str] = []
+    for row in rows:
+        label = layer_group_label(row["variant"], row["by_layer"])
+        if label not in labels:
+            labels.append(label)
+        key = (row["model"], row["dataset"], row["quant"], row["peft_name"] or row["method"], row["r"])
+        if _is_number(row.get(metric)):
+            cells[key][label].append(float(row[metric]))
+    labels.sort(key=lambda x: (x != "uniform", x))  # the baseline first
+    columns = (Column("model", "model"), Column("dataset", "data"), Column("quant", "quant"),
+               Column("method", "method"), _num("r", "r", fmt_count),
+               *(Column(label, label, fmt_text, align="right") for label in labels))
+    out = []
+    for key in sorted(cells, key=lambda k: tuple(sort_value(v) for v in k)):
+        out.append({**dict(zip(("model", "dataset", "quant", "method", "r"), key, strict=True)),
+                    **{label: mean_std(cells[key].get(label, [])) for label in labels}})
+    spec = TableSpec(name="by_layer_group", title=f"{metric} by layer group", columns=columns, csv_extra=())
+    notes = [f"{metric}: {LAYER_GROUP_METRICS.get(metric, metric)}. Cells: mean ± sample std over seeds (n runs); "
+             "completed runs only. Columns: the layer-group setting (peft.variant edits and peft.by_layer values; "
+             "'uniform' = the same knobs on every module)."]
+    if skipped:
+        notes.append(f"{skipped} record(s) not completed (planned, running, failed, oom or diverged) left out")
+    return Table(spec=spec, rows=out, notes=[*notes, *unreadable_notes(loaded.unreadable)])
+
+
+def mean_std(values: list[float]) -> str:
+    if not values:
+        return ""
+    mean = sum(values) / len(values)
+    if len(values) == 1:
+        return f"{mean:.3f} (1)"
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+    return f"{mean:.3f} ± {std:.3f} ({len(values)})"
 
 
 def data_notes(spec: TableSpec, rows: Sequence[Row]) -> list[str]:
@@ -433,7 +492,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("results_dir", nargs="?", default="runs", help="searched recursively (default: runs)")
     parser.add_argument("--out", default="results/tables", help="output directory (default: results/tables)")
-    parser.add_argument("--table", choices=sorted(TABLES), default="overview", help="table to build")
+    parser.add_argument("--table", choices=[*sorted(TABLES), *PIVOTS, "all"], default="all",
+                        help="table to build (default: all; by_layer_group only when some run sets layer groups)")
     return parser.parse_args(argv)
 
 
@@ -456,10 +516,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"qpeft-bench-report: error: no readable run records under {root}", file=sys.stderr)
         return 1
 
-    table = build_table(TABLES[args.table], loaded)
-    written = write_table(table, Path(args.out))
-    sys.stdout.write(render_markdown(table))
-    print(f"wrote {', '.join(str(p) for p in written)}", file=sys.stderr)
+    tables = [build_table(TABLES[name], loaded) for name in TABLES if args.table in (name, "all")]
+    grouped = any(layer_group_label(r["variant"], r["by_layer"]) != "uniform" for r in records_to_rows(loaded.records))
+    if args.table == "by_layer_group" or (args.table == "all" and grouped):
+        tables.append(by_layer_group_table(loaded))
+    for i, table in enumerate(tables):
+        written = write_table(table, Path(args.out))
+        sys.stdout.write(("\n" if i else "") + render_markdown(table))
+        print(f"wrote {', '.join(str(p) for p in written)}", file=sys.stderr)
     return 0
 
 

@@ -86,3 +86,40 @@ def test_our_pooled_adapters_take_per_group_knobs(compose, tmp_path, option, ove
     assert rec["peft_layers"]["model.layers.3.self_attn.q_proj"][knob] == values[0]
     planned = recipe.plan_accounting(validate({**config, "mode": "plan"}))
     assert rec["accounting"]["trainable_params"] == planned["trainable_params"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# peft.variant: the same overrides relative to the method's defaults (what sweeps cross)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_variant_edits_divide_multiply_and_set_relative_to_the_defaults():
+    got = layers.apply_variant(["mlp.r/4", "attn.alpha*2", "first_half.balance:3"], {"attn": {"r": None}},
+                               {"r": 64, "alpha": 16, "balance": 2})
+    assert got == {"attn": {"r": None, "alpha": 32}, "mlp": {"r": 16}, "first_half": {"balance": 3}}
+    # an edit that agrees with an explicit by_layer value is fine; one that contradicts it is not
+    assert layers.apply_variant(["mlp.r/2"], {"mlp": {"r": 32}}, {"r": 64}) == {"mlp": {"r": 32}}
+
+
+@pytest.mark.parametrize("variant, message", [
+    (["mlp.r/3"], "r=64 is not divisible by 3"),
+    (["mlp.r/0"], "r=64 is not divisible by 0"),
+    (["mlp.rank/2"], "the method has no knob 'rank'"),
+    (["mlp.r=2"], "is not <group>.<knob>/<n>"),
+    (["mlp.r:two"], "'two' is not a number"),
+    (["mlp.r/2", "mlp.r/4"], "already; set it in one place"),
+])
+def test_bad_variants_are_one_clear_error(variant, message):
+    with pytest.raises(ConfigError, match=message):
+        layers.apply_variant(variant, {}, {"r": 64, "alpha": 16})
+
+
+def test_a_variant_composes_into_per_module_knobs(compose):
+    spec = validate(compose(["mode=plan", "model=llama2_7b", "peft.r=64", "peft.variant=[second_half.r/4]"]))
+    ranks = {name: c.r for name, c in spec.peft_per_module.items()}
+    assert ranks["model.layers.31.mlp.down_proj"] == 16 and ranks["model.layers.0.mlp.down_proj"] == 64
+    with pytest.raises(ConfigError, match="peft.variant: 'mlp.r/2' sets mlp.r=32, but peft.by_layer.mlp.r=8"):
+        validate(compose(["mode=plan", "model=llama2_7b", "peft.r=64", "peft.variant=[mlp.r/2]",
+                          "peft.by_layer.mlp.r=8"]))
+    with pytest.raises(ConfigError, match="the method has no knob 'r'"):
+        validate(compose(["peft=ia3", "+peft.variant=[mlp.r/2]"]))

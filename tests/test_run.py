@@ -149,7 +149,8 @@ def test_plan_grid_writes_one_record_per_point_and_fails_loudly_on_a_bad_one(tmp
     proc = cli("-m", "mode=plan", "model=llama2_7b", "peft.r=8,0", cwd=tmp_path / "bad", check=False)
     assert proc.returncode == 1
     assert "peft.r=0 must be > 0" in proc.stdout + proc.stderr
-    assert "sweep finished: 2 runs: 1 failed, 1 planned" in proc.stdout + proc.stderr
+    assert "2 runs planned" in proc.stdout and "1 grid point(s) FAILED to plan" in proc.stdout
+    assert len(list((tmp_path / "bad").glob("runs/*/result.json"))) == 1
 
 
 def test_grid_runs_once_and_resumes(tmp_path):

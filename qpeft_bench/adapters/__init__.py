@@ -5,13 +5,22 @@ Every method module provides:
                                             common `method`, `name` and `targets`)
   check_against_arch(cfg, shapes)           ranks that must fit, sizes that must divide, from
                                             {module: (in, out)} of the adapter targets alone, before loading
-  attach(model, targets, cfg) -> model      add the adapters to the (quantized) target linears, freeze
+  attach(model, targets, cfg[, per_module]) -> model
+                                            add the adapters to the (quantized) target linears, freeze
                                             everything else, and verify every target got what was asked
-  save(model, path, cfg) / load(model, targets, cfg, path) -> model
-                                            adapters to a directory and back onto a freshly quantized base
+  save(model, path, cfg[, per_module]) / load(model, targets, cfg, path[, per_module]) -> model
+                                            adapters to a directory and back onto a freshly quantized base;
+                                            the saved files keep each module's per-layer knobs, and `load`
+                                            refuses (ValueError naming the module and both values) a saved
+                                            adapter whose knobs differ from those asked
   merge(model) -> model                     fold the adapters into the base (raises base.MergeUnsupported
                                             saying why where there is no exact merge)
 and optionally:
+  PER_LAYER_KNOBS: tuple[str, ...]          knobs settable per layer group (peft.by_layer, layers.py); a
+                                            method with them takes `per_module` = {module: its Config} (None
+                                            or {}: cfg everywhere) in attach, save and load. `save` reads the
+                                            knobs from the model; a per_module given to it is checked against
+                                            them
   unsupported(quant_name, qcfg, cfg) -> str | None
                                             why this method cannot run on that quantizer (None: it can);
                                             checked at compose time and printed as the README's support matrix

@@ -5,8 +5,12 @@ formats) and adds a trainable path: y = base(x) + delta(x). The model stays a pl
 wrapper), so everything else (training loop, evaluation, accounting) works unchanged.
 
 Saved format (directory): `adapter_config.json` = {"format": FORMAT, "version": VERSION, "method": ..., "config":
-{...}, "targets": [...]}, and `adapter_model.safetensors` holding every tensor whose name contains ".adapter."
-(the trainable parameters and any adapter buffers), keyed by their full module path in the model.
+{...}, "targets": [...], "per_module": {...}}, and `adapter_model.safetensors` holding every tensor whose name contains
+".adapter." (the trainable parameters and any adapter buffers), keyed by their full module path in the model.
+"per_module" (methods with per-layer-group knobs, peft.by_layer) is {module: {knob: value}} holding only the knobs
+whose value differs from "config" (a module with none is left out; {} for a uniform adapter); a file without the key,
+written before per-group knobs existed, reads as {}. `load` rebuilds each module with its own knobs and refuses a
+file whose per-module knobs differ from the ones asked, naming the module and both values.
 
 Exact merges into group-wise zero points (QA-LoRA, and Q-BaRA/QA-HiRA when their pooling blocks cover whole
 quantization groups): a weight update that is constant over each quantization group of a row, dW[o, j] = d[o, g(j)],
@@ -36,12 +40,16 @@ class MergeUnsupported(NotImplementedError):
 
 
 class AdapterLinear(nn.Module):
-    """Frozen `base` + trainable `adapter` (a sub-module, so saved tensors are found by the '.adapter.' name)."""
+    """Frozen `base` + trainable `adapter` (a sub-module, so saved tensors are found by the '.adapter.' name).
+
+    `knobs` holds the values of the method's per-layer knobs this layer was built with (set by attach_method), so
+    that `save` can record them without being handed the per-module configs."""
 
     def __init__(self, base: nn.Module):
         super().__init__()
         self.base = base
         self.in_features, self.out_features = base.in_features, base.out_features
+        self.knobs: dict = {}
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -66,6 +74,20 @@ def attach_wrappers(model: nn.Module, targets: list[str], make: Callable[[str, n
     for name in targets:
         model.set_submodule(name, make(name, model.get_submodule(name)))
     return model
+
+
+def attach_method(model: nn.Module, targets: list[str], cfg, per_module: dict | None, tunable: tuple[str, ...],
+                  make: Callable[[str, nn.Module, object], AdapterLinear]) -> nn.Module:
+    """attach_wrappers where each target is built by make(name, layer, its Config): per_module[name] if given, else
+    cfg. Each wrapper keeps the values of its `tunable` knobs (AdapterLinear.knobs) for save_method."""
+
+    def wrap(name: str, layer: nn.Module) -> AdapterLinear:
+        module_cfg = (per_module or {}).get(name, cfg)
+        wrapper = make(name, layer, module_cfg)
+        wrapper.knobs = {k: getattr(module_cfg, k) for k in tunable}
+        return wrapper
+
+    return attach_wrappers(model, targets, wrap)
 
 
 def verify_wrappers(model: nn.Module, targets: list[str], cls: type, expected: Callable[[str], dict]) -> None:
@@ -96,35 +118,69 @@ def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().contiguous().cpu() for k, v in state.items() if ".adapter." in k}
 
 
-def save_wrappers(model: nn.Module, path: str | Path, method: str, config: dict) -> None:
+def save_wrappers(model: nn.Module, path: str | Path, method: str, config: dict,
+                  per_module: dict[str, dict] | None = None) -> None:
     targets = sorted(n for n, m in model.named_modules() if isinstance(m, AdapterLinear))
-    save_tensors(path, method, config, targets, adapter_state(model))
+    save_tensors(path, method, config, targets, adapter_state(model), per_module)
 
 
 def save_tensors(path: str | Path, method: str, config: dict, targets: list[str],
-                 tensors: dict[str, torch.Tensor]) -> None:
-    """Write the saved-adapter format (also for methods whose trained tensors live outside wrappers)."""
+                 tensors: dict[str, torch.Tensor], per_module: dict[str, dict] | None = None) -> None:
+    """Write the saved-adapter format (also for methods whose trained tensors live outside wrappers);
+    `per_module`: the sparse {module: {knob: value}} of per-layer knobs (left out of the file when None)."""
     from safetensors.torch import save_file
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path / WEIGHTS_FILE))
     meta = {"format": FORMAT, "version": VERSION, "method": method, "config": config, "targets": targets}
+    if per_module is not None:
+        meta["per_module"] = per_module
     (path / CONFIG_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
 
 
-def save_method(model: nn.Module, path: str | Path, method: str, cfg) -> None:
-    """`save` of a wrapper-based method: its tensors and its config dataclass."""
-    save_wrappers(model, path, method, dataclasses.asdict(cfg))
+def save_method(model: nn.Module, path: str | Path, method: str, cfg, tunable: tuple[str, ...] = (),
+                per_module: dict | None = None) -> None:
+    """`save` of a wrapper-based method: its tensors, its config dataclass and the per-layer knobs each wrapper was
+    built with. `per_module` ({module: Config}, optional): the knobs asked for; the wrappers must have them."""
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, AdapterLinear)}
+    have = {n: m.knobs for n, m in layers.items()}
+    if per_module is not None:
+        check_knobs(have, module_knobs(cfg, per_module, sorted(layers), tunable), "the model")
+    save_wrappers(model, path, method, dataclasses.asdict(cfg), sparse_knobs(have, cfg))
 
 
-def load_method(attach: Callable, model: nn.Module, targets: list[str], cfg, path: str | Path, method: str):
-    """`load` of a wrapper-based method: same knobs and modules as saved (else ValueError), attach, copy tensors."""
+def load_method(attach: Callable, model: nn.Module, targets: list[str], cfg, path: str | Path, method: str,
+                tunable: tuple[str, ...] = (), per_module: dict | None = None):
+    """`load` of a wrapper-based method: same knobs (per module too) and modules as saved (else ValueError), attach
+    with the per-module configs, copy the tensors."""
     meta, tensors = read_saved(path, method)
-    check_saved(meta, targets, dataclasses.asdict(cfg))
-    model = attach(model, targets, cfg)
+    check_saved(meta, targets, dataclasses.asdict(cfg), module_knobs(cfg, per_module, targets, tunable))
+    model = attach(model, targets, cfg, per_module=per_module)
     load_state(model, tensors)
     return model
+
+
+# Per-module knob tables {module: {knob: value}}: what a saved adapter holds against what a config asks
+
+def module_knobs(cfg, per_module: dict | None, targets: list[str], tunable: tuple[str, ...]) -> dict[str, dict]:
+    """The values of the `tunable` knobs each target gets: from its Config in `per_module`, else from `cfg`."""
+    return {t: {k: getattr((per_module or {}).get(t, cfg), k) for k in tunable} for t in targets}
+
+
+def sparse_knobs(knobs: dict[str, dict], cfg) -> dict[str, dict]:
+    """Only the values that differ from cfg's (the "per_module" entry of adapter_config.json)."""
+    out = {name: {k: v for k, v in values.items() if v != getattr(cfg, k)} for name, values in knobs.items()}
+    return {name: values for name, values in sorted(out.items()) if values}
+
+
+def check_knobs(have: dict[str, dict], asked: dict[str, dict], holder: str) -> None:
+    """Every module of `asked` must have exactly those knob values in `have` (`holder` names whose they are)."""
+    for name in sorted(asked):
+        for knob, value in asked[name].items():
+            got = have.get(name, {}).get(knob)
+            if got != value:
+                raise ValueError(f"{name}: {holder} has {knob}={got}, the config asks {knob}={value}")
 
 
 def read_saved(path: str | Path, method: str) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -318,11 +374,16 @@ def merge_pooled(layer: nn.Module, delta_weight: torch.Tensor, in_pool: int) -> 
     return merge_dense(layer, delta_weight, dtype=dense_weight(layer).dtype)
 
 
-def check_saved(meta: dict, targets: list[str], config: dict) -> None:
-    """A saved adapter must have been trained with the same knobs on the same modules."""
+def check_saved(meta: dict, targets: list[str], config: dict, knobs: dict[str, dict] | None = None) -> None:
+    """A saved adapter must have been trained with the same knobs on the same modules; `knobs`: the per-layer knob
+    values asked for each target ({module: {knob: value}}, module_knobs), compared with the saved "per_module"."""
     if meta["config"] != config:
         diff = {k: (meta["config"].get(k), v) for k, v in config.items() if meta["config"].get(k) != v}
         raise ValueError(f"saved adapter was trained with other knobs (saved, asked): {diff}")
     if meta["targets"] != sorted(targets):
         missing, extra = sorted(set(targets) - set(meta["targets"])), sorted(set(meta["targets"]) - set(targets))
         raise ValueError(f"saved adapter covers other modules: not saved {missing[:3]}, not asked {extra[:3]}")
+    if knobs:
+        sparse = meta.get("per_module", {})
+        saved = {t: {k: sparse.get(t, {}).get(k, meta["config"][k]) for k in asked} for t, asked in knobs.items()}
+        check_knobs(saved, knobs, "the saved adapter")

@@ -24,8 +24,10 @@ R (out, r) the repeat matrix (R[o, i] = 1 where o lies in block i), u = (A + bet
 and dy = s (B + beta2 R) u, so dW = s (B + beta2 R)(A + beta1 P) exactly. It is added to the dequantized base
 (base.merge_dense), giving a plain nn.Linear in the dtype the base dequantizes to.
 
-Saved format: base.save_wrappers (adapter_config.json with format, version, method "irqlora" and the config;
-adapter_model.safetensors with `<module>.adapter.A`, `.B`, `.beta1`, `.beta2`).
+r and alpha can differ per layer group (peft.by_layer); r must then divide in and out of each module of its group.
+
+Saved format: base.save_method (adapter_config.json with format, version, method "irqlora", the config and the
+per-module r/alpha; adapter_model.safetensors with `<module>.adapter.A`, `.B`, `.beta1`, `.beta2`).
 """
 
 from __future__ import annotations
@@ -106,27 +108,41 @@ class IECLinear(base.AdapterLinear):
         return base.merge_dense(self.base, self.delta_weight(), dtype=dtype)
 
 
-def attach(model, targets: list[str], cfg: Config):
+PER_LAYER_KNOBS = ("r", "alpha")  # settable per layer group (peft.by_layer; qpeft_bench/layers.py)
+
+
+def attach(model, targets: list[str], cfg: Config, per_module: dict[str, Config] | None = None):
+    """`per_module`: {module: Config} with per-layer-group r/alpha (peft.by_layer)."""
     dtype = DTYPE[cfg.adapter_dtype]
 
-    def make(name: str, layer: nn.Module) -> IECLinear:
+    def make(name: str, layer: nn.Module, c: Config) -> IECLinear:
         try:
-            return IECLinear(layer, cfg.r, cfg.alpha, cfg.dropout, dtype)
+            return IECLinear(layer, c.r, c.alpha, c.dropout, dtype)
         except ValueError as err:  # check_against_arch catches this at compose time; a hand-made call lands here
             raise ConfigError(f"{name} ({layer.in_features} -> {layer.out_features}): peft.{err}") from err
 
-    base.attach_wrappers(model, targets, make)
-    want = {"r": cfg.r, "r_B": cfg.r, "scale": cfg.alpha / cfg.r, "dtype": dtype, "betas": (1, 1)}
-    base.verify_wrappers(model, targets, IECLinear, lambda name: want)
+    base.attach_method(model, targets, cfg, per_module, PER_LAYER_KNOBS, make)
+    verify(model, targets, cfg, per_module)
     return model
 
 
-def save(model, path, cfg: Config) -> None:
-    base.save_method(model, path, METHOD, cfg)
+def verify(model, targets: list[str], default: Config, per_module: dict[str, Config] | None = None) -> None:
+    def expected(name: str) -> dict:
+        cfg = (per_module or {}).get(name, default)
+        return {"r": cfg.r, "r_B": cfg.r, "scale": cfg.alpha / cfg.r, "dtype": DTYPE[cfg.adapter_dtype],
+                "betas": (1, 1)}
+
+    base.verify_wrappers(model, targets, IECLinear, expected)
 
 
-def load(model, targets: list[str], cfg: Config, path):
-    return base.load_method(attach, model, targets, cfg, path, METHOD)
+def save(model, path, cfg: Config, per_module: dict[str, Config] | None = None) -> None:
+    """Each module's r and alpha go with it (base.py, "per_module"); `per_module`: checked if given."""
+    base.save_method(model, path, METHOD, cfg, PER_LAYER_KNOBS, per_module)
+
+
+def load(model, targets: list[str], cfg: Config, path, per_module: dict[str, Config] | None = None):
+    """Refuses a saved adapter whose knobs, per module too, differ from cfg and per_module (ValueError)."""
+    return base.load_method(attach, model, targets, cfg, path, METHOD, PER_LAYER_KNOBS, per_module)
 
 
 def merge(model):

@@ -133,7 +133,7 @@ def attach(model, targets: list[str], cfg: Config, per_module: dict[str, Config]
     loftq = None
     if cfg.loftq is not None and not on_meta:  # plan mode counts parameters only
         loftq = loftq_init(model, targets, cfg.r, cfg.loftq["iters"])
-    peft_model = _wrap(model, targets, cfg, per_module or {})
+    peft_model = _wrap(model, targets, cfg, per_module)
     if loftq is not None:
         _set_loftq_factors(peft_model, loftq["factors"], cfg)
         peft_model.qpeft_loftq = loftq["report"]  # cache hit or miss and time, for the record
@@ -157,8 +157,7 @@ def _wrap(model, targets: list[str], cfg: Config, per_module: dict[str, Config] 
         use_dora=cfg.use_dora,
         target_modules=targets,  # full module names: peft matches them exactly
         # per-module values as full names; verify() checks that peft applied each of them
-        rank_pattern={n: c.r for n, c in (per_module or {}).items() if c.r != cfg.r},
-        alpha_pattern={n: c.alpha for n, c in (per_module or {}).items() if c.alpha != cfg.alpha},
+        **_patterns(cfg, per_module),
         bias="none",
         task_type="CAUSAL_LM",
     )
@@ -180,6 +179,12 @@ def _wrap(model, targets: list[str], cfg: Config, per_module: dict[str, Config] 
         if "lora_" in name:
             param.data = param.data.to(DTYPE[cfg.adapter_dtype])
     return model
+
+
+def _patterns(cfg: Config, per_module: dict[str, Config] | None) -> dict[str, dict]:
+    """peft's rank_pattern and alpha_pattern: the modules whose r or alpha differs from cfg's, by full name."""
+    return {"rank_pattern": {n: c.r for n, c in (per_module or {}).items() if c.r != cfg.r},
+            "alpha_pattern": {n: c.alpha for n, c in (per_module or {}).items() if c.alpha != cfg.alpha}}
 
 
 def tuner_layers(model, cls: type) -> dict:
@@ -445,11 +450,14 @@ def _set_loftq_factors(peft_model, factors: dict[str, dict], cfg: Config) -> Non
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def save(model, path, cfg: Config) -> None:
-    """peft's own format (adapter_config.json + adapter_model.safetensors); with LoftQ after more than one
-    iteration also the shift factors the base was re-quantized from, so that `load` rebuilds that base."""
+def save(model, path, cfg: Config, per_module: dict[str, Config] | None = None) -> None:
+    """peft's own format (adapter_config.json + adapter_model.safetensors; per-group r/alpha in its rank_pattern and
+    alpha_pattern); with LoftQ after more than one iteration also the shift factors the base was re-quantized from,
+    so that `load` rebuilds that base. `per_module`, if given, must be what the model carries (verify)."""
     from safetensors.torch import save_file
 
+    if per_module is not None:
+        verify(model, sorted(lora_layers(model)), cfg, per_module)
     path = Path(path)
     model.save_pretrained(str(path))
     if cfg.loftq is None:
@@ -464,17 +472,23 @@ def save(model, path, cfg: Config) -> None:
                                               indent=2, sort_keys=True) + "\n")
 
 
-def load(model, targets: list[str], cfg: Config, path):
-    """The saved adapters on a freshly quantized base (the one the recipe builds before attaching)."""
+def load(model, targets: list[str], cfg: Config, path, per_module: dict[str, Config] | None = None):
+    """The saved adapters on a freshly quantized base (the one the recipe builds before attaching), with the
+    per-module r/alpha of `per_module`; refuses (ValueError) a saved adapter with other knobs, per module too."""
     from safetensors.torch import load_file
 
     path = Path(path)
     saved = json.loads((path / "adapter_config.json").read_text())
     want = {"r": cfg.r, "lora_alpha": cfg.alpha, "use_rslora": cfg.use_rslora, "use_dora": cfg.use_dora}
     got = {k: saved.get(k) for k in want}
-    if got != want or sorted(saved.get("target_modules") or []) != sorted(targets):
-        raise ValueError(f"{path}: saved adapter has {got} on {len(saved.get('target_modules') or [])} modules; "
-                         f"this config asks {want} on {len(targets)}")
+    modules = _saved_modules(path)
+    if got != want or modules != sorted(targets):
+        raise ValueError(f"{path}: saved adapter has {got} on {len(modules)} modules; this config asks {want} on "
+                         f"{len(targets)}")
+    ranks, alphas = saved.get("rank_pattern") or {}, saved.get("alpha_pattern") or {}
+    saved_knobs = {t: {"r": ranks.get(t, saved["r"]), "alpha": alphas.get(t, saved["lora_alpha"])} for t in targets}
+    base.check_knobs(saved_knobs, base.module_knobs(cfg, per_module, targets, PER_LAYER_KNOBS),
+                     "the saved adapter")
     meta = json.loads((path / LOFTQ_FILE).read_text()) if (path / LOFTQ_FILE).is_file() else {"loftq": None}
     if meta["loftq"] != cfg.loftq:
         raise ValueError(f"{path}: saved with loftq={meta['loftq']}, this config has loftq={cfg.loftq}")
@@ -484,12 +498,22 @@ def load(model, targets: list[str], cfg: Config, path):
         shifts = {t: {k: flat[f"{t}.{k}"] for k in ("shift_L", "shift_R")} for t in targets}
         source = getattr(model, "name_or_path", "") or getattr(model.config, "_name_or_path", "")
         shift_bases(model, shifts, checkpoint_weights(source, targets))
-    peft_model = _wrap(model, targets, cfg)
+    peft_model = _wrap(model, targets, cfg, per_module)
     load_peft_state(peft_model, path, "lora_")
     if shifts is not None:
         peft_model.qpeft_loftq_shifts = shifts
-    verify(peft_model, targets, cfg)
+    verify(peft_model, targets, cfg, per_module)
     return peft_model
+
+
+def _saved_modules(path: Path) -> list[str]:
+    """The modules a saved peft LoRA adapter holds tensors for, by full name. Not its target_modules: with 20 or more
+    targets peft condenses those to name suffixes (e.g. ["q_proj", ...]) before saving."""
+    from safetensors import safe_open
+
+    with safe_open(str(path / "adapter_model.safetensors"), framework="pt") as f:
+        keys = list(f.keys())
+    return sorted({k.removeprefix("base_model.model.").split(".lora_")[0] for k in keys})
 
 
 def merge(model):

@@ -8,7 +8,8 @@ per group of inputs: rtn, gptq, and hqq with axis=1.
 
 Dropout acts on the pooled input, as in the authors' code (in / L features to drop instead of in). A is
 initialised like LoRA's A (Kaiming-uniform with a = √5, fan-in in / L) and B at zero, so the adapted model starts
-as the quantized base. Saved in base.py's versioned adapter format (tensors `<module>.adapter.A` / `.B`).
+as the quantized base. r and alpha can differ per layer group (peft.by_layer), L cannot. Saved in base.py's
+versioned adapter format (tensors `<module>.adapter.A` / `.B`, each module's r and alpha in "per_module").
 """
 
 from __future__ import annotations
@@ -101,37 +102,43 @@ class QALoRALinear(base.AdapterLinear):
         return base.merge_group_constant(self.base, self.group_delta())
 
 
-def attach(model, targets: list[str], cfg: Config):
+# group_size is not among them: it must equal the quantizer's group size (the merge folds the update into the
+# quantization groups' zero points), and the quantizer uses one group size for every layer, so it is global.
+PER_LAYER_KNOBS = ("r", "alpha")  # settable per layer group (peft.by_layer; qpeft_bench/layers.py)
+
+
+def attach(model, targets: list[str], cfg: Config, per_module: dict[str, Config] | None = None):
+    """`per_module`: {module: Config} with per-layer-group r/alpha (peft.by_layer)."""
     dtype = DTYPE[cfg.adapter_dtype]
 
-    def make(name: str, layer: nn.Module) -> QALoRALinear:
+    def make(name: str, layer: nn.Module, c: Config) -> QALoRALinear:
         try:
-            return QALoRALinear(layer, cfg.r, cfg.alpha, cfg.group_size, cfg.dropout, dtype)
+            return QALoRALinear(layer, c.r, c.alpha, c.group_size, c.dropout, dtype)
         except ValueError as err:
             raise ConfigError(f"{name} ({layer.in_features} -> {layer.out_features}): peft.{err}") from err
 
-    base.attach_wrappers(model, targets, make)
-    want = {"r": cfg.r, "scale": cfg.alpha / cfg.r, "group_size": cfg.group_size, "dtype": dtype}
-    base.verify_wrappers(model, targets, QALoRALinear, lambda name: want)
+    base.attach_method(model, targets, cfg, per_module, PER_LAYER_KNOBS, make)
+    verify(model, targets, cfg, per_module)
     return model
 
 
-def save(model, path, cfg: Config) -> None:
-    base.save_method(model, path, METHOD, cfg)
+def verify(model, targets: list[str], default: Config, per_module: dict[str, Config] | None = None) -> None:
+    def expected(name: str) -> dict:
+        cfg = (per_module or {}).get(name, default)
+        return {"r": cfg.r, "scale": cfg.alpha / cfg.r, "group_size": cfg.group_size, "dtype": DTYPE[cfg.adapter_dtype]}
+
+    base.verify_wrappers(model, targets, QALoRALinear, expected)
 
 
-def load(model, targets: list[str], cfg: Config, path):
-    meta, tensors = base.read_saved(path, METHOD)
-    # alpha changes the outputs without changing a shape, so the tensors alone cannot catch a mismatch
-    saved = {k: meta["config"].get(k) for k in ("r", "alpha", "group_size")}
-    asked = {k: getattr(cfg, k) for k in saved}
-    if saved != asked:
-        raise ValueError(f"{path}: saved adapter has {saved}, the config asks for {asked}")
-    if sorted(targets) != meta["targets"]:
-        raise ValueError(f"{path}: saved adapter covers {len(meta['targets'])} modules, asked for {len(targets)}")
-    model = attach(model, targets, cfg)
-    base.load_state(model, tensors)
-    return model
+def save(model, path, cfg: Config, per_module: dict[str, Config] | None = None) -> None:
+    """Each module's r and alpha go with it (base.py, "per_module"); `per_module`: checked if given."""
+    base.save_method(model, path, METHOD, cfg, PER_LAYER_KNOBS, per_module)
+
+
+def load(model, targets: list[str], cfg: Config, path, per_module: dict[str, Config] | None = None):
+    """Refuses a saved adapter whose knobs, per module too, differ from cfg and per_module (ValueError): alpha
+    changes the outputs without changing a shape, so the tensors alone could not catch a mismatch."""
+    return base.load_method(attach, model, targets, cfg, path, METHOD, PER_LAYER_KNOBS, per_module)
 
 
 def merge(model):

@@ -113,11 +113,10 @@ def attach(model, targets: list[str], cfg: Config, per_module: dict[str, Config]
     """`per_module`: {module: Config} with per-layer-group knobs (peft.by_layer)."""
     dtype = DTYPE[cfg.adapter_dtype]
 
-    def make(name, layer):
-        c = (per_module or {}).get(name, cfg)
+    def make(name, layer, c):
         return QBaRALinear(layer, c.r, c.balance, c.alpha, c.dropout, dtype)
 
-    model = base.attach_wrappers(model, targets, make)
+    model = base.attach_method(model, targets, cfg, per_module, PER_LAYER_KNOBS, make)
     verify(model, targets, cfg, per_module)
     return model
 
@@ -135,12 +134,14 @@ def verify(model, targets: list[str], default: Config, per_module: dict[str, Con
     base.verify_wrappers(model, targets, QBaRALinear, expected)
 
 
-def save(model, path, cfg: Config) -> None:
-    base.save_method(model, path, METHOD, cfg)
+def save(model, path, cfg: Config, per_module: dict[str, Config] | None = None) -> None:
+    """Each module's r, alpha and balance go with it (base.py, "per_module"); `per_module`: checked if given."""
+    base.save_method(model, path, METHOD, cfg, PER_LAYER_KNOBS, per_module)
 
 
-def load(model, targets: list[str], cfg: Config, path):
-    return base.load_method(attach, model, targets, cfg, path, METHOD)
+def load(model, targets: list[str], cfg: Config, path, per_module: dict[str, Config] | None = None):
+    """Refuses a saved adapter whose knobs, per module too, differ from cfg and per_module (ValueError)."""
+    return base.load_method(attach, model, targets, cfg, path, METHOD, PER_LAYER_KNOBS, per_module)
 
 
 def merge(model):

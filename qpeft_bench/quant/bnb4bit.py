@@ -16,6 +16,10 @@ import torch
 from qpeft_bench.config import ConfigError
 from qpeft_bench.models import DTYPE
 
+# bitsandbytes' layers return their input's dtype, not autocast's: with fp32 norms the stream stays fp32
+# (the plan-mode memory estimate needs to know; qpeft_bench/estimate.py).
+OUTPUT_FOLLOWS_INPUT_DTYPE = True
+
 NESTED_BLOCKSIZE = 256  # bitsandbytes' fixed block size of the second (double-quant) level
 NESTED_CODE_ENTRIES = 256  # the 8-bit dynamic code of the second level, fp32 entries
 CODE_ENTRIES = 16  # the 4-bit code book (NF4 or FP4 values), fp32 entries

@@ -33,6 +33,10 @@ from torch import nn
 from qpeft_bench.config import positive
 from qpeft_bench.models import DTYPE
 
+# bitsandbytes' layers return their input's dtype, not autocast's: with fp32 norms the stream stays fp32
+# (the plan-mode memory estimate needs to know; qpeft_bench/estimate.py).
+OUTPUT_FOLLOWS_INPUT_DTYPE = True
+
 SCALE_BYTES = 4  # SCB: one fp32 absmax per output row
 
 

@@ -1,0 +1,280 @@
+"""Plan-mode estimates of a run's peak GPU memory and of its time, from the architecture alone (no weights).
+
+The estimate describes our training loop (qpeft_bench/train.py: autocast to the compute dtype, LoRA-style adapters
+through peft, SDPA attention, transformers' cross entropy) on one H100-class GPU with the efficiency the reference
+stack reaches there (/work/shared/reference/gpu_baseline.md). Memory is counted the way a real run records it
+(DESIGN §6): what PyTorch's allocator holds at the peak step, plus, separately, the optimizer state that
+bitsandbytes' paged optimizers keep in CUDA managed memory, which the allocator never sees.
+
+Activations are counted from what autograd keeps for backward, layer by layer, for a LLaMA block (RMSNorm, SDPA,
+SwiGLU MLP) and an OPT block (LayerNorm, SDPA, ReLU MLP, residual dropout, learned positions); a test checks the
+per-block count against the tensors autograd really saves on a tiny model. Not modelled: DoRA's weight norms
+(a dequantized weight per layer and far more time), quantizers that keep dequantized weights around (HQQ's
+measured peak is ~3x NF4's), allocator fragmentation (reserved > allocated), the CUDA context.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from qpeft_bench.config import ConfigError
+from qpeft_bench.models import DTYPE
+
+FP32 = 4  # bytes
+# bf16 matrix product 8192^3 on the lent H100, measured with the reference stack (gpu_baseline.md). fp16 runs at
+# the same rate on that card; fp32 matmuls are far slower and not measured, so fp32 runs are underestimated.
+H100_BF16_MATMUL_FLOPS = 770e12
+# Fraction of that ceiling our FLOP count of a step reaches with the reference stack, calibrated on ONE row of
+# gpu_baseline.md: "no fp32 upcast (checkpointing + input grads only)", QLoRA r64 NF4+DQ LLaMA-2-7B, batch 8 x 512,
+# 0.755 s/step; step_flops gives 1.715e14 FLOP for it, and 1.715e14 / (0.755 s * 770e12 FLOP/s) = 0.295. It
+# absorbs what FLOPs do not count: dequantizing the 4-bit weights in every pass, elementwise work, the optimizer.
+EFFICIENCY = 0.295
+# Flash and memory-efficient attention recompute the s x s scores in backward: 5 matrix products against the
+# forward's 2 (PyTorch's FlopCounterMode counts the same).
+SDPA_BACKWARD_FACTOR = 2.5
+# CUDA's fused dropout keeps a bool mask per element (the CPU path keeps a mask in the input's dtype).
+DROPOUT_MASK_BYTES = 1
+# bitsandbytes' paged optimizers page the state of tensors with at least this many elements; smaller ones get
+# ordinary allocator tensors (bitsandbytes.optim.optimizer.Optimizer8bit.get_state_buffer).
+PAGED_MIN_ELEMENTS = 100_000
+OPTIMIZERS = ("auto", "adamw", "paged_adamw_32bit")
+# OPTConfig's default residual dropout, which OPT checkpoints keep (0.1) and our cards leave unset.
+OPT_DEFAULT_DROPOUT = 0.1
+
+
+@dataclass(frozen=True)
+class Shape:
+    """The sizes that decide memory and time, read from transformers config fields."""
+
+    family: str
+    layers: int
+    hidden: int
+    heads: int
+    q_dim: int  # heads x head_dim
+    mlp: int  # intermediate_size (LLaMA) or ffn_dim (OPT)
+    vocab: int
+    lm_head_in: int  # OPT's word_embed_proj_dim may differ from hidden_size
+    norm_elems: int  # elements of all norm parameters (what upcast_norms_fp32 widens)
+    residual_dropout: float  # OPT drops out the attention and MLP outputs before each residual add
+    linears: dict  # {name: (in_features, out_features)} of the linears of one block
+    input_groups: tuple  # tuples of linear names that read the same input tensor
+
+
+def model_shape(arch: dict) -> Shape:
+    """The Shape of a LLaMA or OPT architecture given as transformers config fields (with `model_type`)."""
+    family = arch.get("model_type")
+    try:
+        h, layers, heads, vocab = (arch[k] for k in ("hidden_size", "num_hidden_layers", "num_attention_heads",
+                                                     "vocab_size"))
+        if family == "llama":
+            head_dim = arch.get("head_dim") or h // heads
+            kv_heads = arch.get("num_key_value_heads") or heads
+            q, kv, i = heads * head_dim, kv_heads * head_dim, arch["intermediate_size"]
+            linears = {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
+                       "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+            groups = (("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",))
+            return Shape(family, layers, h, heads, q, i, vocab, h, (2 * layers + 1) * h, 0.0, linears, groups)
+        if family == "opt":
+            # Learned positions are an embedding lookup: weights (in quantized_bytes), nothing kept for backward.
+            # project_in/out (word_embed_proj_dim != hidden_size, OPT-350m) are left out of the FLOPs.
+            f = arch["ffn_dim"]
+            linears = {"q_proj": (h, h), "k_proj": (h, h), "v_proj": (h, h), "out_proj": (h, h), "fc1": (h, f),
+                       "fc2": (f, h)}
+            groups = (("q_proj", "k_proj", "v_proj"), ("out_proj",), ("fc1",), ("fc2",))
+            final_norm = 1 if arch.get("do_layer_norm_before", True) else 0
+            norms = (2 * layers + final_norm) * 2 * h  # LayerNorm: weight and bias
+            return Shape(family, layers, h, heads, h, f, vocab, arch.get("word_embed_proj_dim") or h, norms,
+                         arch.get("dropout", OPT_DEFAULT_DROPOUT), linears, groups)
+    except KeyError as err:
+        raise ConfigError(f"architecture of model_type {family!r} lacks the field {err.args[0]!r} that the "
+                          "memory and time estimates need") from err
+    raise ConfigError(f"memory and time estimates know model_type llama and opt, not {family!r}")
+
+
+def _bytes(dtype: str, what: str) -> int:
+    if dtype not in DTYPE:
+        raise ConfigError(f"{what}={dtype!r}; the estimates need a resolved dtype: one of {', '.join(DTYPE)}")
+    return DTYPE[dtype].itemsize
+
+
+def _norm_bytes_per_token(s: Shape) -> int:
+    # RMSNorm upcasts its input to fp32 and keeps it (plus a per-token statistic); LayerNorm under autocast runs
+    # in fp32 and keeps its fp32 input, mean and rstd. The frozen norm weight spares keeping the normalised output.
+    return FP32 * (s.hidden + 2)
+
+
+def _adapter_bytes_per_token(s: Shape, targets: list[str], rank: int, dropout: float, input_dtype: dict,
+                             adapter: int, compute: int) -> int:
+    """What the adapters of one block keep per token: the copies of their inputs that the adapter weight gradient
+    needs, dropout masks, and the rank-r activations between A and B."""
+    # Under autocast (compute < fp32) the adapter matmul keeps its input cast to the compute dtype; without it,
+    # peft casts the input to the adapter's dtype and the matmul keeps that.
+    kept = compute if compute < FP32 else adapter
+    total = 0
+    for group in s.input_groups:
+        names = [n for n in group if n in targets]
+        if not names:
+            continue
+        width = s.linears[names[0]][0]
+        if dropout > 0:  # each linear's own dropout makes its own copy, and keeps a mask
+            total += len(names) * width * (kept + DROPOUT_MASK_BYTES)
+        elif input_dtype[names[0]] == adapter == kept:  # no cast, no dropout: linears reading one tensor share it
+            total += width * kept
+        else:  # each linear casts its input itself
+            total += len(names) * width * kept
+    return total + len(targets) * rank * kept
+
+
+def _block_bytes_per_token(s: Shape, seq_len: int, compute: int, stream: int, norm_out: int, adapter: int,
+                           targets: list[str], rank: int, dropout: float) -> int:
+    """Bytes one decoder block keeps for backward per token."""
+    norms = 2 * _norm_bytes_per_token(s)
+    # SDPA's efficient kernels keep q, k, v and the output (autocast casts them to the compute dtype) and an fp32
+    # log-sum-exp per head; no s x s score matrix. With grouped-query attention and a padding mask (our padded
+    # batches), transformers repeats k and v to every query head before SDPA, and those copies are what is kept.
+    # SDPA turns the boolean padding mask into an additive bias of the compute dtype in every layer and keeps it
+    # (batch x seq x seq, i.e. seq per token). RoPE keeps only the shared cos/sin tables.
+    attention = compute * (4 * s.q_dim + seq_len) + FP32 * s.heads
+    if s.family == "llama":
+        # SwiGLU: SiLU keeps its input (gate's output) and the product keeps both factors (SiLU's and up's outputs)
+        mlp = 3 * stream * s.mlp
+    else:
+        mlp = stream * s.mlp  # ReLU keeps its output, which is also fc2's input
+    # OPT's dropout on the attention and MLP outputs before the residual adds keeps two masks
+    residual_dropout = 2 * s.hidden * DROPOUT_MASK_BYTES if s.residual_dropout > 0 else 0
+    # The frozen base linears keep no input: their weight needs no gradient, and bitsandbytes' matmul and
+    # F.linear with a frozen weight keep only the weight.
+    attn_in = "o_proj" if s.family == "llama" else "out_proj"
+    mlp_out = "down_proj" if s.family == "llama" else "fc2"
+    input_dtype = {n: norm_out for n in s.linears} | {attn_in: compute, mlp_out: stream}
+    adapters = _adapter_bytes_per_token(s, targets, rank, dropout, input_dtype, adapter, compute)
+    return norms + attention + mlp + residual_dropout + adapters
+
+
+def train_memory(
+    arch: dict,
+    *,
+    batch_size: int,
+    seq_len: int,
+    gradient_checkpointing: bool,
+    upcast_norms_fp32: bool,
+    compute_dtype: str,
+    adapter_dtype: str,
+    trainable_params: int,
+    quantized_bytes: int,
+    adapter_rank: int,
+    adapter_dropout: float,
+    adapter_targets: list[str] | None = None,
+    model_dtype: str = "bfloat16",
+    optimizer: str = "paged_adamw_32bit",
+    output_follows_input_dtype: bool = True,
+    dequantizes: bool = True,
+) -> dict:
+    """Peak GPU memory of one training step, by component, in bytes.
+
+    `quantized_bytes`: the model as stored (accounting's quantized_model_bytes). `adapter_rank` and
+    `adapter_dropout`: LoRA's r and dropout (0 for adapters without them, e.g. IA3). `adapter_targets`: the linear
+    names of a block that carry adapters (None: all of them). `optimizer`: as train.optimizer (auto is the paged
+    one, which a GPU gets). `output_follows_input_dtype`: the quantized linears return their input's dtype, as
+    bitsandbytes' layers do (nf4, fp4, int8); autocast-aware layers (F.linear-based formats, no quantization)
+    return the compute dtype. `dequantizes`: the base weights are dequantized for each matmul (any quantizer).
+
+    Returns the components, `peak_bytes` (their sum: what the GPU must hold), `paged_optimizer_bytes` (the part
+    of the optimizer state bitsandbytes keeps in CUDA managed memory) and `allocated_peak_bytes` (peak minus the
+    paged part: what torch.cuda.max_memory_allocated, the figure runs record, reports).
+    """
+    s = model_shape(arch)
+    compute = _bytes(compute_dtype, "compute_dtype")
+    adapter = _bytes(adapter_dtype, "adapter_dtype")
+    model = _bytes(model_dtype, "model_dtype")
+    if optimizer not in OPTIMIZERS:
+        raise ConfigError(f"optimizer={optimizer!r}; the estimates know {', '.join(OPTIMIZERS)}")
+    targets = list(s.linears) if adapter_targets is None else list(adapter_targets)
+    unknown = sorted(set(targets) - set(s.linears))
+    if unknown:
+        raise ConfigError(f"adapter targets {unknown} are no linear of a {s.family} block ({', '.join(s.linears)})")
+    tokens = batch_size * seq_len
+
+    # A norm's output is fp32 when its weight is (upcast) or, for LayerNorm, because autocast runs it in fp32.
+    # Layers that return their input's dtype (bitsandbytes) then carry fp32 on through the MLP into the residual
+    # stream; autocast-aware layers bring it back to the compute dtype.
+    norm_out_fp32 = compute < FP32 and (upcast_norms_fp32 or s.family == "opt")
+    norm_out = FP32 if norm_out_fp32 else compute
+    stream = FP32 if norm_out_fp32 and output_follows_input_dtype else compute
+    block = _block_bytes_per_token(s, seq_len, compute, stream, norm_out, adapter, targets, adapter_rank,
+                                   adapter_dropout)
+    final_norm = _norm_bytes_per_token(s)  # outside the checkpointed blocks: kept in both cases
+    if gradient_checkpointing:
+        # Only each block's input survives the forward; in backward one block at a time is recomputed and its
+        # activations exist until its backward is done.
+        activations = tokens * (s.layers * stream * s.hidden + final_norm)
+        recompute = tokens * block
+    else:
+        activations = tokens * (s.layers * block + final_norm)
+        recompute = 0
+    # transformers' loss upcasts the logits to fp32; cross entropy keeps its fp32 log-probabilities, and at the
+    # start of backward the gradient nll_loss returns and log_softmax's input gradient join them: three fp32
+    # tokens x vocab tensors (more than the compute-dtype logits + fp32 copy + log-probs of the forward).
+    loss = tokens * s.vocab * 3 * FP32
+    # bitsandbytes and our packed formats dequantize one weight at a time to the compute dtype for each matmul
+    largest = max(i * o for i, o in s.linears.values())
+    dequant = largest * compute if dequantizes else 0
+    # The loss tensors are freed before the first block's backward, so the transients do not add up.
+    transient = max(loss, recompute + dequant)
+
+    # Our optimizer steps the adapter parameters directly (no fp32 master copy; train.py). bitsandbytes' 32-bit
+    # AdamW keeps two fp32 states per element whatever the parameter dtype; torch's AdamW keeps them in the
+    # parameter's dtype (zeros_like).
+    paged_opt = optimizer in ("auto", "paged_adamw_32bit")
+    optimizer_bytes = 2 * (FP32 if paged_opt else adapter) * trainable_params
+    paged = 0
+    if paged_opt:
+        # LoRA's A (r x in) and B (out x r) per adapted linear; those above bitsandbytes' threshold are paged
+        big = sum(n for t in targets for n in (adapter_rank * s.linears[t][0], adapter_rank * s.linears[t][1])
+                  if n >= PAGED_MIN_ELEMENTS)
+        paged = 2 * FP32 * min(trainable_params, s.layers * big)
+
+    components = {
+        "weights_bytes": quantized_bytes,  # the model as stored: quantized linears + embeddings, norms, lm_head
+        # upcast_norms_fp32 widens the norm parameters from the model dtype to fp32
+        "norm_upcast_bytes": s.norm_elems * (FP32 - model) if upcast_norms_fp32 and model < FP32 else 0,
+        "trainable_bytes": trainable_params * adapter,
+        "gradient_bytes": trainable_params * adapter,  # gradients take their parameter's dtype
+        "optimizer_bytes": optimizer_bytes,
+        "activation_bytes": activations,  # kept from the forward through the start of backward
+        "transient_bytes": transient,
+    }
+    peak = sum(components.values())
+    return {**components, "peak_bytes": peak, "paged_optimizer_bytes": paged, "allocated_peak_bytes": peak - paged}
+
+
+def step_flops(arch: dict, *, batch_size: int, seq_len: int, gradient_checkpointing: bool, trainable_params: int,
+               grad_accum: int = 1) -> int:
+    """Floating-point operations of one optimizer step (grad_accum micro-batches of batch_size x seq_len).
+
+    Matrix products only: the frozen base linears, attention (QK^T and PV over the full s x s, since a padding
+    mask keeps SDPA from skipping the causal half), lm_head and the adapters (counted as 2 FLOP per trainable
+    parameter and token). Backward computes input gradients only for frozen weights (about one forward) and
+    input plus weight gradients for the adapters; gradient checkpointing adds one more forward of the blocks.
+    """
+    s = model_shape(arch)
+    tokens = batch_size * seq_len
+    base = 2 * tokens * s.layers * sum(i * o for i, o in s.linears.values())
+    head = 2 * tokens * s.lm_head_in * s.vocab
+    attention = s.layers * 2 * (2 * batch_size * seq_len * seq_len * s.q_dim)
+    adapters = 2 * tokens * trainable_params
+    forward = base + head + attention + adapters
+    backward = base + head + SDPA_BACKWARD_FACTOR * attention + 2 * adapters
+    recompute = base + attention + adapters if gradient_checkpointing else 0  # lm_head is not checkpointed
+    return round(grad_accum * (forward + backward + recompute))
+
+
+def step_seconds(flops: float) -> float:
+    """Seconds of one optimizer step on one H100-class GPU at the reference stack's efficiency (module constants)."""
+    return flops / (H100_BF16_MATMUL_FLOPS * EFFICIENCY)
+
+
+def run_seconds(steps: int, seconds_per_step: float) -> float:
+    """Training time of a run: its optimizer steps (each of micro batch x grad_accum x seq_len tokens) at the
+    estimated step time. Quantization, evaluation and loading are not included."""
+    return steps * seconds_per_step
