@@ -25,6 +25,7 @@ from qpeft_bench import ASSETS, results
 log = logging.getLogger("qpeft_bench")
 # peft calls a transformers property that transformers 5 deprecates; the warning is theirs, not the user's.
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+warnings.filterwarnings("ignore", message=".*gradient_checkpointing_enable.*is deprecated", category=FutureWarning)
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
 
@@ -38,6 +39,14 @@ def _run_id(*, _root_: DictConfig) -> str:
     return results.run_id(job_config(_root_))
 
 
+def _run_dir_of(*, _root_: DictConfig) -> str:
+    """Hydra's run directory: the run's own, or for mode=eval a `reeval/` folder inside the re-evaluated run (so
+    Hydra's files of the evaluation do not replace those of the training)."""
+    if _root_.get("mode") == "eval" and _root_.get("run_dir"):
+        return str(Path(_root_.run_dir) / "reeval")
+    return f"{_root_.output_root}/{_run_id(_root_=_root_)}"
+
+
 def job_config(cfg: DictConfig) -> dict:
     """The resolved config without Hydra's own node."""
     plain = OmegaConf.to_container(cfg, resolve=False)
@@ -47,6 +56,7 @@ def job_config(cfg: DictConfig) -> dict:
 
 OmegaConf.register_new_resolver("asset", _asset, replace=True)
 OmegaConf.register_new_resolver("run_id", _run_id, replace=True)
+OmegaConf.register_new_resolver("run_dir_of", _run_dir_of, replace=True)
 
 
 class SweepSummary(Callback):

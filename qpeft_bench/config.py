@@ -209,23 +209,80 @@ class TrainConfig:
             raise ConfigError("train.optimizer=paged_adamw_32bit needs CUDA; use adamw (or auto) on the CPU")
 
 
+EVAL_TASKS = ("ppl_heldout", "ppl_wikitext", "mmlu", "commonsense", "leaderboard", "speed")
+
+
+@dataclass
+class WikitextConfig:
+    """ppl_wikitext: windowed token perplexity of a WikiText-style test split (qpeft_bench/evaluation/perplexity.py)."""
+
+    path: str | None = None  # a local file in the hub's schema (jsonl/json/parquet with "text", or raw text); wins
+    hub_id: str = "wikitext"
+    variant: str | None = "wikitext-2-raw-v1"
+    split: str = "test"
+    seq_len: int | None = None  # window length; null: min(model context, 2048), the studies' 2048 for LLaMA
+    max_windows: int | None = None  # cap for smoke runs; null: every window
+
+    def check(self, where: str) -> None:
+        positive(where, "seq_len", self.seq_len)
+        positive(where, "max_windows", self.max_windows)
+        if self.path is not None and not Path(self.path).is_file():
+            raise ConfigError(f"{where}.path={self.path!r} does not exist")
+
+
+@dataclass
+class HarnessConfig:
+    """mmlu, commonsense, leaderboard: lm-eval task sets on the in-memory model (evaluation/harness.py)."""
+
+    batch_size: int = 8  # requests per forward
+    limit: int | None = None  # items per task (smoke runs); null: all
+    max_gen_toks: int | None = None  # cap on generated tokens (GSM8k) for smoke runs; recorded when set
+
+    def check(self, where: str) -> None:
+        positive(where, "batch_size", self.batch_size)
+        positive(where, "limit", self.limit)
+        positive(where, "max_gen_toks", self.max_gen_toks)
+
+
+@dataclass
+class SpeedConfig:
+    """speed: generated tokens/s at batch 1 and forward/backward ms of one step (evaluation/speed.py)."""
+
+    new_tokens: int = 256
+    repeats: int = 5  # medians over these, after one warm-up
+    seq_len: int = 512  # the training step's sequence length
+    batch_size: int = 1
+    gradient_checkpointing: bool = True
+
+    def check(self, where: str) -> None:
+        for name in ("new_tokens", "repeats", "seq_len", "batch_size"):
+            positive(where, name, getattr(self, name))
+
+
 @dataclass
 class EvalConfig:
     name: str
     tasks: list[str] = field(default_factory=lambda: ["ppl_heldout"])
-    before_finetune: bool = True  # also evaluate the quantized base (the "no fine-tuning" row)
-    batch_size: int = 8
-    max_batches: int | None = None  # cap for smoke runs; null: the whole split
+    before_finetune: bool = True  # also evaluate the quantized base (the "no fine-tuning" row); speed: after only
+    cache_base: bool = True  # reuse the quantized base's results across runs ($QPEFT_CACHE/base_eval)
+    batch_size: int = 8  # held-out and WikiText perplexity
+    max_batches: int | None = None  # held-out perplexity cap for smoke runs; null: the whole split
+    data_root: str | None = None  # local benchmark data in the hub's layout; null: $QPEFT_EVAL_DATA, else the hub
+    wikitext: Any = None  # WikitextConfig after validate()
+    harness: Any = None  # HarnessConfig
+    speed: Any = None  # SpeedConfig
 
     def check(self, where: str) -> None:
-        known = ("ppl_heldout",)
         for task in self.tasks:
-            if task not in known:
-                raise ConfigError(f"{where}.tasks: unknown task {task!r}; available: {', '.join(known)}")
+            if task not in EVAL_TASKS:
+                raise ConfigError(f"{where}.tasks: unknown task {task!r}; available: {', '.join(EVAL_TASKS)}")
+        if len(set(self.tasks)) != len(self.tasks):
+            raise ConfigError(f"{where}.tasks={self.tasks} lists a task twice")
         positive(where, "batch_size", self.batch_size)
         positive(where, "max_batches", self.max_batches)
-
-
+        self.wikitext = from_dict(WikitextConfig, self.wikitext or {}, f"{where}.wikitext")
+        self.harness = from_dict(HarnessConfig, self.harness or {}, f"{where}.harness")
+        self.speed = from_dict(SpeedConfig, self.speed or {}, f"{where}.speed")
 
 
 @dataclass
@@ -261,10 +318,11 @@ class CalibConfig:
 class RunConfig:
     """The top-level keys of conf/run.yaml."""
 
-    mode: typing.Literal["train", "plan"] = "train"
+    mode: typing.Literal["train", "plan", "eval"] = "train"
     seed: int = 0
     output_root: str = "runs"
     overwrite: bool = False
+    run_dir: str | None = None  # mode=eval: the completed run to re-evaluate from its saved adapter
 
 
 @dataclass
@@ -285,6 +343,7 @@ class RunSpec:
     train: TrainConfig
     eval: EvalConfig
     overwrite: bool
+    run_dir: str | None = None
     peft_per_module: dict = field(default_factory=dict)  # {module: Config} where peft.by_layer sets knobs
 
 
@@ -298,6 +357,24 @@ def _split_named(section: dict, key: str, where: str) -> tuple[str, dict]:
 def adapter_target(module_name: str, peft_targets: list[str] | None) -> bool:
     """Whether a quantized target linear also gets an adapter (peft.targets null: all of them)."""
     return peft_targets is None or module_name.rsplit(".", 1)[-1] in peft_targets
+
+
+def check_eval(ev: EvalConfig, context: int | None, model_name: str) -> None:
+    """Resolve the WikiText window to the model and check what must fit its context or exist on disk."""
+    if ev.wikitext.seq_len is None:
+        ev.wikitext.seq_len = min(context or 2048, 2048)
+    for key, length in (("wikitext.seq_len", ev.wikitext.seq_len), ("speed.seq_len", ev.speed.seq_len)):
+        if context is not None and length > context:
+            raise ConfigError(f"eval.{key}={length} exceeds the context length {context} of model {model_name!r}")
+    if "speed" in ev.tasks and context is not None and ev.speed.new_tokens >= context:
+        raise ConfigError(f"eval.speed.new_tokens={ev.speed.new_tokens} does not fit the context length {context} "
+                          f"of model {model_name!r} with a prompt")
+    if ev.data_root is not None and not Path(ev.data_root).is_dir():
+        raise ConfigError(f"eval.data_root={ev.data_root!r} is not a directory")
+    from qpeft_bench.evaluation import harness
+
+    for task_set in (t for t in ev.tasks if t in harness.TASK_SETS):
+        harness.check_local_data(task_set, ev.data_root)  # local files named before any model is loaded
 
 
 def validate(cfg: dict) -> RunSpec:
@@ -353,9 +430,10 @@ def validate(cfg: dict) -> RunSpec:
         train=from_dict(TrainConfig, cfg["train"], "train"),
         eval=from_dict(EvalConfig, cfg["eval"], "eval"),
         overwrite=top.overwrite,
+        run_dir=top.run_dir,
     )
     device = None
-    if spec.mode == "train":
+    if spec.mode in ("train", "eval"):
         spec.train.check_device()
         from qpeft_bench.models import resolve_device
 
@@ -389,6 +467,7 @@ def validate(cfg: dict) -> RunSpec:
                           f"peft.adapter_dtype={adapter_dtype}: fp16 loss scaling cannot unscale 16-bit gradients; "
                           "set peft.adapter_dtype=float32 or train.compute_dtype=bfloat16")
     context = model.arch_dict().get("max_position_embeddings")
+    check_eval(spec.eval, context, model.name)
     longest = spec.data.max_source_len + spec.data.max_target_len
     if context is not None and longest > context:
         raise ConfigError(f"data.max_source_len + data.max_target_len = {longest} exceeds the context length "

@@ -37,6 +37,15 @@ def build_meta_model(arch: dict, dtype: str) -> nn.Module:
         return AutoModelForCausalLM.from_config(hf_config(arch, dtype), dtype=DTYPE[dtype])
 
 
+def random_model(arch: dict, dtype: str, device: str) -> nn.Module:
+    """The model of an architecture card with random weights, made directly on `device` (benchmarks: the shape,
+    not the weights, decides sizes, memory and speed)."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device(device):
+        return AutoModelForCausalLM.from_config(hf_config(arch, dtype), dtype=DTYPE[dtype])
+
+
 def load_model(path_or_hub_id: str, dtype: str, device: str) -> nn.Module:
     """Load weights (local directory or hub id; offline machines must pass a local directory)."""
     from transformers import AutoModelForCausalLM

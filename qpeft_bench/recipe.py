@@ -14,13 +14,24 @@ import functools
 import json
 import logging
 import time
+import typing
 from pathlib import Path
 
 import torch
 
-from qpeft_bench import accounting, adapters, calibration, data, estimate, layers, models, quant, results
+from qpeft_bench import (
+    accounting,
+    adapters,
+    calibration,
+    data,
+    estimate,
+    evaluation,
+    layers,
+    models,
+    quant,
+    results,
+)
 from qpeft_bench.config import ConfigError, RunSpec, adapter_target, validate
-from qpeft_bench.evaluation.perplexity import heldout_perplexity
 from qpeft_bench.train import Diverged, make_optimizer, make_scheduler, prepare_for_training, train
 
 log = logging.getLogger("qpeft_bench")
@@ -35,6 +46,8 @@ def run(config: dict, run_dir: Path, progress: bool = True, summary: bool = True
     run_dir = Path(run_dir)
     rid = results.run_id(config)
     try:
+        if config.get("mode") == "eval":  # the trained run's own config, with this command's eval section
+            return reevaluate(config, progress, summary)
         spec = validate(config)
         device = None
         if spec.mode == "train":
@@ -42,7 +55,9 @@ def run(config: dict, run_dir: Path, progress: bool = True, summary: bool = True
             device = models.resolve_device(spec.train.device)
     except Exception as err:  # noqa: BLE001 - any bad input: one line, and nothing written
         detail = str(err) if isinstance(err, (ConfigError, FileNotFoundError, ValueError)) else repr(err)
-        log.error("config error: %s", detail.splitlines()[0] if detail else type(err).__name__)
+        # a ConfigError may list several problems (e.g. every missing benchmark file), each on its own line
+        first = detail if isinstance(err, ConfigError) else (detail.splitlines()[0] if detail else "")
+        log.error("config error: %s", first or type(err).__name__)
         return "failed"
 
     existing = results.read_record(run_dir)
@@ -89,6 +104,71 @@ def run(config: dict, run_dir: Path, progress: bool = True, summary: bool = True
     if summary:
         log.info("\n%s", summary_table(record, path))
     return record["status"]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Eval mode: a completed run re-evaluated from its saved adapter
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def trained_config(config: dict) -> tuple[Path, dict, dict]:
+    """(run dir, its record, the config to re-evaluate with: the record's config with this command's eval section).
+    Raises ConfigError when the run cannot be re-evaluated."""
+    if not config.get("run_dir"):
+        raise ConfigError("mode=eval needs run_dir=<a completed run's directory>")
+    run_dir = Path(config["run_dir"])
+    record = results.read_record(run_dir)
+    if record is None:
+        raise ConfigError(f"run_dir={str(run_dir)!r} holds no readable {results.RECORD}")
+    if record.get("status") != "completed" or not record.get("adapter"):
+        raise ConfigError(f"run_dir={str(run_dir)!r}: status {record.get('status')!r}"
+                          f"{'' if record.get('adapter') else ', no saved adapter'}; only a completed run with a "
+                          "saved adapter (train.save_adapter=true) can be re-evaluated")
+    adapter = run_dir / record["adapter"]["path"]
+    if not adapter.is_dir():
+        raise ConfigError(f"{adapter} (the run's saved adapter) is missing")
+    return run_dir, record, {**record["config"], "eval": config["eval"], "mode": "eval", "run_dir": str(run_dir)}
+
+
+def reevaluate(config: dict, progress: bool, summary: bool) -> str:
+    """`qpeft-bench mode=eval run_dir=<run> eval=<option>`: rebuild the quantized base, load the saved adapter (no
+    training) and run the eval tasks; results are added to the record (same-named tasks replaced, everything else
+    kept) with an entry in eval.reevaluations."""
+    try:
+        run_dir, record, trained = trained_config(config)
+        spec = validate(trained)
+        data.check_source(spec.data.format, spec.data.path, spec.data.hub_id)
+        device = models.resolve_device(spec.train.device)
+    except Exception as err:  # noqa: BLE001 - bad input: one line, and the record untouched
+        log.error("config error: %s", err)
+        return "failed"
+    scratch = {"eval": {}}  # base loading writes data/quant/accounting: keep the trained run's own
+    base = load_base(spec, device, scratch, lambda: None, progress)
+    amod = adapters.get(spec.peft_method)
+    targets = [t for t in base.targets if adapter_target(t, spec.peft_targets)]
+    path = run_dir / record["adapter"]["path"]
+    per_module = {"per_module": spec.peft_per_module} if spec.peft_per_module else {}
+    if spec.eval.before_finetune:
+        cache = base_eval_cache(spec, base.compute_dtype, device) if spec.eval.cache_base else None
+        run_eval(spec, base.tokenizer, base.val_set, device, base.torch_dtype, progress, scratch, base.model,
+                 "before", cache)
+    model = amod.load(base.model, targets, spec.peft, path, **per_module)
+    run_eval(spec, base.tokenizer, base.val_set, device, base.torch_dtype, progress, scratch, model, "after", None)
+    ev = record.setdefault("eval", {})
+    for key, value in scratch["eval"].items():
+        if key == "time_s":  # {stage: {task: s}}: merge per stage
+            for stage, times in value.items():
+                ev.setdefault("time_s", {}).setdefault(stage, {}).update(times)
+        elif isinstance(value, dict):  # before / after / protocols: new tasks added, re-run ones replaced
+            ev.setdefault(key, {}).update(value)
+        else:
+            ev[key] = value
+    ev.setdefault("reevaluations", []).append({"time": results.now(), "tasks": spec.eval.tasks, "device": device,
+                                               "eval": config["eval"]})
+    results.atomic_write_json(run_dir / results.RECORD, record)
+    if summary:
+        log.info("\n%s", summary_table(record, run_dir / results.RECORD))
+    return "completed"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -169,9 +249,68 @@ def with_adapters(acc: dict, model, targets: list[str], amod, spec: RunSpec):
 # ----------------------------------------------------------------------------------------------------------------
 
 
+class Base(typing.NamedTuple):
+    """The quantized base and its data, as fine-tuning and re-evaluation both start from them."""
+
+    tokenizer: typing.Any
+    train_set: list
+    val_set: list
+    model: torch.nn.Module
+    targets: list
+    compute_dtype: str
+    torch_dtype: torch.dtype
+
+
 def fine_tune(spec: RunSpec, device: str, record: dict, save, progress: bool, adapter_dir: Path) -> None:
     d, t = spec.data, spec.train
     torch.manual_seed(spec.seed)
+    tokenizer, train_set, val_set, model, targets, compute_dtype, torch_dtype = load_base(spec, device, record,
+                                                                                           save, progress)
+    acc = record["accounting"]
+
+    # 4. The quantized base before fine-tuning (the "no fine-tuning" row of the tables), cached across a sweep.
+    evaluate = functools.partial(run_eval, spec, tokenizer, val_set, device, torch_dtype, progress, record)
+    if spec.eval.before_finetune:
+        cache = base_eval_cache(spec, compute_dtype, device) if spec.eval.cache_base else None
+        evaluate(model, "before", cache)
+        save()
+
+    # 5. Adapters (seeded, so the same config starts from the same weights).
+    t0 = time.perf_counter()
+    with models.seeded(spec.seed):
+        peft_model = with_adapters(acc, model, targets, adapters.get(spec.peft_method), spec)
+    acc["adapter_init_time_s"] = time.perf_counter() - t0
+    if getattr(peft_model, "qpeft_loftq", None) is not None:  # LoftQ: cache hit or miss, its own time
+        record["adapter_init"] = {"loftq": peft_model.qpeft_loftq}
+    save()
+    prepare_for_training(peft_model, upcast_norms_fp32=t.upcast_norms_fp32,
+                         gradient_checkpointing=t.gradient_checkpointing)
+
+    # 6. Fine-tune.
+    params = accounting.trainable_parameters(peft_model)
+    optimizer, opt_name = make_optimizer(params, t.optimizer, t.lr, t.weight_decay, device)
+    scheduler = make_scheduler(optimizer, t.lr_scheduler, t.warmup_steps, t.max_steps)
+    record["train"] = {"optimizer": opt_name, "compute_dtype": compute_dtype, "device": device,
+                       "gradient_checkpointing": t.gradient_checkpointing, "upcast_norms_fp32": t.upcast_norms_fp32}
+    stream = _batch_stream(train_set, t.batch_size, tokenizer.pad_token_id, spec.seed, d.group_by_length)
+    record["train"].update(train(peft_model, stream, optimizer, scheduler, max_steps=t.max_steps,
+                                 grad_accum=t.grad_accum, max_grad_norm=t.max_grad_norm, device=device,
+                                 compute_dtype=torch_dtype,
+                                 measure_after=t.measure_after, diverge_loss=t.diverge_loss,
+                                 log_every=t.log_every, progress=progress))
+    save()
+
+    # 7. Keep the adapters (reloadable onto the same quantized base), then evaluate the fine-tuned model.
+    if t.save_adapter:
+        adapters.get(spec.peft_method).save(peft_model, adapter_dir, spec.peft)
+        record["adapter"] = {"path": ADAPTER_DIR, "method": spec.peft_method, "name": spec.peft_name}
+        save()
+    evaluate(peft_model, "after", None)
+
+
+def load_base(spec: RunSpec, device: str, record: dict, save, progress: bool) -> Base:
+    """Steps 1-3: the data split, the base model in its dtype (counted) and quantized in place (errors measured)."""
+    d, t = spec.data, spec.train
     source = d.path or d.hub_id
 
     # 1. Data: fixed 80/20 split; loss on responses only unless train_on_source.
@@ -212,48 +351,38 @@ def fine_tune(spec: RunSpec, device: str, record: dict, save, progress: bool, ad
              len(targets), q["quantize_time_s"], q["calibration_time_s"], q["weight_rel_error"],
              "-" if q["output_rel_error"] is None else f"{q['output_rel_error']:.4f}")
     save()
+    return Base(tokenizer, train_set, val_set, model, targets, compute_dtype, torch_dtype)
 
-    # 4. The quantized base before fine-tuning (the "no fine-tuning" row of the tables).
-    def evaluate(m, desc: str) -> dict:
-        batches = _batches(val_set, spec.eval.batch_size, tokenizer.pad_token_id, seed=0, group=False,
-                           limit=spec.eval.max_batches)
-        return {"ppl_heldout": heldout_perplexity(m, batches, device, torch_dtype, progress, desc)["ppl"]}
 
-    if spec.eval.before_finetune:
-        record["eval"]["before"] = evaluate(model, "eval before")
-        save()
+def run_eval(spec: RunSpec, tokenizer, val_set: list[dict], device: str, torch_dtype, progress: bool, record: dict,
+             model, stage: str, cache) -> None:
+    """Evaluate `model` on the run's eval tasks into record["eval"][stage] (adding to what is there), with each
+    task's protocol and time."""
+    ev = spec.eval
+    out, seconds = evaluation.evaluate(
+        model, tokenizer, ev.tasks, stage=stage, device=device, compute_dtype=torch_dtype, progress=progress,
+        heldout_batches=lambda: _batches(val_set, ev.batch_size, tokenizer.pad_token_id, seed=0, group=False,
+                                         limit=ev.max_batches),
+        wikitext=dataclasses.asdict(ev.wikitext), harness_cfg=dataclasses.asdict(ev.harness),
+        speed_cfg=dataclasses.asdict(ev.speed), data_root=ev.data_root, batch_size=ev.batch_size, cache=cache)
+    record["eval"].setdefault(stage, {}).update(out)
+    record["eval"].setdefault("time_s", {}).setdefault(stage, {}).update(seconds)
+    record["eval"].setdefault("protocols", {}).update({t: evaluation.PROTOCOLS[t] for t in out})
+    if cache is not None:
+        record["eval"]["before_cached"] = sorted(set(out) - set(seconds))
 
-    # 5. Adapters (seeded, so the same config starts from the same weights).
-    t0 = time.perf_counter()
-    with models.seeded(spec.seed):
-        peft_model = with_adapters(acc, model, targets, adapters.get(spec.peft_method), spec)
-    acc["adapter_init_time_s"] = time.perf_counter() - t0
-    if getattr(peft_model, "qpeft_loftq", None) is not None:  # LoftQ: cache hit or miss, its own time
-        record["adapter_init"] = {"loftq": peft_model.qpeft_loftq}
-    save()
-    prepare_for_training(peft_model, upcast_norms_fp32=t.upcast_norms_fp32,
-                         gradient_checkpointing=t.gradient_checkpointing)
 
-    # 6. Fine-tune.
-    params = accounting.trainable_parameters(peft_model)
-    optimizer, opt_name = make_optimizer(params, t.optimizer, t.lr, t.weight_decay, device)
-    scheduler = make_scheduler(optimizer, t.lr_scheduler, t.warmup_steps, t.max_steps)
-    record["train"] = {"optimizer": opt_name, "compute_dtype": compute_dtype, "device": device,
-                       "gradient_checkpointing": t.gradient_checkpointing, "upcast_norms_fp32": t.upcast_norms_fp32}
-    stream = _batch_stream(train_set, t.batch_size, tokenizer.pad_token_id, spec.seed, d.group_by_length)
-    record["train"].update(train(peft_model, stream, optimizer, scheduler, max_steps=t.max_steps,
-                                 grad_accum=t.grad_accum, max_grad_norm=t.max_grad_norm, device=device,
-                                 compute_dtype=torch_dtype,
-                                 measure_after=t.measure_after, diverge_loss=t.diverge_loss,
-                                 log_every=t.log_every, progress=progress))
-    save()
-
-    # 7. Keep the adapters (reloadable onto the same quantized base), then evaluate the fine-tuned model.
-    if t.save_adapter:
-        adapters.get(spec.peft_method).save(peft_model, adapter_dir, spec.peft)
-        record["adapter"] = {"path": ADAPTER_DIR, "method": spec.peft_method, "name": spec.peft_name}
-        save()
-    record["eval"]["after"] = evaluate(peft_model, "eval after")
+def base_eval_cache(spec: RunSpec, compute_dtype: str, device: str) -> evaluation.BaseEvalCache:
+    """What the quantized base's results depend on: the model, the quantizer and its calibration, the data split
+    (held-out set), the compute dtype, the device kind and this code (a content hash of the package)."""
+    identity = {"model": dataclasses.asdict(spec.model), "quant": [spec.quant_name, dataclasses.asdict(spec.quant)],
+                "calib": dataclasses.asdict(spec.calib), "data": dataclasses.asdict(spec.data),
+                "compute_dtype": compute_dtype, "device": device.split(":")[0], "code": results.code_fingerprint()}
+    ev = spec.eval
+    settings = {"ppl_heldout": {"max_batches": ev.max_batches},
+                "ppl_wikitext": {**dataclasses.asdict(ev.wikitext), "data_root": ev.data_root},
+                **{t: {**dataclasses.asdict(ev.harness), "data_root": ev.data_root} for t in evaluation.HARNESS_SETS}}
+    return evaluation.BaseEvalCache(identity, settings)
 
 
 def calibration_windows(calib, tokenizer, train_examples: list[dict]):
@@ -327,9 +456,16 @@ def summary_table(record: dict, path: Path) -> str:
             (f"peak memory (GiB, {tr.get('memory_kind')})", fmt(tr.get("peak_memory_bytes"), ".3f", GIB)),
             ("loss first -> last", f"{tr['losses'][0]:.4f} -> {tr['final_loss']:.4f}"),
         ]
-    if ev:
-        before, after = ev.get("before", {}).get("ppl_heldout"), ev.get("after", {}).get("ppl_heldout")
-        rows.append(("held-out ppl before -> after", f"{fmt(before, '.3f')} -> {fmt(after, '.3f')}"))
+    for task, label, spec_ in (("ppl_heldout", "held-out ppl", ".3f"), ("ppl_wikitext", "WikiText ppl (windows)", ".3f"),
+                               ("mmlu", "MMLU 5-shot acc", ".4f"), ("commonsense", "commonsense 0-shot avg", ".4f"),
+                               ("leaderboard", "leaderboard avg (6 / 4)", ".4f")):
+        before, after = (evaluation.headline(ev.get(stage, {}).get(task)) for stage in ("before", "after"))
+        if before is not None or after is not None:
+            rows.append((f"{label} before -> after", f"{fmt(before, spec_)} -> {fmt(after, spec_)}"))
+    sp = ev.get("after", {}).get("speed")
+    if sp:
+        rows.append(("generation tok/s, fwd / bwd ms", f"{sp['generation']['tokens_per_s']:.1f}, "
+                                                       f"{sp['step']['forward_ms']:.1f} / {sp['step']['backward_ms']:.1f}"))
     if "error" in record:
         rows.append(("error", f"{record['error']['type']}: {record['error']['message']}"))
     rows.append(("record", str(path)))

@@ -151,6 +151,17 @@ RECORD_FIELDS: dict[str, tuple[str, ...]] = {
     "final_loss": ("train", "final_loss"),
     "ppl_before": ("eval", "before", "ppl_heldout"),
     "ppl_after": ("eval", "after", "ppl_heldout"),
+    "wikitext_ppl_before": ("eval", "before", "ppl_wikitext", "ppl"),
+    "wikitext_ppl_after": ("eval", "after", "ppl_wikitext", "ppl"),
+    "mmlu_before": ("eval", "before", "mmlu", "average"),
+    "mmlu_after": ("eval", "after", "mmlu", "average"),
+    "commonsense_before": ("eval", "before", "commonsense", "average"),
+    "commonsense_after": ("eval", "after", "commonsense", "average"),
+    "leaderboard_avg6_after": ("eval", "after", "leaderboard", "average"),
+    "leaderboard_avg4_after": ("eval", "after", "leaderboard", "average_4"),
+    "gen_tokens_per_s": ("eval", "after", "speed", "generation", "tokens_per_s"),
+    "forward_ms": ("eval", "after", "speed", "step", "forward_ms"),
+    "backward_ms": ("eval", "after", "speed", "step", "backward_ms"),
     "start_time": ("meta", "start_time"),
     "end_time": ("meta", "end_time"),
     "error_type": ("error", "type"),
@@ -312,7 +323,41 @@ OVERVIEW = TableSpec(
     ),
 )
 
-TABLES: dict[str, TableSpec] = {spec.name: spec for spec in (OVERVIEW,)}
+EVALUATION = TableSpec(
+    name="evaluation",
+    title="Evaluation before and after fine-tuning",
+    columns=(
+        Column("run_id", "run_id"),
+        Column("status", "status"),
+        Column("model", "model"),
+        Column("quant", "quant"),
+        Column("peft_name", "method"),
+        _num("r", "r", fmt_count),
+        _num("ppl_before", "held-out ppl before", fmt_fixed(3)),
+        _num("ppl_after", "held-out ppl after", fmt_fixed(3)),
+        _num("wikitext_ppl_before", "WikiText ppl before", fmt_fixed(3)),
+        _num("wikitext_ppl_after", "WikiText ppl after", fmt_fixed(3)),
+        _num("mmlu_before", "MMLU before", fmt_fixed(4)),
+        _num("mmlu_after", "MMLU after", fmt_fixed(4)),
+        _num("commonsense_before", "commonsense before", fmt_fixed(4)),
+        _num("commonsense_after", "commonsense after", fmt_fixed(4)),
+        _num("leaderboard_avg6_after", "leaderboard 6-task", fmt_fixed(4)),
+        _num("leaderboard_avg4_after", "leaderboard 4-task", fmt_fixed(4)),
+        _num("gen_tokens_per_s", "gen tokens/s", fmt_fixed(1)),
+        _num("forward_ms", "fwd ms", fmt_fixed(1)),
+        _num("backward_ms", "bwd ms", fmt_fixed(1)),
+    ),
+    sort_by=("model", "quant", "peft_name", "r", "run_id"),
+    notes=(
+        "held-out ppl: exp(mean token NLL) over the validation split of the fine-tuning data. WikiText ppl: windowed "
+        "token perplexity (non-overlapping windows of the joined test split), not lm-eval's word perplexity. MMLU: "
+        "lm-eval 5-shot, unweighted mean of the 57 subjects. commonsense: lm-eval 0-shot average of 7 tasks. "
+        "leaderboard: Open LLM Leaderboard v1 shots, 6-task and 4-task averages. Speed (after): greedy tokens/s at "
+        "batch 1, forward/backward ms of one training step. Each record's eval.protocols names its protocols.",
+    ),
+)
+
+TABLES: dict[str, TableSpec] = {spec.name: spec for spec in (OVERVIEW, EVALUATION)}
 PIVOTS = ("by_layer_group",)  # tables whose columns come from the data (built by their own function)
 
 

@@ -66,6 +66,16 @@ def _fingerprint(path: Path) -> str:
     return digest.hexdigest()[:8]
 
 
+def code_fingerprint() -> str:
+    """Content hash of this package's source (not its assets): cached results are only reused by the same code."""
+    digest = hashlib.sha256()
+    pkg = Path(__file__).resolve().parent
+    for file in sorted(pkg.rglob("*.py")):
+        digest.update(str(file.relative_to(pkg)).encode())
+        digest.update(file.read_bytes())
+    return digest.hexdigest()[:12]
+
+
 def _json_safe(value):
     """NaN and infinities become strings: bare NaN is not JSON, and strict readers reject the record."""
     if isinstance(value, float) and not math.isfinite(value):

@@ -33,11 +33,7 @@ def measured(spec, device: str) -> dict:
     if spec.model.path is not None:
         model = models.load_model(spec.model.path, spec.model.dtype, device)
     else:  # random weights of the real shape, made directly on the device
-        from transformers import AutoModelForCausalLM
-
-        with torch.device(device):
-            model = AutoModelForCausalLM.from_config(models.hf_config(arch, spec.model.dtype),
-                                                     dtype=models.DTYPE[spec.model.dtype])
+        model = models.random_model(arch, spec.model.dtype, device)
     print(f"built in {time.perf_counter() - t0:.1f} s on {device}", flush=True)
     targets = list(models.find_linears(model, spec.model.linear_names))
     acc = accounting.base_sizes(model)

@@ -109,8 +109,9 @@ def results_dir(tmp_path: Path) -> Path:
     return root
 
 
-def run_report(results_dir: Path, out: Path, capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    code = main([str(results_dir), "--out", str(out)])
+def run_report(results_dir: Path, out: Path, capsys: pytest.CaptureFixture[str],
+               table: str = "overview") -> tuple[int, str, str]:
+    code = main([str(results_dir), "--out", str(out), "--table", table])
     captured = capsys.readouterr()
     return code, captured.out, captured.err
 
@@ -291,3 +292,10 @@ def test_formatters() -> None:
     assert fmt_fixed(4)(2.5) == "2.5000"
     assert raw_value(None) == "" and raw_value(0.1) == "0.1" and raw_value(True) == "true"
     assert sorted([None, "b", 16, 4, "a"], key=sort_value) == [4, 16, "a", "b", None]
+
+
+def test_all_tables_by_default(results_dir: Path, tmp_path: Path, capsys) -> None:
+    code, stdout, _ = run_report(results_dir, tmp_path, capsys, table="all")
+    assert code == 0
+    assert "## Run overview" in stdout and "## Evaluation before and after fine-tuning" in stdout
+    assert {p.name for p in tmp_path.iterdir()} >= {"overview.md", "overview.csv", "evaluation.md", "evaluation.csv"}

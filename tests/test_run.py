@@ -171,7 +171,8 @@ def test_grid_runs_once_and_resumes(tmp_path):
     assert "sweep finished: 4 runs: 1 completed, 3 skipped" in log
     assert json.loads(records[0].read_text())["status"] == "completed"
 
-    report = subprocess.run([str(Path(CLI[0]).parent / "qpeft-bench-report"), "runs", "--out", "tables"],
+    report = subprocess.run([str(Path(CLI[0]).parent / "qpeft-bench-report"), "runs", "--out", "tables",
+                             "--table", "overview"],
                             cwd=tmp_path, capture_output=True, text=True, check=True)
     assert report.stdout.count("| completed |") == 4
 
