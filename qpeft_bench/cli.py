@@ -90,10 +90,46 @@ def _main(cfg: DictConfig) -> str:
 
 def main() -> None:
     args = sys.argv[1:]
-    if {"-m", "--multirun"} & set(args) and "mode=plan" in args and not any(
-            a.startswith("-") and a not in ("-m", "--multirun") for a in args):
-        sys.exit(plan_grid([a for a in args if a not in ("-m", "--multirun")]))
+    multirun = bool({"-m", "--multirun"} & set(args))
+    plain = [a for a in args if a not in ("-m", "--multirun")]
+    if multirun and not any(a.startswith("-") for a in plain):
+        if "mode=plan" in plain:
+            sys.exit(plan_grid(plain))
+        if "mode=list" in plain:
+            sys.exit(list_grid([a for a in plain if a != "mode=list"]))
+    index = [a for a in plain if a.startswith("grid_index=")]
+    if index and not multirun:  # one point of a grid: a job-array task (scripts/slurm_array.sh)
+        sys.argv = [sys.argv[0], *grid_point([a for a in plain if a not in index], index[0].split("=", 1)[1])]
     _main()
+
+
+def list_grid(overrides: list[str]) -> int:
+    """`qpeft-bench -m ... mode=list`: each grid point's index, run id and overrides, one per line (nothing runs);
+    `qpeft-bench <same overrides> grid_index=<i>` then runs point i alone, as a job-array task does."""
+    from qpeft_bench import grid, results
+
+    points = grid.expand(CONF_DIR, overrides)
+    keys = grid.varying(points)
+    failed = 0
+    for i, (point, cfg) in enumerate(grid.compose_points(CONF_DIR, points)):
+        shown = " ".join(line for line in point if line.partition("=")[0] in keys) or "(single point)"
+        if isinstance(cfg, Exception):
+            failed += 1
+            print(f"{i}\tFAILED\t{shown}\t{str(cfg).splitlines()[0]}")
+        else:
+            print(f"{i}\t{results.run_id(job_config(cfg))}\t{shown}")
+    print(f"{len(points)} grid points", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def grid_point(overrides: list[str], index: str) -> list[str]:
+    """The full override list of grid point `index` (as `mode=list` numbers them)."""
+    from qpeft_bench import grid
+
+    points = grid.expand(CONF_DIR, overrides)
+    if not index.isdigit() or int(index) >= len(points):
+        sys.exit(f"grid_index={index}: the grid has {len(points)} points (0 .. {len(points) - 1})")
+    return points[int(index)]
 
 
 def plan_grid(overrides: list[str]) -> int:

@@ -184,6 +184,9 @@ class TrainConfig:
     measure_after: int = 2  # steps excluded from time and memory figures (warm-up)
     diverge_loss: float = 1e4  # a loss above this (or NaN/Inf) ends the run with status `diverged`
     save_adapter: bool = True  # write the trained adapters to <run dir>/adapter/ (reloadable onto the base)
+    # data parallelism (qpeft_bench/distributed.py): ddp under torchrun, one process per GPU; fsdp: plan mode only
+    distributed: typing.Literal["none", "ddp", "fsdp"] = "none"
+    gpus: int = 1  # processes (GPUs) of the job; part of the run's identity, since the global batch scales with it
 
     def check(self, where: str) -> None:
         for name in ("max_steps", "batch_size", "grad_accum", "lr", "log_every", "diverge_loss"):
@@ -195,6 +198,9 @@ class TrainConfig:
                 f"{where}.measure_after={self.measure_after} must be below train.max_steps={self.max_steps}: "
                 "no step would be measured"
             )
+        positive(where, "gpus", self.gpus)
+        if self.distributed == "none" and self.gpus != 1:
+            raise ConfigError(f"{where}.gpus={self.gpus} needs {where}.distributed=ddp (or fsdp in plan mode)")
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
             raise ConfigError(f"{where}.device={self.device!r}; choose auto, cpu, cuda or cuda:N")
 
@@ -435,6 +441,9 @@ def validate(cfg: dict) -> RunSpec:
     device = None
     if spec.mode in ("train", "eval"):
         spec.train.check_device()
+    if spec.mode != "plan" and spec.train.distributed == "fsdp":
+        raise ConfigError("train.distributed=fsdp is not implemented for training yet; plan mode estimates its "
+                          "per-GPU memory (mode=plan train.distributed=fsdp train.gpus=N); use ddp to train")
         from qpeft_bench.models import resolve_device
 
         device = resolve_device(spec.train.device)

@@ -278,3 +278,27 @@ def run_seconds(steps: int, seconds_per_step: float) -> float:
     """Training time of a run: its optimizer steps (each of micro batch x grad_accum x seq_len tokens) at the
     estimated step time. Quantization, evaluation and loading are not included."""
     return steps * seconds_per_step
+
+
+def per_gpu(memory: dict, kind: str, gpus: int, blocks: int) -> dict:
+    """`train_memory`'s components for one of `gpus` data-parallel GPUs (train.distributed).
+
+    ddp: every GPU holds the whole job of one process, plus DDP's gradient buckets (a flat copy of the trainable
+    gradients it all-reduces). fsdp: weights, trainable parameters, gradients and optimizer state are sharded
+    1/gpus; each GPU also holds one gathered block (the unit FSDP materialises for its forward and backward, about
+    1/blocks of the weights); activations and transients are per GPU as before. Not measured here: NCCL buffers.
+    """
+    out = dict(memory)
+    if kind == "ddp":
+        out["ddp_bucket_bytes"] = memory["gradient_bytes"]
+    elif kind == "fsdp":
+        for key in ("weights_bytes", "norm_upcast_bytes", "trainable_bytes", "gradient_bytes", "optimizer_bytes"):
+            out[key] = -(-memory[key] // gpus)
+        out["fsdp_gathered_block_bytes"] = memory["weights_bytes"] // max(blocks, 1)
+    elif kind != "none":
+        raise ConfigError(f"train.distributed={kind!r}: no per-GPU estimate")
+    parts = [k for k in out if k.endswith("_bytes") and k not in ("peak_bytes", "paged_optimizer_bytes",
+                                                                     "allocated_peak_bytes")]
+    paged = memory["paged_optimizer_bytes"] // (gpus if kind == "fsdp" else 1)
+    peak = sum(out[k] for k in parts)
+    return {**out, "peak_bytes": peak, "paged_optimizer_bytes": paged, "allocated_peak_bytes": peak - paged}

@@ -24,6 +24,7 @@ from qpeft_bench import (
     adapters,
     calibration,
     data,
+    distributed,
     estimate,
     evaluation,
     layers,
@@ -49,10 +50,11 @@ def run(config: dict, run_dir: Path, progress: bool = True, summary: bool = True
         if config.get("mode") == "eval":  # the trained run's own config, with this command's eval section
             return reevaluate(config, progress, summary)
         spec = validate(config)
-        device = None
+        device, world = None, distributed.SINGLE
         if spec.mode == "train":
             data.check_source(spec.data.format, spec.data.path, spec.data.hub_id)
             device = models.resolve_device(spec.train.device)
+            world, device = distributed.setup(spec.train.distributed, device, spec.train.gpus)
     except Exception as err:  # noqa: BLE001 - any bad input: one line, and nothing written
         detail = str(err) if isinstance(err, (ConfigError, FileNotFoundError, ValueError)) else repr(err)
         # a ConfigError may list several problems (e.g. every missing benchmark file), each on its own line
@@ -74,15 +76,17 @@ def run(config: dict, run_dir: Path, progress: bool = True, summary: bool = True
     if spec.peft_per_module:  # the knobs each module really gets from peft.by_layer
         record["peft_layers"] = layers.knob_summary(spec.peft_per_module, adapters.get(spec.peft_method).PER_LAYER_KNOBS)
     path = run_dir / results.RECORD
+    # one writer: with several processes, process 0 keeps the record, the adapters and the evaluation
+    write = (lambda: results.atomic_write_json(path, record)) if world.main else (lambda: None)
+    progress = progress and world.main
     try:
         if spec.mode == "plan":
             record["accounting"] = plan_accounting(spec)
             record["estimate"] = plan_estimate(spec, record["accounting"])
             record["status"] = "planned"
         else:
-            results.atomic_write_json(path, record)
-            fine_tune(spec, device, record, lambda: results.atomic_write_json(path, record), progress,
-                      adapter_dir=run_dir / ADAPTER_DIR)
+            write()
+            fine_tune(spec, device, record, write, progress, adapter_dir=run_dir / ADAPTER_DIR, world=world)
             record["status"] = "completed"
     except Diverged as err:
         record["status"] = "diverged"
@@ -100,8 +104,9 @@ def run(config: dict, run_dir: Path, progress: bool = True, summary: bool = True
         log.exception("run %s failed", rid)
     finally:
         record["meta"]["end_time"] = results.now()
-        results.atomic_write_json(path, record)
-    if summary:
+        write()
+        distributed.teardown(world)
+    if summary and world.main:
         log.info("\n%s", summary_table(record, path))
     return record["status"]
 
@@ -219,6 +224,7 @@ def plan_estimate(spec: RunSpec, acc: dict) -> dict:
             adapter_dropout=getattr(spec.peft, "dropout", 0.0), adapter_targets=spec.peft_targets,
             optimizer=t.optimizer, dequantizes=spec.quant_name != "none",
             output_follows_input_dtype=getattr(quant.get(spec.quant_name), "OUTPUT_FOLLOWS_INPUT_DTYPE", False))
+        mem = estimate.per_gpu(mem, t.distributed, t.gpus, arch.get("num_hidden_layers", 1))
         flops = estimate.step_flops(arch, batch_size=t.batch_size, seq_len=seq, grad_accum=t.grad_accum,
                                     gradient_checkpointing=t.gradient_checkpointing,
                                     trainable_params=acc["trainable_params"])
@@ -227,7 +233,8 @@ def plan_estimate(spec: RunSpec, acc: dict) -> dict:
     step_s = estimate.step_seconds(flops)
     return {"peak_memory_bytes": mem["peak_bytes"], "allocated_peak_bytes": mem["allocated_peak_bytes"],
             "step_flops": flops, "s_per_step": step_s, "run_seconds": estimate.run_seconds(t.max_steps, step_s),
-            "seq_len": seq, "basis": "one H100-class GPU, reference-stack efficiency (qpeft_bench/estimate.py)"}
+            "seq_len": seq, "gpus": t.gpus, "distributed": t.distributed,
+            "basis": "per H100-class GPU, reference-stack efficiency (qpeft_bench/estimate.py)"}
 
 
 def with_adapters(acc: dict, model, targets: list[str], amod, spec: RunSpec):
@@ -261,7 +268,8 @@ class Base(typing.NamedTuple):
     torch_dtype: torch.dtype
 
 
-def fine_tune(spec: RunSpec, device: str, record: dict, save, progress: bool, adapter_dir: Path) -> None:
+def fine_tune(spec: RunSpec, device: str, record: dict, save, progress: bool, adapter_dir: Path,
+              world: distributed.World = distributed.SINGLE) -> None:
     d, t = spec.data, spec.train
     torch.manual_seed(spec.seed)
     tokenizer, train_set, val_set, model, targets, compute_dtype, torch_dtype = load_base(spec, device, record,
@@ -270,7 +278,7 @@ def fine_tune(spec: RunSpec, device: str, record: dict, save, progress: bool, ad
 
     # 4. The quantized base before fine-tuning (the "no fine-tuning" row of the tables), cached across a sweep.
     evaluate = functools.partial(run_eval, spec, tokenizer, val_set, device, torch_dtype, progress, record)
-    if spec.eval.before_finetune:
+    if spec.eval.before_finetune and world.main:
         cache = base_eval_cache(spec, compute_dtype, device) if spec.eval.cache_base else None
         evaluate(model, "before", cache)
         save()
@@ -286,26 +294,34 @@ def fine_tune(spec: RunSpec, device: str, record: dict, save, progress: bool, ad
     prepare_for_training(peft_model, upcast_norms_fp32=t.upcast_norms_fp32,
                          gradient_checkpointing=t.gradient_checkpointing)
 
-    # 6. Fine-tune.
+    # 6. Fine-tune (data parallel under torchrun: distributed.py).
+    trained = distributed.wrap(peft_model, world, device)
     params = accounting.trainable_parameters(peft_model)
     optimizer, opt_name = make_optimizer(params, t.optimizer, t.lr, t.weight_decay, device)
     scheduler = make_scheduler(optimizer, t.lr_scheduler, t.warmup_steps, t.max_steps)
     record["train"] = {"optimizer": opt_name, "compute_dtype": compute_dtype, "device": device,
                        "gradient_checkpointing": t.gradient_checkpointing, "upcast_norms_fp32": t.upcast_norms_fp32}
+    if world.active:
+        record["train"]["distributed"] = {"kind": t.distributed, "world_size": world.size,
+                                          "global_batch": t.batch_size * t.grad_accum * world.size}
     stream = _batch_stream(train_set, t.batch_size, tokenizer.pad_token_id, spec.seed, d.group_by_length)
-    record["train"].update(train(peft_model, stream, optimizer, scheduler, max_steps=t.max_steps,
+    record["train"].update(train(trained, stream, optimizer, scheduler, max_steps=t.max_steps,
                                  grad_accum=t.grad_accum, max_grad_norm=t.max_grad_norm, device=device,
                                  compute_dtype=torch_dtype,
                                  measure_after=t.measure_after, diverge_loss=t.diverge_loss,
-                                 log_every=t.log_every, progress=progress))
+                                 log_every=t.log_every, progress=progress, world=world))
     save()
 
     # 7. Keep the adapters (reloadable onto the same quantized base), then evaluate the fine-tuned model.
+    if not world.main:
+        distributed.barrier(world)  # process 0 saves and evaluates; the others wait for it to finish
+        return
     if t.save_adapter:
         adapters.get(spec.peft_method).save(peft_model, adapter_dir, spec.peft)
         record["adapter"] = {"path": ADAPTER_DIR, "method": spec.peft_method, "name": spec.peft_name}
         save()
     evaluate(peft_model, "after", None)
+    distributed.barrier(world)
 
 
 def load_base(spec: RunSpec, device: str, record: dict, save, progress: bool) -> Base:
@@ -442,8 +458,9 @@ def summary_table(record: dict, path: Path) -> str:
         rows.append(("per-layer knobs", "; ".join(f"{k}: {n} modules" for k, n in combos.items())))
     est = record.get("estimate", {})
     if est.get("peak_memory_bytes") is not None:
+        per = f", per GPU of {est['gpus']} ({est['distributed']})" if est.get("gpus", 1) > 1 else ""
         rows.append(("est. peak GPU memory (GiB)", f"{est['peak_memory_bytes'] / GIB:.2f} (train mode, batch "
-                                                   f"{cfg['train']['batch_size']} x {est['seq_len']} tokens)"))
+                                                   f"{cfg['train']['batch_size']} x {est['seq_len']} tokens{per})"))
         rows.append(("est. time on one H100", f"{est['s_per_step']:.3f} s/step, {est['run_seconds'] / 3600:.2f} h "
                                               f"for {cfg['train']['max_steps']} steps"))
     if q:

@@ -10,7 +10,9 @@ from collections.abc import Iterator
 import torch
 from tqdm.auto import tqdm
 
+from qpeft_bench import distributed
 from qpeft_bench.accounting import trainable_parameters
+from qpeft_bench.distributed import SINGLE, World
 from qpeft_bench.memory import MemoryProbe
 
 
@@ -70,21 +72,32 @@ def autocast(device: str, compute_dtype: torch.dtype):
     return torch.autocast(device_type=device.split(":")[0], dtype=compute_dtype)
 
 
-def accumulate(model, micro_batches: list[dict], device: str, compute_dtype: torch.dtype, scaler=None) -> tuple[float, int]:
+def accumulate(model, micro_batches: list[dict], device: str, compute_dtype: torch.dtype, scaler=None,
+               world: World = SINGLE) -> tuple[float, int]:
     """Forward and backward over the micro-batches of one optimizer step, weighting each by its labelled
     tokens so the gradient is that of the mean NLL over the whole window (as one big batch would give),
-    not a mean of per-batch means. Returns (mean loss, tokens seen)."""
+    not a mean of per-batch means. Returns (mean loss, tokens seen).
+
+    Data parallel (distributed.py): `micro_batches` are the step's batches of every process; this one runs its own
+    slice, weighted by the tokens of all of them, times the world size because DDP averages the gradients."""
     counts = [int((b["labels"][:, 1:] != -100).sum()) for b in micro_batches]
     total = max(1, sum(counts))
+    per = len(micro_batches) // world.size
+    mine = range(world.rank * per, (world.rank + 1) * per)
     step_loss, tokens = 0.0, 0
-    for batch, n in zip(micro_batches, counts, strict=True):
-        batch = to_device(batch, device)
-        with autocast(device, compute_dtype):
-            loss = model(**batch).loss * (n / total)  # the model's loss is the mean over this batch's tokens
-        (scaler.scale(loss) if scaler is not None else loss).backward()
+    for k, i in enumerate(mine):
+        batch = to_device(micro_batches[i], device)
+        last = k == per - 1
+        # DDP all-reduces gradients in every backward unless told otherwise: once per step is enough
+        sync = contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
+        with sync:
+            with autocast(device, compute_dtype):
+                loss = model(**batch).loss * (counts[i] / total)  # the model's loss: mean over this batch's tokens
+            scaled = loss * world.size
+            (scaler.scale(scaled) if scaler is not None else scaled).backward()
         step_loss += loss.item()
         tokens += int(batch["attention_mask"].sum())
-    return step_loss, tokens
+    return distributed.sum_all(step_loss, device, world), tokens
 
 
 def train(
@@ -102,8 +115,10 @@ def train(
     diverge_loss: float,
     log_every: int,
     progress: bool = True,
+    world: World = SINGLE,
 ) -> dict:
-    """Run `max_steps` optimizer steps; time and memory are measured on the steps after `measure_after`."""
+    """Run `max_steps` optimizer steps; time and memory are measured on the steps after `measure_after`.
+    With several processes (`world`), each step draws grad_accum micro-batches per process from `batches`."""
     params = trainable_parameters(model)
     # fp16 gradients underflow without loss scaling; bf16 and fp32 need none.
     scaler = torch.amp.GradScaler(device.split(":")[0]) if compute_dtype == torch.float16 else None
@@ -119,8 +134,8 @@ def train(
             if device.startswith("cuda"):
                 torch.cuda.synchronize(device)
             t_start, tokens = time.perf_counter(), 0
-        step_loss, n_tokens = accumulate(model, [next(batches) for _ in range(grad_accum)], device, compute_dtype,
-                                         scaler)
+        step_loss, n_tokens = accumulate(model, [next(batches) for _ in range(grad_accum * world.size)], device,
+                                         compute_dtype, scaler, world)
         tokens += n_tokens
         if not math.isfinite(step_loss) or step_loss > diverge_loss:
             raise Diverged(step, step_loss)
@@ -145,6 +160,10 @@ def train(
     elapsed = time.perf_counter() - t_start
     measured = max_steps - measure_after
     s_per_step = elapsed / measured
+    tokens = int(distributed.sum_all(tokens, device, world))  # every process' tokens: the job's throughput
+    memory = probe.summary()
+    if world.active:  # the largest per-process peak: what each GPU must hold
+        memory["peak_memory_bytes"] = distributed.max_all(memory["peak_memory_bytes"], device, world)
     return {
         "steps": max_steps,
         "measured_steps": measured,
@@ -153,5 +172,5 @@ def train(
         "s_per_step": s_per_step,
         "tokens_per_s": tokens / elapsed,
         "time_500_steps_s": 500 * s_per_step,  # the unit of the thesis' runtime tables
-        **probe.summary(),
+        **memory,
     }

@@ -3,6 +3,7 @@ weights, decides speed and memory), through the project's own quantizers, adapte
 
     python scripts/bench_train_step.py model=llama2_7b quant=nf4 peft.r=64 train=qlora --steps 10 --seq 512
     python scripts/bench_train_step.py model=llama2_7b quant=hqq peft.r=64 train=qlora --steps 10 --seq 512
+    torchrun --nproc-per-node 2 scripts/bench_train_step.py model=llama2_7b train=qlora train.distributed=ddp train.gpus=2
 
 Arguments are the usual `qpeft-bench` overrides plus --steps, --seq (tokens per sequence) and --json FILE.
 Batches are random tokens of full length (no padding), batch size from train.batch_size. The first
@@ -20,7 +21,7 @@ import time
 import torch
 from hydra import compose, initialize_config_dir
 
-from qpeft_bench import accounting, adapters, calibration, models, quant
+from qpeft_bench import accounting, adapters, calibration, distributed, models, quant
 from qpeft_bench.cli import CONF_DIR, job_config
 from qpeft_bench.config import validate
 from qpeft_bench.train import make_optimizer, make_scheduler, prepare_for_training, train
@@ -62,12 +63,9 @@ def main(argv: list[str]) -> int:
     arch = spec.model.arch_dict()
     stages = {}
 
+    world, device = distributed.setup(t.distributed, device, t.gpus)  # torchrun ... train.distributed=ddp: one per GPU
     torch.manual_seed(0)
-    from transformers import AutoModelForCausalLM
-
-    with torch.device(device):
-        model = AutoModelForCausalLM.from_config(models.hf_config(arch, spec.model.dtype),
-                                                 dtype=models.DTYPE[spec.model.dtype])
+    model = models.random_model(arch, spec.model.dtype, device)
     model.config.use_cache = False
     stages["loaded"] = allocated(device)
     targets = list(models.find_linears(model, spec.model.linear_names))
@@ -95,21 +93,25 @@ def main(argv: list[str]) -> int:
     stages["adapters"] = allocated(device)
     optimizer, opt_name = make_optimizer(accounting.trainable_parameters(model), t.optimizer, t.lr,
                                          t.weight_decay, device)
-    result = train(model, random_batches(arch["vocab_size"], t.batch_size, args.seq, device), optimizer,
+    result = train(distributed.wrap(model, world, device), random_batches(arch["vocab_size"], t.batch_size, args.seq,
+                                                                          device), optimizer,
                    make_scheduler(optimizer, t.lr_scheduler, t.warmup_steps, args.steps), max_steps=args.steps,
                    grad_accum=t.grad_accum, max_grad_norm=t.max_grad_norm, device=device,
                    compute_dtype=models.DTYPE[compute], measure_after=t.measure_after,
-                   diverge_loss=float("inf"), log_every=t.log_every, progress=False)
+                   diverge_loss=float("inf"), log_every=t.log_every, progress=False, world=world)
+    if not world.main:
+        distributed.teardown(world)
+        return 0
     out = {"model": spec.model.name, "quant": spec.quant_name, "quant_cfg": vars(spec.quant),
            "peft": spec.peft_method, "peft_cfg": vars(spec.peft), "batch": t.batch_size, "seq": args.seq,
            "gradient_checkpointing": t.gradient_checkpointing, "upcast_norms_fp32": t.upcast_norms_fp32,
            "setup": "peft.prepare_model_for_kbit_training" if args.peft_prepare else "qpeft_bench",
            "hqq_flag": bool(getattr(model, "hqq_quantized", False)) if spec.quant_name == "hqq" else None,
-           "optimizer": opt_name, "device": device, "stages_bytes": stages,
+           "optimizer": opt_name, "device": device, "stages_bytes": stages, "world_size": world.size,
            **{k: v for k, v in result.items() if k != "losses"}, "first_losses": result["losses"][:4]}
     print(f"{spec.model.name} {spec.quant_name} {vars(spec.quant)} {spec.peft_method} r={getattr(spec.peft, 'r', '-')}"
           f" batch {t.batch_size}x{args.seq} GC={t.gradient_checkpointing} (active: {stages['checkpointing_active']})"
-          f" upcast={t.upcast_norms_fp32} {opt_name} set-up: {out['setup']}")
+          f" upcast={t.upcast_norms_fp32} {opt_name} set-up: {out['setup']} processes: {world.size}")
     print(f"  allocated after load {stages['loaded'] / GIB:.2f} GiB, after quantize {stages['quantized'] / GIB:.2f} "
           f"GiB ({stages['quantize_s']:.1f} s), after adapters {stages['adapters'] / GIB:.2f} GiB")
     print(f"  {result['s_per_step']:.3f} s/step, {result['tokens_per_s']:.0f} tokens/s, peak "
@@ -118,6 +120,7 @@ def main(argv: list[str]) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=2, default=str)
+    distributed.teardown(world)
     return 0
 
 

@@ -1,0 +1,124 @@
+"""Data-parallel fine-tuning through PyTorch's DistributedDataParallel, one process per GPU (or per CPU slot with
+the gloo backend), launched by torchrun:
+
+    torchrun --nproc-per-node 2 -m qpeft_bench.cli train.distributed=ddp ...
+
+Every process loads and quantizes the base on its own device and attaches the same seeded adapters; DDP averages
+the adapters' gradients. Batches: `train.batch_size` is per process, so one optimizer step sees
+batch_size x grad_accum x world sequences. Every process draws the same seeded micro-batches of a step and keeps
+its own slice; the loss of each micro-batch is weighted by its share of the labelled tokens of the whole step (all
+processes), so the summed gradient equals the gradient one process would get on all the step's micro-batches:
+two processes with grad_accum 1 follow the trajectory of one process with grad_accum 2 (tests/test_distributed.py).
+
+Process 0 writes the record and the adapters and runs the evaluation; the others wait.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import os
+import warnings
+
+import torch
+import torch.distributed as dist
+
+from qpeft_bench.config import ConfigError
+
+# Evaluation runs on process 0 only while the others wait at a barrier: the default 10-minute collective timeout
+# would kill a sweep whose MMLU takes longer.
+TIMEOUT = datetime.timedelta(hours=6)
+
+
+@dataclasses.dataclass(frozen=True)
+class World:
+    """This process' place in the job (rank 0 of 1 for a plain run)."""
+
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def active(self) -> bool:
+        return self.size > 1 or dist.is_initialized()
+
+
+SINGLE = World()
+
+
+def launched() -> World:
+    """The world torchrun describes in the environment, or SINGLE."""
+    if "WORLD_SIZE" not in os.environ:
+        return SINGLE
+    return World(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def setup(kind: str, device: str, gpus: int = 1) -> tuple[World, str]:
+    """Join the process group for train.distributed=`kind` with `gpus` processes (train.gpus); returns (world,
+    this process' device)."""
+    if kind == "none":
+        return SINGLE, device
+    if kind != "ddp":
+        raise ConfigError(f"train.distributed={kind!r} is not implemented; use ddp (or none)")
+    world = launched()
+    if world is SINGLE:
+        raise ConfigError("train.distributed=ddp needs one process per GPU: launch with "
+                          "`torchrun --nproc-per-node N -m qpeft_bench.cli train.distributed=ddp ...`")
+    if world.size != gpus:
+        raise ConfigError(f"train.gpus={gpus} but torchrun started {world.size} process(es); set "
+                          f"train.gpus={world.size} (the global batch, hence the run, depends on it)")
+    cuda = device.startswith("cuda")
+    if cuda:
+        if torch.cuda.device_count() < world.size:
+            raise ConfigError(f"train.distributed=ddp with {world.size} processes but only "
+                              f"{torch.cuda.device_count()} CUDA device(s)")
+        device = f"cuda:{world.local_rank}"
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=TIMEOUT)
+    return world, device
+
+
+def wrap(model, world: World, device: str):
+    """The model under DDP (adapters' gradients averaged), or the model itself for a single process."""
+    if not world.active:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    ids = [torch.device(device).index] if device.startswith("cuda") else None
+    # frozen quantized weights are identical on every process already; broadcasting buffers each step is waste
+    # (torch 2.13 renames the switch; the old name keeps the no-sync-at-init behaviour we want)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*broadcast_buffers.*deprecated", category=FutureWarning)
+        return DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
+
+
+def sum_all(value: float, device: str, world: World) -> float:
+    """The sum of `value` over all processes (itself for one process)."""
+    if not world.active:
+        return value
+    t = torch.tensor([float(value)], dtype=torch.float64, device=device if device.startswith("cuda") else "cpu")
+    dist.all_reduce(t)
+    return float(t.item())
+
+
+def max_all(value: int, device: str, world: World) -> int:
+    if not world.active:
+        return value
+    t = torch.tensor([int(value)], dtype=torch.int64, device=device if device.startswith("cuda") else "cpu")
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
+
+
+def barrier(world: World) -> None:
+    if world.active:
+        dist.barrier()
+
+
+def teardown(world: World) -> None:
+    if world.active and dist.is_initialized():
+        dist.destroy_process_group()
