@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install -q --upgrade pip
 	@# torch first, pinned: a bare 'torch' requirement would pull a multi-GB CUDA build (see constraints.txt)
 	$(PY) -m pip install -q -c constraints.txt torch
-	$(PY) -m pip install -q -c constraints.txt -e ".[dev]"
+	$(PY) -m pip install -q -c constraints.txt -e ".[dev,slurm]"
 	@touch $(STAMP)
 
 setup: $(STAMP) ## create the virtualenv and install everything (offline-safe: registries only)
@@ -35,10 +35,13 @@ report: $(STAMP) ## tables from the run records: make report RESULTS=runs
 	$(VENV)/bin/qpeft-bench-report $(RESULTS)
 
 test: $(STAMP) ## the fast test suite (what CI runs)
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not slow and not gpu" $(ARGS)
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not slow and not gpu and not slurm" $(ARGS)
 
 test-full: $(STAMP) ## every CPU test, slow ones included
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not gpu" $(ARGS)
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not gpu and not slurm" $(ARGS)
+
+test-slurm: $(STAMP) ## sweeps through a real SLURM on localhost (first: sudo scripts/slurm_cluster.sh start)
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m slurm tests/test_slurm.py $(ARGS)
 
 format: $(STAMP) ## format the code with ruff
 	$(VENV)/bin/ruff format qpeft_bench tests scripts
@@ -54,4 +57,4 @@ clean: ## remove caches and scratch runs (keeps the virtualenv and results/)
 distclean: clean ## also remove the virtualenv
 	rm -rf $(VENV)
 
-.PHONY: help setup run plan sweep report test test-full format lint clean distclean
+.PHONY: help setup run plan sweep report test test-full test-slurm format lint clean distclean

@@ -70,6 +70,9 @@ class SweepSummary(Callback):
         self.outcomes.append(value if isinstance(value, str) else "failed")
 
     def on_multirun_end(self, config, **kwargs) -> None:
+        if not self.outcomes:  # a remote launcher (submitit) ran the jobs and their callbacks in other processes
+            log.info("sweep finished; its jobs ran elsewhere: their records say how each went (qpeft-bench-report)")
+            return
         counts = {s: self.outcomes.count(s) for s in sorted(set(self.outcomes))}
         log.info("sweep finished: %d runs: %s", len(self.outcomes), ", ".join(f"{n} {s}" for s, n in counts.items()))
         if any(s not in ("completed", "skipped", "planned") for s in self.outcomes):

@@ -185,13 +185,14 @@ class TrainConfig:
     diverge_loss: float = 1e4  # a loss above this (or NaN/Inf) ends the run with status `diverged`
     save_adapter: bool = True  # write the trained adapters to <run dir>/adapter/ (reloadable onto the base)
     # data parallelism (qpeft_bench/distributed.py): ddp under torchrun, one process per GPU; fsdp: plan mode only
+    checkpoint_every: int = 0  # save a resumable checkpoint every N optimizer steps (0: never); see checkpoint.py
     distributed: typing.Literal["none", "ddp", "fsdp"] = "none"
     gpus: int = 1  # processes (GPUs) of the job; part of the run's identity, since the global batch scales with it
 
     def check(self, where: str) -> None:
         for name in ("max_steps", "batch_size", "grad_accum", "lr", "log_every", "diverge_loss"):
             positive(where, name, getattr(self, name))
-        for name in ("warmup_steps", "weight_decay", "max_grad_norm", "measure_after"):
+        for name in ("warmup_steps", "weight_decay", "max_grad_norm", "measure_after", "checkpoint_every"):
             positive(where, name, getattr(self, name), allow_zero=True)
         if self.measure_after >= self.max_steps:
             raise ConfigError(
@@ -321,6 +322,13 @@ class CalibConfig:
 
 
 @dataclass
+class WandbConfig:
+    project: str = "qpeft-bench"
+    mode: typing.Literal["offline", "online"] = "offline"  # offline: files only, `wandb sync` them later
+    dir: str | None = None  # null: the run directory
+
+
+@dataclass
 class RunConfig:
     """The top-level keys of conf/run.yaml."""
 
@@ -329,6 +337,11 @@ class RunConfig:
     output_root: str = "runs"
     overwrite: bool = False
     run_dir: str | None = None  # mode=eval: the completed run to re-evaluate from its saved adapter
+    logger: typing.Literal["none", "wandb"] = "none"  # wandb: mirror the finished record (qpeft_bench/tracking.py)
+    wandb: dict = field(default_factory=dict)  # project, mode (offline | online), dir
+
+    def check(self, where: str) -> None:
+        from_dict(WandbConfig, self.wandb, "wandb")
 
 
 @dataclass

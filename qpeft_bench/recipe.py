@@ -23,6 +23,7 @@ from qpeft_bench import (
     accounting,
     adapters,
     calibration,
+    checkpoint,
     data,
     distributed,
     estimate,
@@ -31,6 +32,7 @@ from qpeft_bench import (
     models,
     quant,
     results,
+    tracking,
 )
 from qpeft_bench.config import ConfigError, RunSpec, adapter_target, validate
 from qpeft_bench.train import Diverged, make_optimizer, make_scheduler, prepare_for_training, train
@@ -38,7 +40,8 @@ from qpeft_bench.train import Diverged, make_optimizer, make_scheduler, prepare_
 log = logging.getLogger("qpeft_bench")
 DONE = ("completed",)
 KEEP = ("completed", "planned")
-ADAPTER_DIR = "adapter"  # inside the run directory  # records that another config must not replace in the same directory
+ADAPTER_DIR = "adapter"  # inside the run directory
+CHECKPOINT_DIR = "checkpoint"  # inside the run directory, while a run with train.checkpoint_every > 0 is going  # records that another config must not replace in the same directory
 
 
 def run(config: dict, run_dir: Path, progress: bool = True, summary: bool = True) -> str:
@@ -106,6 +109,11 @@ def run(config: dict, run_dir: Path, progress: bool = True, summary: bool = True
         record["meta"]["end_time"] = results.now()
         write()
         distributed.teardown(world)
+    if config.get("logger") == "wandb" and world.main and spec.mode != "plan":
+        w = config.get("wandb") or {}
+        record["wandb_dir"] = tracking.log_record(record, path, project=w.get("project", "qpeft-bench"),
+                                                  mode=w.get("mode", "offline"), directory=w.get("dir"))
+        write()
     if summary and world.main:
         log.info("\n%s", summary_table(record, path))
     return record["status"]
@@ -304,12 +312,25 @@ def fine_tune(spec: RunSpec, device: str, record: dict, save, progress: bool, ad
     if world.active:
         record["train"]["distributed"] = {"kind": t.distributed, "world_size": world.size,
                                           "global_batch": t.batch_size * t.grad_accum * world.size}
-    stream = _batch_stream(train_set, t.batch_size, tokenizer.pad_token_id, spec.seed, d.group_by_length)
+    # Preemption: resume from this run's last checkpoint, if a killed attempt left one (checkpoint.py).
+    ckpt = checkpoint.Checkpointer(adapter_dir.parent / CHECKPOINT_DIR, record["run_id"], t.checkpoint_every,
+                                   write=world.main)
+    state = ckpt.latest()
+    start, done = 0, []
+    if state is not None:
+        checkpoint.restore(state, peft_model, optimizer, scheduler)
+        start, done = state["step"], state["losses"]
+        record["train"]["resumed_from_step"] = start
+        log.info("resuming run %s from its checkpoint at step %d", record["run_id"], start)
+    stream = _batch_stream(train_set, t.batch_size, tokenizer.pad_token_id, spec.seed, d.group_by_length,
+                           skip=start * t.grad_accum * world.size)
+    on_step = functools.partial(ckpt.maybe_save, model=peft_model, optimizer=optimizer, scheduler=scheduler)
     record["train"].update(train(trained, stream, optimizer, scheduler, max_steps=t.max_steps,
                                  grad_accum=t.grad_accum, max_grad_norm=t.max_grad_norm, device=device,
                                  compute_dtype=torch_dtype,
                                  measure_after=t.measure_after, diverge_loss=t.diverge_loss,
-                                 log_every=t.log_every, progress=progress, world=world))
+                                 log_every=t.log_every, progress=progress, world=world,
+                                 start_step=start, losses=done, on_step=on_step))
     save()
 
     # 7. Keep the adapters (reloadable onto the same quantized base), then evaluate the fine-tuned model.
@@ -321,6 +342,7 @@ def fine_tune(spec: RunSpec, device: str, record: dict, save, progress: bool, ad
         record["adapter"] = {"path": ADAPTER_DIR, "method": spec.peft_method, "name": spec.peft_name}
         save()
     evaluate(peft_model, "after", None)
+    ckpt.clear()  # the run is complete: its adapters are saved, the checkpoints are no longer needed
     distributed.barrier(world)
 
 
@@ -416,11 +438,16 @@ def _batches(features: list[dict], batch_size: int, pad_id: int, seed: int, grou
         yield data.collate([features[i] for i in idx], pad_id)
 
 
-def _batch_stream(features: list[dict], batch_size: int, pad_id: int, seed: int, group: bool):
-    """Endless training batches: a new seeded order each epoch."""
+def _batch_stream(features: list[dict], batch_size: int, pad_id: int, seed: int, group: bool, skip: int = 0):
+    """Endless training batches: a new seeded order each epoch. `skip`: batches already consumed (a resumed run
+    continues with exactly the batches it would have drawn next)."""
+    lengths = [len(f["input_ids"]) for f in features]
     epoch = 0
     while True:
-        yield from _batches(features, batch_size, pad_id, seed + epoch, group)
+        order = data.make_batches(lengths, batch_size, seed=seed + epoch, group_by_length=group)
+        for idx in order[skip:]:
+            yield data.collate([features[i] for i in idx], pad_id)
+        skip = max(0, skip - len(order))
         epoch += 1
 
 

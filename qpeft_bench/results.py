@@ -20,7 +20,9 @@ RECORD = "result.json"
 
 # Keys that say where or how a run is launched, not what it computes: they stay out of the run id so that
 # moving the output directory or re-launching with overwrite=true finds the same run.
-NON_IDENTITY_KEYS = ("hydra", "output_root", "overwrite")
+NON_IDENTITY_KEYS = ("hydra", "output_root", "overwrite", "run_dir", "logger", "wandb")
+# ...and nested keys of the same kind: adding checkpoints to a re-submitted run must find the run it resumes
+NON_IDENTITY_PATHS = (("train", "checkpoint_every"),)
 
 
 def run_id(config: dict) -> str:
@@ -32,6 +34,9 @@ def run_id(config: dict) -> str:
     here (a run measured on the CPU is not the same run on a GPU).
     """
     identity = _normalise({k: v for k, v in config.items() if k not in NON_IDENTITY_KEYS})
+    for section, key in NON_IDENTITY_PATHS:
+        if isinstance(identity.get(section), dict):
+            identity[section].pop(key, None)
     train = identity.get("train")
     if identity.get("mode") == "train" and isinstance(train, dict) and train.get("device") == "auto":
         import torch

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from tqdm.auto import tqdm
@@ -116,20 +116,28 @@ def train(
     log_every: int,
     progress: bool = True,
     world: World = SINGLE,
+    start_step: int = 0,
+    losses: list[float] | None = None,
+    on_step: Callable[[int, list[float]], None] | None = None,
 ) -> dict:
     """Run `max_steps` optimizer steps; time and memory are measured on the steps after `measure_after`.
-    With several processes (`world`), each step draws grad_accum micro-batches per process from `batches`."""
+    With several processes (`world`), each step draws grad_accum micro-batches per process from `batches`.
+    Resuming (`start_step` steps done, their `losses`): `batches` must continue where they stopped, and time and
+    memory are measured on the resumed part only, after its own `measure_after` warm-up steps. `on_step(done,
+    losses)` runs after each optimizer step (checkpoints)."""
     params = trainable_parameters(model)
     # fp16 gradients underflow without loss scaling; bf16 and fp32 need none.
     scaler = torch.amp.GradScaler(device.split(":")[0]) if compute_dtype == torch.float16 else None
     probe = MemoryProbe(device)
-    losses: list[float] = []
+    losses = list(losses or [])
     tokens = 0
+    begin = measure_after if start_step == 0 else min(start_step + measure_after, max_steps - 1)
     model.train()  # transformers applies gradient checkpointing (and LoRA dropout) only in train mode
-    bar = tqdm(range(max_steps), desc="train", unit="step", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(range(start_step, max_steps), desc="train", unit="step", disable=not progress, dynamic_ncols=True,
+               initial=start_step, total=max_steps)
     t_start = None
     for step in bar:
-        if step == measure_after:
+        if step == begin:
             probe.reset()
             if device.startswith("cuda"):
                 torch.cuda.synchronize(device)
@@ -155,10 +163,12 @@ def train(
             probe.step()
         if (step + 1) % log_every == 0 or step + 1 == max_steps:
             bar.set_postfix(loss=f"{sum(losses[-log_every:]) / len(losses[-log_every:]):.4f}")
+        if on_step is not None:
+            on_step(step + 1, losses)
     if device.startswith("cuda"):
         torch.cuda.synchronize(device)
     elapsed = time.perf_counter() - t_start
-    measured = max_steps - measure_after
+    measured = max_steps - begin
     s_per_step = elapsed / measured
     tokens = int(distributed.sum_all(tokens, device, world))  # every process' tokens: the job's throughput
     memory = probe.summary()

@@ -11,7 +11,9 @@ from qpeft_bench.cli import CONF_DIR
 from qpeft_bench.config import ConfigError, validate
 
 CONF = Path(CONF_DIR)
-GROUP_FILES = sorted(p for p in CONF.rglob("*.yaml") if p.parent != CONF and p.parts[-3:-1] != ("hydra", "help"))
+# Hydra's own groups (help, launcher presets) and the site files of conf/local are not run-config groups
+GROUP_FILES = sorted(p for p in CONF.rglob("*.yaml")
+                     if p.parent != CONF and p.relative_to(CONF).parts[0] not in ("hydra", "local"))
 
 
 def test_there_are_config_files_in_every_group():
@@ -41,6 +43,13 @@ def test_every_config_file_composes_and_validates(compose, path):
     else:
         spec = validate(cfg)
     assert spec.mode == "train"
+
+
+@pytest.mark.parametrize("launcher, target", [("slurm", "SlurmLauncher"), ("local", "LocalLauncher")])
+def test_launcher_presets_compose(compose, launcher, target):
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="the optional extra [slurm]")
+    cfg = compose([f"hydra/launcher={launcher}"], return_hydra=True)
+    assert cfg.hydra.launcher._target_.endswith(target)
 
 
 def test_default_config_is_the_embedded_qlora_run(compose):
