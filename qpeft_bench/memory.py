@@ -16,6 +16,19 @@ def _proc_status_kib(field: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
+def _nvml_used(device: str) -> int | None:
+    """Bytes in use on the GPU per NVML (nvidia-ml-py), or None without it."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        index = torch.device(device).index
+        handle = pynvml.nvmlDeviceGetHandleByIndex(torch.cuda.current_device() if index is None else index)
+        return int(pynvml.nvmlDeviceGetMemoryInfo(handle).used)
+    except Exception:  # noqa: BLE001 - no NVML (CPU-only machine, no library): the allocator figures stand alone
+        return None
+
+
 class MemoryProbe:
     """`reset()` after warm-up, `step()` after each measured step; `summary()` gives peak and mean."""
 
@@ -24,11 +37,13 @@ class MemoryProbe:
         self.device = device
         self.kind = "cuda_max_allocated" if self.cuda else "cpu_peak_rss"
         self.samples: list[int] = []
+        self.device_used: list[int] = []
         self.peak_reserved = 0
         self.peak_reset = True
 
     def reset(self) -> None:
         self.samples = []
+        self.device_used = []
         if self.cuda:
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
@@ -46,6 +61,9 @@ class MemoryProbe:
             # read before the reset below, which clears the reserved peak too
             self.peak_reserved = max(self.peak_reserved, torch.cuda.max_memory_reserved(self.device))
             torch.cuda.reset_peak_memory_stats(self.device)
+            used = _nvml_used(self.device)
+            if used is not None:
+                self.device_used.append(used)
         else:
             rss = _proc_status_kib("VmRSS")
             if rss is not None:
@@ -56,6 +74,9 @@ class MemoryProbe:
         if self.cuda:
             out["peak_memory_bytes"] = max(self.samples, default=0)
             out["peak_reserved_bytes"] = self.peak_reserved
+            # device-wide use as NVML sees it (CUDA context, other processes, paged optimizer state included),
+            # sampled after each measured step; None where NVML is not available
+            out["device_used_peak_bytes"] = max(self.device_used, default=None)
         else:
             hwm = _proc_status_kib("VmHWM")
             out["peak_memory_bytes"] = hwm * 1024 if hwm is not None else max(self.samples, default=0)

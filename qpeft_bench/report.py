@@ -29,6 +29,7 @@ MIB = 2**20
 Row = dict[str, Any]
 # The Open LLM Leaderboard v1 tasks in the order the QEFT comparison table prints them (evaluation/harness.py).
 LEADERBOARD_TASKS = ("arc_challenge", "hellaswag", "mmlu", "truthfulqa_mc2", "winogrande", "gsm8k")
+COMMONSENSE_TASKS = ("hellaswag", "piqa", "winogrande", "arc_easy", "arc_challenge", "boolq", "openbookqa")
 
 
 # --------------------------------------------------------------------------- loading
@@ -169,6 +170,7 @@ RECORD_FIELDS: dict[str, tuple[str, ...]] = {
     "leaderboard_avg6_after": ("eval", "after", "leaderboard", "average"),
     "leaderboard_avg4_after": ("eval", "after", "leaderboard", "average_4"),
     **{f"lb_{task}_after": ("eval", "after", "leaderboard", "tasks", task, "value") for task in LEADERBOARD_TASKS},
+    **{f"cs_{task}_after": ("eval", "after", "commonsense", "tasks", task, "value") for task in COMMONSENSE_TASKS},
     "gen_tokens_per_s": ("eval", "after", "speed", "generation", "tokens_per_s"),
     "forward_ms": ("eval", "after", "speed", "step", "forward_ms"),
     "backward_ms": ("eval", "after", "speed", "step", "backward_ms"),
@@ -686,6 +688,12 @@ AGGREGATES: dict[str, AggSpec] = {spec.name: spec for spec in (
                       "model; gen tokens/s: greedy generation at batch 1 after fine-tuning. Scores: Open LLM "
                       "Leaderboard v1 tasks and shots after fine-tuning; avg 6 over all six, avg 4 over ARC-c, "
                       "HellaSwag, MMLU and TruthfulQA.",)),
+    _agg_table("commonsense", "0-shot commonsense accuracy (the key-variable study's tables)",
+               (MODEL, QUANT, METHOD, R, LAYERS),
+               [*((f"cs_{task}_after", task, fmt_fixed(4)) for task in COMMONSENSE_TASKS),
+                ("commonsense_after", "avg", fmt_fixed(4))], "mean_seeds", "quality",
+               notes=("lm-eval 0-shot after fine-tuning: hellaswag and arc_challenge acc_norm, the others acc; avg: "
+                      "their unweighted mean; each cell the mean ± std over seeds.",)),
     _agg_table("by_layer_group", "ppl_after by layer group", (MODEL, DATA, QUANT, METHOD, R),
                [("ppl_after", "ppl_after", fmt_plain(3))], "mean_seeds", "quality", across="layer_group",
                across_first=("uniform",),
