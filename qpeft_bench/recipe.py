@@ -416,10 +416,12 @@ def base_eval_cache(spec: RunSpec, compute_dtype: str, device: str) -> evaluatio
     identity = {"model": dataclasses.asdict(spec.model), "quant": [spec.quant_name, dataclasses.asdict(spec.quant)],
                 "calib": dataclasses.asdict(spec.calib), "data": dataclasses.asdict(spec.data),
                 "compute_dtype": compute_dtype, "device": device.split(":")[0], "code": results.code_fingerprint()}
+    from qpeft_bench.evaluation import harness  # task-set names only: lm-eval loads when a set runs
+
     ev = spec.eval
     settings = {"ppl_heldout": {"max_batches": ev.max_batches},
                 "ppl_wikitext": {**dataclasses.asdict(ev.wikitext), "data_root": ev.data_root},
-                **{t: {**dataclasses.asdict(ev.harness), "data_root": ev.data_root} for t in evaluation.HARNESS_SETS}}
+                **{t: {**dataclasses.asdict(ev.harness), "data_root": ev.data_root} for t in harness.TASK_SETS}}
     return evaluation.BaseEvalCache(identity, settings)
 
 

@@ -171,22 +171,13 @@ ARC_TEMPLATES = ["Which of these is {cat}?", "A student sorts objects. Which obj
 OBQA_TEMPLATES = ["An example of {cat} is", "Which is {cat}?", "Someone is asked to point at {cat}; they point at"]
 
 
-def arc_items(prefix: str, n: int, rng: random.Random) -> list[dict]:
+def choice_items(prefix: str, sep: str, n: int, rng: random.Random, templates: list[str], stem: str) -> list[dict]:
+    """ARC and OpenBookQA share a schema but for the question's field name (`stem`) and the id separator."""
     items = []
     for i in range(n):
-        question, choices, answer = category_question(rng, rng.choice(ARC_TEMPLATES))
+        question, choices, answer = category_question(rng, rng.choice(templates))
         labels = ["A", "B", "C", "D"]
-        items.append({"id": f"{prefix}_{i:03d}", "question": question,
-                      "choices": {"text": choices, "label": labels}, "answerKey": labels[answer]})
-    return items
-
-
-def openbookqa_items(prefix: str, n: int, rng: random.Random) -> list[dict]:
-    items = []
-    for i in range(n):
-        stem, choices, answer = category_question(rng, rng.choice(OBQA_TEMPLATES))
-        labels = ["A", "B", "C", "D"]
-        items.append({"id": f"{prefix}-{i:03d}", "question_stem": stem,
+        items.append({"id": f"{prefix}{sep}{i:03d}", stem: question,
                       "choices": {"text": choices, "label": labels}, "answerKey": labels[answer]})
     return items
 
@@ -376,9 +367,9 @@ def task_items(task: str, config: dict, split: str, rng: random.Random) -> list[
         rows = WINOGRANDE[:n] if split == "train" else WINOGRANDE[-n:]
         return [{"sentence": s, "option1": o1, "option2": o2, "answer": str(a)} for s, o1, o2, a in rows]
     if family in ("arc_easy", "arc_challenge"):
-        return arc_items(f"QPEFT_{config['dataset_name']}_{split}", n, rng)
+        return choice_items(f"QPEFT_{config['dataset_name']}_{split}", "_", n, rng, ARC_TEMPLATES, "question")
     if family == "openbookqa":
-        return openbookqa_items(f"qpeft-{split}", n, rng)
+        return choice_items(f"qpeft-{split}", "-", n, rng, OBQA_TEMPLATES, "question_stem")
     if family == "boolq":
         return boolq_items(n, rng, offset)
     if family == "truthfulqa_mc2":

@@ -38,8 +38,7 @@ PROTOCOLS = {
                    "averages",
     "speed": "greedy tokens/s at batch 1 (median after a warm-up); forward and backward ms of one training step",
 }
-AFTER_ONLY = ("speed",)
-HARNESS_SETS = ("mmlu", "commonsense", "leaderboard")  # evaluation/harness.py's TASK_SETS, without importing lm-eval  # the speed of the model a run ships; the base's would measure no adapter path
+AFTER_ONLY = ("speed",)  # the speed of the model a run ships; the base's would measure no adapter path
 
 
 def headline(result) -> float | None:
