@@ -15,6 +15,7 @@ import json
 import logging
 import time
 import typing
+from datetime import datetime
 from pathlib import Path
 
 import torch
@@ -116,6 +117,8 @@ def run(config: dict, run_dir: Path, progress: bool = True, summary: bool = True
         write()
     if summary and world.main:
         log.info("\n%s", summary_table(record, path))
+    if world.main:  # one line per finished run, also in sweeps: what a user greps a sweep's log for
+        log.info("%s", summary_line(record, path))
     return record["status"]
 
 
@@ -181,6 +184,7 @@ def reevaluate(config: dict, progress: bool, summary: bool) -> str:
     results.atomic_write_json(run_dir / results.RECORD, record)
     if summary:
         log.info("\n%s", summary_table(record, run_dir / results.RECORD))
+    log.info("re-evaluated %s", summary_line(record, run_dir / results.RECORD))
     return "completed"
 
 
@@ -458,6 +462,34 @@ def _batch_stream(features: list[dict], batch_size: int, pad_id: int, seed: int,
 # ----------------------------------------------------------------------------------------------------------------
 
 GIB, MIB = 2**30, 2**20
+
+
+def summary_line(record: dict, path: Path) -> str:
+    """'<status> <run id> in 1m23s | loss 2.31 -> 1.87 | ppl_heldout 12.3 -> 9.81 | 0.123 s/step | peak 1.20 GiB
+    | <record>': the run's outcome on one line (fields a run does not have are left out)."""
+    meta, tr, ev = record.get("meta", {}), record.get("train", {}), record.get("eval", {})
+    parts = [f"{record['status']} {record['run_id']}"]
+    try:
+        seconds = (datetime.fromisoformat(meta["end_time"]) - datetime.fromisoformat(meta["start_time"])).total_seconds()
+        parts[0] += f" in {int(seconds) // 60}m{int(seconds) % 60:02d}s"
+    except (KeyError, TypeError, ValueError):
+        pass
+    if tr.get("losses"):
+        parts.append(f"loss {tr['losses'][0]:.4g} -> {tr['final_loss']:.4g}")
+    for task in ("ppl_heldout", "ppl_wikitext", "mmlu", "commonsense", "leaderboard"):
+        before, after = (evaluation.headline(ev.get(stage, {}).get(task)) for stage in ("before", "after"))
+        if after is not None:
+            parts.append(f"{task} {'-' if before is None else format(before, '.4g')} -> {after:.4g}")
+    if tr.get("s_per_step") is not None:
+        parts.append(f"{tr['s_per_step']:.3g} s/step")
+    if tr.get("peak_memory_bytes") is not None:
+        parts.append(f"peak {tr['peak_memory_bytes'] / GIB:.2f} GiB")
+    if record.get("error"):
+        parts.append(f"{record['error']['type']}: {str(record['error']['message']).splitlines()[0][:120]}")
+    if record["status"] == "diverged" and "diverged_at_step" in tr:
+        parts.append(f"diverged at step {tr['diverged_at_step']}")
+    parts.append(str(path))
+    return " | ".join(parts)
 
 
 def summary_table(record: dict, path: Path) -> str:

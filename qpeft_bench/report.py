@@ -13,6 +13,7 @@ import io
 import json
 import math
 import os
+import re
 import sys
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Sequence
@@ -511,6 +512,9 @@ class AggSpec:
     across_first: tuple[str, ...] = ()  # pivot columns to put first (the baseline)
     mark: str = "method_name"  # key column that carries the '*' of a group with diverged runs
     notes: tuple[str, ...] = ()
+    # one table per distinct value of these row keys (the thesis' appendix has one per model and data set); each is
+    # named <name>_<values> and built from its own runs only, so its notes list only its own diverged runs
+    split: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.rule not in RULES or self.runs not in RUN_SETS:
@@ -694,6 +698,17 @@ AGGREGATES: dict[str, AggSpec] = {spec.name: spec for spec in (
                 ("commonsense_after", "avg", fmt_fixed(4))], "mean_seeds", "quality",
                notes=("lm-eval 0-shot after fine-tuning: hellaswag and arc_challenge acc_norm, the others acc; avg: "
                       "their unweighted mean; each cell the mean ± std over seeds.",)),
+    _agg_table("per_configuration", "Results per (r, alpha) configuration (thesis B.2-B.7)",
+               (QUANT, METHOD, R, ALPHA, LAYERS),
+               [("trainable_params", "trainable params", fmt_count, "value"),
+                ("ppl_after", "held-out ppl after", fmt_fixed(3)),
+                ("mmlu_after", "MMLU after", fmt_fixed(4)),
+                ("mean_memory_bytes", "mean memory (GiB)", fmt_scaled(GIB, 3)),
+                ("time_500_steps_s", "s / 500 steps", fmt_fixed(1))], "mean_seeds", "quality",
+               split=("model", "dataset"),
+               notes=(f"{UNITS} One table per model and fine-tuning data set; one row per quantizer, method and "
+                      "(r, alpha) configuration (and layer-group setting). held-out ppl and MMLU 5-shot after "
+                      "fine-tuning; mean memory and time as in the gpu_memory and runtime tables.",)),
     _agg_table("by_layer_group", "ppl_after by layer group", (MODEL, DATA, QUANT, METHOD, R),
                [("ppl_after", "ppl_after", fmt_plain(3))], "mean_seeds", "quality", across="layer_group",
                across_first=("uniform",),
@@ -1000,12 +1015,31 @@ def select_tables(loaded: LoadResult, name: str, diverged_ppl: float = DEFAULT_D
     for key, spec in AGGREGATES.items():
         if name not in (key, "all"):
             continue
-        table = build_aggregate(spec, loaded, diverged_ppl, reference)
-        pivot_cols = [col.key for col in table.spec.columns[len(spec.keys):]]
-        baseline_only = spec.across is not None and set(pivot_cols) <= set(spec.across_first)
-        if name == key or (has_values(table) and not baseline_only):
-            tables.append(table)
+        for part_spec, part in split_runs(spec, loaded):
+            table = build_aggregate(part_spec, part, diverged_ppl, reference)
+            pivot_cols = [col.key for col in table.spec.columns[len(spec.keys):]]
+            baseline_only = spec.across is not None and set(pivot_cols) <= set(spec.across_first)
+            if name == key or (has_values(table) and not baseline_only):
+                tables.append(table)
     return tables
+
+
+def split_runs(spec: AggSpec, loaded: LoadResult) -> list[tuple[AggSpec, LoadResult]]:
+    """The (spec, runs) of each table an AggSpec makes: itself over every run, or with ``split`` one per distinct
+    value of the split keys (sorted), named <name>_<values> and titled with them."""
+    if not spec.split:
+        return [(spec, loaded)]
+    parts: dict[tuple, list[RunRecord]] = defaultdict(list)
+    for record in loaded.records:
+        row = record_to_row(record)
+        parts[tuple(row[k] for k in spec.split)].append(record)
+    out = []
+    for values in sorted(parts, key=lambda k: tuple(sort_value(v) for v in k)):
+        slug = "_".join(re.sub(r"[^A-Za-z0-9._-]+", "-", fmt_text(v) or "none") for v in values)
+        where = ", ".join(f"{k} {fmt_text(v)}" for k, v in zip(spec.split, values, strict=True))
+        out.append((replace(spec, name=f"{spec.name}_{slug}", title=f"{spec.title}: {where}"),
+                    LoadResult(records=parts[values], unreadable=loaded.unreadable)))
+    return out
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -81,6 +81,27 @@ def test_completed_runs_are_skipped_and_overwrite_redoes_them(compose, tmp_path,
     assert recipe.run(compose([*FAST, "overwrite=true"]), tmp_path, progress=False) == "completed"
 
 
+def test_every_finished_run_logs_one_summary_line(compose, tmp_path, caplog, monkeypatch):
+    caplog.set_level("INFO", logger="qpeft_bench")
+    assert recipe.run(compose(FAST), tmp_path / "ok", progress=False, summary=False) == "completed"
+    rec = json.loads((tmp_path / "ok" / "result.json").read_text())
+    [line] = [r.getMessage() for r in caplog.records if r.getMessage().startswith("completed ")]
+    assert line.startswith(f"completed {rec['run_id']} in ") and "\n" not in line
+    before, after = rec["eval"]["before"]["ppl_heldout"], rec["eval"]["after"]["ppl_heldout"]
+    assert f"ppl_heldout {before:.4g} -> {after:.4g}" in line
+    assert f"loss {rec['train']['losses'][0]:.4g} -> {rec['train']['final_loss']:.4g}" in line
+    assert line.endswith(str(tmp_path / "ok" / "result.json"))
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("simulated crash in training")
+
+    monkeypatch.setattr(recipe, "train", boom)
+    caplog.clear()
+    assert recipe.run(compose(FAST), tmp_path / "bad", progress=False, summary=False) == "failed"
+    [line] = [r.getMessage() for r in caplog.records if r.getMessage().startswith("failed ")]
+    assert "RuntimeError: simulated crash in training" in line
+
+
 def test_a_different_config_never_overwrites_a_completed_record(compose, tmp_path):
     assert recipe.run(compose(FAST), tmp_path, progress=False) == "completed"
     before = (tmp_path / "result.json").read_text()
