@@ -11,6 +11,7 @@ completes removes its checkpoints (the adapter directory holds the result).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import shutil
@@ -21,6 +22,7 @@ import torch
 from qpeft_bench.results import atomic_write_json
 
 POINTER = "LATEST"
+log = logging.getLogger("qpeft_bench")
 
 
 class Checkpointer:
@@ -28,15 +30,22 @@ class Checkpointer:
         self.root, self.run_id, self.every, self.write = Path(root), run_id, every, write
 
     def latest(self) -> dict | None:
-        """The newest complete checkpoint of this run (None if there is none or it belongs to another config)."""
+        """The newest complete checkpoint of this run: None if there is none, if it belongs to another config, or if
+        it cannot be read (the run then restarts: that costs the steps it held, never the run)."""
         pointer = _read_pointer(self.root / POINTER)
-        if pointer is None or pointer.get("run_id") != self.run_id:
+        if not isinstance(pointer, dict) or pointer.get("run_id") != self.run_id:
             return None
-        path = self.root / pointer["dir"] / "state.pt"
-        try:
-            return torch.load(path, map_location="cpu", weights_only=False)
-        except (OSError, RuntimeError, EOFError):  # a torn file cannot be named by LATEST; be safe anyway
+        path = self.root / str(pointer.get("dir")) / "state.pt"
+        try:  # a torn file cannot be named by LATEST; a disk error or a hand edit can leave anything
+            state = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as err:  # noqa: BLE001 - torch raises RuntimeError, EOFError, UnpicklingError, ...
+            log.warning("checkpoint %s is unreadable (%s: %s); the run restarts from step 0", path,
+                        type(err).__name__, err)
             return None
+        if not isinstance(state, dict) or state.get("step") != pointer.get("step"):
+            log.warning("checkpoint %s does not hold the step its pointer names; the run restarts from step 0", path)
+            return None
+        return state
 
     def maybe_save(self, step: int, losses: list[float], model, optimizer, scheduler) -> None:
         """Save after optimizer step `step` (1-based count of steps done) when it is a multiple of `every`."""

@@ -16,9 +16,11 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import HydraException
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from qpeft_bench import ASSETS, results
 
@@ -80,10 +82,38 @@ class SweepSummary(Callback):
             sys.exit(1)  # a sweep with failed runs must not look green to make, CI or a job scheduler
 
 
+class RedactSecrets(logging.Filter):
+    """Credentials of the environment (results.secret_values) never reach a log file or the console: a message or
+    traceback that holds one is printed with it replaced."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.secrets = results.secret_values()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        clean = results.redact(message, self.secrets)
+        if clean != message:
+            record.msg, record.args = clean, None
+        if record.exc_info and not record.exc_text:  # formatted once here, so the handler prints the redacted text
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+        if record.exc_text:
+            record.exc_text = results.redact(record.exc_text, self.secrets)
+        return True
+
+
+def redact_log_handlers() -> None:
+    """Hydra sets up the job's handlers (console, `<run dir>/cli.log`) anew for each job; filter each of them."""
+    for handler in logging.getLogger().handlers:
+        if not any(isinstance(f, RedactSecrets) for f in handler.filters):
+            handler.addFilter(RedactSecrets())
+
+
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="run")
 def _main(cfg: DictConfig) -> str:
     from qpeft_bench import recipe  # heavy imports (torch, transformers) only once the config composed
 
+    redact_log_handlers()
     hc = HydraConfig.get()
     status = recipe.run(job_config(cfg), Path(hc.runtime.output_dir))
     if hc.mode == RunMode.RUN and status not in ("completed", "skipped", "planned"):
@@ -92,6 +122,43 @@ def _main(cfg: DictConfig) -> str:
 
 
 def main() -> None:
+    if os.environ.get("HYDRA_FULL_ERROR") == "1":  # the user asked for Hydra's own report with the full traceback
+        _dispatch()
+        return
+    # Hydra prints a composition error (unknown option, key or sweep, bad override syntax) over 5-20 lines: the
+    # option list, its search path, a hint. Ask it to raise instead, and say what to change on one line. (Jobs
+    # that a remote launcher submits meanwhile inherit the variable: their errors then carry full tracebacks.)
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    try:
+        _dispatch()
+    except (HydraException, OmegaConfBaseException) as err:
+        print(f"qpeft-bench: error: {one_line(err)}", file=sys.stderr)
+        sys.exit(1)
+    finally:
+        os.environ.pop("HYDRA_FULL_ERROR", None)
+
+
+def one_line(err: BaseException) -> str:
+    """A Hydra/OmegaConf error as one line: the override it is about, its message and the first line of its cause,
+    the option list joined; the config search path and the hint about tracebacks left out."""
+    lines = str(err).splitlines()
+    if isinstance(err.__cause__, OmegaConfBaseException):
+        lines.append(str(err.__cause__).splitlines()[0])
+    parts: list[str] = []
+    for line in lines:
+        if line.startswith("Config search path"):
+            break
+        if not line.strip() or "HYDRA_FULL_ERROR" in line:
+            continue
+        if line.startswith("\t") and parts:  # an option listed under "Available options in 'quant':"
+            parts[-1] += (" " if parts[-1].endswith(":") else ", ") + line.strip()
+        else:
+            parts.append(line.strip().rstrip("."))
+    override = getattr(err, "override", None)  # a syntax error: which argument
+    return (f"override {override!r}: " if override else "") + (". ".join(parts) or type(err).__name__)
+
+
+def _dispatch() -> None:
     args = sys.argv[1:]
     multirun = bool({"-m", "--multirun"} & set(args))
     plain = [a for a in args if a not in ("-m", "--multirun")]

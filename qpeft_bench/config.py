@@ -188,6 +188,15 @@ class TrainConfig:
     checkpoint_every: int = 0  # save a resumable checkpoint every N optimizer steps (0: never); see checkpoint.py
     distributed: typing.Literal["none", "ddp", "fsdp"] = "none"
     gpus: int = 1  # processes (GPUs) of the job; part of the run's identity, since the global batch scales with it
+    # Speed switches (qpeft_bench/speed.py); each computes the same function, only faster or in less memory.
+    # auto: on for peft's LoRA family (LoRA, rsLoRA, DoRA, LoftQ), which it computes as one autograd function per
+    # linear; true: the same, but an error for other methods; false: peft's own layers
+    fused_lora: bool | str = "auto"
+    chunked_loss: int = 0  # tokens per chunk of lm_head + cross-entropy, logits recomputed in backward (0: off)
+    compile: bool | str = "auto"  # torch.compile each decoder layer; auto: on CUDA only (inductor on CPUs is slow)
+    # GiB, or auto (most of the card): choose checkpointing, upcast and loss chunking from the plan-mode estimate
+    memory_budget: str | float | None = None
+    reuse_base: bool = True  # a sweep's runs with the same model and quantizer quantize once per process
 
     def check(self, where: str) -> None:
         for name in ("max_steps", "batch_size", "grad_accum", "lr", "log_every", "diverge_loss"):
@@ -202,6 +211,18 @@ class TrainConfig:
         positive(where, "gpus", self.gpus)
         if self.distributed == "none" and self.gpus != 1:
             raise ConfigError(f"{where}.gpus={self.gpus} needs {where}.distributed=ddp (or fsdp in plan mode)")
+        positive(where, "chunked_loss", self.chunked_loss, allow_zero=True)
+        for name in ("fused_lora", "compile"):
+            if getattr(self, name) not in (True, False, "auto"):
+                raise ConfigError(f"{where}.{name}={getattr(self, name)!r}; choose true, false or auto")
+        if self.memory_budget is not None and self.memory_budget != "auto":
+            try:
+                budget = float(self.memory_budget)
+            except (TypeError, ValueError):
+                budget = 0.0
+            if not budget > 0:
+                raise ConfigError(f"{where}.memory_budget={self.memory_budget!r}; give GiB (a positive number), auto "
+                                  "or null")
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
             raise ConfigError(f"{where}.device={self.device!r}; choose auto, cpu, cuda or cuda:N")
 
@@ -454,12 +475,15 @@ def validate(cfg: dict) -> RunSpec:
     device = None
     if spec.mode in ("train", "eval"):
         spec.train.check_device()
-    if spec.mode != "plan" and spec.train.distributed == "fsdp":
-        raise ConfigError("train.distributed=fsdp is not implemented for training yet; plan mode estimates its "
-                          "per-GPU memory (mode=plan train.distributed=fsdp train.gpus=N); use ddp to train")
         from qpeft_bench.models import resolve_device
 
         device = resolve_device(spec.train.device)
+    if spec.mode != "plan" and spec.train.distributed == "fsdp":
+        raise ConfigError("train.distributed=fsdp is not implemented for training yet; plan mode estimates its "
+                          "per-GPU memory (mode=plan train.distributed=fsdp train.gpus=N); use ddp to train")
+    from qpeft_bench import speed
+
+    speed.check(peft_method, spec.train.fused_lora)
     quant.check_runnable(quant_name, qmod, model.family, device, spec.calib.enabled)
     # Checks that need the architecture (sizes that must divide, ranks that must fit) read only config.json.
     from qpeft_bench.models import linear_shapes

@@ -359,6 +359,21 @@ def _special_ids(tokenizer) -> tuple[list[int], int]:
     return bos, tokenizer.eos_token_id
 
 
+def check_tokenizer(tokenizer, where: str) -> None:
+    """Pre-flight: the tokenizer has what tokenization and batching need, an EOS (where every target ends) and a pad
+    id (models.load_tokenizer pads with unk or EOS when a tokenizer ships without one, as LLaMA's does). Raises
+    ValueError naming `where` (its directory or hub id), before the model is loaded rather than after."""
+    problems = []
+    if tokenizer.eos_token_id is None:
+        problems.append("no eos_token (where every target ends)")
+    if tokenizer.pad_token_id is None:
+        problems.append("no pad_token, nor an unk_token or eos_token to pad batches with")
+    if problems:
+        raise ValueError(f"the tokenizer of {where} has {' and '.join(problems)}; set them in its "
+                         'tokenizer_config.json (e.g. "eos_token": "</s>", "pad_token": "<unk>") or choose another '
+                         "model.path")
+
+
 def _encode(tokenizer, texts: list[str]) -> list[list[int]]:
     # add_special_tokens=False so that BOS/EOS come only from _special_ids, whatever the tokenizer's
     # auto-BOS setting; one batched call so fast tokenizers use their Rust thread pool.

@@ -9,6 +9,7 @@ at each stage boundary (atomically), so a run killed at any point leaves a reada
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import json
@@ -33,6 +34,7 @@ from qpeft_bench import (
     models,
     quant,
     results,
+    speed,
     tracking,
 )
 from qpeft_bench.config import ConfigError, RunSpec, adapter_target, validate
@@ -57,6 +59,8 @@ def run(config: dict, run_dir: Path, progress: bool = True, summary: bool = True
         device, world = None, distributed.SINGLE
         if spec.mode == "train":
             data.check_source(spec.data.format, spec.data.path, spec.data.hub_id)
+            tokenizer_source = spec.model.path or spec.model.hub_id  # a tokenizer is cheap; the model is not
+            data.check_tokenizer(models.load_tokenizer(tokenizer_source), tokenizer_source)
             device = models.resolve_device(spec.train.device)
             world, device = distributed.setup(spec.train.distributed, device, spec.train.gpus)
     except Exception as err:  # noqa: BLE001 - any bad input: one line, and nothing written
@@ -66,60 +70,78 @@ def run(config: dict, run_dir: Path, progress: bool = True, summary: bool = True
         log.error("config error: %s", first or type(err).__name__)
         return "failed"
 
-    existing = results.read_record(run_dir)
-    if existing is not None and not spec.overwrite:
-        if existing.get("run_id") != rid and existing.get("status") in KEEP:
-            log.error("%s holds the %s run %s of another config; choose another hydra.run.dir or set "
-                      "overwrite=true", run_dir, existing.get("status"), existing.get("run_id"))
-            return "failed"
-        if existing.get("run_id") == rid and existing.get("status") in DONE:
-            log.info("skip: run %s already completed (%s); overwrite=true redoes it", rid, run_dir / results.RECORD)
-            return "skipped"
-
-    record = results.new_record(rid, config, "running", results.run_meta(device))
-    if spec.peft_per_module:  # the knobs each module really gets from peft.by_layer
-        record["peft_layers"] = layers.knob_summary(spec.peft_per_module, adapters.get(spec.peft_method).PER_LAYER_KNOBS)
-    path = run_dir / results.RECORD
-    # one writer: with several processes, process 0 keeps the record, the adapters and the evaluation
-    write = (lambda: results.atomic_write_json(path, record)) if world.main else (lambda: None)
-    progress = progress and world.main
-    try:
-        if spec.mode == "plan":
-            record["accounting"] = plan_accounting(spec)
-            record["estimate"] = plan_estimate(spec, record["accounting"])
-            record["status"] = "planned"
-        else:
-            write()
-            fine_tune(spec, device, record, write, progress, adapter_dir=run_dir / ADAPTER_DIR, world=world)
-            record["status"] = "completed"
-    except Diverged as err:
-        record["status"] = "diverged"
-        record["train"].update({"diverged_at_step": err.step, "diverged_loss": err.loss})  # NaN -> "nan" on write
-        log.error("%s", err)
-    except torch.OutOfMemoryError as err:
-        record["status"] = "oom"
-        record["error"] = {"type": type(err).__name__, "message": str(err).splitlines()[0]}
-        if device and device.startswith("cuda"):
-            record["error"]["memory_allocated_bytes"] = torch.cuda.memory_allocated(device)
-        log.error("out of memory: %s", record["error"]["message"])
-    except Exception as err:  # noqa: BLE001 - every failure must end in a record, then the sweep goes on
-        record["status"] = "failed"
-        record["error"] = {"type": type(err).__name__, "message": str(err)}
-        log.exception("run %s failed", rid)
-    finally:
-        record["meta"]["end_time"] = results.now()
-        write()
+    # One process per run: a second launch of the same run (two copies of a sweep, a re-submitted job array) skips
+    # it while the first is alive. Process 0 of a torchrun job holds it for all of them.
+    lock = results.RunLock(run_dir)
+    holder = lock.acquire() if world.main else None
+    if holder is not None:
+        log.info("skip: run %s is running in another process (pid %s)", rid, holder or "unknown")
         distributed.teardown(world)
-    if config.get("logger") == "wandb" and world.main and spec.mode != "plan":
-        w = config.get("wandb") or {}
-        record["wandb_dir"] = tracking.log_record(record, path, project=w.get("project", "qpeft-bench"),
-                                                  mode=w.get("mode", "offline"), directory=w.get("dir"))
-        write()
-    if summary and world.main:
-        log.info("\n%s", summary_table(record, path))
-    if world.main:  # one line per finished run, also in sweeps: what a user greps a sweep's log for
-        log.info("%s", summary_line(record, path))
-    return record["status"]
+        return "skipped"
+    try:
+        existing = results.read_record(run_dir)
+        if existing is not None and not spec.overwrite:
+            if existing.get("run_id") != rid and existing.get("status") in KEEP:
+                log.error("%s holds the %s run %s of another config; choose another hydra.run.dir or set "
+                          "overwrite=true", run_dir, existing.get("status"), existing.get("run_id"))
+                return "failed"
+            if existing.get("run_id") == rid and existing.get("status") in DONE:
+                log.info("skip: run %s already completed (%s); overwrite=true redoes it", rid, run_dir / results.RECORD)
+                return "skipped"
+
+        record = results.new_record(rid, config, "running", results.run_meta(device))
+        if spec.peft_per_module:  # the knobs each module really gets from peft.by_layer
+            record["peft_layers"] = layers.knob_summary(spec.peft_per_module,
+                                                        adapters.get(spec.peft_method).PER_LAYER_KNOBS)
+        path = run_dir / results.RECORD
+        # one writer: with several processes, process 0 keeps the record, the adapters and the evaluation
+        write = (lambda: results.atomic_write_json(path, record)) if world.main else (lambda: None)
+        progress = progress and world.main
+        try:
+            if spec.mode == "plan":
+                record["accounting"] = plan_accounting(spec)
+                record["estimate"] = plan_estimate(spec, record["accounting"])
+                record["status"] = "planned"
+            else:
+                write()
+                fine_tune(spec, device, record, write, progress, adapter_dir=run_dir / ADAPTER_DIR, world=world)
+                record["status"] = "completed"
+        except Diverged as err:
+            record["status"] = "diverged"
+            record["train"].update({"diverged_at_step": err.step, "diverged_loss": err.loss})  # NaN -> "nan" on write
+            log.error("%s", err)
+        except torch.OutOfMemoryError as err:
+            record["status"] = "oom"
+            record["error"] = {"type": type(err).__name__, "message": str(err).splitlines()[0],
+                               **results.memory_at_failure(device)}
+            held = record["error"].get("memory_allocated_bytes", record["error"].get("rss_bytes"))
+            log.error("out of memory (%s GiB held): %s", "?" if held is None else f"{held / 2**30:.2f}",
+                      record["error"]["message"])
+        except Exception as err:  # noqa: BLE001 - every failure must end in a record, then the sweep goes on
+            record["status"] = "failed"
+            record["error"] = {"type": type(err).__name__, "message": str(err)}
+            log.exception("run %s failed", rid)
+        finally:
+            record["meta"]["end_time"] = results.now()
+            write()
+            distributed.teardown(world)
+        if record["status"] == "oom" and device and device.startswith("cuda"):
+            import gc  # the failed run's model is garbage now: give its memory back before the sweep's next run
+
+            gc.collect()
+            torch.cuda.empty_cache()
+        if config.get("logger") == "wandb" and world.main and spec.mode != "plan":
+            w = config.get("wandb") or {}
+            record["wandb_dir"] = tracking.log_record(record, path, project=w.get("project", "qpeft-bench"),
+                                                      mode=w.get("mode", "offline"), directory=w.get("dir"))
+            write()
+        if summary and world.main:
+            log.info("\n%s", summary_table(record, path))
+        if world.main:  # one line per finished run, also in sweeps: what a user greps a sweep's log for
+            log.info("%s", summary_line(record, path))
+        return record["status"]
+    finally:
+        lock.release()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -280,8 +302,33 @@ class Base(typing.NamedTuple):
     torch_dtype: torch.dtype
 
 
+def budgeted(spec: RunSpec, device: str) -> tuple[RunSpec, dict | None]:
+    """train.memory_budget: the spec with checkpointing, upcast and loss chunking chosen to fit (speed.choose, from
+    plan mode's estimate, which models the plain path and so leaves the fused one some headroom), and the record of
+    that choice; the spec as it is without a budget."""
+    t = spec.train
+    if t.memory_budget is None:
+        return spec, None
+    budget = speed.budget_bytes(t.memory_budget, device)
+    acc = plan_accounting(spec)
+
+    def peak(settings: dict) -> int | None:
+        trial = dataclasses.replace(spec, train=dataclasses.replace(t, **settings))
+        return plan_estimate(trial, acc).get("peak_memory_bytes")
+
+    settings, estimated = speed.choose(budget, peak)
+    settings = {**settings, "chunked_loss": t.chunked_loss or speed.BUDGET_CHUNK}
+    log.info("train.memory_budget=%s (%.1f GiB): %s, estimated peak %.1f GiB", t.memory_budget,
+             budget / speed.GIB, settings, estimated / speed.GIB)
+    choice = {"budget": t.memory_budget, "budget_bytes": budget, "estimated_peak_bytes": estimated,
+              "chosen": settings}
+    return dataclasses.replace(spec, train=dataclasses.replace(t, **settings)), choice
+
+
 def fine_tune(spec: RunSpec, device: str, record: dict, save, progress: bool, adapter_dir: Path,
               world: distributed.World = distributed.SINGLE) -> None:
+    t_enter = time.perf_counter()
+    spec, budget = budgeted(spec, device)
     d, t = spec.data, spec.train
     torch.manual_seed(spec.seed)
     tokenizer, train_set, val_set, model, targets, compute_dtype, torch_dtype = load_base(spec, device, record,
@@ -305,6 +352,8 @@ def fine_tune(spec: RunSpec, device: str, record: dict, save, progress: bool, ad
     save()
     prepare_for_training(peft_model, upcast_norms_fp32=t.upcast_norms_fp32,
                          gradient_checkpointing=t.gradient_checkpointing)
+    switches = speed.setup(peft_model, method=spec.peft_method, quant_name=spec.quant_name, device=device,
+                           fused_lora=t.fused_lora, compile=t.compile)
 
     # 6. Fine-tune (data parallel under torchrun: distributed.py).
     trained = distributed.wrap(peft_model, world, device)
@@ -312,7 +361,8 @@ def fine_tune(spec: RunSpec, device: str, record: dict, save, progress: bool, ad
     optimizer, opt_name = make_optimizer(params, t.optimizer, t.lr, t.weight_decay, device)
     scheduler = make_scheduler(optimizer, t.lr_scheduler, t.warmup_steps, t.max_steps)
     record["train"] = {"optimizer": opt_name, "compute_dtype": compute_dtype, "device": device,
-                       "gradient_checkpointing": t.gradient_checkpointing, "upcast_norms_fp32": t.upcast_norms_fp32}
+                       "gradient_checkpointing": t.gradient_checkpointing, "upcast_norms_fp32": t.upcast_norms_fp32,
+                       "speed": {**switches, "chunked_loss": t.chunked_loss, "memory_budget": budget}}
     if world.active:
         record["train"]["distributed"] = {"kind": t.distributed, "world_size": world.size,
                                           "global_batch": t.batch_size * t.grad_accum * world.size}
@@ -329,13 +379,16 @@ def fine_tune(spec: RunSpec, device: str, record: dict, save, progress: bool, ad
     stream = _batch_stream(train_set, t.batch_size, tokenizer.pad_token_id, spec.seed, d.group_by_length,
                            skip=start * t.grad_accum * world.size)
     on_step = functools.partial(ckpt.maybe_save, model=peft_model, optimizer=optimizer, scheduler=scheduler)
-    record["train"].update(train(trained, stream, optimizer, scheduler, max_steps=t.max_steps,
-                                 grad_accum=t.grad_accum, max_grad_norm=t.max_grad_norm, device=device,
-                                 compute_dtype=torch_dtype,
-                                 measure_after=t.measure_after, diverge_loss=t.diverge_loss,
-                                 log_every=t.log_every, progress=progress, world=world,
-                                 start_step=start, losses=done, on_step=on_step))
+    with speed.loss_context(peft_model, t.chunked_loss):
+        record["train"].update(train(trained, stream, optimizer, scheduler, max_steps=t.max_steps,
+                                     grad_accum=t.grad_accum, max_grad_norm=t.max_grad_norm, device=device,
+                                     compute_dtype=torch_dtype,
+                                     measure_after=t.measure_after, diverge_loss=t.diverge_loss,
+                                     log_every=t.log_every, progress=progress, world=world,
+                                     start_step=start, losses=done, on_step=on_step))
     save()
+
+    speed.teardown(peft_model)
 
     # 7. Keep the adapters (reloadable onto the same quantized base), then evaluate the fine-tuned model.
     if not world.main:
@@ -347,7 +400,17 @@ def fine_tune(spec: RunSpec, device: str, record: dict, save, progress: bool, ad
         save()
     evaluate(peft_model, "after", None)
     ckpt.clear()  # the run is complete: its adapters are saved, the checkpoints are no longer needed
+    record["train"]["overhead_s"] = fixed_overhead(time.perf_counter() - t_enter, record)
     distributed.barrier(world)
+
+
+def fixed_overhead(total_s: float, record: dict) -> float:
+    """Seconds of a run that are neither training steps nor evaluation: loading, quantizing, attaching, compiling
+    (the warm-up steps' time beyond that of a measured step), saving, evaluation set-up. A sweep pays it per run."""
+    tr = record["train"]
+    steps = tr["steps"] - tr.get("resumed_from_step", 0)
+    evaluating = sum(sum(tasks.values()) for tasks in record["eval"].get("time_s", {}).values())
+    return total_s - steps * tr["s_per_step"] - evaluating
 
 
 def load_base(spec: RunSpec, device: str, record: dict, save, progress: bool) -> Base:
@@ -373,6 +436,17 @@ def load_base(spec: RunSpec, device: str, record: dict, save, progress: bool) ->
     # 2. Load the base in its dtype and count it before quantization changes the tensors.
     compute_dtype = spec.model.dtype if t.compute_dtype == "auto" else t.compute_dtype
     torch_dtype = models.DTYPE[compute_dtype]
+    key = _base_key(spec, compute_dtype, device)
+    if key is not None and key in _BASE_CACHE:  # a sweep's earlier run quantized this base already: reuse it
+        t0 = time.perf_counter()
+        cached, record["quant"], acc = copy.deepcopy(_BASE_CACHE[key])
+        model = cached.to(device)
+        record["quant"]["reused"] = {"from": "process cache", "seconds": time.perf_counter() - t0}
+        record["accounting"] = acc
+        log.info("quantized base reused from this process' cache in %.2f s", record["quant"]["reused"]["seconds"])
+        save()
+        return Base(tokenizer, train_set, val_set, model, list(models.find_linears(model, spec.model.linear_names)),
+                    compute_dtype, torch_dtype)
     model = models.load_model(spec.model.path or spec.model.hub_id, spec.model.dtype, device)
     model.config.use_cache = False  # the KV cache is useless in training and costs memory
     targets = list(models.find_linears(model, spec.model.linear_names))
@@ -393,7 +467,29 @@ def load_base(spec: RunSpec, device: str, record: dict, save, progress: bool) ->
              len(targets), q["quantize_time_s"], q["calibration_time_s"], q["weight_rel_error"],
              "-" if q["output_rel_error"] is None else f"{q['output_rel_error']:.4f}")
     save()
+    if key is not None:
+        _BASE_CACHE.clear()  # one base at a time: a sweep ordered by (model, quantizer) reuses each while it lasts
+        model.to("cpu")  # moved, not copied, so the GPU never holds two bases
+        _BASE_CACHE[key] = copy.deepcopy((model, record["quant"], acc))
+        model.to(device)
     return Base(tokenizer, train_set, val_set, model, targets, compute_dtype, torch_dtype)
+
+
+# The quantized base of the last run in this process, on the CPU, for the next run of a sweep with the same model
+# and quantizer (Hydra's default launcher runs a grid in one process). Only formats whose every tensor follows
+# Module.to() qualify (quant modules with PROCESS_REUSE = True): HQQ keeps scales and zeros in a plain dict that
+# .to() does not move, so an HQQ base is quantized again each run.
+_BASE_CACHE: dict[str, tuple] = {}
+
+
+def _base_key(spec: RunSpec, compute_dtype: str, device: str) -> str | None:
+    if not spec.train.reuse_base or not getattr(quant.get(spec.quant_name), "PROCESS_REUSE", False):
+        return None
+    calib = dataclasses.asdict(spec.calib)
+    uses_data = spec.calib.enabled and spec.calib.source == "finetune"  # windows cut from the training split
+    return json.dumps([spec.model.path or spec.model.hub_id, spec.model.dtype, dataclasses.asdict(spec.model),
+                       spec.quant_name, dataclasses.asdict(spec.quant), calib, compute_dtype, device,
+                       dataclasses.asdict(spec.data) if uses_data else None], sort_keys=True, default=str)
 
 
 def run_eval(spec: RunSpec, tokenizer, val_set: list[dict], device: str, torch_dtype, progress: bool, record: dict,

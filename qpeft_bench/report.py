@@ -191,9 +191,17 @@ def get_path(data: Any, path: Sequence[str]) -> Any:
     return data
 
 
+# Fields whose values are lists or mappings by design; any other field holding one is as good as missing (tables group
+# rows by these values and format them as numbers or text).
+CONTAINER_FIELDS = frozenset({"variant", "by_layer", "losses"})
+
+
 def record_to_row(record: RunRecord) -> Row:
-    """One flat row per record: every RECORD_FIELDS key (None when absent) plus record_path."""
-    row: Row = {key: get_path(record.data, path) for key, path in RECORD_FIELDS.items()}
+    """One flat row per record: every RECORD_FIELDS key (None when absent or wrongly typed) plus record_path."""
+    row: Row = {}
+    for key, path in RECORD_FIELDS.items():
+        value = get_path(record.data, path)
+        row[key] = None if isinstance(value, (list, dict)) and key not in CONTAINER_FIELDS else value
     row["record_path"] = str(record.path)
     # A config without a peft section means "base model, no adapter"; without any config we know nothing.
     if row["method"] is None and isinstance(record.data.get("config"), dict):
@@ -462,7 +470,10 @@ class Agg:
         if self.n < 2:
             return None
         mean = sum(self.values) / self.n
-        return math.sqrt(sum((v - mean) ** 2 for v in self.values) / (self.n - 1))
+        try:
+            return math.sqrt(sum((v - mean) ** 2 for v in self.values) / (self.n - 1))
+        except OverflowError:  # values near the float limit (a corrupt record): the spread is unbounded, not a crash
+            return math.inf
 
 
 def fmt_agg(inner: Formatter, *, show_n: bool) -> Formatter:

@@ -1,12 +1,16 @@
-"""The run record (DESIGN §5): schema, stable run id, atomic writes, run metadata."""
+"""The run record (DESIGN §5): schema, stable run id, atomic writes, run metadata; the lock that keeps two
+processes off one run, and the redaction that keeps credentials out of everything written."""
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import math
 import os
 import platform
+import re
+import resource
 import socket
 import subprocess
 import tempfile
@@ -81,26 +85,60 @@ def code_fingerprint() -> str:
     return digest.hexdigest()[:12]
 
 
-def _json_safe(value):
-    """NaN and infinities become strings: bare NaN is not JSON, and strict readers reject the record."""
+# Credentials: environment variables named like these hold secrets, and values shaped like these are tokens
+# wherever they come from (a public repository in this field once committed a hub token inside a saved config).
+SECRET_NAME = re.compile(r"(^|_)(TOKEN|API_?KEY|KEY|SECRET|PASSWORD|PASSWD|PASS|CREDENTIALS?|AUTH)(_|$)",
+                         re.IGNORECASE)
+# the published formats of hub, GitHub, GitLab, OpenAI, Slack and AWS keys; bodies without '_' so that paths such as
+# /data/hf_datasets_cache never match
+TOKEN_SHAPE = re.compile(r"\b(?:hf_[A-Za-z0-9]{30,}|api_org_[A-Za-z0-9]{30,}|gh[pousr]_[A-Za-z0-9]{36,}"
+                         r"|github_pat_[A-Za-z0-9_]{40,}|glpat-[A-Za-z0-9_\-]{20,}|sk-[A-Za-z0-9\-]{32,}"
+                         r"|xox[abprs]-[A-Za-z0-9\-]{10,}|AKIA[0-9A-Z]{16})")
+REDACTED = "<redacted>"
+
+
+def secret_values(environ=None) -> list[str]:
+    """The values of this process' environment that are credentials: a variable named like one (HF_TOKEN,
+    WANDB_API_KEY, AWS_SECRET_ACCESS_KEY, ...) or a value shaped like a token. Longest first, so a secret that
+    contains another is replaced whole. Values under 8 characters (flags such as 1 or false) are not secrets."""
+    environ = os.environ if environ is None else environ
+    found = {v for k, v in environ.items()
+             if len(v) >= 8 and (SECRET_NAME.search(k) or TOKEN_SHAPE.fullmatch(v))}
+    return sorted(found, key=len, reverse=True)
+
+
+def redact(text: str, secrets: list[str]) -> str:
+    """`text` with every secret value and every token-shaped string replaced by REDACTED."""
+    for secret in secrets:
+        if secret in text:
+            text = text.replace(secret, REDACTED)
+    return TOKEN_SHAPE.sub(REDACTED, text)
+
+
+def _json_safe(value, secrets: list[str] = ()):
+    """NaN and infinities become strings (bare NaN is not JSON, and strict readers reject the record); strings
+    lose any credential (`secrets`, token shapes), since records are shared and committed."""
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
+    if isinstance(value, str):
+        return redact(value, secrets)
     if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_json_safe(v) for v in value]
+        return {redact(k, secrets) if isinstance(k, str) else k: _json_safe(v, secrets) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v, secrets) for v in value]
     return value
 
 
 def atomic_write_json(path: Path, data: dict) -> None:
     """Write to a temporary file in the same directory, fsync, then rename: readers see the old or the new
-    record, never a truncated one, even if the process is killed mid-write."""
+    record, never a truncated one, even if the process is killed mid-write. Credentials are redacted."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    safe = _json_safe(data, secret_values())
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w") as f:
-            json.dump(_json_safe(data), f, indent=2, sort_keys=False, allow_nan=False)
+            json.dump(safe, f, indent=2, sort_keys=False, allow_nan=False)
             f.write("\n")
             f.flush()
             os.fsync(f.fileno())
@@ -126,6 +164,64 @@ def read_record(run_dir: Path) -> dict | None:
 
 def now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+LOCK = ".lock"  # in the run directory
+
+
+class RunLock:
+    """An exclusive lock on a run directory, held for the whole run, so that two processes launching the same
+    sweep never run one run twice nor write one record at the same time.
+
+    flock(2), not a file that exists or not: the kernel drops the lock when its process dies (SIGKILL, the OOM
+    killer, a preempted job), so a lock never outlives its holder and a re-run never waits on a dead one. The file
+    itself stays (deleting it would race with a process that has just opened it); it holds the holder's pid. A
+    flock is per open file, so the same process taking a run twice is refused too; it is not inherited across exec
+    (Python opens files non-inheritable). On NFS, Linux maps flock onto POSIX locks, which the server arbitrates.
+    """
+
+    def __init__(self, run_dir: Path):
+        self.path = Path(run_dir) / LOCK
+        self._fd: int | None = None
+
+    def acquire(self) -> int | None:
+        """Take the lock without waiting. None: taken; else the pid of the holder (0 if it has not written it)."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            text = os.pread(fd, 32, 0).decode(errors="replace").strip()
+            os.close(fd)
+            return int(text) if text.isdigit() else 0
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._fd = fd
+        return None
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the file drops the lock
+            self._fd = None
+
+
+def memory_at_failure(device: str | None) -> dict:
+    """What the process held when it ran out of memory, for the record of an `oom` run: the allocator's figures on
+    CUDA; the resident set now and at its peak on the CPU (what the OOM killer and cgroup limits count)."""
+    if device and device.startswith("cuda"):
+        import torch
+
+        return {"memory_kind": "cuda_allocated", "memory_allocated_bytes": torch.cuda.memory_allocated(device),
+                "memory_reserved_bytes": torch.cuda.memory_reserved(device),
+                "max_memory_allocated_bytes": torch.cuda.max_memory_allocated(device)}
+    out = {"memory_kind": "cpu_rss"}
+    try:  # /proc/self/statm: sizes in pages; the second is the resident set
+        out["rss_bytes"] = int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        out["rss_bytes"] = None
+    # ru_maxrss (KiB on Linux) is the kernel's high-water mark, which it updates lazily: never below the RSS now
+    out["peak_rss_bytes"] = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, out["rss_bytes"] or 0)
+    return out
 
 
 def _git_state() -> dict:

@@ -124,7 +124,7 @@ def train(
     With several processes (`world`), each step draws grad_accum micro-batches per process from `batches`.
     Resuming (`start_step` steps done, their `losses`): `batches` must continue where they stopped, and time and
     memory are measured on the resumed part only, after its own `measure_after` warm-up steps. `on_step(done,
-    losses)` runs after each optimizer step (checkpoints)."""
+    losses)` runs after each optimizer step but the last (checkpoints)."""
     params = trainable_parameters(model)
     # fp16 gradients underflow without loss scaling; bf16 and fp32 need none.
     scaler = torch.amp.GradScaler(device.split(":")[0]) if compute_dtype == torch.float16 else None
@@ -135,7 +135,7 @@ def train(
     model.train()  # transformers applies gradient checkpointing (and LoRA dropout) only in train mode
     bar = tqdm(range(start_step, max_steps), desc="train", unit="step", disable=not progress, dynamic_ncols=True,
                initial=start_step, total=max_steps)
-    t_start = None
+    t_start, t_loop = None, time.perf_counter()
     for step in bar:
         if step == begin:
             probe.reset()
@@ -163,8 +163,8 @@ def train(
             probe.step()
         if (step + 1) % log_every == 0 or step + 1 == max_steps:
             bar.set_postfix(loss=f"{sum(losses[-log_every:]) / len(losses[-log_every:]):.4f}")
-        if on_step is not None:
-            on_step(step + 1, losses)
+        if on_step is not None and step + 1 < max_steps:  # after the last step there is nothing to resume: a run
+            on_step(step + 1, losses)  # killed later (saving, evaluating) redoes that step instead of resuming at the end
     if device.startswith("cuda"):
         torch.cuda.synchronize(device)
     elapsed = time.perf_counter() - t_start
@@ -182,5 +182,6 @@ def train(
         "s_per_step": s_per_step,
         "tokens_per_s": tokens / elapsed,
         "time_500_steps_s": 500 * s_per_step,  # the unit of the thesis' runtime tables
+        "loop_s": time.perf_counter() - t_loop,  # every step, warm-up included: the rest of a run is fixed overhead
         **memory,
     }

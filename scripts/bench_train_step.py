@@ -21,9 +21,10 @@ import time
 import torch
 from hydra import compose, initialize_config_dir
 
-from qpeft_bench import accounting, adapters, calibration, distributed, models, quant
+from qpeft_bench import accounting, adapters, calibration, distributed, models, quant, speed
 from qpeft_bench.cli import CONF_DIR, job_config
 from qpeft_bench.config import validate
+from qpeft_bench.recipe import budgeted
 from qpeft_bench.train import make_optimizer, make_scheduler, prepare_for_training, train
 
 GIB = 2**30
@@ -43,6 +44,51 @@ def random_batches(vocab: int, batch: int, seq: int, device: str):
         yield {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
 
 
+def dump_json(path: str | None, out: dict) -> None:
+    if path:
+        with open(path, "w") as f:
+            json.dump(out, f, indent=2, default=str)
+
+
+def load_adapter_weights(model, path: str) -> None:
+    """Copy saved trainable tensors into the model by name; every trainable tensor must be found with its shape."""
+    from safetensors.torch import load_file
+
+    saved = load_file(path)
+    mine = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    missing = sorted(set(mine) - set(saved))
+    if missing:
+        raise SystemExit(f"--init-adapters {path}: no tensor for {missing[:3]} ({len(missing)} missing)")
+    with torch.no_grad():
+        for name, param in mine.items():
+            param.copy_(saved[name].to(param.device, param.dtype))
+
+
+def profile_steps(model, batches, optimizer, max_grad_norm: float, device: str, compute_dtype, path: str) -> None:
+    """Two optimizer steps under torch.profiler: the kernels that take the time, for finding what to fuse."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from qpeft_bench.train import accumulate
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
+    params = accounting.trainable_parameters(model)
+    t0 = time.perf_counter()
+    with profile(activities=activities) as prof:
+        for _ in range(2):
+            accumulate(model, [next(batches)], device, compute_dtype)
+            if max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize(device)
+    wall = time.perf_counter() - t0
+    key = "self_cuda_time_total" if device.startswith("cuda") else "self_cpu_time_total"
+    with open(path, "w") as f:
+        f.write(f"2 steps profiled, wall {wall:.3f} s (with profiler overhead)\n")
+        f.write(prof.key_averages().table(sort_by=key, row_limit=60, max_name_column_width=90))
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=10)
@@ -54,11 +100,18 @@ def main(argv: list[str]) -> int:
                              "instead of our prepare_for_training after them")
     parser.add_argument("--no-hqq-flag", action="store_true",
                         help="drop model.hqq_quantized after quantizing (what a recipe unaware of DESIGN §7 has)")
+    parser.add_argument("--init-adapters", default=None, metavar="FILE",
+                        help="start from these adapter weights (safetensors, peft names; scripts/bench_reference.py "
+                             "--save-init writes them): the same start as the reference run, for comparing losses")
+    parser.add_argument("--profile", default=None, metavar="FILE",
+                        help="after the measured steps, profile 2 more with torch.profiler and write the top kernels "
+                             "(by device time) to FILE")
     args, overrides = parser.parse_known_args(argv)
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         spec = validate(job_config(compose(config_name="run", overrides=overrides)))
+    device = models.resolve_device(spec.train.device)
+    spec, budget = budgeted(spec, device)  # train.memory_budget: checkpointing, upcast and chunking chosen to fit
     t = spec.train
-    device = models.resolve_device(t.device)
     compute = spec.model.dtype if t.compute_dtype == "auto" else t.compute_dtype
     arch = spec.model.arch_dict()
     stages = {}
@@ -85,20 +138,27 @@ def main(argv: list[str]) -> int:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=t.gradient_checkpointing)
     with models.seeded(spec.seed):
         model = adapters.get(spec.peft_method).attach(model, targets, spec.peft)
+    if args.init_adapters:
+        load_adapter_weights(model, args.init_adapters)
     if not args.peft_prepare:
         prepare_for_training(model, upcast_norms_fp32=t.upcast_norms_fp32,
                              gradient_checkpointing=t.gradient_checkpointing)
+    stages["speed"] = speed.setup(model, method=spec.peft_method, quant_name=spec.quant_name, device=device,
+                                  fused_lora=t.fused_lora, compile=t.compile)
     model.train()
     stages["checkpointing_active"] = bool(getattr(model, "is_gradient_checkpointing", False))
     stages["adapters"] = allocated(device)
     optimizer, opt_name = make_optimizer(accounting.trainable_parameters(model), t.optimizer, t.lr,
                                          t.weight_decay, device)
-    result = train(distributed.wrap(model, world, device), random_batches(arch["vocab_size"], t.batch_size, args.seq,
-                                                                          device), optimizer,
-                   make_scheduler(optimizer, t.lr_scheduler, t.warmup_steps, args.steps), max_steps=args.steps,
-                   grad_accum=t.grad_accum, max_grad_norm=t.max_grad_norm, device=device,
-                   compute_dtype=models.DTYPE[compute], measure_after=t.measure_after,
-                   diverge_loss=float("inf"), log_every=t.log_every, progress=False, world=world)
+    wrapped = distributed.wrap(model, world, device)
+    batches = random_batches(arch["vocab_size"], t.batch_size, args.seq, device)
+    with speed.loss_context(model, t.chunked_loss):
+        result = train(wrapped, batches, optimizer, make_scheduler(optimizer, t.lr_scheduler, t.warmup_steps, args.steps),
+                       max_steps=args.steps, grad_accum=t.grad_accum, max_grad_norm=t.max_grad_norm, device=device,
+                       compute_dtype=models.DTYPE[compute], measure_after=t.measure_after,
+                       diverge_loss=float("inf"), log_every=t.log_every, progress=False, world=world)
+        if args.profile and world.main:
+            profile_steps(wrapped, batches, optimizer, t.max_grad_norm, device, models.DTYPE[compute], args.profile)
     if not world.main:
         distributed.teardown(world)
         return 0
@@ -108,7 +168,10 @@ def main(argv: list[str]) -> int:
            "setup": "peft.prepare_model_for_kbit_training" if args.peft_prepare else "qpeft_bench",
            "hqq_flag": bool(getattr(model, "hqq_quantized", False)) if spec.quant_name == "hqq" else None,
            "optimizer": opt_name, "device": device, "stages_bytes": stages, "world_size": world.size,
-           **{k: v for k, v in result.items() if k != "losses"}, "first_losses": result["losses"][:4]}
+           "speed": {**stages["speed"], "chunked_loss": t.chunked_loss, "memory_budget": budget},
+           "trainable_params": sum(p.numel() for p in accounting.trainable_parameters(model)), "adapter_init": args.init_adapters,
+           **{k: v for k, v in result.items() if k != "losses"}, "losses": result["losses"],
+           "first_losses": result["losses"][:4]}
     print(f"{spec.model.name} {spec.quant_name} {vars(spec.quant)} {spec.peft_method} r={getattr(spec.peft, 'r', '-')}"
           f" batch {t.batch_size}x{args.seq} GC={t.gradient_checkpointing} (active: {stages['checkpointing_active']})"
           f" upcast={t.upcast_norms_fp32} {opt_name} set-up: {out['setup']} processes: {world.size}")
@@ -117,9 +180,7 @@ def main(argv: list[str]) -> int:
     print(f"  {result['s_per_step']:.3f} s/step, {result['tokens_per_s']:.0f} tokens/s, peak "
           f"{result['peak_memory_bytes'] / GIB:.2f} GiB, mean {result['mean_memory_bytes'] / GIB:.2f} GiB "
           f"({result['memory_kind']}), first losses {[round(x, 3) for x in result['losses'][:4]]}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=2, default=str)
+    dump_json(args.json, out)
     distributed.teardown(world)
     return 0
 

@@ -519,3 +519,18 @@ def test_gradients_on_cuda(option):
         pytest.skip("needs CUDA")
     amod, cfg = _support(option)
     _check_gradients("nf4", amod, cfg, "cuda")
+
+
+def test_randomized_low_rank_is_within_0_02_percent_of_the_exact_truncation():
+    """LoftQ's rank-r step on large residuals uses a randomized SVD; a Gaussian matrix (a flat spectrum, like
+    quantization noise: the hardest case for a sketch) must still come within 0.02% of the exact truncation error."""
+    torch.manual_seed(0)
+    a = torch.randn(600, 1500)
+    rank = 64
+    assert min(a.shape) > max(2 * (1 + lora.OVERSAMPLE) * rank, lora.EXACT_UP_TO)  # the randomized branch
+    left, right = lora.low_rank(a, rank)
+    u, s, vh = torch.linalg.svd(a, full_matrices=False)
+    exact = (a - (u[:, :rank] * s[:rank]) @ vh[:rank]).norm()
+    got = (a - left @ right).norm()
+    assert exact <= got <= 1.0002 * exact
+    assert torch.equal(left, lora.low_rank(a, rank)[0])  # seeded: the same residual gives the same factors

@@ -42,3 +42,35 @@ def test_bench_reproduces_the_reference_set_up_and_its_silent_checkpointing_loss
     rec = json.loads(out.read_text())
     assert rec["setup"] == "peft.prepare_model_for_kbit_training" and rec["hqq_flag"] is active
     assert rec["stages_bytes"]["checkpointing_active"] is active
+
+
+def test_side_by_side_benchmark_runs_both_stacks_from_the_same_start(tmp_path):
+    """The reference recipe (transformers + peft + bitsandbytes) and ours on the same saved weights, batches and
+    initial adapters: both run, the report has the ratios, and the loss trajectories agree within the tolerance."""
+    out = tmp_path / "bench.md"
+    argv = ["--arch", "tiny_llama", "--device", "cpu", "--methods", "qlora", "--r", "4", "--alpha", "8",
+            "--batch", "2", "--seq", "16", "--steps", "3", "--model-dir", str(tmp_path / "model"), "--out", str(out),
+            "--variant", "fast=train.optimizer=adamw train.measure_after=1"]
+    bench = _script("bench_vs_reference")
+    assert bench.main(argv) == 0
+    folder = tmp_path / "bench"
+    ref, mine = (json.loads((folder / f"qlora_{side}.json").read_text()) for side in ("reference", "fast"))
+    assert ref["side"] == "reference" and ref["checkpointing_active"] and ref["trainable_params"] > 0
+    assert mine["adapter_init"].endswith("qlora_init.safetensors")  # started from the reference's adapters
+    assert mine["speed"]["fused_lora"] is True and mine["trainable_params"] == ref["trainable_params"]
+    assert bench.loss_gap(mine["losses"], ref["losses"]) <= bench.LOSS_TOLERANCE
+    [row] = [line for line in out.read_text().splitlines() if line.startswith("| qlora | fast |")]
+    assert "failed" not in row and "over tolerance" not in row and row.count("x |") == 2
+
+
+def test_loftq_benchmark_times_a_whole_model(tmp_path, capsys, monkeypatch):
+    from hydra import compose, initialize_config_dir
+
+    monkeypatch.setenv("QPEFT_CACHE", str(tmp_path))  # the script points it at a fresh folder; restored afterwards
+
+    from qpeft_bench.cli import CONF_DIR
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        model_dir = compose(config_name="run").model.path
+    assert _script("bench_loftq").main(["--model-dir", model_dir, "--rank", "4"]) == 0
+    assert "ours, whole model: 28 matrices, r 4, 1 iteration" in capsys.readouterr().out

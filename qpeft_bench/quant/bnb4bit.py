@@ -16,6 +16,10 @@ import torch
 from qpeft_bench.config import ConfigError
 from qpeft_bench.models import DTYPE
 
+# Every tensor of the quantized layer follows Module.to(): a sweep may keep the base on the CPU between runs
+# (recipe._BASE_CACHE).
+PROCESS_REUSE = True
+
 # bitsandbytes' layers return their input's dtype, not autocast's: with fp32 norms the stream stays fp32
 # (the plan-mode memory estimate needs to know; qpeft_bench/estimate.py).
 OUTPUT_FOLLOWS_INPUT_DTYPE = True

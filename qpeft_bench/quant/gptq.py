@@ -33,6 +33,7 @@ from qpeft_bench.quant.rtn import (  # noqa: F401 - the same storage format as R
     state_bytes,
 )
 
+PROCESS_REUSE = True  # plain tensors only: the base can wait on the CPU between runs (recipe._BASE_CACHE)
 NEEDS_CALIBRATION = True
 LAZY_BLOCK = 128  # columns whose updates are applied to the rest of the matrix at once (GPTQ's lazy batching)
 

@@ -8,6 +8,8 @@ import torch
 
 from qpeft_bench.models import DTYPE
 
+PROCESS_REUSE = True  # plain tensors only: the base can wait on the CPU between runs (recipe._BASE_CACHE)
+
 
 @dataclass
 class Config:

@@ -11,6 +11,8 @@ import torch
 from qpeft_bench.models import DTYPE
 from qpeft_bench.quant.qlinear import GroupQuantLinear, check_layout, storage_bytes
 
+PROCESS_REUSE = True  # plain tensors only: the base can wait on the CPU between runs (recipe._BASE_CACHE)
+
 
 @dataclass
 class Config:
