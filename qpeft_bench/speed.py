@@ -18,7 +18,6 @@ the benchmark (scripts/bench_vs_reference.py) checks that by the loss trajectory
 from __future__ import annotations
 
 import contextlib
-import logging
 import types
 from collections.abc import Callable, Iterator
 
@@ -28,11 +27,9 @@ from torch import nn
 
 from qpeft_bench.config import ConfigError
 
-log = logging.getLogger("qpeft_bench")
-
 # Base layers whose forward is exactly x @ dequantize(W)^T + bias: what the fused function computes. Layers that
 # also round their activations (LLM.int8, SmoothQuant W8A8) compute something else and keep peft's path.
-FUSABLE_BASES = ("Linear", "Linear4bit", "HQQLinear", "QuantLinear", "RTNLinear", "GPTQLinear", "ICQLinear")
+FUSABLE_BASES = ("Linear", "Linear4bit", "HQQLinear", "GroupQuantLinear", "ICQLinear")
 FUSED_METHODS = ("lora",)  # peft's LoRA family: LoRA, rsLoRA, DoRA, LoftQ-initialised LoRA
 # compile=auto compiles only what was measured to compile and train (results/bench/h200.md): these quantizers with
 # the LoRA family, IA3, Q-BaRA, QA-HiRA and QA-LoRA. Others stay eager unless compile=true asks for it.
@@ -242,8 +239,10 @@ def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         cdt = torch.get_autocast_dtype(device)
     else:
         cdt = getattr(base, "compute_dtype", None) or x.dtype
-    # bitsandbytes and HQQ layers return their input's dtype; nn.Linear under autocast returns the autocast dtype
-    out_dtype = cdt if type(base) is nn.Linear and torch.is_autocast_enabled(device) else x.dtype
+    # bitsandbytes' 4-bit layers return their input's dtype (quant/bnb4bit.py); the others compute with F.linear or
+    # matmul, which under autocast return the autocast dtype
+    follows_input = type(base).__name__ == "Linear4bit" or not torch.is_autocast_enabled(device)
+    out_dtype = x.dtype if follows_input else cdt
     with torch.autocast(device, enabled=False):
         return _FusedLoRA.apply(x, self.lora_A[name].weight, self.lora_B[name].weight, mag,
                                 getattr(base, "bias", None), _base_weight(base, cdt), self.scaling[name], p, cdt,

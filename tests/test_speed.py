@@ -14,6 +14,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from qpeft_bench import recipe, speed
+from qpeft_bench.adapters import lora
 from qpeft_bench.config import ConfigError, validate
 
 
@@ -81,18 +82,31 @@ def test_fused_lora_matches_peft_loss_and_every_gradient(dora, dropout, fixed_dr
     assert loss_and_grads(model, ids)[0] == pytest.approx(loss_peft, rel=1e-6)  # peft's own forward again
 
 
-def test_fused_lora_on_a_4bit_base_under_bf16_autocast_matches_peft():
+@pytest.mark.parametrize("qname", ["nf4", "rtn", "hqq"])
+def test_fused_lora_on_a_quantized_base_under_bf16_autocast_matches_peft(qname):
     from qpeft_bench import quant
 
     base = small_llama()
     targets = [n for n, m in base.named_modules() if isinstance(m, torch.nn.Linear) and "lm_head" not in n]
-    quant.quantize_model("nf4", base, targets, quant.get("nf4").Config(), "bfloat16", "cpu")
+    qmod = quant.get(qname)
+    cfg = qmod.Config(group_size=32) if qname in ("rtn", "hqq") else qmod.Config()
+    quant.quantize_model(qname, base, targets, cfg, "bfloat16", "cpu")
     ids = torch.randint(0, 100, (2, 12), generator=torch.Generator().manual_seed(1))
-    model = with_lora(base, False, 0.0)
+    # the recipe's attach: peft's all-linear matches neither HQQ's nor our own quantized layers
+    model = lora.attach(base, targets, lora.Config(r=4, alpha=8, dropout=0.0, adapter_dtype="float32")).train()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.1)
+    layer = model.get_submodule("base_model.model.model.layers.0.self_attn.q_proj")
+    x = torch.randn(2, 5, 64)  # fp32, as after norms upcast to fp32: the output dtype must be peft's
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss_peft, grads_peft = loss_and_grads(model, ids)
-        speed.fuse_lora(model)
+        y_peft = layer(x)
+        assert speed.fuse_lora(model) == 14
         loss_fused, grads_fused = loss_and_grads(model, ids)
+        y_fused = layer(x)
+    assert y_fused.dtype == y_peft.dtype
     assert loss_fused == pytest.approx(loss_peft, rel=1e-2)  # bf16 rounding in a different order
     assert max_rel(grads_peft, grads_fused) < 5e-2
 
