@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import os
+import subprocess
 import warnings
 
 import torch
@@ -51,10 +52,30 @@ SINGLE = World()
 
 
 def launched() -> World:
-    """The world torchrun describes in the environment, or SINGLE."""
+    """The world torchrun describes in the environment, or the tasks of a SLURM job step (srun, or submitit with
+    tasks_per_node > 1: hydra/launcher=slurm_ddp), or SINGLE."""
+    if "WORLD_SIZE" not in os.environ and int(os.environ.get("SLURM_STEP_NUM_TASKS", "1")) > 1:
+        os.environ.update(slurm_world())
     if "WORLD_SIZE" not in os.environ:
         return SINGLE
     return World(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def slurm_world(env: dict[str, str] | None = None) -> dict[str, str]:
+    """torchrun's variables for a task of a SLURM job step. SLURM_STEP_NUM_TASKS is set by srun only, so a batch
+    script's single process (SLURM_NTASKS may still be > 1 there) is not mistaken for one of several. Rank 0 runs on
+    the step's first node, which hosts the rendezvous; the port follows the job id, so concurrent jobs on one node
+    do not collide."""
+    env = os.environ if env is None else env
+    nodes = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or "localhost"
+    try:  # "node[1-4]" -> node1 (scontrol expands SLURM's host list syntax)
+        first = subprocess.run(["scontrol", "show", "hostnames", nodes], capture_output=True, text=True,
+                               timeout=30, check=True).stdout.split()[0]
+    except (OSError, subprocess.SubprocessError, IndexError):
+        first = nodes.split(",")[0]
+    return {"RANK": env["SLURM_PROCID"], "WORLD_SIZE": env["SLURM_STEP_NUM_TASKS"],
+            "LOCAL_RANK": env.get("SLURM_LOCALID", "0"), "MASTER_ADDR": first,
+            "MASTER_PORT": str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000)}
 
 
 def setup(kind: str, device: str, gpus: int = 1) -> tuple[World, str]:

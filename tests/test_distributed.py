@@ -87,3 +87,20 @@ def test_plan_mode_estimates_memory_per_gpu(compose):
     drop = fsdp2["peak_memory_bytes"] - fsdp4["peak_memory_bytes"]
     assert drop == pytest.approx(sharded / 4, rel=0.01)
     assert fsdp2["gpus"] == 2 and fsdp2["distributed"] == "fsdp"
+
+
+def test_slurm_task_variables_become_torchrun_ones(monkeypatch):
+    from qpeft_bench import distributed
+
+    env = {"SLURM_PROCID": "3", "SLURM_STEP_NUM_TASKS": "4", "SLURM_LOCALID": "1", "SLURM_JOB_ID": "123456",
+           "SLURM_STEP_NODELIST": "gpu07,gpu08"}
+    got = distributed.slurm_world(env)
+    assert {k: got[k] for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK")} == {"RANK": "3", "WORLD_SIZE": "4",
+                                                                         "LOCAL_RANK": "1"}
+    assert got["MASTER_ADDR"] == "gpu07" and 20000 <= int(got["MASTER_PORT"]) < 40000
+    # a batch script's own process (SLURM_NTASKS > 1, but no srun step of several tasks) stays a single process
+    for key in ("WORLD_SIZE", "RANK", "SLURM_STEP_NUM_TASKS"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("SLURM_NTASKS", "2")
+    monkeypatch.setenv("SLURM_PROCID", "0")
+    assert distributed.launched() is distributed.SINGLE

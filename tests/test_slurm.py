@@ -172,3 +172,19 @@ def test_a_killed_array_task_is_reported_and_a_resubmission_completes_only_it(tm
     assert _status(runs, ids[victim]) == "completed"
     # the points that had completed were skipped, not run again: their records are byte for byte the same
     assert {i: (runs / ids[i] / "result.json").read_bytes() for i in finished} == finished
+
+
+def test_a_data_parallel_run_spans_two_slurm_tasks(tmp_path):
+    """hydra/launcher=slurm_ddp: SLURM starts two tasks for the grid point, distributed.slurm_world() turns their
+    SLURM variables into torchrun's, and the two processes train one run together (gloo on the CPU node)."""
+    runs = tmp_path / "runs"
+    proc = subprocess.run(
+        [*CLI, "-m", *FAST, "seed=0", "train.distributed=ddp", "train.gpus=2", "train.device=cpu",
+         "hydra/launcher=slurm_ddp", *LAUNCHER[1:], f"output_root={runs}"],
+        cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=WAIT_S,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    [path] = list(runs.glob("*/result.json"))
+    rec = json.loads(path.read_text())
+    assert rec["status"] == "completed"
+    assert rec["train"]["distributed"]["world_size"] == 2 and rec["config"]["train"]["gpus"] == 2
