@@ -193,7 +193,7 @@ class TrainConfig:
     # linear; true: the same, but an error for other methods; false: peft's own layers
     fused_lora: bool | str = "auto"
     chunked_loss: int = 0  # tokens per chunk of lm_head + cross-entropy, logits recomputed in backward (0: off)
-    compile: bool | str = "auto"  # torch.compile each decoder layer; auto: on CUDA only (inductor on CPUs is slow)
+    compile: bool | str = "auto"  # torch.compile each decoder layer; auto: CUDA, measured quantizers (speed.py)
     # GiB, or auto (most of the card): choose checkpointing, upcast and loss chunking from the plan-mode estimate
     memory_budget: str | float | None = None
     reuse_base: bool = True  # a sweep's runs with the same model and quantizer quantize once per process

@@ -6,8 +6,8 @@ the benchmark (scripts/bench_vs_reference.py) checks that by the loss trajectory
   pass over an activation-sized tensor, several of them repeated in backward. Here the base product and the
   scaled low-rank product share one output buffer (``addmm`` writes the sum in the GEMM's epilogue), the
   dequantized weight lives only for the matmul that needs it, and backward saves only the (dropped-out) input and
-  the rank-r intermediate. DoRA's column norm ||W + sBA|| is taken from the weight already dequantized for the
-  matmul; with dropout 0 its base and low-rank terms share one GEMM (peft computes W·x twice when dropout is on,
+  the rank-r intermediate. DoRA's column norm ||W + sBA|| comes from ||W|| (once per layer) and two rank-r
+  products, without forming W + sBA; with dropout 0 its base and low-rank terms share one GEMM (peft computes W·x twice when dropout is on,
   and so do we: that second product is part of DoRA's definition with dropout).
 - ``chunked_loss``: lm_head + cross-entropy in chunks of tokens with the logits recomputed in backward, so the
   (tokens x vocab) fp32 logits and their gradient never exist whole (~1 GiB at 8 x 512 x 32k).
@@ -31,9 +31,10 @@ from qpeft_bench.config import ConfigError
 # also round their activations (LLM.int8, SmoothQuant W8A8) compute something else and keep peft's path.
 FUSABLE_BASES = ("Linear", "Linear4bit", "HQQLinear", "GroupQuantLinear", "ICQLinear")
 FUSED_METHODS = ("lora",)  # peft's LoRA family: LoRA, rsLoRA, DoRA, LoftQ-initialised LoRA
-# compile=auto compiles only what was measured to compile and train (results/bench/h200.md): these quantizers with
-# the LoRA family, IA3, Q-BaRA, QA-HiRA and QA-LoRA. Others stay eager unless compile=true asks for it.
-COMPILE_TESTED_QUANTS = ("nf4", "fp4", "hqq", "rtn", "none")
+# compile=auto compiles only what was measured to compile and train (results/bench/h200.md): NF4, HQQ and RTN bases
+# with the LoRA family, IA3, Q-BaRA, QA-HiRA and QA-LoRA (FP4 is the same bitsandbytes layer as NF4). Others stay
+# eager unless compile=true asks for it.
+COMPILE_TESTED_QUANTS = ("nf4", "fp4", "hqq", "rtn")
 
 
 def resolve(method: str, quant_name: str, device: str, fused_lora: bool | str,

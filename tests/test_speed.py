@@ -139,6 +139,7 @@ def test_switch_values_and_method_checks(compose):
     assert speed.resolve("lora", "nf4", "cpu", "auto", "auto") == (True, False)
     assert speed.resolve("ia3", "nf4", "cuda:0", "auto", "auto") == (False, True)
     assert speed.resolve("lora", "gptq", "cuda:0", "auto", "auto") == (True, False)  # not measured compiled
+    assert speed.resolve("lora", "none", "cuda:0", "auto", "auto") == (True, False)
     assert speed.resolve("lora", "gptq", "cuda:0", False, True) == (False, True)
     validate(compose(["peft=ia3"]))  # auto leaves other methods alone
     with pytest.raises(ConfigError, match="train.fused_lora=true applies to peft.method"):
