@@ -184,7 +184,7 @@ class TrainConfig:
     measure_after: int = 2  # steps excluded from time and memory figures (warm-up)
     diverge_loss: float = 1e4  # a loss above this (or NaN/Inf) ends the run with status `diverged`
     save_adapter: bool = True  # write the trained adapters to <run dir>/adapter/ (reloadable onto the base)
-    # data parallelism (qpeft_bench/distributed.py): ddp under torchrun, one process per GPU; fsdp: plan mode only
+    # data parallelism (qpeft_bench/distributed.py) under torchrun, one process per GPU: ddp, or fsdp (sharded)
     checkpoint_every: int = 0  # save a resumable checkpoint every N optimizer steps (0: never); see checkpoint.py
     distributed: typing.Literal["none", "ddp", "fsdp"] = "none"
     gpus: int = 1  # processes (GPUs) of the job; part of the run's identity, since the global batch scales with it
@@ -210,7 +210,7 @@ class TrainConfig:
             )
         positive(where, "gpus", self.gpus)
         if self.distributed == "none" and self.gpus != 1:
-            raise ConfigError(f"{where}.gpus={self.gpus} needs {where}.distributed=ddp (or fsdp in plan mode)")
+            raise ConfigError(f"{where}.gpus={self.gpus} needs {where}.distributed=ddp or fsdp")
         positive(where, "chunked_loss", self.chunked_loss, allow_zero=True)
         for name in ("fused_lora", "compile"):
             if getattr(self, name) not in (True, False, "auto"):
@@ -417,6 +417,35 @@ def check_eval(ev: EvalConfig, context: int | None, model_name: str) -> None:
         harness.check_local_data(task_set, ev.data_root)  # local files named before any model is loaded
 
 
+def check_fsdp(spec: RunSpec):
+    """What FSDP training cannot do, refused before loading; returns the quantizer's config with its storage dtype
+    made concrete (bitsandbytes' 4-bit codes stored as the model's dtype, so a block flattens into one tensor)."""
+    from qpeft_bench.distributed import FSDP_METHODS, FSDP_QUANTS
+
+    t = spec.train
+    if spec.quant_name not in FSDP_QUANTS:
+        raise ConfigError(f"train.distributed=fsdp shards quant in {FSDP_QUANTS}; quant={spec.quant_name} keeps its "
+                          "weights where FSDP cannot shard them: use train.distributed=ddp")
+    if spec.peft_method not in FSDP_METHODS:
+        raise ConfigError(f"train.distributed=fsdp trains peft methods {FSDP_METHODS} (peft's layers); "
+                          f"peft.method={spec.peft_method} keeps trainable and frozen tensors in one module: use "
+                          "train.distributed=ddp")
+    if t.checkpoint_every > 0:
+        raise ConfigError("train.checkpoint_every > 0 is not supported with train.distributed=fsdp yet (its "
+                          "optimizer state is sharded); set train.checkpoint_every=0")
+    compute = spec.model.dtype if t.compute_dtype == "auto" else t.compute_dtype
+    if compute == "float16":
+        raise ConfigError("train.distributed=fsdp trains in bfloat16 or float32 (fp16 loss scaling of sharded "
+                          "gradients is not implemented); set train.compute_dtype=bfloat16")
+    storage = getattr(spec.quant, "quant_storage", None)
+    if storage == "auto":
+        return dataclasses.replace(spec.quant, quant_storage=spec.model.dtype)
+    if storage is not None and storage != spec.model.dtype:
+        raise ConfigError(f"train.distributed=fsdp needs quant.quant_storage=auto or {spec.model.dtype} (the model's "
+                          f"dtype: FSDP flattens a block into one dtype), not {storage}")
+    return spec.quant
+
+
 def validate(cfg: dict) -> RunSpec:
     """Check a composed config (a plain dict, resolved) and return typed pieces. No model is loaded."""
     from qpeft_bench import adapters, quant  # the registries; imported lazily to keep this module light
@@ -478,12 +507,11 @@ def validate(cfg: dict) -> RunSpec:
         from qpeft_bench.models import resolve_device
 
         device = resolve_device(spec.train.device)
-    if spec.mode != "plan" and spec.train.distributed == "fsdp":
-        raise ConfigError("train.distributed=fsdp is not implemented for training yet; plan mode estimates its "
-                          "per-GPU memory (mode=plan train.distributed=fsdp train.gpus=N); use ddp to train")
+    if spec.train.distributed == "fsdp":
+        spec.quant = check_fsdp(spec)
     from qpeft_bench import speed
 
-    speed.check(peft_method, spec.train.fused_lora)
+    speed.check(peft_method, spec.train.fused_lora, spec.train.compile, spec.train.distributed)
     quant.check_runnable(quant_name, qmod, model.family, device, spec.calib.enabled)
     # Checks that need the architecture (sizes that must divide, ranks that must fit) read only config.json.
     from qpeft_bench.models import linear_shapes

@@ -11,12 +11,21 @@ processes), so the summed gradient equals the gradient one process would get on 
 two processes with grad_accum 1 follow the trajectory of one process with grad_accum 2 (tests/test_distributed.py).
 
 Process 0 writes the record and the adapters and runs the evaluation; the others wait.
+
+Fully sharded (train.distributed=fsdp, PyTorch's FullyShardedDataParallel): every process loads its base layer by
+layer and quantizes it (bitsandbytes 4-bit codes stored in the model's dtype, so a block flattens into one tensor),
+then FSDP keeps 1/N of each decoder block, of the adapters, their gradients and the optimizer state per process
+and gathers a block only while it computes. The data and loss weighting are DDP's. Each adapter and each module
+kept in another dtype (fp32 norms) is a unit of its own, since one FSDP unit holds one dtype and either only
+trainable or only frozen tensors. After training the adapters are gathered to process 0, which rebuilds the
+unsharded quantized base, saves and evaluates.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import datetime
+import functools
 import os
 import subprocess
 import warnings
@@ -25,6 +34,13 @@ import torch
 import torch.distributed as dist
 
 from qpeft_bench.config import ConfigError
+
+# What FSDP can shard: bases whose frozen weights are parameters (bitsandbytes 4-bit, or unquantized) and adapters
+# that keep their trainable tensors in modules of their own (peft's layers). HQQ, RTN/GPTQ and our other formats keep
+# quantized weights in buffers or outside the module, which FSDP would copy whole to every GPU; our custom adapters
+# hold trainable and frozen tensors in one module, which FSDP cannot flatten.
+FSDP_QUANTS = ("none", "nf4", "fp4")
+FSDP_METHODS = ("lora",)
 
 # Evaluation runs on process 0 only while the others wait at a barrier: the default 10-minute collective timeout
 # would kill a sweep whose MMLU takes longer.
@@ -83,19 +99,19 @@ def setup(kind: str, device: str, gpus: int = 1) -> tuple[World, str]:
     this process' device)."""
     if kind == "none":
         return SINGLE, device
-    if kind != "ddp":
-        raise ConfigError(f"train.distributed={kind!r} is not implemented; use ddp (or none)")
+    if kind not in ("ddp", "fsdp"):
+        raise ConfigError(f"train.distributed={kind!r} is not implemented; use ddp, fsdp (or none)")
     world = launched()
     if world is SINGLE:
-        raise ConfigError("train.distributed=ddp needs one process per GPU: launch with "
-                          "`torchrun --nproc-per-node N -m qpeft_bench.cli train.distributed=ddp ...`")
+        raise ConfigError(f"train.distributed={kind} needs one process per GPU: launch with "
+                          f"`torchrun --nproc-per-node N -m qpeft_bench.cli train.distributed={kind} ...`")
     if world.size != gpus:
         raise ConfigError(f"train.gpus={gpus} but torchrun started {world.size} process(es); set "
                           f"train.gpus={world.size} (the global batch, hence the run, depends on it)")
     cuda = device.startswith("cuda")
     if cuda:
         if torch.cuda.device_count() < world.size:
-            raise ConfigError(f"train.distributed=ddp with {world.size} processes but only "
+            raise ConfigError(f"train.distributed={kind} with {world.size} processes but only "
                               f"{torch.cuda.device_count()} CUDA device(s)")
         device = f"cuda:{world.local_rank}"
         torch.cuda.set_device(device)
@@ -104,10 +120,13 @@ def setup(kind: str, device: str, gpus: int = 1) -> tuple[World, str]:
     return world, device
 
 
-def wrap(model, world: World, device: str):
-    """The model under DDP (adapters' gradients averaged), or the model itself for a single process."""
+def wrap(model, world: World, device: str, kind: str = "ddp", storage_dtype: torch.dtype | None = None):
+    """The model under DDP (adapters' gradients averaged) or FSDP (sharded; `storage_dtype`: the dtype of the frozen
+    base's tensors), or the model itself for a single process."""
     if not world.active:
         return model
+    if kind == "fsdp":
+        return shard(model, device, storage_dtype)
     from torch.nn.parallel import DistributedDataParallel
 
     ids = [torch.device(device).index] if device.startswith("cuda") else None
@@ -116,6 +135,75 @@ def wrap(model, world: World, device: str):
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*broadcast_buffers.*deprecated", category=FutureWarning)
         return DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
+
+
+def _own_unit(module, storage_dtype: torch.dtype) -> bool:
+    """A module whose own tensors cannot share its block's FSDP unit: trainable ones (adapters), or another dtype."""
+    own = list(module.parameters(recurse=False))
+    return bool(own) and any(p.requires_grad or p.dtype != storage_dtype for p in own)
+
+
+def block_classes(model) -> set[type]:
+    """The decoder block class(es): FSDP's unit of sharding and gathering."""
+    layers = None
+    for module in model.modules():
+        layers = getattr(getattr(module, "model", None), "layers", None)
+        if layers is not None:
+            break
+    if not layers:
+        raise ConfigError("train.distributed=fsdp: the model has no model.layers (its decoder blocks)")
+    return {type(layer) for layer in layers}
+
+
+def check_shardable(model) -> None:
+    """One FSDP unit flattens only tensors that are all trainable or all frozen."""
+    for name, module in model.named_modules():
+        grads = {p.requires_grad for p in module.parameters(recurse=False)}
+        if len(grads) > 1:
+            raise ConfigError(f"train.distributed=fsdp: module {name} holds trainable and frozen tensors together, "
+                              "which FSDP cannot shard; use train.distributed=ddp for this method")
+
+
+def shard(model, device: str, storage_dtype: torch.dtype):
+    """FullyShardedDataParallel over decoder blocks, with every adapter (and every module in another dtype) a unit
+    of its own. The original parameters are not kept (use_orig_params=False): the frozen base has no gradients."""
+    from torch.distributed.fsdp import FullyShardedDataParallel, ShardingStrategy
+    from torch.distributed.fsdp.wrap import _or_policy, lambda_auto_wrap_policy, transformer_auto_wrap_policy
+
+    check_shardable(model)
+    policy = functools.partial(_or_policy, policies=[
+        functools.partial(lambda_auto_wrap_policy, lambda_fn=functools.partial(_own_unit, storage_dtype=storage_dtype)),
+        functools.partial(transformer_auto_wrap_policy, transformer_layer_cls=block_classes(model)),
+    ])
+    with warnings.catch_warnings():  # torch >= 2.12 points to FSDP2, whose per-tensor sharding loses bitsandbytes'
+        warnings.filterwarnings("ignore", message=".*FSDP1.*", category=FutureWarning)  # quantization state
+        return FullyShardedDataParallel(
+            model, auto_wrap_policy=policy, sharding_strategy=ShardingStrategy.FULL_SHARD, use_orig_params=False,
+            device_id=torch.device(device), limit_all_gathers=True)
+
+
+FSDP_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
+
+
+def trainable_state(model, world: World) -> dict[str, torch.Tensor]:
+    """The trainable tensors by their unwrapped names, whole, on the CPU of process 0 ({} elsewhere): gathered from
+    the shards under FSDP, taken as they are otherwise. A collective under FSDP: every process calls it."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    def own(named) -> dict[str, torch.Tensor]:
+        out = {}
+        for name, p in named:
+            if p.requires_grad:
+                for prefix in FSDP_PREFIXES:
+                    name = name.replace(prefix, "")
+                out[name] = p.detach().to("cpu", copy=True)
+        return out
+
+    if not isinstance(model, FullyShardedDataParallel):
+        return own(model.named_parameters()) if world.main else {}
+    with FullyShardedDataParallel.summon_full_params(model, writeback=False, rank0_only=True,
+                                                     offload_to_cpu=next(model.parameters()).is_cuda):
+        return own(model.named_parameters()) if world.main else {}
 
 
 def sum_all(value: float, device: str, world: World) -> float:

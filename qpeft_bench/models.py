@@ -46,6 +46,110 @@ def random_model(arch: dict, dtype: str, device: str) -> nn.Module:
         return AutoModelForCausalLM.from_config(hf_config(arch, dtype), dtype=DTYPE[dtype])
 
 
+@contextlib.contextmanager
+def _parameters_on_meta():
+    """Parameters registered inside the block move to the meta device as they are created, before their init runs
+    (so a 70B model costs no memory and no init time); buffers stay real: rotary tables and the like are computed
+    at construction and are in no checkpoint."""
+    register = nn.Module.register_parameter
+
+    def on_meta(module, name, param):
+        register(module, name, param)
+        if param is not None and not param.is_meta:
+            module._parameters[name] = type(param)(param.to("meta"), requires_grad=param.requires_grad)
+
+    nn.Module.register_parameter = on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register
+
+
+def empty_model(arch: dict, dtype: str) -> nn.Module:
+    """The model of an architecture card with its parameters on the meta device and its buffers on the CPU: the
+    start of a layer-by-layer load (fill), where no full-precision copy of the model ever exists at once."""
+    from transformers import AutoModelForCausalLM
+
+    with _parameters_on_meta():
+        return AutoModelForCausalLM.from_config(hf_config(arch, dtype), dtype=DTYPE[dtype])
+
+
+class TensorSource:
+    """Tensors by parameter name, read one at a time straight to the device: from a local checkpoint directory's
+    safetensors files (sharded or not), or random (path None: benchmarks, where the shape decides speed and
+    memory; N(0, 0.02) as transformers initialises)."""
+
+    def __init__(self, path: str | None, dtype: str):
+        self.dtype, self.files, self._open = DTYPE[dtype], {}, {}
+        if path is None:
+            return
+        from pathlib import Path
+
+        root = Path(path)
+        index = root / "model.safetensors.index.json"
+        if index.is_file():
+            self.files = {k: root / f for k, f in json.loads(index.read_text())["weight_map"].items()}
+        elif (root / "model.safetensors").is_file():
+            from safetensors import safe_open
+
+            with safe_open(root / "model.safetensors", framework="pt") as f:
+                self.files = dict.fromkeys(f.keys(), root / "model.safetensors")
+        else:
+            raise FileNotFoundError(f"{path}: no model.safetensors(.index.json); a layer-by-layer load reads "
+                                    "safetensors checkpoints only")
+        self.path = path
+
+    def get(self, name: str, shape: torch.Size, device: str) -> torch.Tensor:
+        if not self.files:
+            return torch.randn(shape, device=device, dtype=self.dtype) * 0.02
+        if name not in self.files:
+            raise KeyError(f"{self.path}: the checkpoint has no tensor {name!r}")
+        from safetensors import safe_open
+
+        file = self.files[name]
+        if file not in self._open:
+            self._open[file] = safe_open(file, framework="pt", device=str(device))
+        tensor = self._open[file].get_tensor(name)
+        if tuple(tensor.shape) != tuple(shape):
+            raise ValueError(f"{self.path}: {name} has shape {tuple(tensor.shape)}, the model expects {tuple(shape)}")
+        return tensor.to(device=device, dtype=self.dtype)
+
+
+def fill(model: nn.Module, names: list[str], source: TensorSource, device: str) -> None:
+    """Give the meta parameters `names` of `model` their values from `source`, on `device`."""
+    for name in names:
+        owner, _, leaf = name.rpartition(".")
+        module = model.get_submodule(owner)
+        old = module._parameters[leaf]
+        if old is None or not old.is_meta:
+            continue
+        module._parameters[leaf] = nn.Parameter(source.get(name, old.shape, device), requires_grad=old.requires_grad)
+
+
+def fill_rest(model: nn.Module, skip: list[str], source: TensorSource, device: str) -> None:
+    """Every meta parameter outside the modules `skip` (the quantizer's targets, filled one at a time as they are
+    quantized), then the buffers to `device` and the tied embeddings re-tied."""
+    prefixes = tuple(f"{s}." for s in skip)
+    fill(model, [n for n, p in model.named_parameters() if p.is_meta and not n.startswith(prefixes)], source, device)
+    for module in model.modules():
+        for key, buf in module._buffers.items():
+            if buf is not None:
+                module._buffers[key] = buf.to(device)
+    if getattr(model.config, "tie_word_embeddings", False):
+        model.tie_weights()
+
+
+def layerwise(model: nn.Module, targets: list[str], source: TensorSource, device: str):
+    """Fill an empty model's parameters outside `targets` now; returns fill(target) for quant.quantize_model, which
+    fills each target just before quantizing it."""
+    fill_rest(model, targets, source, device)
+
+    def fill_target(target: str) -> None:
+        fill(model, [n for n, _ in model.get_submodule(target).named_parameters(prefix=target)], source, device)
+
+    return fill_target
+
+
 def load_model(path_or_hub_id: str, dtype: str, device: str) -> nn.Module:
     """Load weights (local directory or hub id; offline machines must pass a local directory)."""
     from transformers import AutoModelForCausalLM

@@ -58,6 +58,9 @@ def run(config: dict, run_dir: Path, progress: bool = True, summary: bool = True
         spec = validate(config)
         device, world = None, distributed.SINGLE
         if spec.mode == "train":
+            if spec.train.distributed == "fsdp" and not spec.model.path:
+                raise ConfigError("train.distributed=fsdp loads the base layer by layer from a local safetensors "
+                                  "checkpoint: set model.path to its directory")
             data.check_source(spec.data.format, spec.data.path, spec.data.hub_id)
             tokenizer_source = spec.model.path or spec.model.hub_id  # a tokenizer is cheap; the model is not
             data.check_tokenizer(models.load_tokenizer(tokenizer_source), tokenizer_source)
@@ -191,6 +194,8 @@ def reevaluate(config: dict, progress: bool, summary: bool) -> str:
         run_eval(spec, base.tokenizer, base.val_set, device, base.torch_dtype, progress, scratch, base.model,
                  "before", cache)
     model = amod.load(base.model, targets, spec.peft, path, **per_module)
+    # the norms as the trained run evaluated them (fp32 under train.upcast_norms_fp32): the same numbers again
+    prepare_for_training(model, upcast_norms_fp32=spec.train.upcast_norms_fp32, gradient_checkpointing=False)
     run_eval(spec, base.tokenizer, base.val_set, device, base.torch_dtype, progress, scratch, model, "after", None)
     ev = record.setdefault("eval", {})
     for key, value in scratch["eval"].items():
@@ -352,17 +357,23 @@ def fine_tune(spec: RunSpec, device: str, record: dict, save, progress: bool, ad
     save()
     prepare_for_training(peft_model, upcast_norms_fp32=t.upcast_norms_fp32,
                          gradient_checkpointing=t.gradient_checkpointing)
+    sharded = t.distributed == "fsdp"
+    # the chunked loss reads lm_head's weight in backward, after FSDP has freed the gathered copy
+    chunk = 0 if sharded else t.chunked_loss
+    if chunk != t.chunked_loss:
+        log.info("train.chunked_loss=%d does not apply under train.distributed=fsdp: the loss is computed whole",
+                 t.chunked_loss)
     switches = speed.setup(peft_model, method=spec.peft_method, quant_name=spec.quant_name, device=device,
-                           fused_lora=t.fused_lora, compile=t.compile)
+                           fused_lora=t.fused_lora, compile=t.compile, sharded=sharded)
 
-    # 6. Fine-tune (data parallel under torchrun: distributed.py).
-    trained = distributed.wrap(peft_model, world, device)
-    params = accounting.trainable_parameters(peft_model)
+    # 6. Fine-tune (data parallel or sharded under torchrun: distributed.py).
+    trained = distributed.wrap(peft_model, world, device, t.distributed, models.DTYPE[spec.model.dtype])
+    params = accounting.trainable_parameters(trained)  # FSDP's flat shards, not the modules' own tensors
     optimizer, opt_name = make_optimizer(params, t.optimizer, t.lr, t.weight_decay, device)
     scheduler = make_scheduler(optimizer, t.lr_scheduler, t.warmup_steps, t.max_steps)
     record["train"] = {"optimizer": opt_name, "compute_dtype": compute_dtype, "device": device,
                        "gradient_checkpointing": t.gradient_checkpointing, "upcast_norms_fp32": t.upcast_norms_fp32,
-                       "speed": {**switches, "chunked_loss": t.chunked_loss, "memory_budget": budget}}
+                       "speed": {**switches, "chunked_loss": chunk, "memory_budget": budget}}
     if world.active:
         record["train"]["distributed"] = {"kind": t.distributed, "world_size": world.size,
                                           "global_batch": t.batch_size * t.grad_accum * world.size}
@@ -379,7 +390,7 @@ def fine_tune(spec: RunSpec, device: str, record: dict, save, progress: bool, ad
     stream = _batch_stream(train_set, t.batch_size, tokenizer.pad_token_id, spec.seed, d.group_by_length,
                            skip=start * t.grad_accum * world.size)
     on_step = functools.partial(ckpt.maybe_save, model=peft_model, optimizer=optimizer, scheduler=scheduler)
-    with speed.loss_context(peft_model, t.chunked_loss):
+    with speed.loss_context(peft_model, chunk):
         record["train"].update(train(trained, stream, optimizer, scheduler, max_steps=t.max_steps,
                                      grad_accum=t.grad_accum, max_grad_norm=t.max_grad_norm, device=device,
                                      compute_dtype=torch_dtype,
@@ -389,6 +400,12 @@ def fine_tune(spec: RunSpec, device: str, record: dict, save, progress: bool, ad
     save()
 
     speed.teardown(peft_model)
+    if sharded:  # process 0 takes the gathered adapters onto an unsharded base, to save and evaluate them
+        state = distributed.trainable_state(trained, world)
+        del trained, model, peft_model, optimizer, scheduler, on_step, params
+        if device.startswith("cuda"):
+            torch.cuda.empty_cache()
+        peft_model = unsharded(spec, device, state, progress, record["accounting"]) if world.main else None
 
     # 7. Keep the adapters (reloadable onto the same quantized base), then evaluate the fine-tuned model.
     if not world.main:
@@ -402,6 +419,23 @@ def fine_tune(spec: RunSpec, device: str, record: dict, save, progress: bool, ad
     ckpt.clear()  # the run is complete: its adapters are saved, the checkpoints are no longer needed
     record["train"]["overhead_s"] = fixed_overhead(time.perf_counter() - t_enter, record)
     distributed.barrier(world)
+
+
+def unsharded(spec: RunSpec, device: str, state: dict[str, torch.Tensor], progress: bool, acc: dict):
+    """The run's quantized base rebuilt whole on `device` (from this process' cache when train.reuse_base keeps
+    one) with the adapters attached as in training and set to the trained values `state` (by name)."""
+    base = load_base(spec, device, {"eval": {}}, lambda: None, progress)
+    with models.seeded(spec.seed):
+        model = with_adapters(dict(acc), base.model, base.targets, adapters.get(spec.peft_method), spec)
+    prepare_for_training(model, upcast_norms_fp32=spec.train.upcast_norms_fp32, gradient_checkpointing=False)
+    mine = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    if set(mine) != set(state):
+        missing, extra = sorted(set(mine) - set(state)), sorted(set(state) - set(mine))
+        raise RuntimeError(f"gathered adapters do not match the rebuilt model: missing {missing[:3]}, extra {extra[:3]}")
+    with torch.no_grad():
+        for name, param in mine.items():
+            param.copy_(state[name])
+    return model
 
 
 def fixed_overhead(total_s: float, record: dict) -> float:
@@ -447,16 +481,25 @@ def load_base(spec: RunSpec, device: str, record: dict, save, progress: bool) ->
         save()
         return Base(tokenizer, train_set, val_set, model, list(models.find_linears(model, spec.model.linear_names)),
                     compute_dtype, torch_dtype)
-    model = models.load_model(spec.model.path or spec.model.hub_id, spec.model.dtype, device)
+    layerwise = t.distributed == "fsdp"  # every process builds its own base: one layer in full precision at a time
+    if layerwise:
+        model = models.empty_model(spec.model.arch_dict(), spec.model.dtype)
+        model.config._name_or_path = spec.model.path  # where LoftQ finds the unquantized weights, as when loaded
+        source = models.TensorSource(spec.model.path, spec.model.dtype)
+    else:
+        model = models.load_model(spec.model.path or spec.model.hub_id, spec.model.dtype, device)
     model.config.use_cache = False  # the KV cache is useless in training and costs memory
     targets = list(models.find_linears(model, spec.model.linear_names))
     acc = accounting.base_sizes(model)
 
-    # 3. Quantize the target linears in place, measuring each layer's weight and output error on the probe.
-    windows = calibration_windows(spec.calib, tokenizer, train_ex)
+    # 3. Quantize the target linears in place, measuring each layer's weight and output error on the probe (not
+    # when loading layer by layer: the probe's inputs need the whole model in full precision).
+    windows = None if layerwise else calibration_windows(spec.calib, tokenizer, train_ex)
     probe = None if windows is None else windows[:spec.calib.probe_samples]
+    fill = models.layerwise(model, targets, source, device) if layerwise else None
     record["quant"] = quant.quantize_model(spec.quant_name, model, targets, spec.quant, compute_dtype, device,
-                                           windows=windows, probe=probe, progress=progress)
+                                           windows=windows, probe=probe, progress=progress, fill=fill)
+    record["quant"]["layerwise_load"] = layerwise
     if windows is not None:
         record["quant"]["calibration"] = {"source": spec.calib.source, "windows": windows.shape[0],
                                           "seq_len": windows.shape[1], "tokens": windows.numel()}

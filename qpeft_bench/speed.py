@@ -38,22 +38,23 @@ COMPILE_TESTED_QUANTS = ("nf4", "fp4", "hqq", "rtn")
 
 
 def resolve(method: str, quant_name: str, device: str, fused_lora: bool | str,
-            compile: bool | str) -> tuple[bool, bool]:
+            compile: bool | str, sharded: bool = False) -> tuple[bool, bool]:
     """The switches' 'auto' made concrete: fused LoRA for peft's LoRA family, compilation on CUDA for the
-    quantizers it was measured with."""
-    fused = method in FUSED_METHODS if fused_lora == "auto" else bool(fused_lora)
+    quantizers it was measured with; neither under FSDP (`sharded`), whose gathered weights reach a layer only
+    through its own forward (check refuses asking for them)."""
+    fused = method in FUSED_METHODS and not sharded if fused_lora == "auto" else bool(fused_lora)
     if compile == "auto":
-        compiled = device.startswith("cuda") and quant_name in COMPILE_TESTED_QUANTS
+        compiled = device.startswith("cuda") and quant_name in COMPILE_TESTED_QUANTS and not sharded
     else:
         compiled = bool(compile)
     return fused, compiled
 
 
 def setup(model: nn.Module, *, method: str, quant_name: str, device: str, fused_lora: bool | str,
-          compile: bool | str) -> dict:
+          compile: bool | str, sharded: bool = False) -> dict:
     """Turn on the model-side switches (after adapters and checkpointing are set up, before any DDP wrap); returns
     what was done, for the record."""
-    fused, compiled = resolve(method, quant_name, device, fused_lora, compile)
+    fused, compiled = resolve(method, quant_name, device, fused_lora, compile, sharded)
     done = {"fused_lora": fused, "compile": compiled}
     if fused:
         done["fused_lora_layers"] = fuse_lora(model)
@@ -118,8 +119,11 @@ def choose(budget: int, estimate: Callable[[dict], int | None]) -> tuple[dict, i
                       f"{'; '.join(tried)}; lower train.batch_size or the sequence lengths, or raise the budget")
 
 
-def check(method: str, fused_lora: bool | str) -> None:
+def check(method: str, fused_lora: bool | str, compile: bool | str = "auto", distributed: str = "none") -> None:
     """Refuse switches that cannot apply to the run (before any model is loaded)."""
+    if distributed == "fsdp" and (fused_lora is True or compile is True):
+        raise ConfigError("train.fused_lora=true and train.compile=true do not apply under train.distributed=fsdp "
+                          "(FSDP gathers a layer's weights only inside its own forward): set them to auto or false")
     if fused_lora is True and method not in FUSED_METHODS:
         raise ConfigError(f"train.fused_lora=true applies to peft.method in {FUSED_METHODS} (LoRA, rsLoRA, DoRA, "
                           f"LoftQ); peft.method={method} has its own layers: set train.fused_lora=false")

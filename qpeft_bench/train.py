@@ -126,6 +126,8 @@ def train(
     memory are measured on the resumed part only, after its own `measure_after` warm-up steps. `on_step(done,
     losses)` runs after each optimizer step but the last (checkpoints)."""
     params = trainable_parameters(model)
+    # FSDP's gradients are shards: only its own method knows the whole norm (a collective)
+    clip = getattr(model, "clip_grad_norm_", None) or (lambda norm: torch.nn.utils.clip_grad_norm_(params, norm))
     # fp16 gradients underflow without loss scaling; bf16 and fp32 need none.
     scaler = torch.amp.GradScaler(device.split(":")[0]) if compute_dtype == torch.float16 else None
     probe = MemoryProbe(device)
@@ -150,7 +152,7 @@ def train(
         if scaler is not None:
             scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
         if max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+            clip(max_grad_norm)
         if scaler is not None:
             scaler.step(optimizer)
             scaler.update()

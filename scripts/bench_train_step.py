@@ -4,6 +4,7 @@ weights, decides speed and memory), through the project's own quantizers, adapte
     python scripts/bench_train_step.py model=llama2_7b quant=nf4 peft.r=64 train=qlora --steps 10 --seq 512
     python scripts/bench_train_step.py model=llama2_7b quant=hqq peft.r=64 train=qlora --steps 10 --seq 512
     torchrun --nproc-per-node 2 scripts/bench_train_step.py model=llama2_7b train=qlora train.distributed=ddp train.gpus=2
+    torchrun --nproc-per-node 2 scripts/bench_train_step.py model=llama2_70b train=qlora train.distributed=fsdp train.gpus=2
 
 Arguments are the usual `qpeft-bench` overrides plus --steps, --seq (tokens per sequence) and --json FILE.
 Batches are random tokens of full length (no padding), batch size from train.batch_size. The first
@@ -103,6 +104,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--init-adapters", default=None, metavar="FILE",
                         help="start from these adapter weights (safetensors, peft names; scripts/bench_reference.py "
                              "--save-init writes them): the same start as the reference run, for comparing losses")
+    parser.add_argument("--layerwise", action="store_true",
+                        help="make the random weights one layer at a time, each quantized at once, as FSDP always does: "
+                             "a 70B shape never exists in 16 bits on the GPU")
     parser.add_argument("--profile", default=None, metavar="FILE",
                         help="after the measured steps, profile 2 more with torch.profiler and write the top kernels "
                              "(by device time) to FILE")
@@ -118,14 +122,18 @@ def main(argv: list[str]) -> int:
 
     world, device = distributed.setup(t.distributed, device, t.gpus)  # torchrun ... train.distributed=ddp: one per GPU
     torch.manual_seed(0)
-    model = models.random_model(arch, spec.model.dtype, device)
+    sharded = t.distributed == "fsdp"
+    layerwise = sharded or args.layerwise  # as a run loads its checkpoint under FSDP (recipe.load_base)
+    model = models.empty_model(arch, spec.model.dtype) if layerwise else models.random_model(arch, spec.model.dtype,
+                                                                                             device)
     model.config.use_cache = False
-    stages["loaded"] = allocated(device)
     targets = list(models.find_linears(model, spec.model.linear_names))
+    fill = models.layerwise(model, targets, models.TensorSource(None, spec.model.dtype), device) if layerwise else None
+    stages["loaded"] = allocated(device)
     # random tokens for calibrating quantizers: speed and memory do not depend on what the windows say
     windows = calibration.random_windows(arch["vocab_size"], spec.calib.samples, spec.calib.seq_len, spec.seed)
     t0 = time.perf_counter()
-    quant.quantize_model(spec.quant_name, model, targets, spec.quant, compute, device, windows=windows)
+    quant.quantize_model(spec.quant_name, model, targets, spec.quant, compute, device, windows=windows, fill=fill)
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
     stages["quantize_s"] = time.perf_counter() - t0
@@ -144,15 +152,18 @@ def main(argv: list[str]) -> int:
         prepare_for_training(model, upcast_norms_fp32=t.upcast_norms_fp32,
                              gradient_checkpointing=t.gradient_checkpointing)
     stages["speed"] = speed.setup(model, method=spec.peft_method, quant_name=spec.quant_name, device=device,
-                                  fused_lora=t.fused_lora, compile=t.compile)
+                                  fused_lora=t.fused_lora, compile=t.compile, sharded=sharded)
     model.train()
     stages["checkpointing_active"] = bool(getattr(model, "is_gradient_checkpointing", False))
     stages["adapters"] = allocated(device)
-    optimizer, opt_name = make_optimizer(accounting.trainable_parameters(model), t.optimizer, t.lr,
+    trainable = sum(p.numel() for p in accounting.trainable_parameters(model))
+    wrapped = distributed.wrap(model, world, device, t.distributed, models.DTYPE[spec.model.dtype])
+    stages["wrapped"] = allocated(device)
+    optimizer, opt_name = make_optimizer(accounting.trainable_parameters(wrapped), t.optimizer, t.lr,
                                          t.weight_decay, device)
-    wrapped = distributed.wrap(model, world, device)
     batches = random_batches(arch["vocab_size"], t.batch_size, args.seq, device)
-    with speed.loss_context(model, t.chunked_loss):
+    chunk = 0 if sharded else t.chunked_loss  # as the run does (recipe.fine_tune)
+    with speed.loss_context(model, chunk):
         result = train(wrapped, batches, optimizer, make_scheduler(optimizer, t.lr_scheduler, t.warmup_steps, args.steps),
                        max_steps=args.steps, grad_accum=t.grad_accum, max_grad_norm=t.max_grad_norm, device=device,
                        compute_dtype=models.DTYPE[compute], measure_after=t.measure_after,
@@ -168,15 +179,16 @@ def main(argv: list[str]) -> int:
            "setup": "peft.prepare_model_for_kbit_training" if args.peft_prepare else "qpeft_bench",
            "hqq_flag": bool(getattr(model, "hqq_quantized", False)) if spec.quant_name == "hqq" else None,
            "optimizer": opt_name, "device": device, "stages_bytes": stages, "world_size": world.size,
-           "speed": {**stages["speed"], "chunked_loss": t.chunked_loss, "memory_budget": budget},
-           "trainable_params": sum(p.numel() for p in accounting.trainable_parameters(model)), "adapter_init": args.init_adapters,
+           "distributed": t.distributed, "speed": {**stages["speed"], "chunked_loss": chunk, "memory_budget": budget},
+           "trainable_params": trainable, "adapter_init": args.init_adapters,
            **{k: v for k, v in result.items() if k != "losses"}, "losses": result["losses"],
            "first_losses": result["losses"][:4]}
     print(f"{spec.model.name} {spec.quant_name} {vars(spec.quant)} {spec.peft_method} r={getattr(spec.peft, 'r', '-')}"
           f" batch {t.batch_size}x{args.seq} GC={t.gradient_checkpointing} (active: {stages['checkpointing_active']})"
           f" upcast={t.upcast_norms_fp32} {opt_name} set-up: {out['setup']} processes: {world.size}")
     print(f"  allocated after load {stages['loaded'] / GIB:.2f} GiB, after quantize {stages['quantized'] / GIB:.2f} "
-          f"GiB ({stages['quantize_s']:.1f} s), after adapters {stages['adapters'] / GIB:.2f} GiB")
+          f"GiB ({stages['quantize_s']:.1f} s), after adapters {stages['adapters'] / GIB:.2f} GiB, after "
+          f"{t.distributed if world.active else 'no'} wrap {stages['wrapped'] / GIB:.2f} GiB")
     print(f"  {result['s_per_step']:.3f} s/step, {result['tokens_per_s']:.0f} tokens/s, peak "
           f"{result['peak_memory_bytes'] / GIB:.2f} GiB, mean {result['mean_memory_bytes'] / GIB:.2f} GiB "
           f"({result['memory_kind']}), first losses {[round(x, 3) for x in result['losses'][:4]]}")

@@ -242,9 +242,16 @@ def test_weak_columns_train_exactly_the_weak_parameters_with_correct_gradients(q
     assert sum(p.numel() for p in trainable.values()) == k * sum(model.get_submodule(t).out_features for t in targets)
 
     ids = _ids()
+    losses = []
     for m in (model, reference):
         m.train()
-        m(input_ids=ids, labels=ids).loss.backward()
+        loss = m(input_ids=ids, labels=ids).loss
+        loss.backward()
+        losses.append(float(loss))
+    # training splits x W^T into the frozen part and the weak columns' (no full weight gradient): the same function
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, reference(input_ids=ids).logits, rtol=1e-4, atol=1e-5)
     for name in targets:
         layer = model.get_submodule(name)
         want = reference.get_submodule(name).weight.grad[:, layer.weak_idx.long()]

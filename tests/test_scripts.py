@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 from conftest import ROOT
@@ -29,6 +32,20 @@ def test_bench_train_step_reports_time_and_memory(tmp_path):
     rec = json.loads(out.read_text())
     assert rec["measured_steps"] == 2 and rec["s_per_step"] > 0 and rec["peak_memory_bytes"] > 0
     assert rec["quant"] == "nf4" and rec["seq"] == 32 and len(rec["first_losses"]) == 3
+
+
+def test_bench_train_step_shards_with_fsdp(tmp_path):
+    """The 70B measurement's path on the CPU: two processes, random layers made and quantized one at a time."""
+    out = tmp_path / "fsdp.json"
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", str(ROOT / "scripts" / "bench_train_step.py"),
+                           "train.device=cpu", "train.distributed=fsdp", "train.gpus=2", "train.batch_size=2",
+                           "train.measure_after=1", "--steps", "3", "--seq", "32", "--json", str(out)],
+                          env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}, capture_output=True,
+                          text=True, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rec = json.loads(out.read_text())
+    assert rec["world_size"] == 2 and rec["distributed"] == "fsdp" and rec["measured_steps"] == 2
+    assert rec["quant_cfg"]["quant_storage"] == "bfloat16" and rec["speed"]["fused_lora"] is False
 
 
 @pytest.mark.parametrize("flag, active", [([], True), (["--no-hqq-flag"], False)])

@@ -84,8 +84,11 @@ def check_runnable(name: str, qmod: ModuleType, family: str, device: str | None,
 @torch.no_grad()
 def quantize_model(name: str, model: nn.Module, targets: list[str], cfg, compute_dtype: str, device: str,
                    windows: torch.Tensor | None = None, probe: torch.Tensor | None = None,
-                   progress: bool = False) -> dict:
+                   progress: bool = False, fill=None) -> dict:
     """Quantize `targets` of `model` in place with quantizer `name`; returns the record's `quant` section.
+
+    `fill(target)`: for a model loaded layer by layer (models.empty_model), puts the target's full-precision
+    weights in place just before it is quantized, so only one layer is ever held unquantized.
 
     `windows` (samples, seq_len) are the calibration token ids; `probe` a small batch of token ids on which each
     layer's output error is measured: || Q(x) - W x || / || W x || with x the layer's input in the (prepared)
@@ -106,6 +109,8 @@ def quantize_model(name: str, model: nn.Module, targets: list[str], cfg, compute
     layers, quantize_s = {}, 0.0
     for target in _progress(targets, progress):
         old = model.get_submodule(target)
+        if fill is not None:
+            fill(target)
         weight = old.weight.detach().float()
         bias = None if old.bias is None else old.bias.detach().float()
         t0 = time.perf_counter()

@@ -35,6 +35,9 @@ class Config:
     quant_type: typing.Literal["nf4", "fp4"] = "nf4"
     double_quant: bool = True
     blocksize: int = 64  # QLoRA's setting; bitsandbytes accepts 64..4096 (powers of two)
+    # the dtype the packed 4-bit codes are stored in (the same bytes either way). FSDP flattens a block's tensors
+    # into one of a single dtype, so with train.distributed=fsdp `auto` is the model's dtype (config.validate)
+    quant_storage: typing.Literal["auto", "uint8", "bfloat16", "float16", "float32"] = "auto"
 
 
 def check_against_arch(cfg: Config, shapes: dict[str, tuple[int, int]]) -> None:
@@ -46,6 +49,8 @@ def check_against_arch(cfg: Config, shapes: dict[str, tuple[int, int]]) -> None:
 def quantize_linear(old, cfg: Config, compute_dtype: str, device: str, stats=None):
     import bitsandbytes as bnb
 
+    storage = torch.uint8 if cfg.quant_storage in ("auto", "uint8") else DTYPE[cfg.quant_storage]
+
     new = bnb.nn.Linear4bit(
         old.in_features,
         old.out_features,
@@ -53,6 +58,7 @@ def quantize_linear(old, cfg: Config, compute_dtype: str, device: str, stats=Non
         compute_dtype=DTYPE[compute_dtype],
         compress_statistics=cfg.double_quant,
         quant_type=cfg.quant_type,
+        quant_storage=storage,
         device="meta",  # placeholders only; the real tensors are assigned below
     )
     new.weight = bnb.nn.Params4bit(
@@ -61,6 +67,8 @@ def quantize_linear(old, cfg: Config, compute_dtype: str, device: str, stats=Non
         quant_type=cfg.quant_type,
         blocksize=cfg.blocksize,
         compress_statistics=cfg.double_quant,
+        quant_storage=storage,
+        module=new,  # the layer keeps the quantization state too: FSDP's flattening drops it from the weight
     )
     if old.bias is not None:
         new.bias = torch.nn.Parameter(old.bias.data, requires_grad=False)

@@ -68,7 +68,22 @@ class WeakColumnLinear(GroupQuantLinear):
         return weight.index_copy(1, self.weak_idx.long(), weak)  # out of place: gradients reach self.weak
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.dequantize().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        k = self.weak_idx.numel()
+        if k == 0 or not (self.weak.requires_grad and torch.is_grad_enabled()):
+            return F.linear(x, self.dequantize().to(x.dtype), bias)
+        # Training the weak columns (peft=weak_columns): x W^T = x_rest W_rest^T + x_weak weak^T. Through the whole
+        # dequantized weight, backward would form the full (out x in) weight gradient, a GEMM as large as the
+        # forward's, to keep k columns of it; here the frozen part needs no weight gradient and the weak columns'
+        # is dy^T x_weak (out x k).
+        rest = super().dequantize()
+        if self.contiguous:
+            rest[:, :k] = 0
+            x_weak = x[..., :k]
+        else:
+            rest.index_fill_(1, self.weak_idx.long(), 0)
+            x_weak = x.index_select(-1, self.weak_idx.long())
+        return F.linear(x, rest.to(x.dtype), bias) + F.linear(x_weak, self.weak.to(x.dtype))
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, weak_columns={self.weak_idx.numel()}, contiguous={self.contiguous}"
