@@ -174,7 +174,26 @@ def trained_config(config: dict) -> tuple[Path, dict, dict]:
 def reevaluate(config: dict, progress: bool, summary: bool) -> str:
     """`qpeft-bench mode=eval run_dir=<run> eval=<option>`: rebuild the quantized base, load the saved adapter (no
     training) and run the eval tasks; results are added to the record (same-named tasks replaced, everything else
-    kept) with an entry in eval.reevaluations."""
+    kept) with an entry in eval.reevaluations. Holds the run's lock, so that two re-evaluations (or a re-run of the
+    training) never write the record at once and none loses the other's results."""
+    try:
+        run_dir = trained_config(config)[0]
+    except ConfigError as err:  # not a re-evaluable run: one line, and nothing written there (not even a lock)
+        log.error("config error: %s", err)
+        return "failed"
+    lock = results.RunLock(run_dir)
+    holder = lock.acquire()
+    if holder is not None:
+        log.error("run_dir=%s is in use by another process (pid %s), training or re-evaluating it; run this again "
+                  "when it has finished", run_dir, holder or "unknown")
+        return "failed"
+    try:
+        return _reevaluate(config, progress, summary)  # reads the record again, under the lock, then writes it
+    finally:
+        lock.release()
+
+
+def _reevaluate(config: dict, progress: bool, summary: bool) -> str:
     try:
         run_dir, record, trained = trained_config(config)
         spec = validate(trained)

@@ -92,6 +92,29 @@ def test_a_completed_run_is_re_evaluated_from_its_adapter_without_losing_anythin
     assert rec["eval"]["reevaluations"][0]["tasks"] == ["ppl_heldout", "ppl_wikitext"]
 
 
+def test_a_re_evaluation_waits_for_no_one_and_writes_nothing_while_the_run_is_in_use(compose, trained, tmp_path,
+                                                                                      caplog):
+    """Two re-evaluations of one run at once (or one during a re-run of its training): the second is refused with a
+    clear error before it reads the record, so neither loses the other's results."""
+    import shutil
+
+    from qpeft_bench import results
+
+    src, _ = trained
+    run_dir = tmp_path / "copy"
+    shutil.copytree(src, run_dir)
+    before = (run_dir / "result.json").read_bytes()
+    other = results.RunLock(run_dir)
+    assert other.acquire() is None  # another process' lock: flock refuses a second open file in this one too
+    try:
+        config = compose(["mode=eval", f"run_dir={run_dir}", "eval.tasks=[ppl_heldout]"])
+        assert recipe.run(config, tmp_path / "hydra_dir", progress=False) == "failed"
+    finally:
+        other.release()
+    assert "is in use by another process" in caplog.text
+    assert (run_dir / "result.json").read_bytes() == before
+
+
 def test_re_evaluation_keeps_the_trained_runs_fp32_norms(compose, tmp_path):
     """train=qlora evaluates after training with its norms in fp32 (train.upcast_norms_fp32); a re-evaluation from
     the saved adapter must do the same, or its perplexity moves (by 1.3% on a 7B shape)."""

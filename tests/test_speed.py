@@ -141,6 +141,8 @@ def test_switch_values_and_method_checks(compose):
     assert speed.resolve("lora", "gptq", "cuda:0", "auto", "auto") == (True, False)  # not measured compiled
     assert speed.resolve("lora", "none", "cuda:0", "auto", "auto") == (True, False)
     assert speed.resolve("lora", "gptq", "cuda:0", False, True) == (False, True)
+    assert speed.resolve("weak_columns", "qeft", "cuda:0", "auto", "auto") == (False, True)  # measured: 4x
+    assert speed.resolve("lora", "nf4", "cuda:0", "auto", "auto", sharded=True) == (False, False)  # FSDP
     validate(compose(["peft=ia3"]))  # auto leaves other methods alone
     with pytest.raises(ConfigError, match="train.fused_lora=true applies to peft.method"):
         validate(compose(["peft=ia3", "train.fused_lora=true"]))
