@@ -420,9 +420,12 @@ def check_eval(ev: EvalConfig, context: int | None, model_name: str) -> None:
 def check_fsdp(spec: RunSpec):
     """What FSDP training cannot do, refused before loading; returns the quantizer's config with its storage dtype
     made concrete (bitsandbytes' 4-bit codes stored as the model's dtype, so a block flattens into one tensor)."""
-    from qpeft_bench.distributed import FSDP_METHODS, FSDP_QUANTS
+    from qpeft_bench.distributed import FSDP_FAMILIES, FSDP_METHODS, FSDP_QUANTS
 
     t = spec.train
+    if spec.model.family not in FSDP_FAMILIES:
+        raise ConfigError(f"train.distributed=fsdp shards model families {FSDP_FAMILIES}; model {spec.model.name!r} "
+                          f"is {spec.model.family!r}: use train.distributed=ddp")
     if spec.quant_name not in FSDP_QUANTS:
         raise ConfigError(f"train.distributed=fsdp shards quant in {FSDP_QUANTS}; quant={spec.quant_name} keeps its "
                           "weights where FSDP cannot shard them: use train.distributed=ddp")

@@ -41,6 +41,7 @@ from qpeft_bench.config import ConfigError
 # hold trainable and frozen tensors in one module, which FSDP cannot flatten.
 FSDP_QUANTS = ("none", "nf4", "fp4")
 FSDP_METHODS = ("lora",)
+FSDP_FAMILIES = ("llama",)  # decoder blocks at model.layers (block_classes); what was run sharded
 
 # Evaluation runs on process 0 only while the others wait at a barrier: the default 10-minute collective timeout
 # would kill a sweep whose MMLU takes longer.
@@ -175,11 +176,12 @@ def shard(model, device: str, storage_dtype: torch.dtype):
         functools.partial(lambda_auto_wrap_policy, lambda_fn=functools.partial(_own_unit, storage_dtype=storage_dtype)),
         functools.partial(transformer_auto_wrap_policy, transformer_layer_cls=block_classes(model)),
     ])
-    with warnings.catch_warnings():  # torch >= 2.12 points to FSDP2, whose per-tensor sharding loses bitsandbytes'
-        warnings.filterwarnings("ignore", message=".*FSDP1.*", category=FutureWarning)  # quantization state
-        return FullyShardedDataParallel(
-            model, auto_wrap_policy=policy, sharding_strategy=ShardingStrategy.FULL_SHARD, use_orig_params=False,
-            device_id=torch.device(device), limit_all_gathers=True)
+    # FSDP1's flat parameters, not FSDP2's per-tensor DTensors: a 4-bit weight gathered as a plain tensor gets its
+    # quantization state back from its layer (bitsandbytes' fix_4bit_weight_quant_state_from_module); a DTensor
+    # would not be a Params4bit at all
+    return FullyShardedDataParallel(
+        model, auto_wrap_policy=policy, sharding_strategy=ShardingStrategy.FULL_SHARD, use_orig_params=False,
+        device_id=torch.device(device), limit_all_gathers=True)
 
 
 FSDP_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")

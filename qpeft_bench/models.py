@@ -80,7 +80,7 @@ class TensorSource:
     memory; N(0, 0.02) as transformers initialises)."""
 
     def __init__(self, path: str | None, dtype: str):
-        self.dtype, self.files, self._open = DTYPE[dtype], {}, {}
+        self.path, self.dtype, self.files, self._open = path, DTYPE[dtype], {}, {}
         if path is None:
             return
         from pathlib import Path
@@ -97,7 +97,6 @@ class TensorSource:
         else:
             raise FileNotFoundError(f"{path}: no model.safetensors(.index.json); a layer-by-layer load reads "
                                     "safetensors checkpoints only")
-        self.path = path
 
     def get(self, name: str, shape: torch.Size, device: str) -> torch.Tensor:
         if not self.files:

@@ -122,6 +122,7 @@ def test_a_layerwise_load_needs_safetensors(tmp_path):
     (["train.gpus=2"], "train.gpus=2 needs train.distributed=ddp"),
     (["train.gpus=0", "train.distributed=ddp"], "train.gpus=0 must be > 0"),
     (["train.distributed=fsdp", "train.gpus=2", "quant=hqq"], "fsdp shards quant in"),
+    (["train.distributed=fsdp", "train.gpus=2", "model=opt_1_3b"], "fsdp shards model families"),
     (["train.distributed=fsdp", "train.gpus=2", "peft=qbara"], "trains peft methods"),
     (["train.distributed=fsdp", "train.gpus=2", "train.checkpoint_every=5"], "checkpoint_every > 0 is not supported"),
     (["train.distributed=fsdp", "train.gpus=2", "train.fused_lora=true"], "do not apply under train.distributed=fsdp"),

@@ -521,9 +521,10 @@ def test_gradients_on_cuda(option):
     _check_gradients("nf4", amod, cfg, "cuda")
 
 
-def test_randomized_low_rank_is_within_0_02_percent_of_the_exact_truncation():
+def test_randomized_low_rank_is_within_0_002_percent_of_the_exact_truncation():
     """LoftQ's rank-r step on large residuals uses a randomized SVD; a Gaussian matrix (a flat spectrum, like
-    quantization noise: the hardest case for a sketch) must still come within 0.02% of the exact truncation error."""
+    quantization noise: the hardest case for a sketch) must still come within 0.002% of the exact truncation error
+    (peft's LoftQ takes the exact one; the GPU comparison is scripts/bench_loftq.py)."""
     torch.manual_seed(0)
     a = torch.randn(600, 1500)
     rank = 64
@@ -532,5 +533,16 @@ def test_randomized_low_rank_is_within_0_02_percent_of_the_exact_truncation():
     u, s, vh = torch.linalg.svd(a, full_matrices=False)
     exact = (a - (u[:, :rank] * s[:rank]) @ vh[:rank]).norm()
     got = (a - left @ right).norm()
-    assert exact <= got <= 1.0002 * exact
+    assert exact <= got <= 1.00002 * exact
     assert torch.equal(left, lora.low_rank(a, rank)[0])  # seeded: the same residual gives the same factors
+
+
+def test_the_sketch_basis_is_orthonormal_also_when_its_columns_are_dependent():
+    torch.manual_seed(0)
+    b = torch.randn(1000, 50)
+    for case in (b, torch.cat([b[:, :49], b[:, :1]], dim=1)):  # the second: a singular Gram matrix
+        q = lora._orthonormal(case)
+        assert q.shape == case.shape
+        torch.testing.assert_close(q.T @ q, torch.eye(50), atol=1e-5, rtol=0)
+    q = lora._orthonormal(b)
+    torch.testing.assert_close(q @ (q.T @ b), b, atol=1e-4, rtol=1e-4)  # it spans b's columns
