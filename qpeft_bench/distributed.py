@@ -23,6 +23,7 @@ unsharded quantized base, saves and evaluates.
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import datetime
 import functools
@@ -117,7 +118,10 @@ def setup(kind: str, device: str, gpus: int = 1) -> tuple[World, str]:
         device = f"cuda:{world.local_rank}"
         torch.cuda.set_device(device)
     if not dist.is_initialized():
+        # one process group for the process' lifetime: the runs of a sweep (-m under torchrun) share it, since
+        # joining torchrun's rendezvous a second time after destroying the group fails
         dist.init_process_group("nccl" if cuda else "gloo", timeout=TIMEOUT)
+        atexit.register(_destroy)
     return world, device
 
 
@@ -172,6 +176,9 @@ def shard(model, device: str, storage_dtype: torch.dtype):
     from torch.distributed.fsdp.wrap import _or_policy, lambda_auto_wrap_policy, transformer_auto_wrap_policy
 
     check_shardable(model)
+    for module in model.modules():  # FSDP's flattening drops a 4-bit weight's quantization state; bitsandbytes takes
+        if hasattr(module, "quant_state") and hasattr(module.weight, "quant_state"):  # it back from the layer's own
+            module.quant_state = module.weight.quant_state  # link, set here so it is this model's, on this device
     policy = functools.partial(_or_policy, policies=[
         functools.partial(lambda_auto_wrap_policy, lambda_fn=functools.partial(_own_unit, storage_dtype=storage_dtype)),
         functools.partial(transformer_auto_wrap_policy, transformer_layer_cls=block_classes(model)),
@@ -230,6 +237,6 @@ def barrier(world: World) -> None:
         dist.barrier()
 
 
-def teardown(world: World) -> None:
-    if world.active and dist.is_initialized():
+def _destroy() -> None:
+    if dist.is_initialized():
         dist.destroy_process_group()

@@ -77,9 +77,9 @@ def run(config: dict, run_dir: Path, progress: bool = True, summary: bool = True
     # it while the first is alive. Process 0 of a torchrun job holds it for all of them.
     lock = results.RunLock(run_dir)
     holder = lock.acquire() if world.main else None
-    if holder is not None:
-        log.info("skip: run %s is running in another process (pid %s)", rid, holder or "unknown")
-        distributed.teardown(world)
+    if distributed.max_all(int(holder is not None), device, world):  # every process of the job follows process 0
+        if world.main:
+            log.info("skip: run %s is running in another process (pid %s)", rid, holder or "unknown")
         return "skipped"
     try:
         existing = results.read_record(run_dir)
@@ -127,7 +127,6 @@ def run(config: dict, run_dir: Path, progress: bool = True, summary: bool = True
         finally:
             record["meta"]["end_time"] = results.now()
             write()
-            distributed.teardown(world)
         if record["status"] == "oom" and device and device.startswith("cuda"):
             import gc  # the failed run's model is garbage now: give its memory back before the sweep's next run
 
@@ -341,7 +340,8 @@ def budgeted(spec: RunSpec, device: str) -> tuple[RunSpec, dict | None]:
         return plan_estimate(trial, acc).get("peak_memory_bytes")
 
     settings, estimated = speed.choose(budget, peak)
-    settings = {**settings, "chunked_loss": t.chunked_loss or speed.BUDGET_CHUNK}
+    # the chunked loss where it applies (not under FSDP, recipe.fine_tune); the estimate models the whole one anyway
+    settings = {**settings, "chunked_loss": 0 if t.distributed == "fsdp" else t.chunked_loss or speed.BUDGET_CHUNK}
     log.info("train.memory_budget=%s (%.1f GiB): %s, estimated peak %.1f GiB", t.memory_budget,
              budget / speed.GIB, settings, estimated / speed.GIB)
     choice = {"budget": t.memory_budget, "budget_bytes": budget, "estimated_peak_bytes": estimated,
@@ -355,8 +355,9 @@ def fine_tune(spec: RunSpec, device: str, record: dict, save, progress: bool, ad
     spec, budget = budgeted(spec, device)
     d, t = spec.data, spec.train
     torch.manual_seed(spec.seed)
-    tokenizer, train_set, val_set, model, targets, compute_dtype, torch_dtype = load_base(spec, device, record,
-                                                                                           save, progress)
+    # under FSDP only process 0 rebuilds the base after training: the others keep no CPU copy of it
+    tokenizer, train_set, val_set, model, targets, compute_dtype, torch_dtype = load_base(
+        spec, device, record, save, progress, keep=world.main or t.distributed != "fsdp")
     acc = record["accounting"]
 
     # 4. The quantized base before fine-tuning (the "no fine-tuning" row of the tables), cached across a sweep.
@@ -423,21 +424,27 @@ def fine_tune(spec: RunSpec, device: str, record: dict, save, progress: bool, ad
         state = distributed.trainable_state(trained, world)
         del trained, model, peft_model, optimizer, scheduler, on_step, params
         if device.startswith("cuda"):
+            import gc  # FSDP's states refer to one another: only the cycle collector frees the shards
+
+            gc.collect()
             torch.cuda.empty_cache()
-        peft_model = unsharded(spec, device, state, progress, record["accounting"]) if world.main else None
 
     # 7. Keep the adapters (reloadable onto the same quantized base), then evaluate the fine-tuned model.
     if not world.main:
         distributed.barrier(world)  # process 0 saves and evaluates; the others wait for it to finish
         return
-    if t.save_adapter:
-        adapters.get(spec.peft_method).save(peft_model, adapter_dir, spec.peft)
-        record["adapter"] = {"path": ADAPTER_DIR, "method": spec.peft_method, "name": spec.peft_name}
-        save()
-    evaluate(peft_model, "after", None)
-    ckpt.clear()  # the run is complete: its adapters are saved, the checkpoints are no longer needed
-    record["train"]["overhead_s"] = fixed_overhead(time.perf_counter() - t_enter, record)
-    distributed.barrier(world)
+    try:  # the others wait at the barrier however this ends; a failure here still fails the run, after it
+        if sharded:
+            peft_model = unsharded(spec, device, state, progress, record["accounting"])
+        if t.save_adapter:
+            adapters.get(spec.peft_method).save(peft_model, adapter_dir, spec.peft)
+            record["adapter"] = {"path": ADAPTER_DIR, "method": spec.peft_method, "name": spec.peft_name}
+            save()
+        evaluate(peft_model, "after", None)
+        ckpt.clear()  # the run is complete: its adapters are saved, the checkpoints are no longer needed
+        record["train"]["overhead_s"] = fixed_overhead(time.perf_counter() - t_enter, record)
+    finally:
+        distributed.barrier(world)
 
 
 def unsharded(spec: RunSpec, device: str, state: dict[str, torch.Tensor], progress: bool, acc: dict):
@@ -466,8 +473,9 @@ def fixed_overhead(total_s: float, record: dict) -> float:
     return total_s - steps * tr["s_per_step"] - evaluating
 
 
-def load_base(spec: RunSpec, device: str, record: dict, save, progress: bool) -> Base:
-    """Steps 1-3: the data split, the base model in its dtype (counted) and quantized in place (errors measured)."""
+def load_base(spec: RunSpec, device: str, record: dict, save, progress: bool, keep: bool = True) -> Base:
+    """Steps 1-3: the data split, the base model in its dtype (counted) and quantized in place (errors measured).
+    `keep`: leave a CPU copy for the next run of this process (train.reuse_base)."""
     d, t = spec.data, spec.train
     source = d.path or d.hub_id
 
@@ -529,7 +537,7 @@ def load_base(spec: RunSpec, device: str, record: dict, save, progress: bool) ->
              len(targets), q["quantize_time_s"], q["calibration_time_s"], q["weight_rel_error"],
              "-" if q["output_rel_error"] is None else f"{q['output_rel_error']:.4f}")
     save()
-    if key is not None:
+    if key is not None and keep:
         _BASE_CACHE.clear()  # one base at a time: a sweep ordered by (model, quantizer) reuses each while it lasts
         model.to("cpu")  # moved, not copied, so the GPU never holds two bases
         _BASE_CACHE[key] = copy.deepcopy((model, record["quant"], acc))
@@ -549,8 +557,9 @@ def _base_key(spec: RunSpec, compute_dtype: str, device: str) -> str | None:
         return None
     calib = dataclasses.asdict(spec.calib)
     uses_data = spec.calib.enabled and spec.calib.source == "finetune"  # windows cut from the training split
+    layerwise = spec.train.distributed == "fsdp"  # no probe, so its record says less: not another run's base
     return json.dumps([spec.model.path or spec.model.hub_id, spec.model.dtype, dataclasses.asdict(spec.model),
-                       spec.quant_name, dataclasses.asdict(spec.quant), calib, compute_dtype, device,
+                       spec.quant_name, dataclasses.asdict(spec.quant), calib, compute_dtype, device, layerwise,
                        dataclasses.asdict(spec.data) if uses_data else None], sort_keys=True, default=str)
 
 

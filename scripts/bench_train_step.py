@@ -171,7 +171,6 @@ def main(argv: list[str]) -> int:
         if args.profile and world.main:
             profile_steps(wrapped, batches, optimizer, t.max_grad_norm, device, models.DTYPE[compute], args.profile)
     if not world.main:
-        distributed.teardown(world)
         return 0
     out = {"model": spec.model.name, "quant": spec.quant_name, "quant_cfg": vars(spec.quant),
            "peft": spec.peft_method, "peft_cfg": vars(spec.peft), "batch": t.batch_size, "seq": args.seq,
@@ -193,7 +192,6 @@ def main(argv: list[str]) -> int:
           f"{result['peak_memory_bytes'] / GIB:.2f} GiB, mean {result['mean_memory_bytes'] / GIB:.2f} GiB "
           f"({result['memory_kind']}), first losses {[round(x, 3) for x in result['losses'][:4]]}")
     dump_json(args.json, out)
-    distributed.teardown(world)
     return 0
 
 

@@ -90,6 +90,73 @@ def test_fsdp_shards_and_follows_one_process_then_saves_and_evaluates_whole(tmp_
     assert len(c["eval"]["reevaluations"]) == 1
 
 
+def test_fsdp_makes_a_unit_per_block_and_per_adapter_and_trains(compose, tmp_path):
+    """The wrap itself, in one gloo process: a unit per decoder block, per adapter factor and per fp32 norm (one dtype
+    and one requires_grad per unit), the 4-bit layers linked to their quantization state, and a step that trains."""
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    from qpeft_bench import accounting, adapters, quant
+    from qpeft_bench.train import prepare_for_training
+
+    spec = validate(compose(["train.distributed=fsdp", "train.device=cpu", "peft.dropout=0"]))
+    model = models.load_model(spec.model.path, spec.model.dtype, "cpu")
+    targets = list(models.find_linears(model, spec.model.linear_names))
+    quant.quantize_model("nf4", model, targets, spec.quant, "bfloat16", "cpu")
+    assert all(model.get_submodule(t).weight.dtype == torch.bfloat16 for t in targets)  # codes stored as bf16
+    model = adapters.get("lora").attach(model, targets, spec.peft)
+    prepare_for_training(model, upcast_norms_fp32=True, gradient_checkpointing=False)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        wrapped = distributed.wrap(model, distributed.World(0, 1, 0), "cpu", "fsdp", torch.bfloat16)
+        units = [m for m in wrapped.modules() if isinstance(m, FullyShardedDataParallel)]
+        layers = model.config.num_hidden_layers
+        norms = 2 * layers + 1  # fp32 after the upcast: units of their own
+        assert len(units) == 1 + layers + 2 * len(targets) + norms  # root, blocks, lora_A and lora_B, norms
+        for unit in units:
+            flat = unit._flat_param
+            assert flat is None or flat.requires_grad in (True, False)
+        assert all(m.quant_state is not None for m in model.modules() if type(m).__name__ == "Linear4bit")
+        ids = torch.randint(0, 100, (2, 16))
+        optimizer = torch.optim.AdamW(accounting.trainable_parameters(wrapped), lr=1e-2)
+        before = distributed.trainable_state(wrapped, distributed.World(0, 1, 0))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            wrapped(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        after = distributed.trainable_state(wrapped, distributed.World(0, 1, 0))
+        assert set(before) == set(after) and len(after) == 2 * len(targets)
+        assert all(name.startswith("base_model.model.") and "_fsdp" not in name for name in after)
+        assert any(not torch.equal(before[n], after[n]) for n in after)  # the adapters trained
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("kind", ["ddp", "fsdp"])
+def test_a_sweep_runs_under_one_torchrun_launch(tmp_path, kind):
+    """Two grid points on one base under one torchrun (Hydra's -m runs them in-process): the process group lives as
+    long as the processes (joining torchrun's rendezvous again after destroying it fails), and under FSDP process 0
+    takes the second run's base from its cache while the others load theirs again."""
+    run = subprocess.run([*TORCHRUN, "--nproc-per-node", "2", "-m", "qpeft_bench.cli", "-m", *FAST, "train.device=cpu",
+                          "train.batch_size=4", f"train.distributed={kind}", "train.gpus=2", "seed=0,1",
+                          "hydra.sweep.dir=sweep"], cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    records = sorted(_records(tmp_path / "sweep"), key=lambda r: r["config"]["seed"])
+    assert [r["status"] for r in records] == ["completed", "completed"]
+    assert "reused" not in records[0]["quant"] and records[1]["quant"]["reused"]["from"] == "process cache"
+
+
+def test_loftq_with_two_alternations_trains_sharded(tmp_path):
+    """LoftQ's re-quantized layers keep FSDP's storage dtype (else the block would not flatten)."""
+    run = subprocess.run([*TORCHRUN, "--nproc-per-node", "2", "-m", "qpeft_bench.cli", *FAST, "train.device=cpu",
+                          "train.batch_size=4", "peft=loftq", "peft.loftq.iters=2", "train.distributed=fsdp",
+                          "train.gpus=2", "output_root=loftq"], cwd=tmp_path, env=ENV, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    (rec,) = _records(tmp_path / "loftq")
+    assert rec["status"] == "completed" and rec["adapter_init"]["loftq"]
+
+
 def test_the_layerwise_load_gives_the_model_a_plain_load_gives(compose):
     """empty_model + fill (FSDP's load: one layer in 16 bits at a time) equals from_pretrained, buffers included."""
     import torch

@@ -213,6 +213,24 @@ def test_a_sweep_quantizes_its_base_once_and_trains_as_a_fresh_run_would(compose
     recipe._BASE_CACHE.clear()
 
 
+def test_the_cached_copy_of_a_4bit_base_holds_nothing_of_the_model_it_was_copied_from():
+    """recipe._BASE_CACHE deep-copies the quantized base: a back-reference from a 4-bit weight to its layer would
+    come along as the same object and keep the finished run's model (on the GPU: a whole base) alive."""
+    import gc
+    import weakref
+
+    from qpeft_bench.quant import bnb4bit
+
+    layer = bnb4bit.quantize_linear(torch.nn.Linear(256, 128, bias=False).to(torch.bfloat16), bnb4bit.Config(),
+                                    "bfloat16", "cpu")
+    model = torch.nn.Sequential(layer)
+    alive = weakref.ref(layer)
+    cache = copy.deepcopy(model)
+    del model, layer
+    gc.collect()
+    assert alive() is None and cache[0].weight.quant_state is not None
+
+
 # --------------------------------------------------------------------------- on the GPU (pytest -m gpu)
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

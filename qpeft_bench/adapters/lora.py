@@ -364,8 +364,10 @@ def requantize_like(layer: nn.Module, weight: torch.Tensor) -> nn.Module:
     old = nn.Linear(layer.in_features, layer.out_features, bias=False, device="meta")
     old.weight = nn.Parameter(weight, requires_grad=False)
     old.bias = layer.bias
-    compute = {v: k for k, v in DTYPE.items()}[layer.compute_dtype]
-    return qmod.quantize_linear(old, qmod.Config(**settings), compute, str(weight.device))
+    names = {v: k for k, v in DTYPE.items()}
+    storage = names.get(layer.weight.quant_storage, "uint8")  # FSDP stores the codes as the model's dtype
+    return qmod.quantize_linear(old, qmod.Config(**settings, quant_storage=storage), names[layer.compute_dtype],
+                                str(weight.device))
 
 
 # Randomized SVD (Halko et al.): a sketch of 4 x rank columns refined by POWER_ITERS power iterations.

@@ -68,7 +68,6 @@ def quantize_linear(old, cfg: Config, compute_dtype: str, device: str, stats=Non
         blocksize=cfg.blocksize,
         compress_statistics=cfg.double_quant,
         quant_storage=storage,
-        module=new,  # the layer keeps the quantization state too: FSDP's flattening drops it from the weight
     )
     if old.bias is not None:
         new.bias = torch.nn.Parameter(old.bias.data, requires_grad=False)
