@@ -27,7 +27,6 @@ import torch
 from qpeft_bench import accounting, models
 from qpeft_bench.train import make_scheduler, train
 
-GIB = 2**30
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 METHODS = ("qlora", "qdora", "qia3", "hqq4", "hqq2")
 
@@ -95,7 +94,7 @@ def main(argv: list[str]) -> int:
     if args.save_model:
         save_random_model(args.arch, args.save_model)
         return 0
-    from bench_train_step import dump_json, profile_steps, random_batches
+    from bench_train_step import dump_json, profile_steps, random_batches, step_line
 
     t0 = time.perf_counter()
     torch.manual_seed(0)
@@ -124,9 +123,7 @@ def main(argv: list[str]) -> int:
            "batch": args.batch, "seq": args.seq, "optimizer": opt_name, "setup_s": setup_s,
            "checkpointing_active": bool(getattr(model, "is_gradient_checkpointing", False)),
            "trainable_params": sum(p.numel() for p in params), **result}
-    print(f"reference {args.method}: {result['s_per_step']:.3f} s/step, {result['tokens_per_s']:.0f} tokens/s, peak "
-          f"{result['peak_memory_bytes'] / GIB:.2f} GiB, set-up {setup_s:.1f} s, first losses "
-          f"{[round(x, 3) for x in result['losses'][:4]]}")
+    print(f"reference {args.method}: {step_line(result)}, set-up {setup_s:.1f} s")
     dump_json(args.json, out)
     return 0
 

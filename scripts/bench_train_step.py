@@ -45,6 +45,13 @@ def random_batches(vocab: int, batch: int, seq: int, device: str):
         yield {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
 
 
+def step_line(result: dict) -> str:
+    """'0.424 s/step, 9661 tokens/s, peak 6.53 GiB, mean ... first losses [...]': a train() result on one line."""
+    return (f"{result['s_per_step']:.3f} s/step, {result['tokens_per_s']:.0f} tokens/s, peak "
+            f"{result['peak_memory_bytes'] / GIB:.2f} GiB, mean {result['mean_memory_bytes'] / GIB:.2f} GiB "
+            f"({result['memory_kind']}), first losses {[round(x, 3) for x in result['losses'][:4]]}")
+
+
 def dump_json(path: str | None, out: dict) -> None:
     if path:
         with open(path, "w") as f:
@@ -188,9 +195,7 @@ def main(argv: list[str]) -> int:
     print(f"  allocated after load {stages['loaded'] / GIB:.2f} GiB, after quantize {stages['quantized'] / GIB:.2f} "
           f"GiB ({stages['quantize_s']:.1f} s), after adapters {stages['adapters'] / GIB:.2f} GiB, after "
           f"{t.distributed if world.active else 'no'} wrap {stages['wrapped'] / GIB:.2f} GiB")
-    print(f"  {result['s_per_step']:.3f} s/step, {result['tokens_per_s']:.0f} tokens/s, peak "
-          f"{result['peak_memory_bytes'] / GIB:.2f} GiB, mean {result['mean_memory_bytes'] / GIB:.2f} GiB "
-          f"({result['memory_kind']}), first losses {[round(x, 3) for x in result['losses'][:4]]}")
+    print(f"  {step_line(result)}")
     dump_json(args.json, out)
     return 0
 

@@ -114,9 +114,9 @@ def test_fsdp_makes_a_unit_per_block_and_per_adapter_and_trains(compose, tmp_pat
         layers = model.config.num_hidden_layers
         norms = 2 * layers + 1  # fp32 after the upcast: units of their own
         assert len(units) == 1 + layers + 2 * len(targets) + norms  # root, blocks, lora_A and lora_B, norms
-        for unit in units:
-            flat = unit._flat_param
-            assert flat is None or flat.requires_grad in (True, False)
+        flats = [u._flat_param for u in units if u._flat_param is not None]
+        assert sum(f.requires_grad for f in flats) == 2 * len(targets)  # the adapters' units, and only they train
+        assert {f.dtype for f in flats if not f.requires_grad} == {torch.bfloat16, torch.float32}  # codes; fp32 norms
         assert all(m.quant_state is not None for m in model.modules() if type(m).__name__ == "Linear4bit")
         ids = torch.randint(0, 100, (2, 16))
         optimizer = torch.optim.AdamW(accounting.trainable_parameters(wrapped), lr=1e-2)
