@@ -47,8 +47,9 @@ format: $(STAMP) ## format the code with ruff
 	$(VENV)/bin/ruff format qpeft_bench tests scripts
 	$(VENV)/bin/ruff check --fix qpeft_bench tests scripts
 
-lint: $(STAMP) ## check style with ruff
+lint: $(STAMP) ## check style with ruff (what CI runs before the tests)
 	$(VENV)/bin/ruff check qpeft_bench tests scripts
+	$(VENV)/bin/ruff format --check qpeft_bench tests scripts
 
 clean: ## remove caches and scratch runs (keeps the virtualenv and results/)
 	rm -rf runs outputs multirun .pytest_cache .ruff_cache

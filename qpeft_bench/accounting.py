@@ -101,5 +101,7 @@ def qlora_recipe_overhead_bytes(model: nn.Module, peft_overhead_bytes: int, adde
     )
     emb = model.get_input_embeddings().weight
     out = model.get_output_embeddings().weight
-    rows = added_tokens * (emb.shape[1] * emb.element_size() + (out.shape[1] * out.element_size() if out is not emb else 0))
+    rows = added_tokens * (
+        emb.shape[1] * emb.element_size() + (out.shape[1] * out.element_size() if out is not emb else 0)
+    )
     return peft_overhead_bytes + norm_upcast + rows

@@ -37,11 +37,13 @@ def token_windows(tokenizer, texts: list[str], samples: int, seq_len: int, seed:
     sep = tokenizer.eos_token or "\n\n"
     ids = tokenizer(sep.join(texts), add_special_tokens=False, return_tensors="pt", verbose=False)["input_ids"][0]
     if ids.numel() < seq_len:
-        raise ValueError(f"calibration text has {ids.numel()} tokens, fewer than calib.seq_len={seq_len}; "
-                         "lower calib.seq_len or use a longer text")
+        raise ValueError(
+            f"calibration text has {ids.numel()} tokens, fewer than calib.seq_len={seq_len}; "
+            "lower calib.seq_len or use a longer text"
+        )
     gen = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, ids.numel() - seq_len + 1, (samples,), generator=gen)
-    return torch.stack([ids[s:s + seq_len] for s in starts.tolist()])
+    return torch.stack([ids[s : s + seq_len] for s in starts.tolist()])
 
 
 def random_windows(vocab_size: int, samples: int, seq_len: int, seed: int) -> torch.Tensor:
@@ -77,8 +79,9 @@ def keep(state, x: torch.Tensor):
 
 
 @torch.no_grad()
-def capture_inputs(model: nn.Module, targets: list[str], windows: torch.Tensor,
-                   reduce: Callable, device: str, batch_size: int = 1) -> dict[str, object]:
+def capture_inputs(
+    model: nn.Module, targets: list[str], windows: torch.Tensor, reduce: Callable, device: str, batch_size: int = 1
+) -> dict[str, object]:
     """Run `windows` through `model` and return {target: reduce(...) over all its inputs}."""
     states: dict[str, object] = {}
     # id of an input tensor of this forward -> (first target that saw it, the tensor). Holding the tensor keeps
@@ -93,6 +96,7 @@ def capture_inputs(model: nn.Module, targets: list[str], windows: torch.Tensor,
                 states[name] = states[first]
                 return
             states[name] = reduce(states.get(name), x.reshape(-1, x.shape[-1]))
+
         return fn
 
     handles = [model.get_submodule(t).register_forward_pre_hook(hook(t)) for t in targets]
@@ -101,7 +105,7 @@ def capture_inputs(model: nn.Module, targets: list[str], windows: torch.Tensor,
     try:
         for i in range(0, windows.shape[0], batch_size):
             seen.clear()
-            model(input_ids=windows[i:i + batch_size].to(device))
+            model(input_ids=windows[i : i + batch_size].to(device))
     finally:
         for h in handles:
             h.remove()

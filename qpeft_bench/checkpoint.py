@@ -38,9 +38,10 @@ class Checkpointer:
         path = self.root / str(pointer.get("dir")) / "state.pt"
         try:  # a torn file cannot be named by LATEST; a disk error or a hand edit can leave anything
             state = torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as err:  # noqa: BLE001 - torch raises RuntimeError, EOFError, UnpicklingError, ...
-            log.warning("checkpoint %s is unreadable (%s: %s); the run restarts from step 0", path,
-                        type(err).__name__, err)
+        except Exception as err:
+            log.warning(
+                "checkpoint %s is unreadable (%s: %s); the run restarts from step 0", path, type(err).__name__, err
+            )
             return None
         if not isinstance(state, dict) or state.get("step") != pointer.get("step"):
             log.warning("checkpoint %s does not hold the step its pointer names; the run restarts from step 0", path)
@@ -54,9 +55,14 @@ class Checkpointer:
         name = f"step-{step}"
         target = self.root / name
         target.mkdir(parents=True, exist_ok=True)
-        state = {"step": step, "losses": list(losses),
-                 "trainable": {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad},
-                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state()}
+        state = {
+            "step": step,
+            "losses": list(losses),
+            "trainable": {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad},
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "rng": rng_state(),
+        }
         with open(target / "state.pt", "wb") as f:
             torch.save(state, f)
             f.flush()
@@ -83,8 +89,10 @@ def restore(state: dict, model, optimizer, scheduler) -> None:
     loss scale from its initial value: the scaler recalibrates within a few steps.)"""
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     if set(params) != set(state["trainable"]):
-        raise ValueError("checkpoint does not match the model's trainable tensors: "
-                         f"{sorted(set(params) ^ set(state['trainable']))[:3]}")
+        raise ValueError(
+            "checkpoint does not match the model's trainable tensors: "
+            f"{sorted(set(params) ^ set(state['trainable']))[:3]}"
+        )
     with torch.no_grad():
         for name, value in state["trainable"].items():
             params[name].copy_(value.to(params[name].device, params[name].dtype))

@@ -9,7 +9,7 @@ import os
 # on a small machine (measured on the 2-core dev boxes); a short spin keeps the single-process speed.
 os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 
-import logging  # noqa: E402
+import logging
 import sys
 import warnings
 from pathlib import Path

@@ -221,8 +221,9 @@ class TrainConfig:
             except (TypeError, ValueError):
                 budget = 0.0
             if not budget > 0:
-                raise ConfigError(f"{where}.memory_budget={self.memory_budget!r}; give GiB (a positive number), auto "
-                                  "or null")
+                raise ConfigError(
+                    f"{where}.memory_budget={self.memory_budget!r}; give GiB (a positive number), auto or null"
+                )
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
             raise ConfigError(f"{where}.device={self.device!r}; choose auto, cpu, cuda or cuda:N")
 
@@ -407,8 +408,10 @@ def check_eval(ev: EvalConfig, context: int | None, model_name: str) -> None:
         if context is not None and length > context:
             raise ConfigError(f"eval.{key}={length} exceeds the context length {context} of model {model_name!r}")
     if "speed" in ev.tasks and context is not None and ev.speed.new_tokens >= context:
-        raise ConfigError(f"eval.speed.new_tokens={ev.speed.new_tokens} does not fit the context length {context} "
-                          f"of model {model_name!r} with a prompt")
+        raise ConfigError(
+            f"eval.speed.new_tokens={ev.speed.new_tokens} does not fit the context length {context} "
+            f"of model {model_name!r} with a prompt"
+        )
     if ev.data_root is not None and not Path(ev.data_root).is_dir():
         raise ConfigError(f"eval.data_root={ev.data_root!r} is not a directory")
     from qpeft_bench.evaluation import harness
@@ -424,28 +427,40 @@ def check_fsdp(spec: RunSpec):
 
     t = spec.train
     if spec.model.family not in FSDP_FAMILIES:
-        raise ConfigError(f"train.distributed=fsdp shards model families {FSDP_FAMILIES}; model {spec.model.name!r} "
-                          f"is {spec.model.family!r}: use train.distributed=ddp")
+        raise ConfigError(
+            f"train.distributed=fsdp shards model families {FSDP_FAMILIES}; model {spec.model.name!r} "
+            f"is {spec.model.family!r}: use train.distributed=ddp"
+        )
     if spec.quant_name not in FSDP_QUANTS:
-        raise ConfigError(f"train.distributed=fsdp shards quant in {FSDP_QUANTS}; quant={spec.quant_name} keeps its "
-                          "weights where FSDP cannot shard them: use train.distributed=ddp")
+        raise ConfigError(
+            f"train.distributed=fsdp shards quant in {FSDP_QUANTS}; quant={spec.quant_name} keeps its "
+            "weights where FSDP cannot shard them: use train.distributed=ddp"
+        )
     if spec.peft_method not in FSDP_METHODS:
-        raise ConfigError(f"train.distributed=fsdp trains peft methods {FSDP_METHODS} (peft's layers); "
-                          f"peft.method={spec.peft_method} keeps trainable and frozen tensors in one module: use "
-                          "train.distributed=ddp")
+        raise ConfigError(
+            f"train.distributed=fsdp trains peft methods {FSDP_METHODS} (peft's layers); "
+            f"peft.method={spec.peft_method} keeps trainable and frozen tensors in one module: use "
+            "train.distributed=ddp"
+        )
     if t.checkpoint_every > 0:
-        raise ConfigError("train.checkpoint_every > 0 is not supported with train.distributed=fsdp yet (its "
-                          "optimizer state is sharded); set train.checkpoint_every=0")
+        raise ConfigError(
+            "train.checkpoint_every > 0 is not supported with train.distributed=fsdp yet (its "
+            "optimizer state is sharded); set train.checkpoint_every=0"
+        )
     compute = spec.model.dtype if t.compute_dtype == "auto" else t.compute_dtype
     if compute == "float16":
-        raise ConfigError("train.distributed=fsdp trains in bfloat16 or float32 (fp16 loss scaling of sharded "
-                          "gradients is not implemented); set train.compute_dtype=bfloat16")
+        raise ConfigError(
+            "train.distributed=fsdp trains in bfloat16 or float32 (fp16 loss scaling of sharded "
+            "gradients is not implemented); set train.compute_dtype=bfloat16"
+        )
     storage = getattr(spec.quant, "quant_storage", None)
     if storage == "auto":
         return dataclasses.replace(spec.quant, quant_storage=spec.model.dtype)
     if storage is not None and storage != spec.model.dtype:
-        raise ConfigError(f"train.distributed=fsdp needs quant.quant_storage=auto or {spec.model.dtype} (the model's "
-                          f"dtype: FSDP flattens a block into one dtype), not {storage}")
+        raise ConfigError(
+            f"train.distributed=fsdp needs quant.quant_storage=auto or {spec.model.dtype} (the model's "
+            f"dtype: FSDP flattens a block into one dtype), not {storage}"
+        )
     return spec.quant
 
 
@@ -474,8 +489,9 @@ def validate(cfg: dict) -> RunSpec:
     layer_groups = peft_knobs.pop("layer_groups", None) or {}
     variant = peft_knobs.pop("variant", None) or []
     if not isinstance(by_layer, dict) or not isinstance(layer_groups, dict):
-        raise ConfigError("peft.by_layer and peft.layer_groups must be mappings ({group: {knob: value}}, "
-                          "{group: regex})")
+        raise ConfigError(
+            "peft.by_layer and peft.layer_groups must be mappings ({group: {knob: value}}, {group: regex})"
+        )
     if not _type_ok(variant, list[str]):
         raise ConfigError(f"peft.variant={variant!r}: a list of edits such as [mlp.r/2, attn.balance:4]")
     amod = adapters.get(peft_method)
@@ -485,8 +501,10 @@ def validate(cfg: dict) -> RunSpec:
             raise ConfigError(f"peft.targets={peft_targets!r}: a non-empty list of linear names, or null for all")
         outside = sorted(set(peft_targets) - set(model.linear_names))
         if outside:
-            raise ConfigError(f"peft.targets {outside} are not among model.linear_names {model.linear_names} "
-                              "(the quantized linears adapters can sit on)")
+            raise ConfigError(
+                f"peft.targets {outside} are not among model.linear_names {model.linear_names} "
+                "(the quantized linears adapters can sit on)"
+            )
     spec = RunSpec(
         mode=top.mode,
         seed=top.seed,
@@ -530,8 +548,15 @@ def validate(cfg: dict) -> RunSpec:
 
     arch = model.arch_dict()
     by_layer = apply_variant(variant, by_layer, dataclasses.asdict(pcfg))
-    spec.peft_per_module = per_module_configs(pcfg, sorted(adapted), arch.get("num_hidden_layers", 0), by_layer,
-                                              layer_groups, getattr(amod, "PER_LAYER_KNOBS", ()), peft_method)
+    spec.peft_per_module = per_module_configs(
+        pcfg,
+        sorted(adapted),
+        arch.get("num_hidden_layers", 0),
+        by_layer,
+        layer_groups,
+        getattr(amod, "PER_LAYER_KNOBS", ()),
+        peft_method,
+    )
     for name, module_cfg in spec.peft_per_module.items():  # the size rules, with each module's own knobs
         amod.check_against_arch(module_cfg, {name: adapted[name]})
     why = adapters.unsupported(amod, quant_name, qcfg, pcfg)
@@ -540,16 +565,21 @@ def validate(cfg: dict) -> RunSpec:
     compute = model.dtype if spec.train.compute_dtype == "auto" else spec.train.compute_dtype
     adapter_dtype = getattr(pcfg, "adapter_dtype", "float32")
     if spec.mode == "train" and compute == "float16" and adapter_dtype != "float32":
-        raise ConfigError(f"train.compute_dtype resolves to float16 (model.dtype={model.dtype}) with "
-                          f"peft.adapter_dtype={adapter_dtype}: fp16 loss scaling cannot unscale 16-bit gradients; "
-                          "set peft.adapter_dtype=float32 or train.compute_dtype=bfloat16")
+        raise ConfigError(
+            f"train.compute_dtype resolves to float16 (model.dtype={model.dtype}) with "
+            f"peft.adapter_dtype={adapter_dtype}: fp16 loss scaling cannot unscale 16-bit gradients; "
+            "set peft.adapter_dtype=float32 or train.compute_dtype=bfloat16"
+        )
     context = model.arch_dict().get("max_position_embeddings")
     check_eval(spec.eval, context, model.name)
     longest = spec.data.max_source_len + spec.data.max_target_len
     if context is not None and longest > context:
-        raise ConfigError(f"data.max_source_len + data.max_target_len = {longest} exceeds the context length "
-                          f"{context} of model {model.name!r}; lower them")
+        raise ConfigError(
+            f"data.max_source_len + data.max_target_len = {longest} exceeds the context length "
+            f"{context} of model {model.name!r}; lower them"
+        )
     if context is not None and spec.calib.enabled and spec.calib.seq_len > context:
-        raise ConfigError(f"calib.seq_len={spec.calib.seq_len} exceeds the context length {context} of model "
-                          f"{model.name!r}; lower it")
+        raise ConfigError(
+            f"calib.seq_len={spec.calib.seq_len} exceeds the context length {context} of model {model.name!r}; lower it"
+        )
     return spec

@@ -215,8 +215,9 @@ def _resolve_files(path: str) -> list[Path]:
         return files
     file = Path(path)
     if not file.exists():
-        raise FileNotFoundError(f"data file not found: {path} (set data.path to an existing file, or "
-                                f"data.path=null to use data.hub_id)")
+        raise FileNotFoundError(
+            f"data file not found: {path} (set data.path to an existing file, or data.path=null to use data.hub_id)"
+        )
     if file.is_dir():
         raise ValueError(f"data path {path} is a directory; give a file or a glob such as {path}/*.jsonl")
     return [file]
@@ -315,8 +316,14 @@ def check_source(fmt: str, path: str | None, hub_id: str | None) -> None:
         _read_rows(path, fields)
 
 
-def load_examples(fmt: str, *, path: str | None = None, hub_id: str | None = None,
-                  variant: str | None = None, max_examples: int | None = None) -> list[Example]:
+def load_examples(
+    fmt: str,
+    *,
+    path: str | None = None,
+    hub_id: str | None = None,
+    variant: str | None = None,
+    max_examples: int | None = None,
+) -> list[Example]:
     """Load a data set and format it as ``[{"source": str, "target": str}, ...]`` (see the module doc).
 
     ``path`` (a local file or glob in the hub's schema) wins over ``hub_id``. ``max_examples`` keeps the
@@ -369,9 +376,11 @@ def check_tokenizer(tokenizer, where: str) -> None:
     if tokenizer.pad_token_id is None:
         problems.append("no pad_token, nor an unk_token or eos_token to pad batches with")
     if problems:
-        raise ValueError(f"the tokenizer of {where} has {' and '.join(problems)}; set them in its "
-                         'tokenizer_config.json (e.g. "eos_token": "</s>", "pad_token": "<unk>") or choose another '
-                         "model.path")
+        raise ValueError(
+            f"the tokenizer of {where} has {' and '.join(problems)}; set them in its "
+            'tokenizer_config.json (e.g. "eos_token": "</s>", "pad_token": "<unk>") or choose another '
+            "model.path"
+        )
 
 
 def _encode(tokenizer, texts: list[str]) -> list[list[int]]:
@@ -380,8 +389,9 @@ def _encode(tokenizer, texts: list[str]) -> list[list[int]]:
     return tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
 
 
-def tokenize_examples(examples: list[Example], tokenizer, *, max_source_len: int, max_target_len: int,
-                      train_on_source: bool) -> list[dict[str, list[int]]]:
+def tokenize_examples(
+    examples: list[Example], tokenizer, *, max_source_len: int, max_target_len: int, train_on_source: bool
+) -> list[dict[str, list[int]]]:
     """Tokenize as QLoRA's collator does: ``[BOS] + source`` cut to ``max_source_len`` tokens, then
     ``target + [EOS]`` cut to ``max_target_len``; labels are IGNORE_INDEX on the source unless
     ``train_on_source``.
@@ -411,8 +421,9 @@ def tokenize_examples(examples: list[Example], tokenizer, *, max_source_len: int
     return features
 
 
-def make_batches(lengths: list[int], batch_size: int, *, seed: int, group_by_length: bool,
-                 drop_last: bool = False) -> list[list[int]]:
+def make_batches(
+    lengths: list[int], batch_size: int, *, seed: int, group_by_length: bool, drop_last: bool = False
+) -> list[list[int]]:
     """Index batches for one epoch (pass a different seed per epoch, e.g. seed + epoch).
 
     Without group_by_length: a seeded random order cut into batches. With it (QLoRA's option, HF's
@@ -429,9 +440,12 @@ def make_batches(lengths: list[int], batch_size: int, *, seed: int, group_by_len
     rng.shuffle(order)
     if group_by_length:
         window = MEGABATCH_FACTOR * batch_size
-        order = [i for start in range(0, len(order), window)
-                 for i in sorted(order[start:start + window], key=lambda i: -lengths[i])]
-    batches = [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
+        order = [
+            i
+            for start in range(0, len(order), window)
+            for i in sorted(order[start : start + window], key=lambda i: -lengths[i])
+        ]
+    batches = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
     if drop_last and batches and len(batches[-1]) < batch_size:
         batches.pop()
     if group_by_length and batches:

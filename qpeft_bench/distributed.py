@@ -87,13 +87,18 @@ def slurm_world(env: dict[str, str] | None = None) -> dict[str, str]:
     env = os.environ if env is None else env
     nodes = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or "localhost"
     try:  # "node[1-4]" -> node1 (scontrol expands SLURM's host list syntax)
-        first = subprocess.run(["scontrol", "show", "hostnames", nodes], capture_output=True, text=True,
-                               timeout=30, check=True).stdout.split()[0]
+        first = subprocess.run(
+            ["scontrol", "show", "hostnames", nodes], capture_output=True, text=True, timeout=30, check=True
+        ).stdout.split()[0]
     except (OSError, subprocess.SubprocessError, IndexError):
         first = nodes.split(",")[0]
-    return {"RANK": env["SLURM_PROCID"], "WORLD_SIZE": env["SLURM_STEP_NUM_TASKS"],
-            "LOCAL_RANK": env.get("SLURM_LOCALID", "0"), "MASTER_ADDR": first,
-            "MASTER_PORT": str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000)}
+    return {
+        "RANK": env["SLURM_PROCID"],
+        "WORLD_SIZE": env["SLURM_STEP_NUM_TASKS"],
+        "LOCAL_RANK": env.get("SLURM_LOCALID", "0"),
+        "MASTER_ADDR": first,
+        "MASTER_PORT": str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000),
+    }
 
 
 def setup(kind: str, device: str, gpus: int = 1) -> tuple[World, str]:
@@ -105,16 +110,22 @@ def setup(kind: str, device: str, gpus: int = 1) -> tuple[World, str]:
         raise ConfigError(f"train.distributed={kind!r} is not implemented; use ddp, fsdp (or none)")
     world = launched()
     if world is SINGLE:
-        raise ConfigError(f"train.distributed={kind} needs one process per GPU: launch with "
-                          f"`torchrun --nproc-per-node N -m qpeft_bench.cli train.distributed={kind} ...`")
+        raise ConfigError(
+            f"train.distributed={kind} needs one process per GPU: launch with "
+            f"`torchrun --nproc-per-node N -m qpeft_bench.cli train.distributed={kind} ...`"
+        )
     if world.size != gpus:
-        raise ConfigError(f"train.gpus={gpus} but torchrun started {world.size} process(es); set "
-                          f"train.gpus={world.size} (the global batch, hence the run, depends on it)")
+        raise ConfigError(
+            f"train.gpus={gpus} but torchrun started {world.size} process(es); set "
+            f"train.gpus={world.size} (the global batch, hence the run, depends on it)"
+        )
     cuda = device.startswith("cuda")
     if cuda:
         if torch.cuda.device_count() < world.size:
-            raise ConfigError(f"train.distributed={kind} with {world.size} processes but only "
-                              f"{torch.cuda.device_count()} CUDA device(s)")
+            raise ConfigError(
+                f"train.distributed={kind} with {world.size} processes but only "
+                f"{torch.cuda.device_count()} CUDA device(s)"
+            )
         device = f"cuda:{world.local_rank}"
         torch.cuda.set_device(device)
     if not dist.is_initialized():
@@ -165,8 +176,10 @@ def check_shardable(model) -> None:
     for name, module in model.named_modules():
         grads = {p.requires_grad for p in module.parameters(recurse=False)}
         if len(grads) > 1:
-            raise ConfigError(f"train.distributed=fsdp: module {name} holds trainable and frozen tensors together, "
-                              "which FSDP cannot shard; use train.distributed=ddp for this method")
+            raise ConfigError(
+                f"train.distributed=fsdp: module {name} holds trainable and frozen tensors together, "
+                "which FSDP cannot shard; use train.distributed=ddp for this method"
+            )
 
 
 def shard(model, device: str, storage_dtype: torch.dtype):
@@ -179,16 +192,26 @@ def shard(model, device: str, storage_dtype: torch.dtype):
     for module in model.modules():  # FSDP's flattening drops a 4-bit weight's quantization state; bitsandbytes takes
         if hasattr(module, "quant_state") and hasattr(module.weight, "quant_state"):  # it back from the layer's own
             module.quant_state = module.weight.quant_state  # link, set here so it is this model's, on this device
-    policy = functools.partial(_or_policy, policies=[
-        functools.partial(lambda_auto_wrap_policy, lambda_fn=functools.partial(_own_unit, storage_dtype=storage_dtype)),
-        functools.partial(transformer_auto_wrap_policy, transformer_layer_cls=block_classes(model)),
-    ])
+    policy = functools.partial(
+        _or_policy,
+        policies=[
+            functools.partial(
+                lambda_auto_wrap_policy, lambda_fn=functools.partial(_own_unit, storage_dtype=storage_dtype)
+            ),
+            functools.partial(transformer_auto_wrap_policy, transformer_layer_cls=block_classes(model)),
+        ],
+    )
     # FSDP1's flat parameters, not FSDP2's per-tensor DTensors: a 4-bit weight gathered as a plain tensor gets its
     # quantization state back from its layer (bitsandbytes' fix_4bit_weight_quant_state_from_module); a DTensor
     # would not be a Params4bit at all
     return FullyShardedDataParallel(
-        model, auto_wrap_policy=policy, sharding_strategy=ShardingStrategy.FULL_SHARD, use_orig_params=False,
-        device_id=torch.device(device), limit_all_gathers=True)
+        model,
+        auto_wrap_policy=policy,
+        sharding_strategy=ShardingStrategy.FULL_SHARD,
+        use_orig_params=False,
+        device_id=torch.device(device),
+        limit_all_gathers=True,
+    )
 
 
 FSDP_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
@@ -210,8 +233,9 @@ def trainable_state(model, world: World) -> dict[str, torch.Tensor]:
 
     if not isinstance(model, FullyShardedDataParallel):
         return own(model.named_parameters()) if world.main else {}
-    with FullyShardedDataParallel.summon_full_params(model, writeback=False, rank0_only=True,
-                                                     offload_to_cpu=next(model.parameters()).is_cuda):
+    with FullyShardedDataParallel.summon_full_params(
+        model, writeback=False, rank0_only=True, offload_to_cpu=next(model.parameters()).is_cuda
+    ):
         return own(model.named_parameters()) if world.main else {}
 
 

@@ -64,30 +64,58 @@ def model_shape(arch: dict) -> Shape:
     """The Shape of a LLaMA or OPT architecture given as transformers config fields (with `model_type`)."""
     family = arch.get("model_type")
     try:
-        h, layers, heads, vocab = (arch[k] for k in ("hidden_size", "num_hidden_layers", "num_attention_heads",
-                                                     "vocab_size"))
+        h, layers, heads, vocab = (
+            arch[k] for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
+        )
         if family == "llama":
             head_dim = arch.get("head_dim") or h // heads
             kv_heads = arch.get("num_key_value_heads") or heads
             q, kv, i = heads * head_dim, kv_heads * head_dim, arch["intermediate_size"]
-            linears = {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
-                       "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+            linears = {
+                "q_proj": (h, q),
+                "k_proj": (h, kv),
+                "v_proj": (h, kv),
+                "o_proj": (q, h),
+                "gate_proj": (h, i),
+                "up_proj": (h, i),
+                "down_proj": (i, h),
+            }
             groups = (("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",))
             return Shape(family, layers, h, heads, q, i, vocab, h, (2 * layers + 1) * h, 0.0, linears, groups)
         if family == "opt":
             # Learned positions are an embedding lookup: weights (in quantized_bytes), nothing kept for backward.
             # project_in/out (word_embed_proj_dim != hidden_size, OPT-350m) are left out of the FLOPs.
             f = arch["ffn_dim"]
-            linears = {"q_proj": (h, h), "k_proj": (h, h), "v_proj": (h, h), "out_proj": (h, h), "fc1": (h, f),
-                       "fc2": (f, h)}
+            linears = {
+                "q_proj": (h, h),
+                "k_proj": (h, h),
+                "v_proj": (h, h),
+                "out_proj": (h, h),
+                "fc1": (h, f),
+                "fc2": (f, h),
+            }
             groups = (("q_proj", "k_proj", "v_proj"), ("out_proj",), ("fc1",), ("fc2",))
             final_norm = 1 if arch.get("do_layer_norm_before", True) else 0
             norms = (2 * layers + final_norm) * 2 * h  # LayerNorm: weight and bias
-            return Shape(family, layers, h, heads, h, f, vocab, arch.get("word_embed_proj_dim") or h, norms,
-                         arch.get("dropout", OPT_DEFAULT_DROPOUT), linears, groups)
+            return Shape(
+                family,
+                layers,
+                h,
+                heads,
+                h,
+                f,
+                vocab,
+                arch.get("word_embed_proj_dim") or h,
+                norms,
+                arch.get("dropout", OPT_DEFAULT_DROPOUT),
+                linears,
+                groups,
+            )
     except KeyError as err:
-        raise ConfigError(f"architecture of model_type {family!r} lacks the field {err.args[0]!r} that the "
-                          "memory and time estimates need") from err
+        raise ConfigError(
+            f"architecture of model_type {family!r} lacks the field {err.args[0]!r} that the "
+            "memory and time estimates need"
+        ) from err
     raise ConfigError(f"memory and time estimates know model_type llama and opt, not {family!r}")
 
 
@@ -103,8 +131,9 @@ def _norm_bytes_per_token(s: Shape) -> int:
     return FP32 * (s.hidden + 2)
 
 
-def _adapter_bytes_per_token(s: Shape, targets: list[str], rank: int, dropout: float, input_dtype: dict,
-                             adapter: int, compute: int) -> int:
+def _adapter_bytes_per_token(
+    s: Shape, targets: list[str], rank: int, dropout: float, input_dtype: dict, adapter: int, compute: int
+) -> int:
     """What the adapters of one block keep per token: the copies of their inputs that the adapter weight gradient
     needs, dropout masks, and the rank-r activations between A and B."""
     # Under autocast (compute < fp32) the adapter matmul keeps its input cast to the compute dtype; without it,
@@ -125,8 +154,17 @@ def _adapter_bytes_per_token(s: Shape, targets: list[str], rank: int, dropout: f
     return total + len(targets) * rank * kept
 
 
-def _block_bytes_per_token(s: Shape, seq_len: int, compute: int, stream: int, norm_out: int, adapter: int,
-                           targets: list[str], rank: int, dropout: float) -> int:
+def _block_bytes_per_token(
+    s: Shape,
+    seq_len: int,
+    compute: int,
+    stream: int,
+    norm_out: int,
+    adapter: int,
+    targets: list[str],
+    rank: int,
+    dropout: float,
+) -> int:
     """Bytes one decoder block keeps for backward per token."""
     norms = 2 * _norm_bytes_per_token(s)
     # SDPA's efficient kernels keep q, k, v and the output (autocast casts them to the compute dtype) and an fp32
@@ -201,8 +239,9 @@ def train_memory(
     norm_out_fp32 = compute < FP32 and (upcast_norms_fp32 or s.family == "opt")
     norm_out = FP32 if norm_out_fp32 else compute
     stream = FP32 if norm_out_fp32 and output_follows_input_dtype else compute
-    block = _block_bytes_per_token(s, seq_len, compute, stream, norm_out, adapter, targets, adapter_rank,
-                                   adapter_dropout)
+    block = _block_bytes_per_token(
+        s, seq_len, compute, stream, norm_out, adapter, targets, adapter_rank, adapter_dropout
+    )
     final_norm = _norm_bytes_per_token(s)  # outside the checkpointed blocks: kept in both cases
     if gradient_checkpointing:
         # Only each block's input survives the forward; in backward one block at a time is recomputed and its
@@ -230,8 +269,12 @@ def train_memory(
     paged = 0
     if paged_opt:
         # LoRA's A (r x in) and B (out x r) per adapted linear; those above bitsandbytes' threshold are paged
-        big = sum(n for t in targets for n in (adapter_rank * s.linears[t][0], adapter_rank * s.linears[t][1])
-                  if n >= PAGED_MIN_ELEMENTS)
+        big = sum(
+            n
+            for t in targets
+            for n in (adapter_rank * s.linears[t][0], adapter_rank * s.linears[t][1])
+            if n >= PAGED_MIN_ELEMENTS
+        )
         paged = 2 * FP32 * min(trainable_params, s.layers * big)
 
     components = {
@@ -248,8 +291,15 @@ def train_memory(
     return {**components, "peak_bytes": peak, "paged_optimizer_bytes": paged, "allocated_peak_bytes": peak - paged}
 
 
-def step_flops(arch: dict, *, batch_size: int, seq_len: int, gradient_checkpointing: bool, trainable_params: int,
-               grad_accum: int = 1) -> int:
+def step_flops(
+    arch: dict,
+    *,
+    batch_size: int,
+    seq_len: int,
+    gradient_checkpointing: bool,
+    trainable_params: int,
+    grad_accum: int = 1,
+) -> int:
     """Floating-point operations of one optimizer step (grad_accum micro-batches of batch_size x seq_len).
 
     Matrix products only: the frozen base linears, attention (QK^T and PV over the full s x s, since a padding
@@ -297,8 +347,11 @@ def per_gpu(memory: dict, kind: str, gpus: int, blocks: int) -> dict:
         out["fsdp_gathered_block_bytes"] = memory["weights_bytes"] // max(blocks, 1)
     elif kind != "none":
         raise ConfigError(f"train.distributed={kind!r}: no per-GPU estimate")
-    parts = [k for k in out if k.endswith("_bytes") and k not in ("peak_bytes", "paged_optimizer_bytes",
-                                                                     "allocated_peak_bytes")]
+    parts = [
+        k
+        for k in out
+        if k.endswith("_bytes") and k not in ("peak_bytes", "paged_optimizer_bytes", "allocated_peak_bytes")
+    ]
     paged = memory["paged_optimizer_bytes"] // (gpus if kind == "fsdp" else 1)
     peak = sum(out[k] for k in parts)
     return {**out, "peak_bytes": peak, "paged_optimizer_bytes": paged, "allocated_peak_bytes": peak - paged}

@@ -54,18 +54,33 @@ def layer_group_data(loaded: report.LoadResult, diverged_ppl: float) -> list[dic
 def pareto_data(loaded: report.LoadResult, diverged_ppl: float) -> list[dict[str, Any]]:
     """One point per completed, non-diverged run with both mean memory and held-out perplexity after."""
     rows = report.sort_rows(report.records_to_rows(loaded.records), ("method_name", "r", "alpha", "run_id"))
-    return [{"run_id": r["run_id"], "method": r["method_name"], "r": r["r"], "alpha": r["alpha"],
-             "mean_memory_bytes": r["mean_memory_bytes"], "ppl_after": r["ppl_after"]}
-            for r in rows if r["status"] == "completed" and not report.is_diverged(r, diverged_ppl)
-            and report._is_number(r["mean_memory_bytes"]) and report._is_number(r["ppl_after"])]
+    return [
+        {
+            "run_id": r["run_id"],
+            "method": r["method_name"],
+            "r": r["r"],
+            "alpha": r["alpha"],
+            "mean_memory_bytes": r["mean_memory_bytes"],
+            "ppl_after": r["ppl_after"],
+        }
+        for r in rows
+        if r["status"] == "completed"
+        and not report.is_diverged(r, diverged_ppl)
+        and report._is_number(r["mean_memory_bytes"])
+        and report._is_number(r["ppl_after"])
+    ]
 
 
 def loss_data(loaded: report.LoadResult) -> list[dict[str, Any]]:
     """(run_id, step, loss) for every run that recorded its per-step losses."""
     rows = report.sort_rows(report.records_to_rows(loaded.records), ("run_id",))
-    return [{"run_id": r["run_id"], "step": step, "loss": loss}
-            for r in rows if isinstance(r["losses"], list)
-            for step, loss in enumerate(r["losses"], start=1) if report._is_number(loss)]
+    return [
+        {"run_id": r["run_id"], "step": step, "loss": loss}
+        for r in rows
+        if isinstance(r["losses"], list)
+        for step, loss in enumerate(r["losses"], start=1)
+        if report._is_number(loss)
+    ]
 
 
 def data_csv(rows: Sequence[dict[str, Any]]) -> str:
@@ -117,8 +132,7 @@ def draw_pareto(plt, rows: Sequence[dict[str, Any]]):
     fig, ax = plt.subplots(figsize=(5, 3.5))
     for method in dict.fromkeys(r["method"] for r in rows):
         pts = [r for r in rows if r["method"] == method]
-        ax.scatter([p["mean_memory_bytes"] / report.GIB for p in pts], [p["ppl_after"] for p in pts],
-                   label=str(method))
+        ax.scatter([p["mean_memory_bytes"] / report.GIB for p in pts], [p["ppl_after"] for p in pts], label=str(method))
     ax.set_xlabel("mean training memory (GiB)")
     ax.set_ylabel("held-out perplexity after")
     ax.legend(fontsize=7)
@@ -136,8 +150,9 @@ def draw_losses(plt, rows: Sequence[dict[str, Any]]):
     return fig
 
 
-def write_figures(loaded: report.LoadResult, out_dir: Path,
-                  diverged_ppl: float = report.DEFAULT_DIVERGED_PPL) -> list[Path]:
+def write_figures(
+    loaded: report.LoadResult, out_dir: Path, diverged_ppl: float = report.DEFAULT_DIVERGED_PPL
+) -> list[Path]:
     """Write <name>.csv, <name>.png and <name>.pdf for every figure that has data; returns the paths written."""
     plt = _pyplot()
     out_dir.mkdir(parents=True, exist_ok=True)

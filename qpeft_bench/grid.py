@@ -40,7 +40,7 @@ def compose_points(conf_dir: str, points: list[list[str]]):
         for point in points:
             try:
                 yield point, compose(CONFIG_NAME, overrides=point)
-            except Exception as err:  # noqa: BLE001 - reported per point; the other points still plan
+            except Exception as err:
                 yield point, err
 
 
@@ -132,8 +132,10 @@ def totals(rows: list[dict[str, str]], failed: int, seconds: float) -> str:
     peaks = [float(r["est. peak GiB"]) for r in rows if r.get("est. peak GiB")]
     text = f"{len(rows)} runs planned"
     if peaks:
-        text += (f"; estimated training time {duration(seconds)} on one H100-class GPU (qpeft_bench/estimate.py); "
-                 f"largest estimated peak {max(peaks):.2f} GiB")
+        text += (
+            f"; estimated training time {duration(seconds)} on one H100-class GPU (qpeft_bench/estimate.py); "
+            f"largest estimated peak {max(peaks):.2f} GiB"
+        )
     if failed:
         text += f"; {failed} grid point(s) FAILED to plan (errors above)"
     return text

@@ -77,8 +77,10 @@ def apply_variant(variant: list[str], by_layer: dict[str, dict], defaults: dict)
     for edit in variant:
         found = _EDIT.fullmatch(str(edit).strip())
         if found is None:
-            raise ConfigError(f"peft.variant: {edit!r} is not <group>.<knob>/<n>, <group>.<knob>*<n> or "
-                              "<group>.<knob>:<value> (e.g. mlp.r/2, attn.balance:4)")
+            raise ConfigError(
+                f"peft.variant: {edit!r} is not <group>.<knob>/<n>, <group>.<knob>*<n> or "
+                "<group>.<knob>:<value> (e.g. mlp.r/2, attn.balance:4)"
+            )
         group, knob, op, text = found["group"], found["knob"], found["op"], found["value"]
         if knob not in defaults:
             raise ConfigError(f"peft.variant: {edit!r}: the method has no knob {knob!r}")
@@ -95,8 +97,10 @@ def apply_variant(variant: list[str], by_layer: dict[str, dict], defaults: dict)
             value = base * value
         current = out.setdefault(group, {}).get(knob)
         if current is not None and current != value:
-            raise ConfigError(f"peft.variant: {edit!r} sets {group}.{knob}={value}, but peft.by_layer.{group}.{knob}"
-                              f"={current} already; set it in one place")
+            raise ConfigError(
+                f"peft.variant: {edit!r} sets {group}.{knob}={value}, but peft.by_layer.{group}.{knob}"
+                f"={current} already; set it in one place"
+            )
         out[group][knob] = value
     return out
 
@@ -110,8 +114,9 @@ def variant_label(variant: list[str] | None) -> str:
     return " ".join(variant) if variant else "uniform"
 
 
-def per_module_configs(cfg, modules: list[str], num_blocks: int, by_layer: dict, user_groups: dict,
-                       tunable: tuple[str, ...], method: str) -> dict:
+def per_module_configs(
+    cfg, modules: list[str], num_blocks: int, by_layer: dict, user_groups: dict, tunable: tuple[str, ...], method: str
+) -> dict:
     """{module: the method's Config with that module's overrides}, checked; {} when nothing is overridden.
 
     `by_layer` is {group: {knob: value or None}}; None means "not set" (the YAML lists every tunable knob so that
@@ -128,13 +133,16 @@ def per_module_configs(cfg, modules: list[str], num_blocks: int, by_layer: dict,
     set_knobs = {}
     for group, knobs in (by_layer or {}).items():
         if group not in BUILTIN and group not in user_groups:
-            raise ConfigError(f"peft.by_layer.{group}: unknown layer group; groups: "
-                              f"{', '.join([*BUILTIN, *user_groups])}")
+            raise ConfigError(
+                f"peft.by_layer.{group}: unknown layer group; groups: {', '.join([*BUILTIN, *user_groups])}"
+            )
         knobs = {k: v for k, v in (knobs or {}).items() if v is not None}
         bad = sorted(set(knobs) - set(tunable))
         if bad:
-            raise ConfigError(f"peft.by_layer.{group}: {', '.join(bad)} cannot be set per layer group for "
-                              f"peft.method={method}; per-group knobs: {', '.join(tunable) or 'none'}")
+            raise ConfigError(
+                f"peft.by_layer.{group}: {', '.join(bad)} cannot be set per layer group for "
+                f"peft.method={method}; per-group knobs: {', '.join(tunable) or 'none'}"
+            )
         if knobs:
             set_knobs[group] = knobs
     if not set_knobs:
@@ -142,8 +150,7 @@ def per_module_configs(cfg, modules: list[str], num_blocks: int, by_layer: dict,
     overrides = resolve(modules, num_blocks, set_knobs, user_groups)
     # strict types and the method's own checks, per module
     base = dataclasses.asdict(cfg)
-    return {name: from_dict(type(cfg), {**base, **overrides.get(name, {})}, f"peft (for {name})")
-            for name in modules}
+    return {name: from_dict(type(cfg), {**base, **overrides.get(name, {})}, f"peft (for {name})") for name in modules}
 
 
 def knob_summary(per_module: dict, tunable: tuple[str, ...]) -> dict[str, dict]:

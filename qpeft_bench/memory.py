@@ -25,7 +25,7 @@ def _nvml_used(device: str) -> int | None:
         index = torch.device(device).index
         handle = pynvml.nvmlDeviceGetHandleByIndex(torch.cuda.current_device() if index is None else index)
         return int(pynvml.nvmlDeviceGetMemoryInfo(handle).used)
-    except Exception:  # noqa: BLE001 - no NVML (CPU-only machine, no library): the allocator figures stand alone
+    except Exception:
         return None
 
 

@@ -95,8 +95,9 @@ class TensorSource:
             with safe_open(root / "model.safetensors", framework="pt") as f:
                 self.files = dict.fromkeys(f.keys(), root / "model.safetensors")
         else:
-            raise FileNotFoundError(f"{path}: no model.safetensors(.index.json); a layer-by-layer load reads "
-                                    "safetensors checkpoints only")
+            raise FileNotFoundError(
+                f"{path}: no model.safetensors(.index.json); a layer-by-layer load reads safetensors checkpoints only"
+            )
 
     def get(self, name: str, shape: torch.Size, device: str) -> torch.Tensor:
         if not self.files:

@@ -59,14 +59,16 @@ def run(config: dict, run_dir: Path, progress: bool = True, summary: bool = True
         device, world = None, distributed.SINGLE
         if spec.mode == "train":
             if spec.train.distributed == "fsdp" and not spec.model.path:
-                raise ConfigError("train.distributed=fsdp loads the base layer by layer from a local safetensors "
-                                  "checkpoint: set model.path to its directory")
+                raise ConfigError(
+                    "train.distributed=fsdp loads the base layer by layer from a local safetensors "
+                    "checkpoint: set model.path to its directory"
+                )
             data.check_source(spec.data.format, spec.data.path, spec.data.hub_id)
             tokenizer_source = spec.model.path or spec.model.hub_id  # a tokenizer is cheap; the model is not
             data.check_tokenizer(models.load_tokenizer(tokenizer_source), tokenizer_source)
             device = models.resolve_device(spec.train.device)
             world, device = distributed.setup(spec.train.distributed, device, spec.train.gpus)
-    except Exception as err:  # noqa: BLE001 - any bad input: one line, and nothing written
+    except Exception as err:
         detail = str(err) if isinstance(err, (ConfigError, FileNotFoundError, ValueError)) else repr(err)
         # a ConfigError may list several problems (e.g. every missing benchmark file), each on its own line
         first = detail if isinstance(err, ConfigError) else (detail.splitlines()[0] if detail else "")
@@ -85,8 +87,12 @@ def run(config: dict, run_dir: Path, progress: bool = True, summary: bool = True
         existing = results.read_record(run_dir)
         if existing is not None and not spec.overwrite:
             if existing.get("run_id") != rid and existing.get("status") in KEEP:
-                log.error("%s holds the %s run %s of another config; choose another hydra.run.dir or set "
-                          "overwrite=true", run_dir, existing.get("status"), existing.get("run_id"))
+                log.error(
+                    "%s holds the %s run %s of another config; choose another hydra.run.dir or set overwrite=true",
+                    run_dir,
+                    existing.get("status"),
+                    existing.get("run_id"),
+                )
                 return "failed"
             if existing.get("run_id") == rid and existing.get("status") in DONE:
                 log.info("skip: run %s already completed (%s); overwrite=true redoes it", rid, run_dir / results.RECORD)
@@ -94,8 +100,9 @@ def run(config: dict, run_dir: Path, progress: bool = True, summary: bool = True
 
         record = results.new_record(rid, config, "running", results.run_meta(device))
         if spec.peft_per_module:  # the knobs each module really gets from peft.by_layer
-            record["peft_layers"] = layers.knob_summary(spec.peft_per_module,
-                                                        adapters.get(spec.peft_method).PER_LAYER_KNOBS)
+            record["peft_layers"] = layers.knob_summary(
+                spec.peft_per_module, adapters.get(spec.peft_method).PER_LAYER_KNOBS
+            )
         path = run_dir / results.RECORD
         # one writer: with several processes, process 0 keeps the record, the adapters and the evaluation
         write = (lambda: results.atomic_write_json(path, record)) if world.main else (lambda: None)
@@ -115,12 +122,18 @@ def run(config: dict, run_dir: Path, progress: bool = True, summary: bool = True
             log.error("%s", err)
         except torch.OutOfMemoryError as err:
             record["status"] = "oom"
-            record["error"] = {"type": type(err).__name__, "message": str(err).splitlines()[0],
-                               **results.memory_at_failure(device)}
+            record["error"] = {
+                "type": type(err).__name__,
+                "message": str(err).splitlines()[0],
+                **results.memory_at_failure(device),
+            }
             held = record["error"].get("memory_allocated_bytes", record["error"].get("rss_bytes"))
-            log.error("out of memory (%s GiB held): %s", "?" if held is None else f"{held / 2**30:.2f}",
-                      record["error"]["message"])
-        except Exception as err:  # noqa: BLE001 - every failure must end in a record, then the sweep goes on
+            log.error(
+                "out of memory (%s GiB held): %s",
+                "?" if held is None else f"{held / 2**30:.2f}",
+                record["error"]["message"],
+            )
+        except Exception as err:
             record["status"] = "failed"
             record["error"] = {"type": type(err).__name__, "message": str(err)}
             log.exception("run %s failed", rid)
@@ -134,8 +147,13 @@ def run(config: dict, run_dir: Path, progress: bool = True, summary: bool = True
             torch.cuda.empty_cache()
         if config.get("logger") == "wandb" and world.main and spec.mode != "plan":
             w = config.get("wandb") or {}
-            record["wandb_dir"] = tracking.log_record(record, path, project=w.get("project", "qpeft-bench"),
-                                                      mode=w.get("mode", "offline"), directory=w.get("dir"))
+            record["wandb_dir"] = tracking.log_record(
+                record,
+                path,
+                project=w.get("project", "qpeft-bench"),
+                mode=w.get("mode", "offline"),
+                directory=w.get("dir"),
+            )
             write()
         if summary and world.main:
             log.info("\n%s", summary_table(record, path))
@@ -161,9 +179,11 @@ def trained_config(config: dict) -> tuple[Path, dict, dict]:
     if record is None:
         raise ConfigError(f"run_dir={str(run_dir)!r} holds no readable {results.RECORD}")
     if record.get("status") != "completed" or not record.get("adapter"):
-        raise ConfigError(f"run_dir={str(run_dir)!r}: status {record.get('status')!r}"
-                          f"{'' if record.get('adapter') else ', no saved adapter'}; only a completed run with a "
-                          "saved adapter (train.save_adapter=true) can be re-evaluated")
+        raise ConfigError(
+            f"run_dir={str(run_dir)!r}: status {record.get('status')!r}"
+            f"{'' if record.get('adapter') else ', no saved adapter'}; only a completed run with a "
+            "saved adapter (train.save_adapter=true) can be re-evaluated"
+        )
     adapter = run_dir / record["adapter"]["path"]
     if not adapter.is_dir():
         raise ConfigError(f"{adapter} (the run's saved adapter) is missing")
@@ -183,8 +203,12 @@ def reevaluate(config: dict, progress: bool, summary: bool) -> str:
     lock = results.RunLock(run_dir)
     holder = lock.acquire()
     if holder is not None:
-        log.error("run_dir=%s is in use by another process (pid %s), training or re-evaluating it; run this again "
-                  "when it has finished", run_dir, holder or "unknown")
+        log.error(
+            "run_dir=%s is in use by another process (pid %s), training or re-evaluating it; run this again "
+            "when it has finished",
+            run_dir,
+            holder or "unknown",
+        )
         return "failed"
     try:
         return _reevaluate(config, progress, summary)  # reads the record again, under the lock, then writes it
@@ -198,7 +222,7 @@ def _reevaluate(config: dict, progress: bool, summary: bool) -> str:
         spec = validate(trained)
         data.check_source(spec.data.format, spec.data.path, spec.data.hub_id)
         device = models.resolve_device(spec.train.device)
-    except Exception as err:  # noqa: BLE001 - bad input: one line, and the record untouched
+    except Exception as err:
         log.error("config error: %s", err)
         return "failed"
     scratch = {"eval": {}}  # base loading writes data/quant/accounting: keep the trained run's own
@@ -209,8 +233,9 @@ def _reevaluate(config: dict, progress: bool, summary: bool) -> str:
     per_module = {"per_module": spec.peft_per_module} if spec.peft_per_module else {}
     if spec.eval.before_finetune:
         cache = base_eval_cache(spec, base.compute_dtype, device) if spec.eval.cache_base else None
-        run_eval(spec, base.tokenizer, base.val_set, device, base.torch_dtype, progress, scratch, base.model,
-                 "before", cache)
+        run_eval(
+            spec, base.tokenizer, base.val_set, device, base.torch_dtype, progress, scratch, base.model, "before", cache
+        )
     model = amod.load(base.model, targets, spec.peft, path, **per_module)
     # the norms as the trained run evaluated them (fp32 under train.upcast_norms_fp32): the same numbers again
     prepare_for_training(model, upcast_norms_fp32=spec.train.upcast_norms_fp32, gradient_checkpointing=False)
@@ -224,8 +249,9 @@ def _reevaluate(config: dict, progress: bool, summary: bool) -> str:
             ev.setdefault(key, {}).update(value)
         else:
             ev[key] = value
-    ev.setdefault("reevaluations", []).append({"time": results.now(), "tasks": spec.eval.tasks, "device": device,
-                                               "eval": config["eval"]})
+    ev.setdefault("reevaluations", []).append(
+        {"time": results.now(), "tasks": spec.eval.tasks, "device": device, "eval": config["eval"]}
+    )
     results.atomic_write_json(run_dir / results.RECORD, record)
     if summary:
         log.info("\n%s", summary_table(record, run_dir / results.RECORD))
@@ -241,10 +267,21 @@ def _reevaluate(config: dict, progress: bool, summary: bool) -> str:
 def plan_accounting(spec: RunSpec) -> dict:
     """Storage accounting of the run from its architecture card (cached per process on everything it depends on,
     so the seeds and training settings of a sweep's grid cost one meta-model build between them)."""
-    key = json.dumps([spec.model.arch_dict(), spec.model.dtype, spec.model.linear_names, spec.quant_name,
-                      dataclasses.asdict(spec.quant), spec.peft_method, dataclasses.asdict(spec.peft),
-                      spec.peft_targets, {n: dataclasses.asdict(c) for n, c in spec.peft_per_module.items()}],
-                     sort_keys=True, default=str)
+    key = json.dumps(
+        [
+            spec.model.arch_dict(),
+            spec.model.dtype,
+            spec.model.linear_names,
+            spec.quant_name,
+            dataclasses.asdict(spec.quant),
+            spec.peft_method,
+            dataclasses.asdict(spec.peft),
+            spec.peft_targets,
+            {n: dataclasses.asdict(c) for n, c in spec.peft_per_module.items()},
+        ],
+        sort_keys=True,
+        default=str,
+    )
     if key not in _PLANNED:
         _PLANNED[key] = _plan_accounting(spec)
     return dict(_PLANNED[key])
@@ -274,24 +311,46 @@ def plan_estimate(spec: RunSpec, acc: dict) -> dict:
     compute = spec.model.dtype if t.compute_dtype == "auto" else t.compute_dtype
     try:
         mem = estimate.train_memory(
-            arch, batch_size=t.batch_size, seq_len=seq, gradient_checkpointing=t.gradient_checkpointing,
-            upcast_norms_fp32=t.upcast_norms_fp32, compute_dtype=compute, model_dtype=spec.model.dtype,
-            adapter_dtype=getattr(spec.peft, "adapter_dtype", "float32"), trainable_params=acc["trainable_params"],
-            quantized_bytes=acc["quantized_model_bytes"], adapter_rank=getattr(spec.peft, "r", 0),
-            adapter_dropout=getattr(spec.peft, "dropout", 0.0), adapter_targets=spec.peft_targets,
-            optimizer=t.optimizer, dequantizes=spec.quant_name != "none",
-            output_follows_input_dtype=getattr(quant.get(spec.quant_name), "OUTPUT_FOLLOWS_INPUT_DTYPE", False))
+            arch,
+            batch_size=t.batch_size,
+            seq_len=seq,
+            gradient_checkpointing=t.gradient_checkpointing,
+            upcast_norms_fp32=t.upcast_norms_fp32,
+            compute_dtype=compute,
+            model_dtype=spec.model.dtype,
+            adapter_dtype=getattr(spec.peft, "adapter_dtype", "float32"),
+            trainable_params=acc["trainable_params"],
+            quantized_bytes=acc["quantized_model_bytes"],
+            adapter_rank=getattr(spec.peft, "r", 0),
+            adapter_dropout=getattr(spec.peft, "dropout", 0.0),
+            adapter_targets=spec.peft_targets,
+            optimizer=t.optimizer,
+            dequantizes=spec.quant_name != "none",
+            output_follows_input_dtype=getattr(quant.get(spec.quant_name), "OUTPUT_FOLLOWS_INPUT_DTYPE", False),
+        )
         mem = estimate.per_gpu(mem, t.distributed, t.gpus, arch.get("num_hidden_layers", 1))
-        flops = estimate.step_flops(arch, batch_size=t.batch_size, seq_len=seq, grad_accum=t.grad_accum,
-                                    gradient_checkpointing=t.gradient_checkpointing,
-                                    trainable_params=acc["trainable_params"])
+        flops = estimate.step_flops(
+            arch,
+            batch_size=t.batch_size,
+            seq_len=seq,
+            grad_accum=t.grad_accum,
+            gradient_checkpointing=t.gradient_checkpointing,
+            trainable_params=acc["trainable_params"],
+        )
     except ConfigError as err:  # an architecture family the estimator does not model: accounting still stands
         return {"unavailable": str(err)}
     step_s = estimate.step_seconds(flops)
-    return {"peak_memory_bytes": mem["peak_bytes"], "allocated_peak_bytes": mem["allocated_peak_bytes"],
-            "step_flops": flops, "s_per_step": step_s, "run_seconds": estimate.run_seconds(t.max_steps, step_s),
-            "seq_len": seq, "gpus": t.gpus, "distributed": t.distributed,
-            "basis": "per H100-class GPU, reference-stack efficiency (qpeft_bench/estimate.py)"}
+    return {
+        "peak_memory_bytes": mem["peak_bytes"],
+        "allocated_peak_bytes": mem["allocated_peak_bytes"],
+        "step_flops": flops,
+        "s_per_step": step_s,
+        "run_seconds": estimate.run_seconds(t.max_steps, step_s),
+        "seq_len": seq,
+        "gpus": t.gpus,
+        "distributed": t.distributed,
+        "basis": "per H100-class GPU, reference-stack efficiency (qpeft_bench/estimate.py)",
+    }
 
 
 def with_adapters(acc: dict, model, targets: list[str], amod, spec: RunSpec):
@@ -342,22 +401,34 @@ def budgeted(spec: RunSpec, device: str) -> tuple[RunSpec, dict | None]:
     settings, estimated = speed.choose(budget, peak)
     # the chunked loss where it applies (not under FSDP, recipe.fine_tune); the estimate models the whole one anyway
     settings = {**settings, "chunked_loss": 0 if t.distributed == "fsdp" else t.chunked_loss or speed.BUDGET_CHUNK}
-    log.info("train.memory_budget=%s (%.1f GiB): %s, estimated peak %.1f GiB", t.memory_budget,
-             budget / speed.GIB, settings, estimated / speed.GIB)
-    choice = {"budget": t.memory_budget, "budget_bytes": budget, "estimated_peak_bytes": estimated,
-              "chosen": settings}
+    log.info(
+        "train.memory_budget=%s (%.1f GiB): %s, estimated peak %.1f GiB",
+        t.memory_budget,
+        budget / speed.GIB,
+        settings,
+        estimated / speed.GIB,
+    )
+    choice = {"budget": t.memory_budget, "budget_bytes": budget, "estimated_peak_bytes": estimated, "chosen": settings}
     return dataclasses.replace(spec, train=dataclasses.replace(t, **settings)), choice
 
 
-def fine_tune(spec: RunSpec, device: str, record: dict, save, progress: bool, adapter_dir: Path,
-              world: distributed.World = distributed.SINGLE) -> None:
+def fine_tune(
+    spec: RunSpec,
+    device: str,
+    record: dict,
+    save,
+    progress: bool,
+    adapter_dir: Path,
+    world: distributed.World = distributed.SINGLE,
+) -> None:
     t_enter = time.perf_counter()
     spec, budget = budgeted(spec, device)
     d, t = spec.data, spec.train
     torch.manual_seed(spec.seed)
     # under FSDP only process 0 rebuilds the base after training: the others keep no CPU copy of it
     tokenizer, train_set, val_set, model, targets, compute_dtype, torch_dtype = load_base(
-        spec, device, record, save, progress, keep=world.main or t.distributed != "fsdp")
+        spec, device, record, save, progress, keep=world.main or t.distributed != "fsdp"
+    )
     acc = record["accounting"]
 
     # 4. The quantized base before fine-tuning (the "no fine-tuning" row of the tables), cached across a sweep.
@@ -375,31 +446,50 @@ def fine_tune(spec: RunSpec, device: str, record: dict, save, progress: bool, ad
     if getattr(peft_model, "qpeft_loftq", None) is not None:  # LoftQ: cache hit or miss, its own time
         record["adapter_init"] = {"loftq": peft_model.qpeft_loftq}
     save()
-    prepare_for_training(peft_model, upcast_norms_fp32=t.upcast_norms_fp32,
-                         gradient_checkpointing=t.gradient_checkpointing)
+    prepare_for_training(
+        peft_model, upcast_norms_fp32=t.upcast_norms_fp32, gradient_checkpointing=t.gradient_checkpointing
+    )
     sharded = t.distributed == "fsdp"
     # the chunked loss reads lm_head's weight in backward, after FSDP has freed the gathered copy
     chunk = 0 if sharded else t.chunked_loss
     if chunk != t.chunked_loss:
-        log.info("train.chunked_loss=%d does not apply under train.distributed=fsdp: the loss is computed whole",
-                 t.chunked_loss)
-    switches = speed.setup(peft_model, method=spec.peft_method, quant_name=spec.quant_name, device=device,
-                           fused_lora=t.fused_lora, compile=t.compile, sharded=sharded)
+        log.info(
+            "train.chunked_loss=%d does not apply under train.distributed=fsdp: the loss is computed whole",
+            t.chunked_loss,
+        )
+    switches = speed.setup(
+        peft_model,
+        method=spec.peft_method,
+        quant_name=spec.quant_name,
+        device=device,
+        fused_lora=t.fused_lora,
+        compile=t.compile,
+        sharded=sharded,
+    )
 
     # 6. Fine-tune (data parallel or sharded under torchrun: distributed.py).
     trained = distributed.wrap(peft_model, world, device, t.distributed, models.DTYPE[spec.model.dtype])
     params = accounting.trainable_parameters(trained)  # FSDP's flat shards, not the modules' own tensors
     optimizer, opt_name = make_optimizer(params, t.optimizer, t.lr, t.weight_decay, device)
     scheduler = make_scheduler(optimizer, t.lr_scheduler, t.warmup_steps, t.max_steps)
-    record["train"] = {"optimizer": opt_name, "compute_dtype": compute_dtype, "device": device,
-                       "gradient_checkpointing": t.gradient_checkpointing, "upcast_norms_fp32": t.upcast_norms_fp32,
-                       "speed": {**switches, "chunked_loss": chunk, "memory_budget": budget}}
+    record["train"] = {
+        "optimizer": opt_name,
+        "compute_dtype": compute_dtype,
+        "device": device,
+        "gradient_checkpointing": t.gradient_checkpointing,
+        "upcast_norms_fp32": t.upcast_norms_fp32,
+        "speed": {**switches, "chunked_loss": chunk, "memory_budget": budget},
+    }
     if world.active:
-        record["train"]["distributed"] = {"kind": t.distributed, "world_size": world.size,
-                                          "global_batch": t.batch_size * t.grad_accum * world.size}
+        record["train"]["distributed"] = {
+            "kind": t.distributed,
+            "world_size": world.size,
+            "global_batch": t.batch_size * t.grad_accum * world.size,
+        }
     # Preemption: resume from this run's last checkpoint, if a killed attempt left one (checkpoint.py).
-    ckpt = checkpoint.Checkpointer(adapter_dir.parent / CHECKPOINT_DIR, record["run_id"], t.checkpoint_every,
-                                   write=world.main)
+    ckpt = checkpoint.Checkpointer(
+        adapter_dir.parent / CHECKPOINT_DIR, record["run_id"], t.checkpoint_every, write=world.main
+    )
     state = ckpt.latest()
     start, done = 0, []
     if state is not None:
@@ -407,16 +497,37 @@ def fine_tune(spec: RunSpec, device: str, record: dict, save, progress: bool, ad
         start, done = state["step"], state["losses"]
         record["train"]["resumed_from_step"] = start
         log.info("resuming run %s from its checkpoint at step %d", record["run_id"], start)
-    stream = _batch_stream(train_set, t.batch_size, tokenizer.pad_token_id, spec.seed, d.group_by_length,
-                           skip=start * t.grad_accum * world.size)
+    stream = _batch_stream(
+        train_set,
+        t.batch_size,
+        tokenizer.pad_token_id,
+        spec.seed,
+        d.group_by_length,
+        skip=start * t.grad_accum * world.size,
+    )
     on_step = functools.partial(ckpt.maybe_save, model=peft_model, optimizer=optimizer, scheduler=scheduler)
     with speed.loss_context(peft_model, chunk):
-        record["train"].update(train(trained, stream, optimizer, scheduler, max_steps=t.max_steps,
-                                     grad_accum=t.grad_accum, max_grad_norm=t.max_grad_norm, device=device,
-                                     compute_dtype=torch_dtype,
-                                     measure_after=t.measure_after, diverge_loss=t.diverge_loss,
-                                     log_every=t.log_every, progress=progress, world=world,
-                                     start_step=start, losses=done, on_step=on_step))
+        record["train"].update(
+            train(
+                trained,
+                stream,
+                optimizer,
+                scheduler,
+                max_steps=t.max_steps,
+                grad_accum=t.grad_accum,
+                max_grad_norm=t.max_grad_norm,
+                device=device,
+                compute_dtype=torch_dtype,
+                measure_after=t.measure_after,
+                diverge_loss=t.diverge_loss,
+                log_every=t.log_every,
+                progress=progress,
+                world=world,
+                start_step=start,
+                losses=done,
+                on_step=on_step,
+            )
+        )
     save()
 
     speed.teardown(peft_model)
@@ -457,7 +568,9 @@ def unsharded(spec: RunSpec, device: str, state: dict[str, torch.Tensor], progre
     mine = {n: p for n, p in model.named_parameters() if p.requires_grad}
     if set(mine) != set(state):
         missing, extra = sorted(set(mine) - set(state)), sorted(set(state) - set(mine))
-        raise RuntimeError(f"gathered adapters do not match the rebuilt model: missing {missing[:3]}, extra {extra[:3]}")
+        raise RuntimeError(
+            f"gathered adapters do not match the rebuilt model: missing {missing[:3]}, extra {extra[:3]}"
+        )
     with torch.no_grad():
         for name, param in mine.items():
             param.copy_(state[name])
@@ -481,17 +594,29 @@ def load_base(spec: RunSpec, device: str, record: dict, save, progress: bool, ke
 
     # 1. Data: fixed 80/20 split; loss on responses only unless train_on_source.
     tokenizer = models.load_tokenizer(spec.model.path or spec.model.hub_id)
-    examples = data.load_examples(d.format, path=d.path, hub_id=d.hub_id, variant=d.variant,
-                                  max_examples=d.max_examples)
+    examples = data.load_examples(
+        d.format, path=d.path, hub_id=d.hub_id, variant=d.variant, max_examples=d.max_examples
+    )
     train_ex, val_ex = data.split_train_val(examples, d.val_fraction, d.split_seed)
-    tok = functools.partial(data.tokenize_examples, tokenizer=tokenizer, max_source_len=d.max_source_len,
-                            max_target_len=d.max_target_len, train_on_source=d.train_on_source)
+    tok = functools.partial(
+        data.tokenize_examples,
+        tokenizer=tokenizer,
+        max_source_len=d.max_source_len,
+        max_target_len=d.max_target_len,
+        train_on_source=d.train_on_source,
+    )
     train_set, val_set = tok(train_ex), tok(val_ex)
     if not train_set or not val_set:
-        raise ValueError(f"data {source!r}: {len(train_set)} train / {len(val_set)} validation examples after "
-                         "tokenization; need at least one of each")
-    record["data"] = {"source": source, "examples": len(examples), "train_examples": len(train_set),
-                      "val_examples": len(val_set)}
+        raise ValueError(
+            f"data {source!r}: {len(train_set)} train / {len(val_set)} validation examples after "
+            "tokenization; need at least one of each"
+        )
+    record["data"] = {
+        "source": source,
+        "examples": len(examples),
+        "train_examples": len(train_set),
+        "val_examples": len(val_set),
+    }
     log.info("data: %d examples -> %d train / %d validation", len(examples), len(train_set), len(val_set))
 
     # 2. Load the base in its dtype and count it before quantization changes the tensors.
@@ -506,8 +631,15 @@ def load_base(spec: RunSpec, device: str, record: dict, save, progress: bool, ke
         record["accounting"] = acc
         log.info("quantized base reused from this process' cache in %.2f s", record["quant"]["reused"]["seconds"])
         save()
-        return Base(tokenizer, train_set, val_set, model, list(models.find_linears(model, spec.model.linear_names)),
-                    compute_dtype, torch_dtype)
+        return Base(
+            tokenizer,
+            train_set,
+            val_set,
+            model,
+            list(models.find_linears(model, spec.model.linear_names)),
+            compute_dtype,
+            torch_dtype,
+        )
     layerwise = t.distributed == "fsdp"  # every process builds its own base: one layer in full precision at a time
     if layerwise:
         model = models.empty_model(spec.model.arch_dict(), spec.model.dtype)
@@ -522,20 +654,39 @@ def load_base(spec: RunSpec, device: str, record: dict, save, progress: bool, ke
     # 3. Quantize the target linears in place, measuring each layer's weight and output error on the probe (not
     # when loading layer by layer: the probe's inputs need the whole model in full precision).
     windows = None if layerwise else calibration_windows(spec.calib, tokenizer, train_ex)
-    probe = None if windows is None else windows[:spec.calib.probe_samples]
+    probe = None if windows is None else windows[: spec.calib.probe_samples]
     fill = models.layerwise(model, targets, source, device) if layerwise else None
-    record["quant"] = quant.quantize_model(spec.quant_name, model, targets, spec.quant, compute_dtype, device,
-                                           windows=windows, probe=probe, progress=progress, fill=fill)
+    record["quant"] = quant.quantize_model(
+        spec.quant_name,
+        model,
+        targets,
+        spec.quant,
+        compute_dtype,
+        device,
+        windows=windows,
+        probe=probe,
+        progress=progress,
+        fill=fill,
+    )
     record["quant"]["layerwise_load"] = layerwise
     if windows is not None:
-        record["quant"]["calibration"] = {"source": spec.calib.source, "windows": windows.shape[0],
-                                          "seq_len": windows.shape[1], "tokens": windows.numel()}
+        record["quant"]["calibration"] = {
+            "source": spec.calib.source,
+            "windows": windows.shape[0],
+            "seq_len": windows.shape[1],
+            "tokens": windows.numel(),
+        }
     acc.update(accounting.measured_quantized_sizes(model, targets, quant.get(spec.quant_name).state_bytes))
     record["accounting"] = acc
     q = record["quant"]
-    log.info("quantized %d layers in %.2f s (+%.2f s calibration): weight error %.4f, output error %s",
-             len(targets), q["quantize_time_s"], q["calibration_time_s"], q["weight_rel_error"],
-             "-" if q["output_rel_error"] is None else f"{q['output_rel_error']:.4f}")
+    log.info(
+        "quantized %d layers in %.2f s (+%.2f s calibration): weight error %.4f, output error %s",
+        len(targets),
+        q["quantize_time_s"],
+        q["calibration_time_s"],
+        q["weight_rel_error"],
+        "-" if q["output_rel_error"] is None else f"{q['output_rel_error']:.4f}",
+    )
     save()
     if key is not None and keep:
         _BASE_CACHE.clear()  # one base at a time: a sweep ordered by (model, quantizer) reuses each while it lasts
@@ -558,22 +709,57 @@ def _base_key(spec: RunSpec, compute_dtype: str, device: str) -> str | None:
     calib = dataclasses.asdict(spec.calib)
     uses_data = spec.calib.enabled and spec.calib.source == "finetune"  # windows cut from the training split
     layerwise = spec.train.distributed == "fsdp"  # no probe, so its record says less: not another run's base
-    return json.dumps([spec.model.path or spec.model.hub_id, spec.model.dtype, dataclasses.asdict(spec.model),
-                       spec.quant_name, dataclasses.asdict(spec.quant), calib, compute_dtype, device, layerwise,
-                       dataclasses.asdict(spec.data) if uses_data else None], sort_keys=True, default=str)
+    return json.dumps(
+        [
+            spec.model.path or spec.model.hub_id,
+            spec.model.dtype,
+            dataclasses.asdict(spec.model),
+            spec.quant_name,
+            dataclasses.asdict(spec.quant),
+            calib,
+            compute_dtype,
+            device,
+            layerwise,
+            dataclasses.asdict(spec.data) if uses_data else None,
+        ],
+        sort_keys=True,
+        default=str,
+    )
 
 
-def run_eval(spec: RunSpec, tokenizer, val_set: list[dict], device: str, torch_dtype, progress: bool, record: dict,
-             model, stage: str, cache) -> None:
+def run_eval(
+    spec: RunSpec,
+    tokenizer,
+    val_set: list[dict],
+    device: str,
+    torch_dtype,
+    progress: bool,
+    record: dict,
+    model,
+    stage: str,
+    cache,
+) -> None:
     """Evaluate `model` on the run's eval tasks into record["eval"][stage] (adding to what is there), with each
     task's protocol and time."""
     ev = spec.eval
     out, seconds = evaluation.evaluate(
-        model, tokenizer, ev.tasks, stage=stage, device=device, compute_dtype=torch_dtype, progress=progress,
-        heldout_batches=lambda: _batches(val_set, ev.batch_size, tokenizer.pad_token_id, seed=0, group=False,
-                                         limit=ev.max_batches),
-        wikitext=dataclasses.asdict(ev.wikitext), harness_cfg=dataclasses.asdict(ev.harness),
-        speed_cfg=dataclasses.asdict(ev.speed), data_root=ev.data_root, batch_size=ev.batch_size, cache=cache)
+        model,
+        tokenizer,
+        ev.tasks,
+        stage=stage,
+        device=device,
+        compute_dtype=torch_dtype,
+        progress=progress,
+        heldout_batches=lambda: _batches(
+            val_set, ev.batch_size, tokenizer.pad_token_id, seed=0, group=False, limit=ev.max_batches
+        ),
+        wikitext=dataclasses.asdict(ev.wikitext),
+        harness_cfg=dataclasses.asdict(ev.harness),
+        speed_cfg=dataclasses.asdict(ev.speed),
+        data_root=ev.data_root,
+        batch_size=ev.batch_size,
+        cache=cache,
+    )
     record["eval"].setdefault(stage, {}).update(out)
     record["eval"].setdefault("time_s", {}).setdefault(stage, {}).update(seconds)
     record["eval"].setdefault("protocols", {}).update({t: evaluation.PROTOCOLS[t] for t in out})
@@ -584,15 +770,23 @@ def run_eval(spec: RunSpec, tokenizer, val_set: list[dict], device: str, torch_d
 def base_eval_cache(spec: RunSpec, compute_dtype: str, device: str) -> evaluation.BaseEvalCache:
     """What the quantized base's results depend on: the model, the quantizer and its calibration, the data split
     (held-out set), the compute dtype, the device kind and this code (a content hash of the package)."""
-    identity = {"model": dataclasses.asdict(spec.model), "quant": [spec.quant_name, dataclasses.asdict(spec.quant)],
-                "calib": dataclasses.asdict(spec.calib), "data": dataclasses.asdict(spec.data),
-                "compute_dtype": compute_dtype, "device": device.split(":")[0], "code": results.code_fingerprint()}
+    identity = {
+        "model": dataclasses.asdict(spec.model),
+        "quant": [spec.quant_name, dataclasses.asdict(spec.quant)],
+        "calib": dataclasses.asdict(spec.calib),
+        "data": dataclasses.asdict(spec.data),
+        "compute_dtype": compute_dtype,
+        "device": device.split(":")[0],
+        "code": results.code_fingerprint(),
+    }
     from qpeft_bench.evaluation import harness  # task-set names only: lm-eval loads when a set runs
 
     ev = spec.eval
-    settings = {"ppl_heldout": {"max_batches": ev.max_batches},
-                "ppl_wikitext": {**dataclasses.asdict(ev.wikitext), "data_root": ev.data_root},
-                **{t: {**dataclasses.asdict(ev.harness), "data_root": ev.data_root} for t in harness.TASK_SETS}}
+    settings = {
+        "ppl_heldout": {"max_batches": ev.max_batches},
+        "ppl_wikitext": {**dataclasses.asdict(ev.wikitext), "data_root": ev.data_root},
+        **{t: {**dataclasses.asdict(ev.harness), "data_root": ev.data_root} for t in harness.TASK_SETS},
+    }
     return evaluation.BaseEvalCache(identity, settings)
 
 
@@ -600,8 +794,9 @@ def calibration_windows(calib, tokenizer, train_examples: list[dict]):
     """Calibration token windows (samples, seq_len) from the configured source, or None for calib=none."""
     if not calib.enabled:
         return None
-    texts = (calibration.example_texts(train_examples) if calib.source == "finetune"
-             else calibration.read_text(calib.path))
+    texts = (
+        calibration.example_texts(train_examples) if calib.source == "finetune" else calibration.read_text(calib.path)
+    )
     return calibration.token_windows(tokenizer, texts, calib.samples, calib.seq_len, calib.seed)
 
 
@@ -637,7 +832,9 @@ def summary_line(record: dict, path: Path) -> str:
     meta, tr, ev = record.get("meta", {}), record.get("train", {}), record.get("eval", {})
     parts = [f"{record['status']} {record['run_id']}"]
     try:
-        seconds = (datetime.fromisoformat(meta["end_time"]) - datetime.fromisoformat(meta["start_time"])).total_seconds()
+        seconds = (
+            datetime.fromisoformat(meta["end_time"]) - datetime.fromisoformat(meta["start_time"])
+        ).total_seconds()
         parts[0] += f" in {int(seconds) // 60}m{int(seconds) % 60:02d}s"
     except (KeyError, TypeError, ValueError):
         pass
@@ -669,13 +866,22 @@ def summary_table(record: dict, path: Path) -> str:
 
     rows = [
         ("run", f"{record['run_id']}  status: {record['status']}"),
-        ("model / quant / method", f"{cfg['model']['name']} / {cfg['quant']['name']} / {peft.get('name', peft.get('method'))}"
-                                   + (f" r={peft['r']} alpha={peft['alpha']}" if "r" in peft else "")),
+        (
+            "model / quant / method",
+            f"{cfg['model']['name']} / {cfg['quant']['name']} / {peft.get('name', peft.get('method'))}"
+            + (f" r={peft['r']} alpha={peft['alpha']}" if "r" in peft else ""),
+        ),
         ("trainable params", f"{fmt(acc.get('trainable_params'), ',')} ({fmt(acc.get('trainable_pct'), '.4f')} %)"),
-        ("quantized size (GiB)", f"{fmt(acc.get('quantized_model_bytes'), '.4f', GIB)} stored, "
-                                 f"{fmt(acc.get('param_buffer_bytes'), '.4f', GIB)} params+buffers"),
-        ("PEFT overhead (MiB)", f"{fmt(acc.get('peft_overhead_bytes'), '.3f', MIB)} adapters, "
-                                f"{fmt(acc.get('qlora_recipe_overhead_bytes'), '.3f', MIB)} as qlora.py's set-up"),
+        (
+            "quantized size (GiB)",
+            f"{fmt(acc.get('quantized_model_bytes'), '.4f', GIB)} stored, "
+            f"{fmt(acc.get('param_buffer_bytes'), '.4f', GIB)} params+buffers",
+        ),
+        (
+            "PEFT overhead (MiB)",
+            f"{fmt(acc.get('peft_overhead_bytes'), '.3f', MIB)} adapters, "
+            f"{fmt(acc.get('qlora_recipe_overhead_bytes'), '.3f', MIB)} as qlora.py's set-up",
+        ),
         ("bits per weight", fmt(acc.get("bits_per_weight"), ".3f")),
     ]
     if record.get("peft_layers"):  # per-layer-group knobs: how many modules got which values
@@ -687,30 +893,54 @@ def summary_table(record: dict, path: Path) -> str:
     est = record.get("estimate", {})
     if est.get("peak_memory_bytes") is not None:
         per = f", per GPU of {est['gpus']} ({est['distributed']})" if est.get("gpus", 1) > 1 else ""
-        rows.append(("est. peak GPU memory (GiB)", f"{est['peak_memory_bytes'] / GIB:.2f} (train mode, batch "
-                                                   f"{cfg['train']['batch_size']} x {est['seq_len']} tokens{per})"))
-        rows.append(("est. time on one H100", f"{est['s_per_step']:.3f} s/step, {est['run_seconds'] / 3600:.2f} h "
-                                              f"for {cfg['train']['max_steps']} steps"))
+        rows.append(
+            (
+                "est. peak GPU memory (GiB)",
+                f"{est['peak_memory_bytes'] / GIB:.2f} (train mode, batch "
+                f"{cfg['train']['batch_size']} x {est['seq_len']} tokens{per})",
+            )
+        )
+        rows.append(
+            (
+                "est. time on one H100",
+                f"{est['s_per_step']:.3f} s/step, {est['run_seconds'] / 3600:.2f} h "
+                f"for {cfg['train']['max_steps']} steps",
+            )
+        )
     if q:
-        rows.append(("quant error weight / output", f"{fmt(q.get('weight_rel_error'), '.4f')} / "
-                                                    f"{fmt(q.get('output_rel_error'), '.4f')} (relative, mean over "
-                                                    f"layers), {fmt(q.get('quantize_time_s'), '.2f')} s"))
+        rows.append(
+            (
+                "quant error weight / output",
+                f"{fmt(q.get('weight_rel_error'), '.4f')} / "
+                f"{fmt(q.get('output_rel_error'), '.4f')} (relative, mean over "
+                f"layers), {fmt(q.get('quantize_time_s'), '.2f')} s",
+            )
+        )
     if tr.get("s_per_step") is not None:
         rows += [
             ("s/step, tokens/s", f"{tr['s_per_step']:.3f}, {tr['tokens_per_s']:.0f}"),
             (f"peak memory (GiB, {tr.get('memory_kind')})", fmt(tr.get("peak_memory_bytes"), ".3f", GIB)),
             ("loss first -> last", f"{tr['losses'][0]:.4f} -> {tr['final_loss']:.4f}"),
         ]
-    for task, label, spec_ in (("ppl_heldout", "held-out ppl", ".3f"), ("ppl_wikitext", "WikiText ppl (windows)", ".3f"),
-                               ("mmlu", "MMLU 5-shot acc", ".4f"), ("commonsense", "commonsense 0-shot avg", ".4f"),
-                               ("leaderboard", "leaderboard avg (6 / 4)", ".4f")):
+    for task, label, spec_ in (
+        ("ppl_heldout", "held-out ppl", ".3f"),
+        ("ppl_wikitext", "WikiText ppl (windows)", ".3f"),
+        ("mmlu", "MMLU 5-shot acc", ".4f"),
+        ("commonsense", "commonsense 0-shot avg", ".4f"),
+        ("leaderboard", "leaderboard avg (6 / 4)", ".4f"),
+    ):
         before, after = (evaluation.headline(ev.get(stage, {}).get(task)) for stage in ("before", "after"))
         if before is not None or after is not None:
             rows.append((f"{label} before -> after", f"{fmt(before, spec_)} -> {fmt(after, spec_)}"))
     sp = ev.get("after", {}).get("speed")
     if sp:
-        rows.append(("generation tok/s, fwd / bwd ms", f"{sp['generation']['tokens_per_s']:.1f}, "
-                                                       f"{sp['step']['forward_ms']:.1f} / {sp['step']['backward_ms']:.1f}"))
+        rows.append(
+            (
+                "generation tok/s, fwd / bwd ms",
+                f"{sp['generation']['tokens_per_s']:.1f}, "
+                f"{sp['step']['forward_ms']:.1f} / {sp['step']['backward_ms']:.1f}",
+            )
+        )
     if "error" in record:
         rows.append(("error", f"{record['error']['type']}: {record['error']['message']}"))
     rows.append(("record", str(path)))

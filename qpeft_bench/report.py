@@ -68,9 +68,7 @@ class LoadResult:
 
 def find_record_files(root: Path) -> list[Path]:
     """Every result.json below root, in a stable order (os.walk order depends on the filesystem)."""
-    found = [
-        Path(dirpath) / RECORD_FILENAME for dirpath, _, files in os.walk(root) if RECORD_FILENAME in files
-    ]
+    found = [Path(dirpath) / RECORD_FILENAME for dirpath, _, files in os.walk(root) if RECORD_FILENAME in files]
     return sorted(found)
 
 
@@ -423,7 +421,6 @@ def build_table(spec: TableSpec, loaded: LoadResult) -> Table:
     return Table(spec=spec, rows=rows, notes=notes)
 
 
-
 # --------------------------------------------------------------------------- aggregated tables (thesis layout)
 
 DEFAULT_DIVERGED_PPL = 1000.0
@@ -542,8 +539,9 @@ def _agg_col(key: str, header: str, fmt: Formatter, rule: str) -> Column:
     return Column(key, header, fmt_agg(fmt, show_n=rule != "value"), align="right", agg=True)
 
 
-def build_aggregate(spec: AggSpec, loaded: LoadResult, diverged_ppl: float = DEFAULT_DIVERGED_PPL,
-                    reference: Reference | None = None) -> Table:
+def build_aggregate(
+    spec: AggSpec, loaded: LoadResult, diverged_ppl: float = DEFAULT_DIVERGED_PPL, reference: Reference | None = None
+) -> Table:
     rows = records_to_rows(loaded.records)
     key_names = [col.key for col in spec.keys]
     metric_keys = [col.key for col in spec.metrics]
@@ -575,8 +573,9 @@ def build_aggregate(spec: AggSpec, loaded: LoadResult, diverged_ppl: float = DEF
                 group[key].append(row[key])
     for group_key in diverged:
         cells[group_key]  # a group whose every run diverged still gets its (marked, empty) row
-    groups = sorted((k for k in cells if any(cells[k].values()) or k in diverged),
-                    key=lambda k: tuple(sort_value(v) for v in k))
+    groups = sorted(
+        (k for k in cells if any(cells[k].values()) or k in diverged), key=lambda k: tuple(sort_value(v) for v in k)
+    )
 
     if spec.across is not None:
         across_values.sort(key=lambda v: (v not in spec.across_first, sort_value(v)))
@@ -598,14 +597,20 @@ def build_aggregate(spec: AggSpec, loaded: LoadResult, diverged_ppl: float = DEF
 
     notes = [f"Cells: {RULES[spec.rule]}. Runs: {RUN_SETS[spec.runs]}.", *spec.notes]
     if diverged:
-        listed = "; ".join(f"{' '.join(fmt_text(v) for v in k)}: {', '.join(sorted(ids))}"
-                           for k, ids in sorted(diverged.items(), key=lambda kv: [sort_value(v) for v in kv[0]]))
-        notes.append(f"* diverged (status diverged, or perplexity after > {diverged_ppl:g} and not below before), "
-                     "excluded from the means: "
-                     f"{listed}")
+        listed = "; ".join(
+            f"{' '.join(fmt_text(v) for v in k)}: {', '.join(sorted(ids))}"
+            for k, ids in sorted(diverged.items(), key=lambda kv: [sort_value(v) for v in kv[0]])
+        )
+        notes.append(
+            f"* diverged (status diverged, or perplexity after > {diverged_ppl:g} and not below before), "
+            "excluded from the means: "
+            f"{listed}"
+        )
     if left_out:
-        notes.append("left out, not trained to the end: "
-                     + ", ".join(f"{count} {status}" for status, count in sorted(left_out.items())))
+        notes.append(
+            "left out, not trained to the end: "
+            + ", ".join(f"{count} {status}" for status, count in sorted(left_out.items()))
+        )
     columns = (*spec.keys, *value_cols)
     table_spec = TableSpec(name=spec.name, title=spec.title, columns=columns, csv_extra=())
     table = Table(spec=table_spec, rows=out, notes=[*notes, *unreadable_notes(loaded.unreadable)])
@@ -623,8 +628,13 @@ def layer_group_label(variant: Any, by_layer: Any) -> str:
     ('uniform' when neither is set: the same knobs on every module)."""
     parts = [str(v) for v in variant] if isinstance(variant, list) else []
     if isinstance(by_layer, dict):
-        parts += [f"{group}.{knob}:{value}" for group, knobs in sorted(by_layer.items()) if isinstance(knobs, dict)
-                  for knob, value in sorted(knobs.items()) if value is not None]
+        parts += [
+            f"{group}.{knob}:{value}"
+            for group, knobs in sorted(by_layer.items())
+            if isinstance(knobs, dict)
+            for knob, value in sorted(knobs.items())
+            if value is not None
+        ]
     return " ".join(parts) or "uniform"
 
 
@@ -638,95 +648,202 @@ ALPHA = _num("alpha", "alpha", fmt_count)
 UNITS = "Units: GiB = 2^30 bytes, MiB = 2^20 bytes."
 
 
-def _agg_table(name: str, title: str, keys: tuple[Column, ...], metrics: Sequence[tuple], rule: str, runs: str,
-               across: str | None = None, notes: tuple[str, ...] = (), **kw: Any) -> AggSpec:
+def _agg_table(
+    name: str,
+    title: str,
+    keys: tuple[Column, ...],
+    metrics: Sequence[tuple],
+    rule: str,
+    runs: str,
+    across: str | None = None,
+    notes: tuple[str, ...] = (),
+    **kw: Any,
+) -> AggSpec:
     """metrics: (key, header, formatter[, rule]); a metric's own rule 'value' prints a value that the configuration
     fixes (size, parameter count) once instead of as mean ± 0 (n) in a table that averages others over seeds."""
     cols = tuple(_agg_col(m[0], m[1], m[2], m[3] if len(m) > 3 else rule) for m in metrics)
-    return AggSpec(name=name, title=title, keys=keys, metrics=cols, rule=rule, runs=runs, across=across,
-                   notes=notes, **kw)
+    return AggSpec(
+        name=name, title=title, keys=keys, metrics=cols, rule=rule, runs=runs, across=across, notes=notes, **kw
+    )
 
 
 PER_DATASET = "Rows: method; columns: fine-tuning data set."
-AGGREGATES: dict[str, AggSpec] = {spec.name: spec for spec in (
-    _agg_table("model_size", "Model size before and after quantization (thesis 4.1)", (MODEL, QUANT),
-               [("base_model_bytes", "unquantized (GiB)", fmt_scaled(GIB, 3)),
+AGGREGATES: dict[str, AggSpec] = {
+    spec.name: spec
+    for spec in (
+        _agg_table(
+            "model_size",
+            "Model size before and after quantization (thesis 4.1)",
+            (MODEL, QUANT),
+            [
+                ("base_model_bytes", "unquantized (GiB)", fmt_scaled(GIB, 3)),
                 ("quantized_model_bytes", "stored (GiB)", fmt_scaled(GIB, 3)),
                 ("param_buffer_bytes", "param+buffer (GiB)", fmt_scaled(GIB, 3)),
-                ("bits_per_weight", "bits/weight", fmt_fixed(3))], "value", "any",
-               notes=(f"{UNITS} stored: every tensor of the quantized model including quantization state kept "
-                      "outside parameters (absmax, double-quant state, scales/zeros); param+buffer: parameters and "
-                      "buffers only, what transformers' get_memory_footprint() and the published tables print. "
-                      "bits/weight: stored bytes of the quantized linears x 8 / their elements.",)),
-    _agg_table("trainable_params", "Trainable parameters (thesis 4.3)",
-               (MODEL, METHOD, R, ALPHA, LAYERS),
-               [("trainable_params", "trainable params", fmt_count),
-                ("trainable_pct", "trainable %", fmt_fixed(4))], "value", "any",
-               notes=("trainable % = 100 x trainable / total parameters of the base model.",)),
-    _agg_table("peft_overhead", "PEFT memory overhead (thesis 4.4)", (MODEL, QUANT, METHOD, R, ALPHA, LAYERS),
-               [("adapter_bytes", "adapters (MiB)", fmt_scaled(MIB, 3)),
+                ("bits_per_weight", "bits/weight", fmt_fixed(3)),
+            ],
+            "value",
+            "any",
+            notes=(
+                f"{UNITS} stored: every tensor of the quantized model including quantization state kept "
+                "outside parameters (absmax, double-quant state, scales/zeros); param+buffer: parameters and "
+                "buffers only, what transformers' get_memory_footprint() and the published tables print. "
+                "bits/weight: stored bytes of the quantized linears x 8 / their elements.",
+            ),
+        ),
+        _agg_table(
+            "trainable_params",
+            "Trainable parameters (thesis 4.3)",
+            (MODEL, METHOD, R, ALPHA, LAYERS),
+            [("trainable_params", "trainable params", fmt_count), ("trainable_pct", "trainable %", fmt_fixed(4))],
+            "value",
+            "any",
+            notes=("trainable % = 100 x trainable / total parameters of the base model.",),
+        ),
+        _agg_table(
+            "peft_overhead",
+            "PEFT memory overhead (thesis 4.4)",
+            (MODEL, QUANT, METHOD, R, ALPHA, LAYERS),
+            [
+                ("adapter_bytes", "adapters (MiB)", fmt_scaled(MIB, 3)),
                 ("peft_overhead_bytes", "overhead (MiB)", fmt_scaled(MIB, 3)),
-                ("qlora_recipe_overhead_bytes", "QLoRA-recipe overhead (MiB)", fmt_scaled(MIB, 3))], "value", "any",
-               notes=(f"{UNITS} overhead: footprint with adapters minus without, same stage. QLoRA-recipe overhead: "
-                      "as qlora.py's set-up shows it (norms upcast to fp32, one pad-token row added), which is what "
-                      "the thesis' table measured.",)),
-    _agg_table("perplexity", "Mean evaluation perplexity per method and data set (thesis 4.5)",
-               (MODEL, QUANT, METHOD), [("ppl_after", "held-out ppl after", fmt_fixed(3))], "mean_configs",
-               "quality", across="dataset",
-               notes=(f"{PER_DATASET} held-out perplexity after fine-tuning (lower is better), averaged over the "
-                      "(r, alpha) configurations and seeds of each method.",)),
-    _agg_table("mmlu", "Mean MMLU accuracy per method and data set (thesis 4.8)", (MODEL, QUANT, METHOD),
-               [("mmlu_after", "MMLU after", fmt_fixed(4))], "mean_configs", "quality", across="dataset",
-               notes=(f"{PER_DATASET} MMLU 5-shot after fine-tuning (unweighted mean of the 57 subjects), averaged "
-                      "over the (r, alpha) configurations and seeds of each method.",)),
-    _agg_table("gpu_memory", "Average GPU memory over the measured steps (thesis 4.10)", (MODEL, QUANT, METHOD),
-               [("mean_memory_bytes", "mean memory (GiB)", fmt_scaled(GIB, 3))], "mean_configs", "trained",
-               across="dataset",
-               notes=(f"{PER_DATASET} {UNITS} per run: the mean over the measured steps (after warm-up) of the "
-                      "allocated memory (CUDA) or peak RSS (CPU), see each record's train.memory_kind; then the "
-                      "mean over configurations and seeds.",)),
-    _agg_table("runtime", "Runtime per 500 steps (thesis 4.11)", (MODEL, QUANT, METHOD),
-               [("time_500_steps_s", "s / 500 steps", fmt_fixed(1))], "mean_configs", "trained", across="dataset",
-               notes=(f"{PER_DATASET} seconds for 500 training steps, extrapolated from the measured steps after "
-                      "warm-up (train.time_500_steps_s); then the mean over configurations and seeds.",)),
-    _agg_table("qeft_comparison", "Comparison in the QEFT study's layout",
-               (MODEL, DATA, QUANT, METHOD, R, ALPHA, LAYERS),
-               [("bits_per_weight", "bits", fmt_fixed(2), "value"),
+                ("qlora_recipe_overhead_bytes", "QLoRA-recipe overhead (MiB)", fmt_scaled(MIB, 3)),
+            ],
+            "value",
+            "any",
+            notes=(
+                f"{UNITS} overhead: footprint with adapters minus without, same stage. QLoRA-recipe overhead: "
+                "as qlora.py's set-up shows it (norms upcast to fp32, one pad-token row added), which is what "
+                "the thesis' table measured.",
+            ),
+        ),
+        _agg_table(
+            "perplexity",
+            "Mean evaluation perplexity per method and data set (thesis 4.5)",
+            (MODEL, QUANT, METHOD),
+            [("ppl_after", "held-out ppl after", fmt_fixed(3))],
+            "mean_configs",
+            "quality",
+            across="dataset",
+            notes=(
+                f"{PER_DATASET} held-out perplexity after fine-tuning (lower is better), averaged over the "
+                "(r, alpha) configurations and seeds of each method.",
+            ),
+        ),
+        _agg_table(
+            "mmlu",
+            "Mean MMLU accuracy per method and data set (thesis 4.8)",
+            (MODEL, QUANT, METHOD),
+            [("mmlu_after", "MMLU after", fmt_fixed(4))],
+            "mean_configs",
+            "quality",
+            across="dataset",
+            notes=(
+                f"{PER_DATASET} MMLU 5-shot after fine-tuning (unweighted mean of the 57 subjects), averaged "
+                "over the (r, alpha) configurations and seeds of each method.",
+            ),
+        ),
+        _agg_table(
+            "gpu_memory",
+            "Average GPU memory over the measured steps (thesis 4.10)",
+            (MODEL, QUANT, METHOD),
+            [("mean_memory_bytes", "mean memory (GiB)", fmt_scaled(GIB, 3))],
+            "mean_configs",
+            "trained",
+            across="dataset",
+            notes=(
+                f"{PER_DATASET} {UNITS} per run: the mean over the measured steps (after warm-up) of the "
+                "allocated memory (CUDA) or peak RSS (CPU), see each record's train.memory_kind; then the "
+                "mean over configurations and seeds.",
+            ),
+        ),
+        _agg_table(
+            "runtime",
+            "Runtime per 500 steps (thesis 4.11)",
+            (MODEL, QUANT, METHOD),
+            [("time_500_steps_s", "s / 500 steps", fmt_fixed(1))],
+            "mean_configs",
+            "trained",
+            across="dataset",
+            notes=(
+                f"{PER_DATASET} seconds for 500 training steps, extrapolated from the measured steps after "
+                "warm-up (train.time_500_steps_s); then the mean over configurations and seeds.",
+            ),
+        ),
+        _agg_table(
+            "qeft_comparison",
+            "Comparison in the QEFT study's layout",
+            (MODEL, DATA, QUANT, METHOD, R, ALPHA, LAYERS),
+            [
+                ("bits_per_weight", "bits", fmt_fixed(2), "value"),
                 ("quantized_model_bytes", "base (GiB)", fmt_scaled(GIB, 2), "value"),
                 ("trainable_params", "tunable params", fmt_count, "value"),
                 ("time_500_steps_s", "tuning s/500 steps", fmt_fixed(1)),
                 ("gen_tokens_per_s", "gen tokens/s", fmt_fixed(1)),
                 *((f"lb_{task}_after", task, fmt_fixed(4)) for task in LEADERBOARD_TASKS),
                 ("leaderboard_avg6_after", "avg 6", fmt_fixed(4)),
-                ("leaderboard_avg4_after", "avg 4", fmt_fixed(4))], "mean_seeds", "quality",
-               notes=(f"{UNITS} bits: stored bits per weight of the quantized linears; base: the stored quantized "
-                      "model; gen tokens/s: greedy generation at batch 1 after fine-tuning. Scores: Open LLM "
-                      "Leaderboard v1 tasks and shots after fine-tuning; avg 6 over all six, avg 4 over ARC-c, "
-                      "HellaSwag, MMLU and TruthfulQA.",)),
-    _agg_table("commonsense", "0-shot commonsense accuracy (the key-variable study's tables)",
-               (MODEL, QUANT, METHOD, R, LAYERS),
-               [*((f"cs_{task}_after", task, fmt_fixed(4)) for task in COMMONSENSE_TASKS),
-                ("commonsense_after", "avg", fmt_fixed(4))], "mean_seeds", "quality",
-               notes=("lm-eval 0-shot after fine-tuning: hellaswag and arc_challenge acc_norm, the others acc; avg: "
-                      "their unweighted mean; each cell the mean ± std over seeds.",)),
-    _agg_table("per_configuration", "Results per (r, alpha) configuration (thesis B.2-B.7)",
-               (QUANT, METHOD, R, ALPHA, LAYERS),
-               [("trainable_params", "trainable params", fmt_count, "value"),
+                ("leaderboard_avg4_after", "avg 4", fmt_fixed(4)),
+            ],
+            "mean_seeds",
+            "quality",
+            notes=(
+                f"{UNITS} bits: stored bits per weight of the quantized linears; base: the stored quantized "
+                "model; gen tokens/s: greedy generation at batch 1 after fine-tuning. Scores: Open LLM "
+                "Leaderboard v1 tasks and shots after fine-tuning; avg 6 over all six, avg 4 over ARC-c, "
+                "HellaSwag, MMLU and TruthfulQA.",
+            ),
+        ),
+        _agg_table(
+            "commonsense",
+            "0-shot commonsense accuracy (the key-variable study's tables)",
+            (MODEL, QUANT, METHOD, R, LAYERS),
+            [
+                *((f"cs_{task}_after", task, fmt_fixed(4)) for task in COMMONSENSE_TASKS),
+                ("commonsense_after", "avg", fmt_fixed(4)),
+            ],
+            "mean_seeds",
+            "quality",
+            notes=(
+                "lm-eval 0-shot after fine-tuning: hellaswag and arc_challenge acc_norm, the others acc; avg: "
+                "their unweighted mean; each cell the mean ± std over seeds.",
+            ),
+        ),
+        _agg_table(
+            "per_configuration",
+            "Results per (r, alpha) configuration (thesis B.2-B.7)",
+            (QUANT, METHOD, R, ALPHA, LAYERS),
+            [
+                ("trainable_params", "trainable params", fmt_count, "value"),
                 ("ppl_after", "held-out ppl after", fmt_fixed(3)),
                 ("mmlu_after", "MMLU after", fmt_fixed(4)),
                 ("mean_memory_bytes", "mean memory (GiB)", fmt_scaled(GIB, 3)),
-                ("time_500_steps_s", "s / 500 steps", fmt_fixed(1))], "mean_seeds", "quality",
-               split=("model", "dataset"),
-               notes=(f"{UNITS} One table per model and fine-tuning data set; one row per quantizer, method and "
-                      "(r, alpha) configuration (and layer-group setting). held-out ppl and MMLU 5-shot after "
-                      "fine-tuning; mean memory and time as in the gpu_memory and runtime tables.",)),
-    _agg_table("by_layer_group", "ppl_after by layer group", (MODEL, DATA, QUANT, METHOD, R),
-               [("ppl_after", "ppl_after", fmt_plain(3))], "mean_seeds", "quality", across="layer_group",
-               across_first=("uniform",),
-               notes=("ppl_after: held-out perplexity after fine-tuning (lower is better). Columns: the layer-group "
-                      "setting (peft.variant edits and peft.by_layer values; 'uniform' = the same knobs on every "
-                      "module).",)),
-)}
+                ("time_500_steps_s", "s / 500 steps", fmt_fixed(1)),
+            ],
+            "mean_seeds",
+            "quality",
+            split=("model", "dataset"),
+            notes=(
+                f"{UNITS} One table per model and fine-tuning data set; one row per quantizer, method and "
+                "(r, alpha) configuration (and layer-group setting). held-out ppl and MMLU 5-shot after "
+                "fine-tuning; mean memory and time as in the gpu_memory and runtime tables.",
+            ),
+        ),
+        _agg_table(
+            "by_layer_group",
+            "ppl_after by layer group",
+            (MODEL, DATA, QUANT, METHOD, R),
+            [("ppl_after", "ppl_after", fmt_plain(3))],
+            "mean_seeds",
+            "quality",
+            across="layer_group",
+            across_first=("uniform",),
+            notes=(
+                "ppl_after: held-out perplexity after fine-tuning (lower is better). Columns: the layer-group "
+                "setting (peft.variant edits and peft.by_layer values; 'uniform' = the same knobs on every "
+                "module).",
+            ),
+        ),
+    )
+}
 
 
 def data_notes(spec: TableSpec, rows: Sequence[Row]) -> list[str]:
@@ -840,15 +957,19 @@ def add_reference(table: Table, key_names: Sequence[str], reference: Reference) 
         return table
     where = f"reference {reference.path}"
     if not match_on:
-        return replace(table, notes=[*table.notes, f"{where}: not applied, no column named like a key column "
-                                     f"({', '.join(by_name)})"])
+        return replace(
+            table,
+            notes=[*table.notes, f"{where}: not applied, no column named like a key column ({', '.join(by_name)})"],
+        )
     new_columns: list[Column] = []
     for col in columns:
         new_columns.append(col)
         if col.key in metrics:
-            new_columns += [Column(f"ref_{col.key}", f"{col.header} ref", col.fmt, align="right"),
-                            Column(f"diff_{col.key}", "Δ", col.fmt, align="right"),
-                            Column(f"diff_pct_{col.key}", "Δ %", fmt_fixed(2), align="right")]
+            new_columns += [
+                Column(f"ref_{col.key}", f"{col.header} ref", col.fmt, align="right"),
+                Column(f"diff_{col.key}", "Δ", col.fmt, align="right"),
+                Column(f"diff_pct_{col.key}", "Δ %", fmt_fixed(2), align="right"),
+            ]
     matched = 0
     rows = []
     for row in table.rows:
@@ -868,8 +989,10 @@ def add_reference(table: Table, key_names: Sequence[str], reference: Reference) 
         rows.append(row)
     keys = ", ".join(name for name, _ in match_on)
     cols = ", ".join(f"{name} -> {key}" for key, (name, _) in metrics.items())
-    note = (f"{where}: published values ({cols}) matched on {keys} for {matched} of {len(rows)} rows; "
-            "Δ = ours - ref, Δ % relative to ref.")
+    note = (
+        f"{where}: published values ({cols}) matched on {keys} for {matched} of {len(rows)} rows; "
+        "Δ = ours - ref, Δ % relative to ref."
+    )
     spec = replace(table.spec, columns=tuple(new_columns))
     return Table(spec=spec, rows=rows, notes=[*table.notes, note])
 
@@ -891,8 +1014,7 @@ def _md_cell(text: str) -> str:
 
 def _md_line(cells: Sequence[str], widths: Sequence[int], columns: Sequence[Column]) -> str:
     padded = [
-        c.rjust(w) if col.align == "right" else c.ljust(w)
-        for c, w, col in zip(cells, widths, columns, strict=True)
+        c.rjust(w) if col.align == "right" else c.ljust(w) for c, w, col in zip(cells, widths, columns, strict=True)
     ]
     return "| " + " | ".join(padded) + " |"
 
@@ -903,10 +1025,7 @@ def render_markdown(table: Table) -> str:
     headers = [_md_cell(col.header) for col in columns]
     body = [[_md_cell(col.fmt(row.get(col.key))) for col in columns] for row in table.rows]
     widths = [max(3, len(h), *(len(r[i]) for r in body)) for i, h in enumerate(headers)]
-    rule = [
-        "-" * (w - 1) + ":" if col.align == "right" else "-" * w
-        for w, col in zip(widths, columns, strict=True)
-    ]
+    rule = ["-" * (w - 1) + ":" if col.align == "right" else "-" * w for w, col in zip(widths, columns, strict=True)]
     lines = [f"## {table.spec.title}", "", _md_line(headers, widths, columns)]
     lines.append("| " + " | ".join(rule) + " |")
     lines += [_md_line(cells, widths, columns) for cells in body]
@@ -943,9 +1062,24 @@ def render_csv(table: Table) -> str:
 
 
 LATEX_SPECIAL = {
-    "\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{", "}": r"\}",
-    "~": r"\textasciitilde{}", "^": r"\textasciicircum{}", "|": r"\textbar{}", "<": r"\textless{}",
-    ">": r"\textgreater{}", "±": r"$\pm$", "Δ": r"$\Delta$", "×": r"$\times$", "\n": " ", "\r": " ",
+    "\\": r"\textbackslash{}",
+    "&": r"\&",
+    "%": r"\%",
+    "$": r"\$",
+    "#": r"\#",
+    "_": r"\_",
+    "{": r"\{",
+    "}": r"\}",
+    "~": r"\textasciitilde{}",
+    "^": r"\textasciicircum{}",
+    "|": r"\textbar{}",
+    "<": r"\textless{}",
+    ">": r"\textgreater{}",
+    "±": r"$\pm$",
+    "Δ": r"$\Delta$",
+    "×": r"$\times$",
+    "\n": " ",
+    "\r": " ",
 }
 
 
@@ -1000,26 +1134,42 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("results_dir", nargs="?", default="runs", help="searched recursively (default: runs)")
     parser.add_argument("--out", default="results/tables", help="output directory (default: results/tables)")
-    parser.add_argument("--table", choices=[*TABLES, *AGGREGATES, "all"], default="all",
-                        help="table to build (default: all: every table that has values; by_layer_group only when "
-                             "some run sets layer groups)")
-    parser.add_argument("--diverged-ppl", type=float, default=DEFAULT_DIVERGED_PPL, metavar="PPL",
-                        help="a run whose perplexity after fine-tuning exceeds this counts as diverged: marked '*' "
-                             f"and left out of quality means (default: {DEFAULT_DIVERGED_PPL:g})")
-    parser.add_argument("--reference", metavar="FILE",
-                        help="CSV of published values: adds a ref and a difference column to the tables whose key "
-                             "and metric columns it names (see report.Reference)")
-    parser.add_argument("--figures", action="store_true",
-                        help="also write figures (PNG, PDF and each one's data as CSV) to the 'figures' folder "
-                             "beside --out (results/figures by default); needs matplotlib")
+    parser.add_argument(
+        "--table",
+        choices=[*TABLES, *AGGREGATES, "all"],
+        default="all",
+        help="table to build (default: all: every table that has values; by_layer_group only when "
+        "some run sets layer groups)",
+    )
+    parser.add_argument(
+        "--diverged-ppl",
+        type=float,
+        default=DEFAULT_DIVERGED_PPL,
+        metavar="PPL",
+        help="a run whose perplexity after fine-tuning exceeds this counts as diverged: marked '*' "
+        f"and left out of quality means (default: {DEFAULT_DIVERGED_PPL:g})",
+    )
+    parser.add_argument(
+        "--reference",
+        metavar="FILE",
+        help="CSV of published values: adds a ref and a difference column to the tables whose key "
+        "and metric columns it names (see report.Reference)",
+    )
+    parser.add_argument(
+        "--figures",
+        action="store_true",
+        help="also write figures (PNG, PDF and each one's data as CSV) to the 'figures' folder "
+        "beside --out (results/figures by default); needs matplotlib",
+    )
     args = parser.parse_args(argv)
     if not args.diverged_ppl > 0:
         parser.error(f"--diverged-ppl must be a positive number, got {args.diverged_ppl}")
     return args
 
 
-def select_tables(loaded: LoadResult, name: str, diverged_ppl: float = DEFAULT_DIVERGED_PPL,
-                  reference: Reference | None = None) -> list[Table]:
+def select_tables(
+    loaded: LoadResult, name: str, diverged_ppl: float = DEFAULT_DIVERGED_PPL, reference: Reference | None = None
+) -> list[Table]:
     """The tables --table NAME asks for. 'all' leaves out aggregated tables without any value, and pivots whose only
     column is their baseline (by_layer_group over runs that all use uniform knobs compares nothing)."""
     tables = [build_table(spec, loaded) for key, spec in TABLES.items() if name in (key, "all")]
@@ -1028,7 +1178,7 @@ def select_tables(loaded: LoadResult, name: str, diverged_ppl: float = DEFAULT_D
             continue
         for part_spec, part in split_runs(spec, loaded):
             table = build_aggregate(part_spec, part, diverged_ppl, reference)
-            pivot_cols = [col.key for col in table.spec.columns[len(spec.keys):]]
+            pivot_cols = [col.key for col in table.spec.columns[len(spec.keys) :]]
             baseline_only = spec.across is not None and set(pivot_cols) <= set(spec.across_first)
             if name == key or (has_values(table) and not baseline_only):
                 tables.append(table)
@@ -1048,8 +1198,12 @@ def split_runs(spec: AggSpec, loaded: LoadResult) -> list[tuple[AggSpec, LoadRes
     for values in sorted(parts, key=lambda k: tuple(sort_value(v) for v in k)):
         slug = "_".join(re.sub(r"[^A-Za-z0-9._-]+", "-", fmt_text(v) or "none") for v in values)
         where = ", ".join(f"{k} {fmt_text(v)}" for k, v in zip(spec.split, values, strict=True))
-        out.append((replace(spec, name=f"{spec.name}_{slug}", title=f"{spec.title}: {where}"),
-                    LoadResult(records=parts[values], unreadable=loaded.unreadable)))
+        out.append(
+            (
+                replace(spec, name=f"{spec.name}_{slug}", title=f"{spec.title}: {where}"),
+                LoadResult(records=parts[values], unreadable=loaded.unreadable),
+            )
+        )
     return out
 
 

@@ -60,7 +60,7 @@ def _normalise(value):
     if isinstance(value, float) and value.is_integer():
         return int(value)
     if isinstance(value, str) and value.startswith(str(ASSETS)):
-        return f"<assets>{value[len(str(ASSETS)):]}@{_fingerprint(Path(value))}"
+        return f"<assets>{value[len(str(ASSETS)) :]}@{_fingerprint(Path(value))}"
     return value
 
 
@@ -87,13 +87,14 @@ def code_fingerprint() -> str:
 
 # Credentials: environment variables named like these hold secrets, and values shaped like these are tokens
 # wherever they come from (a public repository in this field once committed a hub token inside a saved config).
-SECRET_NAME = re.compile(r"(^|_)(TOKEN|API_?KEY|KEY|SECRET|PASSWORD|PASSWD|PASS|CREDENTIALS?|AUTH)(_|$)",
-                         re.IGNORECASE)
+SECRET_NAME = re.compile(r"(^|_)(TOKEN|API_?KEY|KEY|SECRET|PASSWORD|PASSWD|PASS|CREDENTIALS?|AUTH)(_|$)", re.IGNORECASE)
 # the published formats of hub, GitHub, GitLab, OpenAI, Slack and AWS keys; bodies without '_' so that paths such as
 # /data/hf_datasets_cache never match
-TOKEN_SHAPE = re.compile(r"\b(?:hf_[A-Za-z0-9]{30,}|api_org_[A-Za-z0-9]{30,}|gh[pousr]_[A-Za-z0-9]{36,}"
-                         r"|github_pat_[A-Za-z0-9_]{40,}|glpat-[A-Za-z0-9_\-]{20,}|sk-[A-Za-z0-9\-]{32,}"
-                         r"|xox[abprs]-[A-Za-z0-9\-]{10,}|AKIA[0-9A-Z]{16})")
+TOKEN_SHAPE = re.compile(
+    r"\b(?:hf_[A-Za-z0-9]{30,}|api_org_[A-Za-z0-9]{30,}|gh[pousr]_[A-Za-z0-9]{36,}"
+    r"|github_pat_[A-Za-z0-9_]{40,}|glpat-[A-Za-z0-9_\-]{20,}|sk-[A-Za-z0-9\-]{32,}"
+    r"|xox[abprs]-[A-Za-z0-9\-]{10,}|AKIA[0-9A-Z]{16})"
+)
 REDACTED = "<redacted>"
 
 
@@ -102,8 +103,7 @@ def secret_values(environ=None) -> list[str]:
     WANDB_API_KEY, AWS_SECRET_ACCESS_KEY, ...) or a value shaped like a token. Longest first, so a secret that
     contains another is replaced whole. Values under 8 characters (flags such as 1 or false) are not secrets."""
     environ = os.environ if environ is None else environ
-    found = {v for k, v in environ.items()
-             if len(v) >= 8 and (SECRET_NAME.search(k) or TOKEN_SHAPE.fullmatch(v))}
+    found = {v for k, v in environ.items() if len(v) >= 8 and (SECRET_NAME.search(k) or TOKEN_SHAPE.fullmatch(v))}
     return sorted(found, key=len, reverse=True)
 
 
@@ -211,9 +211,12 @@ def memory_at_failure(device: str | None) -> dict:
     if device and device.startswith("cuda"):
         import torch
 
-        return {"memory_kind": "cuda_allocated", "memory_allocated_bytes": torch.cuda.memory_allocated(device),
-                "memory_reserved_bytes": torch.cuda.memory_reserved(device),
-                "max_memory_allocated_bytes": torch.cuda.max_memory_allocated(device)}
+        return {
+            "memory_kind": "cuda_allocated",
+            "memory_allocated_bytes": torch.cuda.memory_allocated(device),
+            "memory_reserved_bytes": torch.cuda.memory_reserved(device),
+            "max_memory_allocated_bytes": torch.cuda.max_memory_allocated(device),
+        }
     out = {"memory_kind": "cpu_rss"}
     try:  # /proc/self/statm: sizes in pages; the second is the resident set
         out["rss_bytes"] = int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
@@ -230,17 +233,36 @@ def _git_state() -> dict:
         commit = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10, check=True
         ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=root, capture_output=True, text=True, timeout=10, check=True,
-        ).stdout.strip() != ""
+        dirty = (
+            subprocess.run(
+                ["git", "status", "--porcelain", "--untracked-files=no"],
+                cwd=root,
+                capture_output=True,
+                text=True,
+                timeout=10,
+                check=True,
+            ).stdout.strip()
+            != ""
+        )
         return {"git_commit": commit, "git_dirty": dirty}
     except (OSError, subprocess.SubprocessError):
         return {"git_commit": None, "git_dirty": None}
 
 
-PACKAGES = ("qpeft-bench", "torch", "transformers", "peft", "bitsandbytes", "hqq", "hydra-core", "omegaconf",
-            "datasets", "lm-eval", "accelerate", "tokenizers")
+PACKAGES = (
+    "qpeft-bench",
+    "torch",
+    "transformers",
+    "peft",
+    "bitsandbytes",
+    "hqq",
+    "hydra-core",
+    "omegaconf",
+    "datasets",
+    "lm-eval",
+    "accelerate",
+    "tokenizers",
+)
 
 
 def package_versions() -> dict:

@@ -38,8 +38,9 @@ FUSED_METHODS = ("lora",)  # peft's LoRA family: LoRA, rsLoRA, DoRA, LoftQ-initi
 COMPILE_TESTED_QUANTS = ("nf4", "fp4", "hqq", "rtn", "qeft", "owq")
 
 
-def resolve(method: str, quant_name: str, device: str, fused_lora: bool | str,
-            compile: bool | str, sharded: bool = False) -> tuple[bool, bool]:
+def resolve(
+    method: str, quant_name: str, device: str, fused_lora: bool | str, compile: bool | str, sharded: bool = False
+) -> tuple[bool, bool]:
     """The switches' 'auto' made concrete: fused LoRA for peft's LoRA family, compilation on CUDA for the
     quantizers it was measured with; neither under FSDP (`sharded`), whose gathered weights reach a layer only
     through its own forward (check refuses asking for them)."""
@@ -51,8 +52,16 @@ def resolve(method: str, quant_name: str, device: str, fused_lora: bool | str,
     return fused, compiled
 
 
-def setup(model: nn.Module, *, method: str, quant_name: str, device: str, fused_lora: bool | str,
-          compile: bool | str, sharded: bool = False) -> dict:
+def setup(
+    model: nn.Module,
+    *,
+    method: str,
+    quant_name: str,
+    device: str,
+    fused_lora: bool | str,
+    compile: bool | str,
+    sharded: bool = False,
+) -> dict:
     """Turn on the model-side switches (after adapters and checkpointing are set up, before any DDP wrap); returns
     what was done, for the record."""
     fused, compiled = resolve(method, quant_name, device, fused_lora, compile, sharded)
@@ -111,23 +120,31 @@ def choose(budget: int, estimate: Callable[[dict], int | None]) -> tuple[dict, i
     for settings in BUDGET_CANDIDATES:
         peak = estimate(settings)
         if peak is None:
-            raise ConfigError("train.memory_budget needs plan mode's memory estimate, which this architecture does "
-                              "not have; set train.gradient_checkpointing yourself and train.memory_budget=null")
+            raise ConfigError(
+                "train.memory_budget needs plan mode's memory estimate, which this architecture does "
+                "not have; set train.gradient_checkpointing yourself and train.memory_budget=null"
+            )
         if peak <= budget:
             return settings, peak
         tried.append(f"{settings} needs ~{peak / GIB:.1f} GiB")
-    raise ConfigError(f"train.memory_budget={budget / GIB:.1f} GiB is too small for this run: "
-                      f"{'; '.join(tried)}; lower train.batch_size or the sequence lengths, or raise the budget")
+    raise ConfigError(
+        f"train.memory_budget={budget / GIB:.1f} GiB is too small for this run: "
+        f"{'; '.join(tried)}; lower train.batch_size or the sequence lengths, or raise the budget"
+    )
 
 
 def check(method: str, fused_lora: bool | str, compile: bool | str = "auto", distributed: str = "none") -> None:
     """Refuse switches that cannot apply to the run (before any model is loaded)."""
     if distributed == "fsdp" and (fused_lora is True or compile is True):
-        raise ConfigError("train.fused_lora=true and train.compile=true do not apply under train.distributed=fsdp "
-                          "(FSDP gathers a layer's weights only inside its own forward): set them to auto or false")
+        raise ConfigError(
+            "train.fused_lora=true and train.compile=true do not apply under train.distributed=fsdp "
+            "(FSDP gathers a layer's weights only inside its own forward): set them to auto or false"
+        )
     if fused_lora is True and method not in FUSED_METHODS:
-        raise ConfigError(f"train.fused_lora=true applies to peft.method in {FUSED_METHODS} (LoRA, rsLoRA, DoRA, "
-                          f"LoftQ); peft.method={method} has its own layers: set train.fused_lora=false")
+        raise ConfigError(
+            f"train.fused_lora=true applies to peft.method in {FUSED_METHODS} (LoRA, rsLoRA, DoRA, "
+            f"LoftQ); peft.method={method} has its own layers: set train.fused_lora=false"
+        )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -145,8 +162,20 @@ class _FusedLoRA(torch.autograd.Function):
     for what depends on the frozen weight only (DoRA: its row norms)."""
 
     @staticmethod
-    def forward(ctx, x, a, b, mag, bias, weight: Callable[[], torch.Tensor], scale: float, p: float,
-                cdt: torch.dtype, out_dtype: torch.dtype, cache: dict):
+    def forward(
+        ctx,
+        x,
+        a,
+        b,
+        mag,
+        bias,
+        weight: Callable[[], torch.Tensor],
+        scale: float,
+        p: float,
+        cdt: torch.dtype,
+        out_dtype: torch.dtype,
+        cache: dict,
+    ):
         lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1]).to(cdt)
         w = weight()
@@ -250,9 +279,19 @@ def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     follows_input = type(base).__name__ == "Linear4bit" or not torch.is_autocast_enabled(device)
     out_dtype = x.dtype if follows_input else cdt
     with torch.autocast(device, enabled=False):
-        return _FusedLoRA.apply(x, self.lora_A[name].weight, self.lora_B[name].weight, mag,
-                                getattr(base, "bias", None), _base_weight(base, cdt), self.scaling[name], p, cdt,
-                                out_dtype, self.__dict__.setdefault("_qpeft_fused_cache", {}))
+        return _FusedLoRA.apply(
+            x,
+            self.lora_A[name].weight,
+            self.lora_B[name].weight,
+            mag,
+            getattr(base, "bias", None),
+            _base_weight(base, cdt),
+            self.scaling[name],
+            p,
+            cdt,
+            out_dtype,
+            self.__dict__.setdefault("_qpeft_fused_cache", {}),
+        )
 
 
 def fuse_lora(model: nn.Module) -> int:
@@ -288,8 +327,8 @@ class _ChunkedNLL(torch.autograd.Function):
     def forward(ctx, hidden, weight, labels, chunk: int):
         total = hidden.new_zeros((), dtype=torch.float32)
         for i in range(0, hidden.shape[0], chunk):
-            logits = (hidden[i:i + chunk] @ weight.t()).float()
-            total += F.cross_entropy(logits, labels[i:i + chunk], ignore_index=-100, reduction="sum")
+            logits = (hidden[i : i + chunk] @ weight.t()).float()
+            total += F.cross_entropy(logits, labels[i : i + chunk], ignore_index=-100, reduction="sum")
         ctx.save_for_backward(hidden, weight, labels)
         ctx.chunk = chunk
         return total
@@ -299,12 +338,12 @@ class _ChunkedNLL(torch.autograd.Function):
         hidden, weight, labels = ctx.saved_tensors
         dh = torch.empty_like(hidden)
         for i in range(0, hidden.shape[0], ctx.chunk):
-            lab = labels[i:i + ctx.chunk]
-            probs = torch.softmax((hidden[i:i + ctx.chunk] @ weight.t()).float(), dim=-1)
+            lab = labels[i : i + ctx.chunk]
+            probs = torch.softmax((hidden[i : i + ctx.chunk] @ weight.t()).float(), dim=-1)
             valid = lab != -100
             probs[valid, lab[valid]] -= 1.0
             probs[~valid] = 0.0
-            dh[i:i + ctx.chunk] = ((probs * dtotal).to(weight.dtype) @ weight).to(hidden.dtype)
+            dh[i : i + ctx.chunk] = ((probs * dtotal).to(weight.dtype) @ weight).to(hidden.dtype)
         return dh, None, None, None
 
 
@@ -334,14 +373,16 @@ def chunked_loss(model: nn.Module, chunk: int) -> Iterator[None]:
         raise ConfigError("train.chunked_loss needs a frozen lm_head without bias; set train.chunked_loss=0")
     weight = head.weight
 
-    def loss(logits, labels, vocab_size=None, num_items_in_batch=None, ignore_index=-100, shift_labels=None,
-             **kwargs):
+    def loss(logits, labels, vocab_size=None, num_items_in_batch=None, ignore_index=-100, shift_labels=None, **kwargs):
         if shift_labels is None:
             shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
         hidden = logits.reshape(-1, logits.shape[-1])
         target = shift_labels.reshape(-1).to(hidden.device)
-        cdt = torch.get_autocast_dtype(hidden.device.type) if torch.is_autocast_enabled(hidden.device.type) \
+        cdt = (
+            torch.get_autocast_dtype(hidden.device.type)
+            if torch.is_autocast_enabled(hidden.device.type)
             else weight.dtype
+        )
         with torch.autocast(hidden.device.type, enabled=False):
             total = _ChunkedNLL.apply(hidden.to(cdt), weight.to(cdt), target, chunk)
         n = num_items_in_batch if num_items_in_batch is not None else (target != ignore_index).sum()
@@ -370,4 +411,3 @@ def compile_layers(model: nn.Module) -> int:
     for layer in layers:
         layer.compile()
     return len(layers)
-

@@ -26,9 +26,16 @@ def log_record(record: dict, record_path: Path, *, project: str, mode: str, dire
     try:
         import wandb
 
-        run = wandb.init(project=project, name=record["run_id"], id=record["run_id"], resume="allow",
-                         config=record.get("config", {}), mode=mode, dir=directory or str(record_path.parent),
-                         reinit="finish_previous")
+        run = wandb.init(
+            project=project,
+            name=record["run_id"],
+            id=record["run_id"],
+            resume="allow",
+            config=record.get("config", {}),
+            mode=mode,
+            dir=directory or str(record_path.parent),
+            reinit="finish_previous",
+        )
         for step, loss in enumerate(record.get("train", {}).get("losses", [])):
             run.log({"train/loss": loss}, step=step)
         summary = {"status": record.get("status")}
@@ -43,6 +50,6 @@ def log_record(record: dict, record_path: Path, *, project: str, mode: str, dire
         local = run.dir
         run.finish()
         return str(Path(local).parent)
-    except Exception as err:  # noqa: BLE001 - logging is a mirror; the record is already written
+    except Exception as err:
         log.warning("W&B logging failed (%s: %s); the local record is complete", type(err).__name__, err)
         return None

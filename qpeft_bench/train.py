@@ -72,8 +72,9 @@ def autocast(device: str, compute_dtype: torch.dtype):
     return torch.autocast(device_type=device.split(":")[0], dtype=compute_dtype)
 
 
-def accumulate(model, micro_batches: list[dict], device: str, compute_dtype: torch.dtype, scaler=None,
-               world: World = SINGLE) -> tuple[float, int]:
+def accumulate(
+    model, micro_batches: list[dict], device: str, compute_dtype: torch.dtype, scaler=None, world: World = SINGLE
+) -> tuple[float, int]:
     """Forward and backward over the micro-batches of one optimizer step, weighting each by its labelled
     tokens so the gradient is that of the mean NLL over the whole window (as one big batch would give),
     not a mean of per-batch means. Returns (mean loss, tokens seen).
@@ -135,8 +136,15 @@ def train(
     tokens = 0
     begin = measure_after if start_step == 0 else min(start_step + measure_after, max_steps - 1)
     model.train()  # transformers applies gradient checkpointing (and LoRA dropout) only in train mode
-    bar = tqdm(range(start_step, max_steps), desc="train", unit="step", disable=not progress, dynamic_ncols=True,
-               initial=start_step, total=max_steps)
+    bar = tqdm(
+        range(start_step, max_steps),
+        desc="train",
+        unit="step",
+        disable=not progress,
+        dynamic_ncols=True,
+        initial=start_step,
+        total=max_steps,
+    )
     t_start, t_loop = None, time.perf_counter()
     for step in bar:
         if step == begin:
@@ -144,8 +152,9 @@ def train(
             if device.startswith("cuda"):
                 torch.cuda.synchronize(device)
             t_start, tokens = time.perf_counter(), 0
-        step_loss, n_tokens = accumulate(model, [next(batches) for _ in range(grad_accum * world.size)], device,
-                                         compute_dtype, scaler, world)
+        step_loss, n_tokens = accumulate(
+            model, [next(batches) for _ in range(grad_accum * world.size)], device, compute_dtype, scaler, world
+        )
         tokens += n_tokens
         if not math.isfinite(step_loss) or step_loss > diverge_loss:
             raise Diverged(step, step_loss)
@@ -166,7 +175,9 @@ def train(
         if (step + 1) % log_every == 0 or step + 1 == max_steps:
             bar.set_postfix(loss=f"{sum(losses[-log_every:]) / len(losses[-log_every:]):.4f}")
         if on_step is not None and step + 1 < max_steps:  # after the last step there is nothing to resume: a run
-            on_step(step + 1, losses)  # killed later (saving, evaluating) redoes that step instead of resuming at the end
+            on_step(
+                step + 1, losses
+            )  # killed later (saving, evaluating) redoes that step instead of resuming at the end
     if device.startswith("cuda"):
         torch.cuda.synchronize(device)
     elapsed = time.perf_counter() - t_start

@@ -51,8 +51,11 @@ def main(argv: list[str]) -> int:
     out = lora.loftq_init(model, targets, args.rank, 1)
     sync()
     whole = time.perf_counter() - t0
-    print(f"ours, whole model: {len(targets)} matrices, r {args.rank}, 1 iteration: {whole:.1f} s "
-          f"(loftq_init's own report: {out['report']['time_s']:.1f} s)", flush=True)
+    print(
+        f"ours, whole model: {len(targets)} matrices, r {args.rank}, 1 iteration: {whole:.1f} s "
+        f"(loftq_init's own report: {out['report']['time_s']:.1f} s)",
+        flush=True,
+    )
     del model, out
     if device != "cuda":  # peft's loftq_init runs on CUDA only
         print("no GPU: the comparison with peft's LoftQ is skipped")
@@ -60,7 +63,7 @@ def main(argv: list[str]) -> int:
 
     from peft.utils.loftq_utils import loftq_init as peft_loftq
 
-    originals = lora.checkpoint_weights(args.model_dir, targets[:args.compare_layers])
+    originals = lora.checkpoint_weights(args.model_dir, targets[: args.compare_layers])
     rows = []
     for name, w in originals.items():
         w = w.to(device)
@@ -79,14 +82,30 @@ def main(argv: list[str]) -> int:
         q_ours = quant.get("nf4").dequantize(layer).float()
         err_ours = ((w.float() - q_ours - factors["L"] @ factors["R"]).norm() / w.float().norm()).item()
         err_q = ((w.float() - q_ours).norm() / w.float().norm()).item()
-        rows.append({"matrix": name, "shape": list(w.shape), "peft_error": err_peft, "ours_error": err_ours,
-                     "quant_only_error": err_q, "peft_s": t_peft, "ours_s": t_ours})
-        print(f"{name} {tuple(w.shape)}: ||W-Q-BA||/||W|| peft {err_peft:.6f}, ours {err_ours:.6f} "
-              f"(ratio {err_ours / err_peft:.5f}; Q alone {err_q:.6f}); time peft {t_peft:.2f} s, ours {t_ours:.3f} s",
-              flush=True)
-    result = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "rank": args.rank,
-              "whole_model_s": whole, "matrices": len(targets), "compare": rows,
-              "max_error_ratio": max(r["ours_error"] / r["peft_error"] for r in rows)}
+        rows.append(
+            {
+                "matrix": name,
+                "shape": list(w.shape),
+                "peft_error": err_peft,
+                "ours_error": err_ours,
+                "quant_only_error": err_q,
+                "peft_s": t_peft,
+                "ours_s": t_ours,
+            }
+        )
+        print(
+            f"{name} {tuple(w.shape)}: ||W-Q-BA||/||W|| peft {err_peft:.6f}, ours {err_ours:.6f} "
+            f"(ratio {err_ours / err_peft:.5f}; Q alone {err_q:.6f}); time peft {t_peft:.2f} s, ours {t_ours:.3f} s",
+            flush=True,
+        )
+    result = {
+        "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+        "rank": args.rank,
+        "whole_model_s": whole,
+        "matrices": len(targets),
+        "compare": rows,
+        "max_error_ratio": max(r["ours_error"] / r["peft_error"] for r in rows),
+    }
     print(f"largest error ratio ours/peft: {result['max_error_ratio']:.5f}")
     if args.json:
         with open(args.json, "w") as f:

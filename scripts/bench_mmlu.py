@@ -74,26 +74,46 @@ def main(argv: list[str]) -> int:
     windows = calibration.random_windows(arch["vocab_size"], spec.calib.samples, spec.calib.seq_len, 0)
     quant.quantize_model(spec.quant_name, model, targets, spec.quant, compute, device, windows=windows)
     tokenizer = models.load_tokenizer(str(ASSETS / "tiny_llama"))
-    results = {"model": spec.model.name, "quant": spec.quant_name, "device": torch.cuda.get_device_name()
-               if device.startswith("cuda") else device, "items_per_subject": args.items,
-               "prompt_tokens_target": args.prompt_tokens, "runs": []}
+    results = {
+        "model": spec.model.name,
+        "quant": spec.quant_name,
+        "device": torch.cuda.get_device_name() if device.startswith("cuda") else device,
+        "items_per_subject": args.items,
+        "prompt_tokens_target": args.prompt_tokens,
+        "runs": [],
+    }
     with tempfile.TemporaryDirectory() as tmp:
         root = padded_root(Path(tmp) / "data", tokenizer, args.items, args.prompt_tokens)
         for bs in [int(b) for b in args.batch_sizes.split(",")]:
             if device.startswith("cuda"):
                 torch.cuda.reset_peak_memory_stats()
             t0 = time.perf_counter()
-            out = harness.run_task_set(model, tokenizer, "mmlu", batch_size=bs, data_root=root, device=device,
-                                       compute_dtype=models.DTYPE[compute], progress=False)
+            out = harness.run_task_set(
+                model,
+                tokenizer,
+                "mmlu",
+                batch_size=bs,
+                data_root=root,
+                device=device,
+                compute_dtype=models.DTYPE[compute],
+                progress=False,
+            )
             seconds = time.perf_counter() - t0
             questions = out["tasks"]["mmlu"]["samples"]
-            row = {"batch_size": bs, "seconds": seconds, "questions": questions,
-                   "questions_per_s": questions / seconds,
-                   "full_mmlu_minutes": MMLU_QUESTIONS / (questions / seconds) / 60,
-                   "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else None}
+            row = {
+                "batch_size": bs,
+                "seconds": seconds,
+                "questions": questions,
+                "questions_per_s": questions / seconds,
+                "full_mmlu_minutes": MMLU_QUESTIONS / (questions / seconds) / 60,
+                "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else None,
+            }
             results["runs"].append(row)
-            print(f"batch {bs:>3}: {seconds:7.1f} s for {questions} questions, {row['questions_per_s']:.2f} q/s, "
-                  f"full MMLU ~{row['full_mmlu_minutes']:.1f} min, peak {row['peak_gib'] or 0:.1f} GiB", flush=True)
+            print(
+                f"batch {bs:>3}: {seconds:7.1f} s for {questions} questions, {row['questions_per_s']:.2f} q/s, "
+                f"full MMLU ~{row['full_mmlu_minutes']:.1f} min, peak {row['peak_gib'] or 0:.1f} GiB",
+                flush=True,
+            )
         shutil.rmtree(root, ignore_errors=True)
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=2) + "\n")

@@ -56,21 +56,38 @@ def reference_model(model_dir: str, method: str, r: int, alpha: int, dropout: fl
         from hqq.models.hf.base import AutoHQQHFModel
 
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).to(device)
-        AutoHQQHFModel.quantize_model(model, quant_config=BaseQuantizeConfig(nbits=int(method[3:]), group_size=64),
-                                      compute_dtype=torch.bfloat16, device=device)
+        AutoHQQHFModel.quantize_model(
+            model,
+            quant_config=BaseQuantizeConfig(nbits=int(method[3:]), group_size=64),
+            compute_dtype=torch.bfloat16,
+            device=device,
+        )
         model.hqq_quantized = True
     else:
-        bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                 bnb_4bit_compute_dtype=torch.bfloat16)
-        model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=bnb, dtype=torch.bfloat16,
-                                                     device_map={"": 0} if device == "cuda" else None)
+        bnb = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16,
+        )
+        model = AutoModelForCausalLM.from_pretrained(
+            model_dir, quantization_config=bnb, dtype=torch.bfloat16, device_map={"": 0} if device == "cuda" else None
+        )
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
     if method == "qia3":
-        config = IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"],
-                           task_type="CAUSAL_LM")
+        config = IA3Config(
+            target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"], task_type="CAUSAL_LM"
+        )
     else:
-        config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=TARGETS, bias="none",
-                            task_type="CAUSAL_LM", use_dora=method == "qdora")
+        config = LoraConfig(
+            r=r,
+            lora_alpha=alpha,
+            lora_dropout=dropout,
+            target_modules=TARGETS,
+            bias="none",
+            task_type="CAUSAL_LM",
+            use_dora=method == "qdora",
+        )
     return get_peft_model(model, config), device
 
 
@@ -105,8 +122,9 @@ def main(argv: list[str]) -> int:
     if args.save_init:
         from safetensors.torch import save_file
 
-        save_file({n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad},
-                  args.save_init)
+        save_file(
+            {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}, args.save_init
+        )
     if device == "cuda" and not args.method.startswith("hqq"):
         import bitsandbytes as bnb
 
@@ -114,15 +132,37 @@ def main(argv: list[str]) -> int:
     else:
         optimizer, opt_name = torch.optim.AdamW(params, lr=2e-4, weight_decay=0.001), "adamw"
     batches = random_batches(model.config.vocab_size, args.batch, args.seq, device)
-    result = train(model, batches, optimizer, make_scheduler(optimizer, "constant", 0, args.steps),
-                   max_steps=args.steps, grad_accum=1, max_grad_norm=0.3, device=device, compute_dtype=torch.bfloat16,
-                   measure_after=args.warmup, diverge_loss=float("inf"), log_every=args.steps, progress=False)
+    result = train(
+        model,
+        batches,
+        optimizer,
+        make_scheduler(optimizer, "constant", 0, args.steps),
+        max_steps=args.steps,
+        grad_accum=1,
+        max_grad_norm=0.3,
+        device=device,
+        compute_dtype=torch.bfloat16,
+        measure_after=args.warmup,
+        diverge_loss=float("inf"),
+        log_every=args.steps,
+        progress=False,
+    )
     if args.profile:
         profile_steps(model, batches, optimizer, 0.3, device, torch.bfloat16, args.profile)
-    out = {"side": "reference", "method": args.method, "r": args.r, "alpha": args.alpha, "dropout": args.dropout,
-           "batch": args.batch, "seq": args.seq, "optimizer": opt_name, "setup_s": setup_s,
-           "checkpointing_active": bool(getattr(model, "is_gradient_checkpointing", False)),
-           "trainable_params": sum(p.numel() for p in params), **result}
+    out = {
+        "side": "reference",
+        "method": args.method,
+        "r": args.r,
+        "alpha": args.alpha,
+        "dropout": args.dropout,
+        "batch": args.batch,
+        "seq": args.seq,
+        "optimizer": opt_name,
+        "setup_s": setup_s,
+        "checkpointing_active": bool(getattr(model, "is_gradient_checkpointing", False)),
+        "trainable_params": sum(p.numel() for p in params),
+        **result,
+    }
     print(f"reference {args.method}: {step_line(result)}, set-up {setup_s:.1f} s")
     dump_json(args.json, out)
     return 0

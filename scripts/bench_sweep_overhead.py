@@ -28,9 +28,13 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--model-dir", required=True)
     parser.add_argument("--out", default=None, help="output_root of the sweep (default: a temporary folder)")
     parser.add_argument("--json", default=None)
-    parser.add_argument("--step-s", type=float, default=None,
-                        help="s/step of the 500-step run to compare with (default: each run's own); the embedded "
-                             "data's short sequences make steps shorter than a study's")
+    parser.add_argument(
+        "--step-s",
+        type=float,
+        default=None,
+        help="s/step of the 500-step run to compare with (default: each run's own); the embedded "
+        "data's short sequences make steps shorter than a study's",
+    )
     args, overrides = parser.parse_known_args(argv)
     overrides = [o for o in overrides if o != "--"]
     model_dir = Path(args.model_dir)
@@ -50,15 +54,24 @@ def main(argv: list[str]) -> int:
             print(f"{rec['run_id']}: {rec['status']}, no overhead measured")
             continue
         run500 = 500 * (args.step_s or tr["s_per_step"])
-        row = {"run_id": rec["run_id"], "seed": rec["config"]["seed"], "overhead_s": tr["overhead_s"],
-               "s_per_step": tr["s_per_step"], "share_of_500_steps": tr["overhead_s"] / run500,
-               "base_reused": "reused" in rec.get("quant", {}), "quantize_s": rec["quant"].get("quantize_time_s"),
-               "compile": tr.get("speed", {}).get("compile")}
+        row = {
+            "run_id": rec["run_id"],
+            "seed": rec["config"]["seed"],
+            "overhead_s": tr["overhead_s"],
+            "s_per_step": tr["s_per_step"],
+            "share_of_500_steps": tr["overhead_s"] / run500,
+            "base_reused": "reused" in rec.get("quant", {}),
+            "quantize_s": rec["quant"].get("quantize_time_s"),
+            "compile": tr.get("speed", {}).get("compile"),
+        }
         rows.append(row)
-        print(f"{row['run_id']} seed {row['seed']}: overhead {row['overhead_s']:.1f} s = "
-              f"{100 * row['share_of_500_steps']:.1f}% of a 500-step run at {run500 / 500:.3f} s/step (this run: "
-              f"{tr['s_per_step']:.3f}); base "
-              f"{'reused' if row['base_reused'] else 'loaded and quantized'}", flush=True)
+        print(
+            f"{row['run_id']} seed {row['seed']}: overhead {row['overhead_s']:.1f} s = "
+            f"{100 * row['share_of_500_steps']:.1f}% of a 500-step run at {run500 / 500:.3f} s/step (this run: "
+            f"{tr['s_per_step']:.3f}); base "
+            f"{'reused' if row['base_reused'] else 'loaded and quantized'}",
+            flush=True,
+        )
     if args.json:
         Path(args.json).write_text(json.dumps({"command": cmd, "runs": rows}, indent=2))
     return code

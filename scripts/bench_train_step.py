@@ -47,9 +47,11 @@ def random_batches(vocab: int, batch: int, seq: int, device: str):
 
 def step_line(result: dict) -> str:
     """'0.424 s/step, 9661 tokens/s, peak 6.53 GiB, mean ... first losses [...]': a train() result on one line."""
-    return (f"{result['s_per_step']:.3f} s/step, {result['tokens_per_s']:.0f} tokens/s, peak "
-            f"{result['peak_memory_bytes'] / GIB:.2f} GiB, mean {result['mean_memory_bytes'] / GIB:.2f} GiB "
-            f"({result['memory_kind']}), first losses {[round(x, 3) for x in result['losses'][:4]]}")
+    return (
+        f"{result['s_per_step']:.3f} s/step, {result['tokens_per_s']:.0f} tokens/s, peak "
+        f"{result['peak_memory_bytes'] / GIB:.2f} GiB, mean {result['mean_memory_bytes'] / GIB:.2f} GiB "
+        f"({result['memory_kind']}), first losses {[round(x, 3) for x in result['losses'][:4]]}"
+    )
 
 
 def dump_json(path: str | None, out: dict) -> None:
@@ -102,21 +104,38 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--seq", type=int, default=512)
     parser.add_argument("--json", default=None)
-    parser.add_argument("--peft-prepare", action="store_true",
-                        help="set up as the reference recipe does: peft's prepare_model_for_kbit_training("
-                             "use_gradient_checkpointing=train.gradient_checkpointing) before the adapters, "
-                             "instead of our prepare_for_training after them")
-    parser.add_argument("--no-hqq-flag", action="store_true",
-                        help="drop model.hqq_quantized after quantizing (what a recipe unaware of DESIGN §7 has)")
-    parser.add_argument("--init-adapters", default=None, metavar="FILE",
-                        help="start from these adapter weights (safetensors, peft names; scripts/bench_reference.py "
-                             "--save-init writes them): the same start as the reference run, for comparing losses")
-    parser.add_argument("--layerwise", action="store_true",
-                        help="make the random weights one layer at a time, each quantized at once, as FSDP always does: "
-                             "a 70B shape never exists in 16 bits on the GPU")
-    parser.add_argument("--profile", default=None, metavar="FILE",
-                        help="after the measured steps, profile 2 more with torch.profiler and write the top kernels "
-                             "(by device time) to FILE")
+    parser.add_argument(
+        "--peft-prepare",
+        action="store_true",
+        help="set up as the reference recipe does: peft's prepare_model_for_kbit_training("
+        "use_gradient_checkpointing=train.gradient_checkpointing) before the adapters, "
+        "instead of our prepare_for_training after them",
+    )
+    parser.add_argument(
+        "--no-hqq-flag",
+        action="store_true",
+        help="drop model.hqq_quantized after quantizing (what a recipe unaware of DESIGN §7 has)",
+    )
+    parser.add_argument(
+        "--init-adapters",
+        default=None,
+        metavar="FILE",
+        help="start from these adapter weights (safetensors, peft names; scripts/bench_reference.py "
+        "--save-init writes them): the same start as the reference run, for comparing losses",
+    )
+    parser.add_argument(
+        "--layerwise",
+        action="store_true",
+        help="make the random weights one layer at a time, each quantized at once, as FSDP always does: "
+        "a 70B shape never exists in 16 bits on the GPU",
+    )
+    parser.add_argument(
+        "--profile",
+        default=None,
+        metavar="FILE",
+        help="after the measured steps, profile 2 more with torch.profiler and write the top kernels "
+        "(by device time) to FILE",
+    )
     args, overrides = parser.parse_known_args(argv)
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         spec = validate(job_config(compose(config_name="run", overrides=overrides)))
@@ -131,8 +150,9 @@ def main(argv: list[str]) -> int:
     torch.manual_seed(0)
     sharded = t.distributed == "fsdp"
     layerwise = sharded or args.layerwise  # as a run loads its checkpoint under FSDP (recipe.load_base)
-    model = models.empty_model(arch, spec.model.dtype) if layerwise else models.random_model(arch, spec.model.dtype,
-                                                                                             device)
+    model = (
+        models.empty_model(arch, spec.model.dtype) if layerwise else models.random_model(arch, spec.model.dtype, device)
+    )
     model.config.use_cache = False
     targets = list(models.find_linears(model, spec.model.linear_names))
     fill = models.layerwise(model, targets, models.TensorSource(None, spec.model.dtype), device) if layerwise else None
@@ -156,45 +176,84 @@ def main(argv: list[str]) -> int:
     if args.init_adapters:
         load_adapter_weights(model, args.init_adapters)
     if not args.peft_prepare:
-        prepare_for_training(model, upcast_norms_fp32=t.upcast_norms_fp32,
-                             gradient_checkpointing=t.gradient_checkpointing)
-    stages["speed"] = speed.setup(model, method=spec.peft_method, quant_name=spec.quant_name, device=device,
-                                  fused_lora=t.fused_lora, compile=t.compile, sharded=sharded)
+        prepare_for_training(
+            model, upcast_norms_fp32=t.upcast_norms_fp32, gradient_checkpointing=t.gradient_checkpointing
+        )
+    stages["speed"] = speed.setup(
+        model,
+        method=spec.peft_method,
+        quant_name=spec.quant_name,
+        device=device,
+        fused_lora=t.fused_lora,
+        compile=t.compile,
+        sharded=sharded,
+    )
     model.train()
     stages["checkpointing_active"] = bool(getattr(model, "is_gradient_checkpointing", False))
     stages["adapters"] = allocated(device)
     trainable = sum(p.numel() for p in accounting.trainable_parameters(model))
     wrapped = distributed.wrap(model, world, device, t.distributed, models.DTYPE[spec.model.dtype])
     stages["wrapped"] = allocated(device)
-    optimizer, opt_name = make_optimizer(accounting.trainable_parameters(wrapped), t.optimizer, t.lr,
-                                         t.weight_decay, device)
+    optimizer, opt_name = make_optimizer(
+        accounting.trainable_parameters(wrapped), t.optimizer, t.lr, t.weight_decay, device
+    )
     batches = random_batches(arch["vocab_size"], t.batch_size, args.seq, device)
     chunk = 0 if sharded else t.chunked_loss  # as the run does (recipe.fine_tune)
     with speed.loss_context(model, chunk):
-        result = train(wrapped, batches, optimizer, make_scheduler(optimizer, t.lr_scheduler, t.warmup_steps, args.steps),
-                       max_steps=args.steps, grad_accum=t.grad_accum, max_grad_norm=t.max_grad_norm, device=device,
-                       compute_dtype=models.DTYPE[compute], measure_after=t.measure_after,
-                       diverge_loss=float("inf"), log_every=t.log_every, progress=False, world=world)
+        result = train(
+            wrapped,
+            batches,
+            optimizer,
+            make_scheduler(optimizer, t.lr_scheduler, t.warmup_steps, args.steps),
+            max_steps=args.steps,
+            grad_accum=t.grad_accum,
+            max_grad_norm=t.max_grad_norm,
+            device=device,
+            compute_dtype=models.DTYPE[compute],
+            measure_after=t.measure_after,
+            diverge_loss=float("inf"),
+            log_every=t.log_every,
+            progress=False,
+            world=world,
+        )
         if args.profile and world.main:
             profile_steps(wrapped, batches, optimizer, t.max_grad_norm, device, models.DTYPE[compute], args.profile)
     if not world.main:
         return 0
-    out = {"model": spec.model.name, "quant": spec.quant_name, "quant_cfg": vars(spec.quant),
-           "peft": spec.peft_method, "peft_cfg": vars(spec.peft), "batch": t.batch_size, "seq": args.seq,
-           "gradient_checkpointing": t.gradient_checkpointing, "upcast_norms_fp32": t.upcast_norms_fp32,
-           "setup": "peft.prepare_model_for_kbit_training" if args.peft_prepare else "qpeft_bench",
-           "hqq_flag": bool(getattr(model, "hqq_quantized", False)) if spec.quant_name == "hqq" else None,
-           "optimizer": opt_name, "device": device, "stages_bytes": stages, "world_size": world.size,
-           "distributed": t.distributed, "speed": {**stages["speed"], "chunked_loss": chunk, "memory_budget": budget},
-           "trainable_params": trainable, "adapter_init": args.init_adapters,
-           **{k: v for k, v in result.items() if k != "losses"}, "losses": result["losses"],
-           "first_losses": result["losses"][:4]}
-    print(f"{spec.model.name} {spec.quant_name} {vars(spec.quant)} {spec.peft_method} r={getattr(spec.peft, 'r', '-')}"
-          f" batch {t.batch_size}x{args.seq} GC={t.gradient_checkpointing} (active: {stages['checkpointing_active']})"
-          f" upcast={t.upcast_norms_fp32} {opt_name} set-up: {out['setup']} processes: {world.size}")
-    print(f"  allocated after load {stages['loaded'] / GIB:.2f} GiB, after quantize {stages['quantized'] / GIB:.2f} "
-          f"GiB ({stages['quantize_s']:.1f} s), after adapters {stages['adapters'] / GIB:.2f} GiB, after "
-          f"{t.distributed if world.active else 'no'} wrap {stages['wrapped'] / GIB:.2f} GiB")
+    out = {
+        "model": spec.model.name,
+        "quant": spec.quant_name,
+        "quant_cfg": vars(spec.quant),
+        "peft": spec.peft_method,
+        "peft_cfg": vars(spec.peft),
+        "batch": t.batch_size,
+        "seq": args.seq,
+        "gradient_checkpointing": t.gradient_checkpointing,
+        "upcast_norms_fp32": t.upcast_norms_fp32,
+        "setup": "peft.prepare_model_for_kbit_training" if args.peft_prepare else "qpeft_bench",
+        "hqq_flag": bool(getattr(model, "hqq_quantized", False)) if spec.quant_name == "hqq" else None,
+        "optimizer": opt_name,
+        "device": device,
+        "stages_bytes": stages,
+        "world_size": world.size,
+        "distributed": t.distributed,
+        "speed": {**stages["speed"], "chunked_loss": chunk, "memory_budget": budget},
+        "trainable_params": trainable,
+        "adapter_init": args.init_adapters,
+        **{k: v for k, v in result.items() if k != "losses"},
+        "losses": result["losses"],
+        "first_losses": result["losses"][:4],
+    }
+    print(
+        f"{spec.model.name} {spec.quant_name} {vars(spec.quant)} {spec.peft_method} r={getattr(spec.peft, 'r', '-')}"
+        f" batch {t.batch_size}x{args.seq} GC={t.gradient_checkpointing} (active: {stages['checkpointing_active']})"
+        f" upcast={t.upcast_norms_fp32} {opt_name} set-up: {out['setup']} processes: {world.size}"
+    )
+    print(
+        f"  allocated after load {stages['loaded'] / GIB:.2f} GiB, after quantize {stages['quantized'] / GIB:.2f} "
+        f"GiB ({stages['quantize_s']:.1f} s), after adapters {stages['adapters'] / GIB:.2f} GiB, after "
+        f"{t.distributed if world.active else 'no'} wrap {stages['wrapped'] / GIB:.2f} GiB"
+    )
     print(f"  {step_line(result)}")
     dump_json(args.json, out)
     return 0

@@ -74,8 +74,9 @@ def step_flops(arch_name: str, batch: int, seq: int, checkpointing: bool, traina
 
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         arch = validate(job_config(compose(config_name="run", overrides=[f"model={arch_name}"]))).model.arch_dict()
-    return estimate.step_flops(arch, batch_size=batch, seq_len=seq, gradient_checkpointing=checkpointing,
-                               trainable_params=trainable)
+    return estimate.step_flops(
+        arch, batch_size=batch, seq_len=seq, gradient_checkpointing=checkpointing, trainable_params=trainable
+    )
 
 
 def run(cmd: list[str], log: Path, timeout: int) -> bool:
@@ -113,9 +114,14 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", default="llama2_7b")
     parser.add_argument("--methods", default="qlora")
-    parser.add_argument("--variant", action="append", default=[], metavar="NAME[@M1+M2]=OVERRIDES",
-                        help="one of ours: a name and qpeft-bench overrides on top of train=qlora (repeatable); "
-                             "@M1+M2 runs it for those methods only")
+    parser.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="NAME[@M1+M2]=OVERRIDES",
+        help="one of ours: a name and qpeft-bench overrides on top of train=qlora (repeatable); "
+        "@M1+M2 runs it for those methods only",
+    )
     parser.add_argument("--r", type=int, default=64)
     parser.add_argument("--alpha", type=int, default=16)
     parser.add_argument("--batch", type=int, default=8)
@@ -142,8 +148,11 @@ def main(argv: list[str]) -> int:
     device_name = torch.cuda.get_device_name() if cuda else platform.processor() or "cpu"
     if not Path(args.model_dir, "config.json").is_file():
         t0 = time.perf_counter()
-        run([py, str(HERE / "bench_reference.py"), "--save-model", args.model_dir, "--arch", args.arch],
-            folder / "save_model.log", args.timeout)
+        run(
+            [py, str(HERE / "bench_reference.py"), "--save-model", args.model_dir, "--arch", args.arch],
+            folder / "save_model.log",
+            args.timeout,
+        )
         print(f"  random model saved in {time.perf_counter() - t0:.1f} s", flush=True)
     common = ["--steps", str(args.steps), "--seq", str(args.seq)]
     rows, refs = [], {}
@@ -151,9 +160,25 @@ def main(argv: list[str]) -> int:
         recipe, ours, copy_init = METHODS[method]
         ref_json, init = folder / f"{recipe}_reference.json", folder / f"{recipe}_init.safetensors"
         if recipe not in refs:  # methods without a peft implementation share the QLoRA reference: run it once
-            cmd = [py, str(HERE / "bench_reference.py"), "--model-dir", args.model_dir, "--method", recipe,
-                   "--r", str(args.r), "--alpha", str(args.alpha), "--batch", str(args.batch), "--json",
-                   str(ref_json), "--save-init", str(init), *common]
+            cmd = [
+                py,
+                str(HERE / "bench_reference.py"),
+                "--model-dir",
+                args.model_dir,
+                "--method",
+                recipe,
+                "--r",
+                str(args.r),
+                "--alpha",
+                str(args.alpha),
+                "--batch",
+                str(args.batch),
+                "--json",
+                str(ref_json),
+                "--save-init",
+                str(init),
+                *common,
+            ]
             if args.profile:
                 cmd += ["--profile", str(folder / f"{recipe}_reference.prof.txt")]
             ok = run(cmd, folder / f"{recipe}_reference.log", args.timeout)
@@ -171,15 +196,19 @@ def main(argv: list[str]) -> int:
                 knobs = ""
             if not copy_init or method == "qia3":  # fused_lora is for peft's LoRA family only; others keep theirs
                 extra = " ".join(o for o in extra.split() if not o.startswith("train.fused_lora="))
-            overrides = (f"model={args.arch} train=qlora train.batch_size={args.batch} train.device={args.device} "
-                         f"{ours} {knobs} {extra}").split()
+            overrides = (
+                f"model={args.arch} train=qlora train.batch_size={args.batch} train.device={args.device} "
+                f"{ours} {knobs} {extra}"
+            ).split()
             mine_json = folder / f"{method}_{name}.json"
             cmd = [py, str(HERE / "bench_train_step.py"), *overrides, "--json", str(mine_json), *common]
             if copy_init and ref is not None:
                 cmd += ["--init-adapters", str(init)]
             if args.profile:
                 cmd += ["--profile", str(folder / f"{method}_{name}.prof.txt")]
-            mine = json.loads(mine_json.read_text()) if run(cmd, folder / f"{method}_{name}.log", args.timeout) else None
+            mine = (
+                json.loads(mine_json.read_text()) if run(cmd, folder / f"{method}_{name}.log", args.timeout) else None
+            )
             rows.append((method, name, extra, ref, mine))
     report = render(rows, ceiling, device_name, args)
     out.write_text(report)
@@ -195,14 +224,21 @@ def _flops(args, side: dict | None, checkpointing: bool) -> float | None:
 
 
 def render(rows, ceiling: float | None, device_name: str, args) -> str:
-    lines = [f"# Ours vs the reference stack: {args.arch}, batch {args.batch} x {args.seq}, r {args.r}, alpha "
-             f"{args.alpha}, dropout 0.05", "",
-             f"Device: {device_name}. Packages: {versions()}. bf16 matmul ceiling (8192^3): "
-             + (f"{ceiling:.0f} TFLOP/s." if ceiling else "not measured (no GPU)."),
-             "", "Command:", "", "    python3 scripts/bench_vs_reference.py " + shlex.join(sys.argv[1:]), "",
-             "| method | ours | s/step ref | s/step ours | tokens/s ratio | peak GiB ref | peak GiB ours | peak ratio "
-             "| mean GiB ours | TFLOP/s ours (of ceiling) | loss gap | overrides |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# Ours vs the reference stack: {args.arch}, batch {args.batch} x {args.seq}, r {args.r}, alpha "
+        f"{args.alpha}, dropout 0.05",
+        "",
+        f"Device: {device_name}. Packages: {versions()}. bf16 matmul ceiling (8192^3): "
+        + (f"{ceiling:.0f} TFLOP/s." if ceiling else "not measured (no GPU)."),
+        "",
+        "Command:",
+        "",
+        "    python3 scripts/bench_vs_reference.py " + shlex.join(sys.argv[1:]),
+        "",
+        "| method | ours | s/step ref | s/step ours | tokens/s ratio | peak GiB ref | peak GiB ours | peak ratio "
+        "| mean GiB ours | TFLOP/s ours (of ceiling) | loss gap | overrides |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for method, name, extra, ref, mine in rows:
         if ref is None or mine is None:
             ref_s = "failed" if ref is None else format(ref["s_per_step"], ".3f")
@@ -217,10 +253,14 @@ def render(rows, ceiling: float | None, device_name: str, args) -> str:
             f"{mine['tokens_per_s'] / ref['tokens_per_s']:.2f}x | {ref['peak_memory_bytes'] / GIB:.2f} | "
             f"{mine['peak_memory_bytes'] / GIB:.2f} | {mine['peak_memory_bytes'] / ref['peak_memory_bytes']:.2f}x | "
             f"{mine['mean_memory_bytes'] / GIB:.2f} | {tflops:.0f}{frac} | "
-            f"{gap:.4f}{'' if gap <= LOSS_TOLERANCE else ' (over tolerance)'} | `{extra}` |")
-    lines += ["", f"loss gap: the largest |ours - reference| / reference over the {args.steps} steps' losses "
-              f"(tolerance {LOSS_TOLERANCE}). TFLOP/s: qpeft_bench/estimate.py's FLOPs of the step / measured s/step.",
-              f"Environment: {os.environ.get('HOSTNAME', platform.node())}, Python {platform.python_version()}."]
+            f"{gap:.4f}{'' if gap <= LOSS_TOLERANCE else ' (over tolerance)'} | `{extra}` |"
+        )
+    lines += [
+        "",
+        f"loss gap: the largest |ours - reference| / reference over the {args.steps} steps' losses "
+        f"(tolerance {LOSS_TOLERANCE}). TFLOP/s: qpeft_bench/estimate.py's FLOPs of the step / measured s/step.",
+        f"Environment: {os.environ.get('HOSTNAME', platform.node())}, Python {platform.python_version()}.",
+    ]
     return "\n".join(lines) + "\n"
 
 

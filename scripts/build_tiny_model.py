@@ -21,9 +21,9 @@ from pathlib import Path
 # GOMP_SPINCOUNT=10000 0.37 s / ~1 s, OMP_WAIT_POLICY=PASSIVE 0.41-0.49 s / 0.61 s. Set before torch loads.
 os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 
-import torch  # noqa: E402
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers  # noqa: E402
-from transformers import (  # noqa: E402
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
     LlamaConfig,
@@ -32,7 +32,7 @@ from transformers import (  # noqa: E402
 )
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import tiny_world  # noqa: E402
+import tiny_world
 
 ROOT = Path(__file__).resolve().parent.parent
 SPECIALS = ["<unk>", "<s>", "</s>", "<pad>"]  # ids 0..3, LLaMA-like order (unk, bos, eos) + pad
@@ -42,16 +42,30 @@ def train_tokenizer(docs, vocab_size):
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     # Digits split one by one (as in LLaMA) so numbers don't eat the small vocab and arithmetic stays regular.
     tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)])
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+    )
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=2, special_tokens=SPECIALS,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=2,
+        special_tokens=SPECIALS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator(docs, trainer)
     # LLaMA-like: tokenizer(text) prepends <s>; no </s> is appended.
     tok.post_processor = processors.TemplateProcessing(
-        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", tok.token_to_id("<s>"))])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-                                   pad_token="<pad>", model_max_length=512, clean_up_tokenization_spaces=False)
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", tok.token_to_id("<s>"))]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        model_max_length=512,
+        clean_up_tokenization_spaces=False,
+    )
 
 
 def pack(docs, tok, seq_len):
@@ -69,7 +83,7 @@ def mean_nll(model, windows, bs=32):
     model.eval()
     tot, cnt = 0.0, 0
     for i in range(0, len(windows), bs):
-        x = windows[i: i + bs]
+        x = windows[i : i + bs]
         tot += model(input_ids=x, labels=x).loss.float().item() * x.numel()
         cnt += x.numel()
     return tot / cnt
@@ -89,8 +103,11 @@ def main():
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--warmup", type=int, default=100)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--no-bf16-autocast", action="store_true", help="train in fp32 (autocast is ~2.5x faster on "
-                    "CPUs with AVX512-BF16/AMX, slower on others)")
+    ap.add_argument(
+        "--no-bf16-autocast",
+        action="store_true",
+        help="train in fp32 (autocast is ~2.5x faster on CPUs with AVX512-BF16/AMX, slower on others)",
+    )
     args = ap.parse_args()
     t_start = time.time()
     torch.manual_seed(args.seed)
@@ -113,13 +130,26 @@ def main():
     tok = train_tokenizer(docs, vocab_size=2048)
     train_w, n_train_tok = pack(docs, tok, args.seq)
     held_w, n_held_tok = pack(held, tok, args.seq)
-    print(f"tokenizer: vocab {len(tok)}; corpus {n_train_tok} tokens -> {len(train_w)} windows of {args.seq}; "
-          f"held-out {n_held_tok} tokens", flush=True)
+    print(
+        f"tokenizer: vocab {len(tok)}; corpus {n_train_tok} tokens -> {len(train_w)} windows of {args.seq}; "
+        f"held-out {n_held_tok} tokens",
+        flush=True,
+    )
 
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=256, intermediate_size=768, num_hidden_layers=4,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                      rms_norm_eps=1e-5, tie_word_embeddings=False, bos_token_id=tok.bos_token_id,
-                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=256,
+        intermediate_size=768,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
     model = LlamaForCausalLM(cfg)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model: {n_params:,} parameters", flush=True)
@@ -127,8 +157,12 @@ def main():
     # AdamW, no weight decay on norms (1-D); linear warm-up then cosine decay to 10% of the peak LR.
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
-                            lr=args.lr, betas=(0.9, 0.95), eps=1e-8)
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=args.lr,
+        betas=(0.9, 0.95),
+        eps=1e-8,
+    )
 
     def lr_at(step):
         if step < args.warmup:
@@ -144,7 +178,7 @@ def main():
     for step in range(args.steps):
         if pos + args.batch > len(order):  # new epoch: reshuffle windows
             order, pos = torch.randperm(len(train_w), generator=gen), 0
-        x = train_w[order[pos: pos + args.batch]]
+        x = train_w[order[pos : pos + args.batch]]
         pos += args.batch
         for g in opt.param_groups:
             g["lr"] = lr_at(step)
@@ -157,8 +191,11 @@ def main():
         losses.append(loss.item())
         if step % 50 == 0 or step == args.steps - 1:
             el = time.time() - t0
-            print(f"step {step:5d}  loss {sum(losses[-50:]) / len(losses[-50:]):.4f}  lr {lr_at(step):.2e}  "
-                  f"{el:6.0f}s  {(step + 1) * x.numel() / el:.0f} tok/s", flush=True)
+            print(
+                f"step {step:5d}  loss {sum(losses[-50:]) / len(losses[-50:]):.4f}  lr {lr_at(step):.2e}  "
+                f"{el:6.0f}s  {(step + 1) * x.numel() / el:.0f} tok/s",
+                flush=True,
+            )
     train_time = time.time() - t0
     epochs = args.steps * args.batch / len(train_w)
 
@@ -178,21 +215,53 @@ def main():
     train_nll, held_nll = mean_nll(m, sample), mean_nll(m, held_w)
     held_nll_fp32 = mean_nll(AutoModelForCausalLM.from_pretrained(args.out, dtype=torch.float32), held_w)
     size_mb = os.path.getsize(args.out / "model.safetensors") / 1e6
-    print(f"reloaded ({next(m.parameters()).dtype}): train NLL {train_nll:.4f}, held-out NLL {held_nll:.4f} "
-          f"(fp32 compute {held_nll_fp32:.4f}); model.safetensors {size_mb:.2f} MB; training {train_time:.0f}s",
-          flush=True)
+    print(
+        f"reloaded ({next(m.parameters()).dtype}): train NLL {train_nll:.4f}, held-out NLL {held_nll:.4f} "
+        f"(fp32 compute {held_nll_fp32:.4f}); model.safetensors {size_mb:.2f} MB; training {train_time:.0f}s",
+        flush=True,
+    )
 
     cmd = "python scripts/build_tiny_model.py " + " ".join(sys.argv[1:])
-    (args.out / "README.md").write_text(CARD.format(
-        cmd=cmd.strip(), seed=args.seed, held_seed=held_seed, alpaca_seed=args.seed + 2_000_003, docs=len(docs),
-        mb=sum(map(len, docs)) / 1e6, ntok=n_train_tok, held_docs=len(held), held_kb=size / 1000, held_tok=n_held_tok,
-        n_alpaca=len(alpaca), vocab=len(tok), n_params=n_params, steps=args.steps, batch=args.batch, seq=args.seq,
-        lr=args.lr, warmup=args.warmup, epochs=epochs, amp="bf16 autocast (fp32 master weights)" if use_amp else "fp32",
-        threads=args.threads, train_time=train_time, total_time=time.time() - t_start,
-        last_loss=sum(losses[-50:]) / 50, train_nll=train_nll, held_nll=held_nll, held_ppl=math.exp(held_nll),
-        held_nll_fp32=held_nll_fp32, ln_v=math.log(len(tok)), size_mb=size_mb, torch=torch.__version__,
-        tf=__import__("transformers").__version__, n_people=len(tiny_world.NAMES), n_towns=len(tiny_world.TOWNS),
-        n_rivers=len(tiny_world.RIVERS), n_animals=len(tiny_world.ANIMALS)))
+    (args.out / "README.md").write_text(
+        CARD.format(
+            cmd=cmd.strip(),
+            seed=args.seed,
+            held_seed=held_seed,
+            alpaca_seed=args.seed + 2_000_003,
+            docs=len(docs),
+            mb=sum(map(len, docs)) / 1e6,
+            ntok=n_train_tok,
+            held_docs=len(held),
+            held_kb=size / 1000,
+            held_tok=n_held_tok,
+            n_alpaca=len(alpaca),
+            vocab=len(tok),
+            n_params=n_params,
+            steps=args.steps,
+            batch=args.batch,
+            seq=args.seq,
+            lr=args.lr,
+            warmup=args.warmup,
+            epochs=epochs,
+            amp="bf16 autocast (fp32 master weights)" if use_amp else "fp32",
+            threads=args.threads,
+            train_time=train_time,
+            total_time=time.time() - t_start,
+            last_loss=sum(losses[-50:]) / 50,
+            train_nll=train_nll,
+            held_nll=held_nll,
+            held_ppl=math.exp(held_nll),
+            held_nll_fp32=held_nll_fp32,
+            ln_v=math.log(len(tok)),
+            size_mb=size_mb,
+            torch=torch.__version__,
+            tf=__import__("transformers").__version__,
+            n_people=len(tiny_world.NAMES),
+            n_towns=len(tiny_world.TOWNS),
+            n_rivers=len(tiny_world.RIVERS),
+            n_animals=len(tiny_world.ANIMALS),
+        )
+    )
     print(f"done in {time.time() - t_start:.0f}s", flush=True)
 
 

@@ -22,8 +22,17 @@ from qpeft_bench import accounting, adapters, calibration, models, quant, recipe
 from qpeft_bench.cli import CONF_DIR, job_config
 from qpeft_bench.config import validate
 
-KEYS = ("total_params", "base_model_bytes", "param_buffer_bytes", "quant_state_bytes", "quantized_model_bytes",
-        "bits_per_weight", "trainable_params", "adapter_bytes", "peft_overhead_bytes")
+KEYS = (
+    "total_params",
+    "base_model_bytes",
+    "param_buffer_bytes",
+    "quant_state_bytes",
+    "quantized_model_bytes",
+    "bits_per_weight",
+    "trainable_params",
+    "adapter_bytes",
+    "peft_overhead_bytes",
+)
 
 
 def measured(spec, device: str) -> dict:
@@ -69,8 +78,12 @@ def main(overrides: list[str]) -> int:
         ratio = r / p if p else float("nan") if r else 1.0
         worst = max(worst, abs(ratio - 1) if p else 0.0)
         print(f"{key:<24} {_fmt(p):>18} {_fmt(r):>18} {ratio:>17.6f}")
-    for key in ("quantize_time_s", "calibration_time_s", "cuda_allocated_after_quantize_bytes",
-                "cuda_peak_allocated_bytes"):
+    for key in (
+        "quantize_time_s",
+        "calibration_time_s",
+        "cuda_allocated_after_quantize_bytes",
+        "cuda_peak_allocated_bytes",
+    ):
         if key in real:
             print(f"{key:<24} {'':>18} {_fmt(real[key]):>18}")
     print(f"largest relative difference: {worst:.3%}")

@@ -166,8 +166,11 @@ def category_question(rng: random.Random, template: str) -> tuple[str, list[str]
     return template.format(cat=cat), choices, choices.index(right)
 
 
-ARC_TEMPLATES = ["Which of these is {cat}?", "A student sorts objects. Which object is {cat}?",
-                 "Which of the following is an example of {cat}?"]
+ARC_TEMPLATES = [
+    "Which of these is {cat}?",
+    "A student sorts objects. Which object is {cat}?",
+    "Which of the following is an example of {cat}?",
+]
 OBQA_TEMPLATES = ["An example of {cat} is", "Which is {cat}?", "Someone is asked to point at {cat}; they point at"]
 
 
@@ -177,8 +180,14 @@ def choice_items(prefix: str, sep: str, n: int, rng: random.Random, templates: l
     for i in range(n):
         question, choices, answer = category_question(rng, rng.choice(templates))
         labels = ["A", "B", "C", "D"]
-        items.append({"id": f"{prefix}{sep}{i:03d}", stem: question,
-                      "choices": {"text": choices, "label": labels}, "answerKey": labels[answer]})
+        items.append(
+            {
+                "id": f"{prefix}{sep}{i:03d}",
+                stem: question,
+                "choices": {"text": choices, "label": labels},
+                "answerKey": labels[answer],
+            }
+        )
     return items
 
 
@@ -190,50 +199,101 @@ def boolq_items(n: int, rng: random.Random, start: int) -> list[dict]:
         others = [c for c in CAT_NAMES if c != cat]
         asked = cat if i % 2 == 0 else rng.choice(others)
         other = rng.choice(CATEGORIES[rng.choice(others)])
-        passage = (f"In a school science lesson, the class made a chart of everyday things. Next to {thing}, "
-                   f"they wrote that it is {cat}. The chart also listed {other} under another heading.")
-        items.append({"question": f"is {thing} {asked}", "passage": passage, "idx": start + i,
-                      "label": int(asked == cat)})
+        passage = (
+            f"In a school science lesson, the class made a chart of everyday things. Next to {thing}, "
+            f"they wrote that it is {cat}. The chart also listed {other} under another heading."
+        )
+        items.append(
+            {"question": f"is {thing} {asked}", "passage": passage, "idx": start + i, "label": int(asked == cat)}
+        )
     return items
 
 
 # --------------------------------------------------------------------------------------------------------------
 # HellaSwag: (activity, ctx_a, ctx_b, the ending that follows); the other endings come from other scenes.
 SCENES = [
-    ("Making tea", "A man fills a kettle at the sink and switches it on.", "he",
-     "pours the hot water over a tea bag in a mug."),
-    ("Washing a car", "A woman sprays the car with a hose.", "she",
-     "scrubs the doors with a soapy sponge."),
-    ("Planting a tree", "A boy digs a deep hole in the garden.", "he",
-     "sets the young tree in the hole and fills it with soil."),
-    ("Tying shoes", "A girl sits on the step and pulls on her trainers.", "she",
-     "crosses the laces and pulls them into a bow."),
-    ("Painting a fence", "A man opens a tin of white paint.", "he",
-     "dips a wide brush and paints the boards from top to bottom."),
-    ("Baking bread", "A baker kneads a ball of dough on the table.", "she",
-     "leaves the dough to rise under a cloth."),
-    ("Riding a bike", "A child climbs onto a small bicycle.", "she",
-     "pushes off and pedals slowly along the path."),
-    ("Folding laundry", "A man empties a basket of clean clothes on the bed.", "he",
-     "folds each shirt and stacks them in a pile."),
-    ("Brushing a dog", "A woman kneels next to a sleepy dog.", "she",
-     "runs a brush gently through its fur."),
-    ("Changing a light bulb", "A man stands on a chair under the ceiling lamp.", "he",
-     "unscrews the old bulb and screws in a new one."),
-    ("Making a sandwich", "A girl lays two slices of bread on a plate.", "she",
-     "spreads butter and adds cheese between the slices."),
-    ("Sweeping the floor", "A man takes a broom from the cupboard.", "he",
-     "sweeps the crumbs into a small pile by the door."),
-    ("Wrapping a present", "A woman cuts a sheet of bright paper.", "she",
-     "folds it around the box and tapes the edges."),
-    ("Watering plants", "A boy fills a watering can at the tap.", "he",
-     "pours water slowly over each pot on the windowsill."),
-    ("Ironing a shirt", "A woman sets up the ironing board.", "she",
-     "presses the iron along the sleeves of the shirt."),
-    ("Skipping rope", "Two girls turn a long rope in the playground.", "a third girl",
-     "jumps in and skips in time with the rope."),
-    ("Fixing a puncture", "A man turns his bicycle upside down and takes off the tyre.", "he",
-     "finds the hole in the tube and sticks a patch over it."),
+    (
+        "Making tea",
+        "A man fills a kettle at the sink and switches it on.",
+        "he",
+        "pours the hot water over a tea bag in a mug.",
+    ),
+    ("Washing a car", "A woman sprays the car with a hose.", "she", "scrubs the doors with a soapy sponge."),
+    (
+        "Planting a tree",
+        "A boy digs a deep hole in the garden.",
+        "he",
+        "sets the young tree in the hole and fills it with soil.",
+    ),
+    (
+        "Tying shoes",
+        "A girl sits on the step and pulls on her trainers.",
+        "she",
+        "crosses the laces and pulls them into a bow.",
+    ),
+    (
+        "Painting a fence",
+        "A man opens a tin of white paint.",
+        "he",
+        "dips a wide brush and paints the boards from top to bottom.",
+    ),
+    ("Baking bread", "A baker kneads a ball of dough on the table.", "she", "leaves the dough to rise under a cloth."),
+    ("Riding a bike", "A child climbs onto a small bicycle.", "she", "pushes off and pedals slowly along the path."),
+    (
+        "Folding laundry",
+        "A man empties a basket of clean clothes on the bed.",
+        "he",
+        "folds each shirt and stacks them in a pile.",
+    ),
+    ("Brushing a dog", "A woman kneels next to a sleepy dog.", "she", "runs a brush gently through its fur."),
+    (
+        "Changing a light bulb",
+        "A man stands on a chair under the ceiling lamp.",
+        "he",
+        "unscrews the old bulb and screws in a new one.",
+    ),
+    (
+        "Making a sandwich",
+        "A girl lays two slices of bread on a plate.",
+        "she",
+        "spreads butter and adds cheese between the slices.",
+    ),
+    (
+        "Sweeping the floor",
+        "A man takes a broom from the cupboard.",
+        "he",
+        "sweeps the crumbs into a small pile by the door.",
+    ),
+    (
+        "Wrapping a present",
+        "A woman cuts a sheet of bright paper.",
+        "she",
+        "folds it around the box and tapes the edges.",
+    ),
+    (
+        "Watering plants",
+        "A boy fills a watering can at the tap.",
+        "he",
+        "pours water slowly over each pot on the windowsill.",
+    ),
+    (
+        "Ironing a shirt",
+        "A woman sets up the ironing board.",
+        "she",
+        "presses the iron along the sleeves of the shirt.",
+    ),
+    (
+        "Skipping rope",
+        "Two girls turn a long rope in the playground.",
+        "a third girl",
+        "jumps in and skips in time with the rope.",
+    ),
+    (
+        "Fixing a puncture",
+        "A man turns his bicycle upside down and takes off the tyre.",
+        "he",
+        "finds the hole in the tube and sticks a patch over it.",
+    ),
 ]
 
 
@@ -243,34 +303,71 @@ def hellaswag_items(scenes: list[tuple], split: str, start: int, rng: random.Ran
         wrong = rng.sample([s[3] for s in SCENES if s[3] != ending], 3)
         endings = [ending, *wrong]
         rng.shuffle(endings)
-        items.append({"ind": start + i, "activity_label": activity, "ctx_a": ctx_a, "ctx_b": ctx_b,
-                      "ctx": f"{ctx_a} {ctx_b}", "endings": endings, "source_id": f"qpeft~{start + i}",
-                      "split": split, "split_type": "indomain", "label": str(endings.index(ending))})
+        items.append(
+            {
+                "ind": start + i,
+                "activity_label": activity,
+                "ctx_a": ctx_a,
+                "ctx_b": ctx_b,
+                "ctx": f"{ctx_a} {ctx_b}",
+                "endings": endings,
+                "source_id": f"qpeft~{start + i}",
+                "split": split,
+                "split_type": "indomain",
+                "label": str(endings.index(ending)),
+            }
+        )
     return items
 
 
 # PIQA: (goal, the solution that works, one that does not).
 PIQA = [
-    ("To keep bread fresh for longer,", "store it in a closed bag in a cool place.",
-     "store it on a sunny windowsill without a bag."),
-    ("How do you loosen a tight jar lid?", "Run the lid under warm water, then twist it.",
-     "Put the jar in the freezer, then twist the glass."),
-    ("To dry wet shoes quickly,", "stuff them with newspaper and leave them in a warm room.",
-     "fill them with water and leave them outside at night."),
-    ("How can you find a small screw dropped on a carpet?", "Slide a magnet slowly over the carpet.",
-     "Pour sugar on the carpet and wait."),
-    ("To stop a rug from sliding on a wooden floor,", "put a rubber mat underneath it.",
-     "polish the floor under the rug."),
-    ("How do you make ice cubes clearer?", "Boil the water first and let it cool before freezing.",
-     "Add salt to the water before freezing."),
-    ("To cool a hot drink faster,", "pour it into a wide, shallow cup.",
-     "cover it with a thick towel."),
-    ("How do you keep a paintbrush from drying out overnight?", "Wrap the bristles in plastic film.",
-     "Leave it standing bristles up in the sun."),
-    ("To light a dark path at night,", "carry a torch and point it at the ground ahead.",
-     "wear sunglasses and walk faster."),
-    ("How do you remove a sticker from glass?", "Rub a little cooking oil on it and scrape it off.",
-     "Rub it with sand paper until the glass is cloudy."),
+    (
+        "To keep bread fresh for longer,",
+        "store it in a closed bag in a cool place.",
+        "store it on a sunny windowsill without a bag.",
+    ),
+    (
+        "How do you loosen a tight jar lid?",
+        "Run the lid under warm water, then twist it.",
+        "Put the jar in the freezer, then twist the glass.",
+    ),
+    (
+        "To dry wet shoes quickly,",
+        "stuff them with newspaper and leave them in a warm room.",
+        "fill them with water and leave them outside at night.",
+    ),
+    (
+        "How can you find a small screw dropped on a carpet?",
+        "Slide a magnet slowly over the carpet.",
+        "Pour sugar on the carpet and wait.",
+    ),
+    (
+        "To stop a rug from sliding on a wooden floor,",
+        "put a rubber mat underneath it.",
+        "polish the floor under the rug.",
+    ),
+    (
+        "How do you make ice cubes clearer?",
+        "Boil the water first and let it cool before freezing.",
+        "Add salt to the water before freezing.",
+    ),
+    ("To cool a hot drink faster,", "pour it into a wide, shallow cup.", "cover it with a thick towel."),
+    (
+        "How do you keep a paintbrush from drying out overnight?",
+        "Wrap the bristles in plastic film.",
+        "Leave it standing bristles up in the sun.",
+    ),
+    (
+        "To light a dark path at night,",
+        "carry a torch and point it at the ground ahead.",
+        "wear sunglasses and walk faster.",
+    ),
+    (
+        "How do you remove a sticker from glass?",
+        "Rub a little cooking oil on it and scrape it off.",
+        "Rub it with sand paper until the glass is cloudy.",
+    ),
 ]
 
 # WinoGrande: (sentence with _, option1, option2, the right option).
@@ -291,25 +388,36 @@ WINOGRANDE = [
 
 # TruthfulQA-style items: a plain question, and true (label 1) and false (label 0) answers.
 TRUTHFUL = [
-    ("What happens to a metal spoon left in a cup of hot tea?",
-     ["The handle of the spoon gets warm.", "The spoon warms up."],
-     ["The spoon melts.", "The spoon becomes magnetic."]),
-    ("Can you see stars during the day if the sky is clear?",
-     ["Usually not, because sunlight scattered in the air is much brighter.",
-      "Mostly no, the Sun outshines them."],
-     ["Yes, they are always just as visible as at night.", "No, stars switch off during the day."]),
-    ("What does a thermometer measure?",
-     ["It measures temperature.", "How hot or cold something is."],
-     ["It measures weight.", "It measures how fast the wind blows."]),
-    ("Is it safe to look straight at the Sun for a long time?",
-     ["No, it can damage your eyes.", "No, you should not stare at the Sun."],
-     ["Yes, it is safe if you blink often.", "Yes, it improves your eyesight."]),
-    ("What happens to water when it freezes?",
-     ["It turns into ice and takes up a little more space.", "It becomes solid ice."],
-     ["It turns into steam.", "It disappears completely."]),
-    ("Why do we have day and night?",
-     ["Because the Earth turns on its axis.", "The Earth spins, so each side faces the Sun in turn."],
-     ["Because the Sun goes around the Earth every hour.", "Because the Moon blocks the Sun every evening."]),
+    (
+        "What happens to a metal spoon left in a cup of hot tea?",
+        ["The handle of the spoon gets warm.", "The spoon warms up."],
+        ["The spoon melts.", "The spoon becomes magnetic."],
+    ),
+    (
+        "Can you see stars during the day if the sky is clear?",
+        ["Usually not, because sunlight scattered in the air is much brighter.", "Mostly no, the Sun outshines them."],
+        ["Yes, they are always just as visible as at night.", "No, stars switch off during the day."],
+    ),
+    (
+        "What does a thermometer measure?",
+        ["It measures temperature.", "How hot or cold something is."],
+        ["It measures weight.", "It measures how fast the wind blows."],
+    ),
+    (
+        "Is it safe to look straight at the Sun for a long time?",
+        ["No, it can damage your eyes.", "No, you should not stare at the Sun."],
+        ["Yes, it is safe if you blink often.", "Yes, it improves your eyesight."],
+    ),
+    (
+        "What happens to water when it freezes?",
+        ["It turns into ice and takes up a little more space.", "It becomes solid ice."],
+        ["It turns into steam.", "It disappears completely."],
+    ),
+    (
+        "Why do we have day and night?",
+        ["Because the Earth turns on its axis.", "The Earth spins, so each side faces the Sun in turn."],
+        ["Because the Sun goes around the Earth every hour.", "Because the Moon blocks the Sun every evening."],
+    ),
 ]
 
 
@@ -318,9 +426,13 @@ def truthfulqa_items(rng: random.Random) -> list[dict]:
     for question, true, false in TRUTHFUL:
         mc1 = [true[0], *false]
         mc2 = [*true, *false]
-        items.append({"question": question,
-                      "mc1_targets": {"choices": mc1, "labels": [1] + [0] * len(false)},
-                      "mc2_targets": {"choices": mc2, "labels": [1] * len(true) + [0] * len(false)}})
+        items.append(
+            {
+                "question": question,
+                "mc1_targets": {"choices": mc1, "labels": [1] + [0] * len(false)},
+                "mc2_targets": {"choices": mc2, "labels": [1] * len(true) + [0] * len(false)},
+            }
+        )
     return items
 
 
@@ -335,12 +447,14 @@ def gsm8k_items(n: int, rng: random.Random) -> list[dict]:
         who, what = rng.choice(PEOPLE), rng.choice(THINGS)
         a, b, k = rng.randint(3, 20), rng.randint(2, 9), rng.randint(2, 5)
         total = (a + b) * k
-        items.append({
-            "question": f"{who} has {a} {what} and gets {b} more. Then {who} buys {k} times as many as that. "
-                        f"How many {what} does {who} buy?",
-            "answer": f"First {who} has {a} + {b} = <<{a}+{b}={a + b}>>{a + b} {what}.\n"
-                      f"Then {who} buys {a + b} * {k} = <<{a + b}*{k}={total}>>{total} {what}.\n#### {total}",
-        })
+        items.append(
+            {
+                "question": f"{who} has {a} {what} and gets {b} more. Then {who} buys {k} times as many as that. "
+                f"How many {what} does {who} buy?",
+                "answer": f"First {who} has {a} + {b} = <<{a}+{b}={a + b}>>{a + b} {what}.\n"
+                f"Then {who} buys {a + b} * {k} = <<{a + b}*{k}={total}>>{total} {what}.\n#### {total}",
+            }
+        )
     return items
 
 
@@ -382,8 +496,14 @@ def task_items(task: str, config: dict, split: str, rng: random.Random) -> list[
 def fixture_files() -> dict[str, str]:
     """{path relative to the data root: file text} for every split of every task of every task set."""
     tm = harness.task_manager(tuple(sorted(set(harness.TASK_DIRS.values()))))
-    tasks = sorted({t for name in harness.TASK_SETS for s in harness.TASK_SETS[name]["tasks"]
-                    for t in harness.leaf_tasks(tm, s.task)})
+    tasks = sorted(
+        {
+            t
+            for name in harness.TASK_SETS
+            for s in harness.TASK_SETS[name]["tasks"]
+            for t in harness.leaf_tasks(tm, s.task)
+        }
+    )
     subjects = sorted(harness.task_config(tm, t)["dataset_name"] for t in tasks if t.startswith("mmlu_"))
     if subjects != sorted(SUBJECT_TERMS):
         diff = sorted(set(subjects) ^ set(SUBJECT_TERMS))

@@ -49,8 +49,7 @@ def markdown(cells: dict[tuple[str, str], str | None]) -> str:
     peft_opts = sorted({p for p, _ in cells})
     quant_opts = sorted({q for _, q in cells})
     reasons: dict[str, int] = {}
-    lines = ["| peft \\ quant | " + " | ".join(f"`{q}`" for q in quant_opts) + " |",
-             "|---|" + "---|" * len(quant_opts)]
+    lines = ["| peft \\ quant | " + " | ".join(f"`{q}`" for q in quant_opts) + " |", "|---|" + "---|" * len(quant_opts)]
     for p in peft_opts:
         row = []
         for q in quant_opts:

@@ -49,8 +49,10 @@ def header(name: str, rows: list[dict], seconds: float) -> tuple[str, str]:
 
     peaks = [float(r["est. peak GiB"]) for r in rows if r.get("est. peak GiB")]
     runs = f"# Runs:     {len(rows)} ({axes(name)})"
-    time = (f"# Time:     {grid.duration(seconds)} of training on one H100-class GPU in all, largest peak "
-            f"{max(peaks, default=0):.1f} GiB (plan mode's estimate; qpeft_bench/estimate.py)")
+    time = (
+        f"# Time:     {grid.duration(seconds)} of training on one H100-class GPU in all, largest peak "
+        f"{max(peaks, default=0):.1f} GiB (plan mode's estimate; qpeft_bench/estimate.py)"
+    )
     return runs, time
 
 

@@ -65,14 +65,31 @@ def test_plan_mode_works_for_every_card(compose, model):
     assert acc["trainable_params"] > 0
 
 
-@pytest.mark.parametrize("qname, overrides", [
-    ("nf4", []), ("nf4", ["quant.double_quant=false"]), ("fp4", ["quant.blocksize=128"]), ("none", []),
-    ("hqq", []), ("hqq", ["quant.nbits=2", "quant.group_size=32"]), ("hqq", ["quant.nbits=3"]),
-    ("hqq", ["quant.nbits=1", "quant.axis=0"]), ("hqq", ["quant.nbits=8", "quant.group_size=128"]),
-    ("rtn", []), ("rtn", ["quant.bits=2", "quant.group_size=64"]), ("rtn", ["quant.bits=8", "quant.symmetric=true"]),
-    ("rtn", ["quant.bits=3"]), ("gptq", ["quant.bits=3", "quant.group_size=64"]),
-    ("int8", []), ("smoothquant", []), ("icq", []), ("gptq", []), ("owq", []), ("qeft", []),
-])
+@pytest.mark.parametrize(
+    "qname, overrides",
+    [
+        ("nf4", []),
+        ("nf4", ["quant.double_quant=false"]),
+        ("fp4", ["quant.blocksize=128"]),
+        ("none", []),
+        ("hqq", []),
+        ("hqq", ["quant.nbits=2", "quant.group_size=32"]),
+        ("hqq", ["quant.nbits=3"]),
+        ("hqq", ["quant.nbits=1", "quant.axis=0"]),
+        ("hqq", ["quant.nbits=8", "quant.group_size=128"]),
+        ("rtn", []),
+        ("rtn", ["quant.bits=2", "quant.group_size=64"]),
+        ("rtn", ["quant.bits=8", "quant.symmetric=true"]),
+        ("rtn", ["quant.bits=3"]),
+        ("gptq", ["quant.bits=3", "quant.group_size=64"]),
+        ("int8", []),
+        ("smoothquant", []),
+        ("icq", []),
+        ("gptq", []),
+        ("owq", []),
+        ("qeft", []),
+    ],
+)
 def test_plan_and_real_agree_on_the_tiny_model(compose, qname, overrides):
     from qpeft_bench import models
 
@@ -87,9 +104,17 @@ def test_plan_and_real_agree_on_the_tiny_model(compose, qname, overrides):
     real.update(accounting.measured_quantized_sizes(model, targets, quant.get(qname).state_bytes))
     recipe.with_adapters(real, model, targets, adapters.get("lora"), spec)
 
-    for key in ("total_params", "base_model_bytes", "param_buffer_bytes", "quantized_model_bytes",
-                "quant_state_bytes", "trainable_params", "adapter_bytes", "peft_overhead_bytes",
-                "qlora_recipe_overhead_bytes"):
+    for key in (
+        "total_params",
+        "base_model_bytes",
+        "param_buffer_bytes",
+        "quantized_model_bytes",
+        "quant_state_bytes",
+        "trainable_params",
+        "adapter_bytes",
+        "peft_overhead_bytes",
+        "qlora_recipe_overhead_bytes",
+    ):
         assert real[key] == planned[key], key  # exact: the storage formula is the format
     assert math.isclose(real["bits_per_weight"], planned["bits_per_weight"])
     if qname != "none":  # the quantized linears are stored in fewer bits than the 16-bit originals
@@ -112,8 +137,9 @@ def test_accounting_functions_on_a_hand_built_model():
 def test_plan_hqq_llama2_7b_matches_the_gpu_measurement(compose, nbits, published_pb):
     # shared/reference/gpu_baseline.md, measured with the hqq API on the lent H100: parameters+buffers as
     # printed, plus scale/zero in `meta` of 404,750,336 B (bf16, one of each per group of 64).
-    acc = recipe.plan_accounting(validate(compose(["mode=plan", "model=llama2_7b", "quant=hqq",
-                                                   f"quant.nbits={nbits}", "peft.r=64"])))
+    acc = recipe.plan_accounting(
+        validate(compose(["mode=plan", "model=llama2_7b", "quant=hqq", f"quant.nbits={nbits}", "peft.r=64"]))
+    )
     assert acc["param_buffer_bytes"] == pytest.approx(published_pb, rel=0.005)
     assert acc["quant_state_bytes"] == 404_750_336
     assert acc["bits_per_weight"] == pytest.approx(nbits + 0.5)

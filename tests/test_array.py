@@ -33,20 +33,35 @@ def test_slurm_array_script_submits_one_task_per_point_and_each_task_runs_its_po
     fake.write_text('#!/usr/bin/env bash\nprintf "%s\\n" "$@" > "$FAKE_SBATCH_LOG"\necho 4242\n')
     fake.chmod(0o755)
     log = tmp_path / "sbatch.args"
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "SBATCH": str(fake),
-           "FAKE_SBATCH_LOG": str(log), "GPUS": "0", "PARALLEL": "2", "LOGS": str(tmp_path / "logs")}
-    proc = subprocess.run([str(ROOT / "scripts" / "slurm_array.sh"), "smoke", *GRID[1:],
-                           "output_root=" + str(tmp_path / "runs")],
-                          env=env, capture_output=True, text=True)
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+        "SBATCH": str(fake),
+        "FAKE_SBATCH_LOG": str(log),
+        "GPUS": "0",
+        "PARALLEL": "2",
+        "LOGS": str(tmp_path / "logs"),
+    }
+    proc = subprocess.run(
+        [str(ROOT / "scripts" / "slurm_array.sh"), "smoke", *GRID[1:], "output_root=" + str(tmp_path / "runs")],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 0, proc.stderr
     args = log.read_text().splitlines()
     assert "--array=0-2%2" in args and not any(a.startswith("--gres") for a in args)
-    wrap = next(a for a in args if a.startswith("--wrap="))[len("--wrap="):]
+    wrap = next(a for a in args if a.startswith("--wrap="))[len("--wrap=") :]
     assert wrap.endswith("grid_index=$SLURM_ARRAY_TASK_ID")
     listed = {int(r[0]): r[1] for r in _list(tmp_path)}
     for task in (2, 0):  # as SLURM would start them, in any order
-        done = subprocess.run(["bash", "-c", wrap], cwd=ROOT, env={**env, "SLURM_ARRAY_TASK_ID": str(task)},
-                              capture_output=True, text=True)
+        done = subprocess.run(
+            ["bash", "-c", wrap],
+            cwd=ROOT,
+            env={**env, "SLURM_ARRAY_TASK_ID": str(task)},
+            capture_output=True,
+            text=True,
+        )
         assert done.returncode == 0, done.stderr[-2000:]
         rec = json.loads((tmp_path / "runs" / listed[task] / "result.json").read_text())
         assert rec["status"] == "completed" and rec["run_id"] == listed[task]

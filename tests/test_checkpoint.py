@@ -34,8 +34,9 @@ def test_a_killed_run_resumes_and_matches_the_uninterrupted_one(tmp_path):
     reference = _record(tmp_path / "whole")
     assert not list((tmp_path / "whole").glob("*/checkpoint"))  # removed once complete
 
-    proc = subprocess.Popen([*CLI, *RUN, "output_root=killed"], cwd=tmp_path, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [*CLI, *RUN, "output_root=killed"], cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     deadline = time.monotonic() + 300
     step = 0
     while time.monotonic() < deadline and proc.poll() is None:
@@ -59,6 +60,5 @@ def test_a_killed_run_resumes_and_matches_the_uninterrupted_one(tmp_path):
     resumed = _record(tmp_path / "killed")
     assert resumed["status"] == "completed" and resumed["train"]["resumed_from_step"] >= 4
     assert resumed["train"]["losses"] == pytest.approx(reference["train"]["losses"], rel=1e-6)
-    assert resumed["eval"]["after"]["ppl_heldout"] == pytest.approx(reference["eval"]["after"]["ppl_heldout"],
-                                                                    rel=1e-6)
+    assert resumed["eval"]["after"]["ppl_heldout"] == pytest.approx(reference["eval"]["after"]["ppl_heldout"], rel=1e-6)
     assert not list((tmp_path / "killed").glob("*/checkpoint"))

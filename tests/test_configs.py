@@ -12,8 +12,9 @@ from qpeft_bench.config import ConfigError, validate
 
 CONF = Path(CONF_DIR)
 # Hydra's own groups (help, launcher presets) and the site files of conf/local are not run-config groups
-GROUP_FILES = sorted(p for p in CONF.rglob("*.yaml")
-                     if p.parent != CONF and p.relative_to(CONF).parts[0] not in ("hydra", "local"))
+GROUP_FILES = sorted(
+    p for p in CONF.rglob("*.yaml") if p.parent != CONF and p.relative_to(CONF).parts[0] not in ("hydra", "local")
+)
 
 
 def test_there_are_config_files_in_every_group():
@@ -55,7 +56,11 @@ def test_launcher_presets_compose(compose, launcher, target):
 def test_default_config_is_the_embedded_qlora_run(compose):
     spec = validate(compose())
     assert (spec.model.name, spec.quant_name, spec.peft_method, spec.data.name) == (
-        "tiny_llama", "nf4", "lora", "tiny_alpaca")
+        "tiny_llama",
+        "nf4",
+        "lora",
+        "tiny_alpaca",
+    )
     assert spec.quant.double_quant is True
 
 
@@ -119,7 +124,14 @@ def test_model_cards_match_the_reference_architectures(compose):
         assert card["family"] == row["family"]
         arch = card["arch"]
         ffn = arch.get("intermediate_size", arch.get("ffn_dim"))
-        assert (arch["hidden_size"], ffn, arch["num_hidden_layers"], arch["num_attention_heads"],
-                arch["vocab_size"]) == tuple(int(row[k]) for k in (
-                    "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size"))
+        assert (
+            arch["hidden_size"],
+            ffn,
+            arch["num_hidden_layers"],
+            arch["num_attention_heads"],
+            arch["vocab_size"],
+        ) == tuple(
+            int(row[k])
+            for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
+        )
         assert arch.get("num_key_value_heads", arch["num_attention_heads"]) == int(row["num_key_value_heads"])

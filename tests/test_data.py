@@ -56,8 +56,14 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 
 
 def alpaca_rows(n: int) -> list[dict]:
-    return [{"instruction": f"Add {i} and {i + 1}.", "input": "" if i % 3 else f"numbers {i}, {i + 1}",
-             "output": f"The sum is {2 * i + 1}."} for i in range(n)]
+    return [
+        {
+            "instruction": f"Add {i} and {i + 1}.",
+            "input": "" if i % 3 else f"numbers {i}, {i + 1}",
+            "output": f"The sum is {2 * i + 1}.",
+        }
+        for i in range(n)
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -65,16 +71,24 @@ def tokenizer():
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    texts = [ex["source"] + ex["target"] for name, fmt, variant, _ in FIXTURE_CASES
-             for ex in load_examples(fmt, path=str(FIXTURES / name), variant=variant)]
+    texts = [
+        ex["source"] + ex["target"]
+        for name, fmt, variant, _ in FIXTURE_CASES
+        for ex in load_examples(fmt, path=str(FIXTURES / name), variant=variant)
+    ]
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=["<pad>", "<s>", "</s>", "<unk>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=600,
+        special_tokens=["<pad>", "<s>", "</s>", "<unk>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator(texts, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
-                                   pad_token="<pad>", unk_token="<unk>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
 
 
 def encode(tokenizer, text: str) -> list[int]:
@@ -120,8 +134,9 @@ def test_oasst1_follows_the_top_ranked_path():
     )
     assert examples[2]["target"].startswith("### Human: ¿Cuál es la diferencia")
     # Tree 6: an unranked lone reply is taken; rank beats creation date among siblings.
-    assert examples[3]["target"].endswith("### Human: Something less common, please."
-                                          "### Assistant: Graphite, Mistral or Tinsel.")
+    assert examples[3]["target"].endswith(
+        "### Human: Something less common, please.### Assistant: Graphite, Mistral or Tinsel."
+    )
     everything = "".join(ex["target"] for ex in examples)
     for excluded in ("throw it away", "freeze it", "cheap watches", "john smith", "Skat", "Canberra", "Nimbus"):
         assert excluded not in everything
@@ -136,13 +151,16 @@ def test_oasst1_language_variant_keeps_only_that_language():
 def test_guanaco_text_is_the_target():
     rows = read_jsonl("guanaco.jsonl")
     assert load_examples("guanaco", path=str(FIXTURES / "guanaco.jsonl")) == [
-        {"source": "", "target": row["text"]} for row in rows]
+        {"source": "", "target": row["text"]} for row in rows
+    ]
 
 
 def test_unnatural_instances_and_reformulations():
     core = load_examples("unnatural", path=str(FIXTURES / "unnatural_core.jsonl"), variant="core")
-    assert core[0] == {"source": "You are given a list of numbers. Return the largest number in the list.\n"
-                                 "List: [3, 17, 9, 2]\n", "target": "17"}
+    assert core[0] == {
+        "source": "You are given a list of numbers. Return the largest number in the list.\nList: [3, 17, 9, 2]\n",
+        "target": "17",
+    }
     full = load_examples("unnatural", path=str(FIXTURES / "unnatural_full.jsonl"), variant="full")
     assert {"source": "Which number in [3, 17, 9, 2] is the biggest?\n", "target": "17"} in full
     assert all(ex in full for ex in core)
@@ -155,7 +173,8 @@ def test_unnatural_accepts_struct_of_lists(tmp_path):
         row["instances"] = {key: [inst[key] for inst in row["instances"]] for key in row["instances"][0]}
     path = write_jsonl(tmp_path / "core.jsonl", rows)
     assert load_examples("unnatural", path=str(path)) == load_examples(
-        "unnatural", path=str(FIXTURES / "unnatural_core.jsonl"))
+        "unnatural", path=str(FIXTURES / "unnatural_core.jsonl")
+    )
 
 
 def test_unnatural_full_needs_reformulations():
@@ -167,8 +186,9 @@ def test_open_platypus_uses_the_alpaca_prompt():
     examples = load_examples("open_platypus", path=str(FIXTURES / "open_platypus.jsonl"))
     rows = read_jsonl("open_platypus.jsonl")
     assert examples[0]["source"] == ALPACA_PROMPT_NO_INPUT.format(instruction=rows[0]["instruction"])
-    assert examples[3]["source"] == ALPACA_PROMPT_INPUT.format(instruction=rows[3]["instruction"],
-                                                               input=rows[3]["input"])
+    assert examples[3]["source"] == ALPACA_PROMPT_INPUT.format(
+        instruction=rows[3]["instruction"], input=rows[3]["input"]
+    )
     assert examples[3]["source"].endswith("D. Whales are fish.\n\n### Response: ")
     assert [ex["target"] for ex in examples] == [row["output"] for row in rows]
 
@@ -180,21 +200,27 @@ def test_alpaca_json_list(tmp_path):
     assert examples[0]["source"] == (
         "Below is an instruction that describes a task, paired with an input that provides further context. "
         "Write a response that appropriately completes the request.\n\n"
-        "### Instruction:\nAdd 0 and 1.\n\n### Input:\nnumbers 0, 1\n\n### Response: ")
+        "### Instruction:\nAdd 0 and 1.\n\n### Input:\nnumbers 0, 1\n\n### Response: "
+    )
     assert examples[1]["source"] == (
         "Below is an instruction that describes a task. Write a response that appropriately completes the "
-        "request.\n\n### Instruction:\nAdd 1 and 2.\n\n### Response: ")
+        "request.\n\n### Instruction:\nAdd 1 and 2.\n\n### Response: "
+    )
     assert examples[1]["target"] == "The sum is 3."
 
 
 def test_guanaco_llama2_drops_the_literal_wrapper(tokenizer):
     examples = load_examples("guanaco_llama2", path=str(FIXTURES / "guanaco_llama2_1k.jsonl"))
-    assert examples[0]["target"] == ("[INST] What is the boiling point of water at sea level? [/INST] "
-                                     "100 degrees Celsius, or 212 degrees Fahrenheit.")
-    assert examples[4]["target"] == ("[INST] What is 15% of 80? [/INST] 15% of 80 is 12. </s>"
-                                     "<s>[INST] And 20%? [/INST] 20% of 80 is 16.")
-    feature = tokenize_examples(examples[:1], tokenizer, max_source_len=16, max_target_len=512,
-                                train_on_source=False)[0]
+    assert examples[0]["target"] == (
+        "[INST] What is the boiling point of water at sea level? [/INST] "
+        "100 degrees Celsius, or 212 degrees Fahrenheit."
+    )
+    assert examples[4]["target"] == (
+        "[INST] What is 15% of 80? [/INST] 15% of 80 is 12. </s><s>[INST] And 20%? [/INST] 20% of 80 is 16."
+    )
+    feature = tokenize_examples(examples[:1], tokenizer, max_source_len=16, max_target_len=512, train_on_source=False)[
+        0
+    ]
     assert feature["input_ids"].count(tokenizer.bos_token_id) == 1
     assert feature["input_ids"].count(tokenizer.eos_token_id) == 1
 
@@ -230,7 +256,8 @@ def test_gzip_glob_and_parquet(tmp_path):
 
     pq.write_table(pa.Table.from_pylist(read_jsonl("unnatural_full.jsonl")), tmp_path / "full.parquet")
     assert load_examples("unnatural", path=str(tmp_path / "full.parquet"), variant="full") == load_examples(
-        "unnatural", path=str(FIXTURES / "unnatural_full.jsonl"), variant="full")
+        "unnatural", path=str(FIXTURES / "unnatural_full.jsonl"), variant="full"
+    )
 
 
 def test_bad_variant_and_cap_are_rejected():
@@ -305,8 +332,11 @@ def test_check_source_malformed_json_list_names_the_line(tmp_path):
 
 def test_check_source_missing_fields_names_expected_and_found(tmp_path):
     path = write_jsonl(tmp_path / "rows.jsonl", [{"chosen": "x"}, {"prompt": "p", "rejected": "r"}])
-    with pytest.raises(ValueError, match=r"row 2: missing field\(s\) chosen; .*expects chosen "
-                                         r"and the row has prompt, rejected"):
+    with pytest.raises(
+        ValueError,
+        match=r"row 2: missing field\(s\) chosen; .*expects chosen "
+        r"and the row has prompt, rejected",
+    ):
         check_source("hh_rlhf", str(path), None)
 
 
@@ -366,8 +396,7 @@ def platypus():
 
 
 def test_labels_mask_exactly_the_source(tokenizer, platypus):
-    features = tokenize_examples(platypus, tokenizer, max_source_len=512, max_target_len=512,
-                                 train_on_source=False)
+    features = tokenize_examples(platypus, tokenizer, max_source_len=512, max_target_len=512, train_on_source=False)
     assert len(features) == len(platypus)
     for ex, feature in zip(platypus, features, strict=True):
         n_source = 1 + len(encode(tokenizer, ex["source"]))
@@ -378,8 +407,7 @@ def test_labels_mask_exactly_the_source(tokenizer, platypus):
 
 
 def test_train_on_source_masks_nothing(tokenizer, platypus):
-    features = tokenize_examples(platypus, tokenizer, max_source_len=512, max_target_len=512,
-                                 train_on_source=True)
+    features = tokenize_examples(platypus, tokenizer, max_source_len=512, max_target_len=512, train_on_source=True)
     assert all(f["labels"] == f["input_ids"] for f in features)
     batch = collate(features, pad_id=tokenizer.pad_token_id)
     assert ((batch["labels"] == IGNORE_INDEX) == (batch["attention_mask"] == 0)).all()
@@ -393,14 +421,13 @@ def test_truncation_limits_hold(tokenizer, platypus):
         assert n_source == 8 and len(short["input_ids"]) - n_source <= 5
         assert short["input_ids"][:8] == whole["input_ids"][:8]  # right truncation keeps the start
         whole_source = whole["labels"].count(IGNORE_INDEX)
-        assert short["input_ids"][8:] == whole["input_ids"][whole_source:whole_source + 5]
+        assert short["input_ids"][8:] == whole["input_ids"][whole_source : whole_source + 5]
 
 
 def test_empty_targets_are_skipped_with_a_warning(tokenizer):
     examples = [{"source": "a", "target": "b"}, {"source": "a", "target": ""}]
     with pytest.warns(UserWarning, match="skipped 1 of 2 examples with an empty target"):
-        features = tokenize_examples(examples, tokenizer, max_source_len=8, max_target_len=8,
-                                     train_on_source=False)
+        features = tokenize_examples(examples, tokenizer, max_source_len=8, max_target_len=8, train_on_source=False)
     assert len(features) == 1
 
 
@@ -410,8 +437,7 @@ def test_bad_lengths_are_rejected(tokenizer):
 
 
 def test_collate_pads_right_and_masks_pads(tokenizer, platypus):
-    features = tokenize_examples(platypus[:4], tokenizer, max_source_len=512, max_target_len=512,
-                                 train_on_source=False)
+    features = tokenize_examples(platypus[:4], tokenizer, max_source_len=512, max_target_len=512, train_on_source=False)
     # pad == eos, as many causal LMs are set up: the mask must still keep each example's EOS.
     batch = collate(features, pad_id=tokenizer.eos_token_id)
     width = max(len(f["input_ids"]) for f in features)
@@ -470,13 +496,32 @@ def test_make_batches_edge_cases():
 # conf/data
 # ---------------------------------------------------------------------------------------------------------
 
-CONFIG_KEYS = {"name", "format", "hub_id", "path", "variant", "val_fraction", "split_seed", "max_source_len",
-               "max_target_len", "train_on_source", "group_by_length", "max_examples"}
+CONFIG_KEYS = {
+    "name",
+    "format",
+    "hub_id",
+    "path",
+    "variant",
+    "val_fraction",
+    "split_seed",
+    "max_source_len",
+    "max_target_len",
+    "train_on_source",
+    "group_by_length",
+    "max_examples",
+}
 # Which fixture stands in for each config's hub data in the test below.
-CONFIG_FIXTURES = {"alpaca": None, "tiny_alpaca": None, "hh_rlhf": "hh_rlhf.jsonl", "oasst1": "oasst1.jsonl",
-                   "guanaco": "guanaco.jsonl", "unnatural_core": "unnatural_core.jsonl",
-                   "unnatural_full": "unnatural_full.jsonl", "open_platypus": "open_platypus.jsonl",
-                   "guanaco_llama2_1k": "guanaco_llama2_1k.jsonl"}
+CONFIG_FIXTURES = {
+    "alpaca": None,
+    "tiny_alpaca": None,
+    "hh_rlhf": "hh_rlhf.jsonl",
+    "oasst1": "oasst1.jsonl",
+    "guanaco": "guanaco.jsonl",
+    "unnatural_core": "unnatural_core.jsonl",
+    "unnatural_full": "unnatural_full.jsonl",
+    "open_platypus": "open_platypus.jsonl",
+    "guanaco_llama2_1k": "guanaco_llama2_1k.jsonl",
+}
 
 
 @pytest.mark.parametrize("config", sorted(CONF_DATA.glob("*.yaml")), ids=lambda p: p.stem)

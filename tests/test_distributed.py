@@ -30,12 +30,32 @@ def _records(root: Path) -> list[dict]:
 def one_and_two(tmp_path: Path, overrides: list[str], kind: str) -> tuple[dict, dict]:
     """The records of one process with grad_accum 2 (in ./one) and of two `kind` processes with grad_accum 1 (./two):
     the same global batch. One record per job, not per process."""
-    one = subprocess.run([sys.executable, "-m", "qpeft_bench.cli", *overrides, "train.grad_accum=2",
-                          "output_root=one"], cwd=tmp_path, env=ENV, capture_output=True, text=True)
+    one = subprocess.run(
+        [sys.executable, "-m", "qpeft_bench.cli", *overrides, "train.grad_accum=2", "output_root=one"],
+        cwd=tmp_path,
+        env=ENV,
+        capture_output=True,
+        text=True,
+    )
     assert one.returncode == 0, one.stderr[-2000:]
-    two = subprocess.run([*TORCHRUN, "--nproc-per-node", "2", "-m", "qpeft_bench.cli", *overrides,
-                          "train.grad_accum=1", f"train.distributed={kind}", "train.gpus=2", "output_root=two"],
-                         cwd=tmp_path, env=ENV, capture_output=True, text=True)
+    two = subprocess.run(
+        [
+            *TORCHRUN,
+            "--nproc-per-node",
+            "2",
+            "-m",
+            "qpeft_bench.cli",
+            *overrides,
+            "train.grad_accum=1",
+            f"train.distributed={kind}",
+            "train.gpus=2",
+            "output_root=two",
+        ],
+        cwd=tmp_path,
+        env=ENV,
+        capture_output=True,
+        text=True,
+    )
     assert two.returncode == 0, two.stderr[-3000:]
     (a,), (b,) = _records(tmp_path / "one"), _records(tmp_path / "two")
     assert a["status"] == b["status"] == "completed"
@@ -82,8 +102,13 @@ def test_fsdp_shards_and_follows_one_process_then_saves_and_evaluates_whole(tmp_
     assert b["eval"]["after"]["ppl_heldout"] == pytest.approx(a["eval"]["after"]["ppl_heldout"], rel=1e-5)
     assert b["quant"]["weight_rel_error"] == pytest.approx(a["quant"]["weight_rel_error"], rel=1e-6)
     (run,) = (tmp_path / "two").glob("*/adapter")
-    again = subprocess.run([sys.executable, "-m", "qpeft_bench.cli", "mode=eval", f"run_dir={run.parent}",
-                            "eval.max_batches=2"], cwd=tmp_path, env=ENV, capture_output=True, text=True)
+    again = subprocess.run(
+        [sys.executable, "-m", "qpeft_bench.cli", "mode=eval", f"run_dir={run.parent}", "eval.max_batches=2"],
+        cwd=tmp_path,
+        env=ENV,
+        capture_output=True,
+        text=True,
+    )
     assert again.returncode == 0, again.stderr[-2000:]
     (c,) = _records(tmp_path / "two")
     assert c["eval"]["after"]["ppl_heldout"] == pytest.approx(b["eval"]["after"]["ppl_heldout"], rel=1e-5)
@@ -137,9 +162,28 @@ def test_a_sweep_runs_under_one_torchrun_launch(tmp_path, kind):
     """Two grid points on one base under one torchrun (Hydra's -m runs them in-process): the process group lives as
     long as the processes (joining torchrun's rendezvous again after destroying it fails), and under FSDP process 0
     takes the second run's base from its cache while the others load theirs again."""
-    run = subprocess.run([*TORCHRUN, "--nproc-per-node", "2", "-m", "qpeft_bench.cli", "-m", *FAST, "train.device=cpu",
-                          "train.batch_size=4", f"train.distributed={kind}", "train.gpus=2", "seed=0,1",
-                          "hydra.sweep.dir=sweep"], cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=300)
+    run = subprocess.run(
+        [
+            *TORCHRUN,
+            "--nproc-per-node",
+            "2",
+            "-m",
+            "qpeft_bench.cli",
+            "-m",
+            *FAST,
+            "train.device=cpu",
+            "train.batch_size=4",
+            f"train.distributed={kind}",
+            "train.gpus=2",
+            "seed=0,1",
+            "hydra.sweep.dir=sweep",
+        ],
+        cwd=tmp_path,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     records = sorted(_records(tmp_path / "sweep"), key=lambda r: r["config"]["seed"])
     assert [r["status"] for r in records] == ["completed", "completed"]
@@ -148,10 +192,28 @@ def test_a_sweep_runs_under_one_torchrun_launch(tmp_path, kind):
 
 def test_loftq_with_two_alternations_trains_sharded(tmp_path):
     """LoftQ's re-quantized layers keep FSDP's storage dtype (else the block would not flatten)."""
-    run = subprocess.run([*TORCHRUN, "--nproc-per-node", "2", "-m", "qpeft_bench.cli", *FAST, "train.device=cpu",
-                          "train.batch_size=4", "peft=loftq", "peft.loftq.iters=2", "train.distributed=fsdp",
-                          "train.gpus=2", "output_root=loftq"], cwd=tmp_path, env=ENV, capture_output=True, text=True,
-                         timeout=300)
+    run = subprocess.run(
+        [
+            *TORCHRUN,
+            "--nproc-per-node",
+            "2",
+            "-m",
+            "qpeft_bench.cli",
+            *FAST,
+            "train.device=cpu",
+            "train.batch_size=4",
+            "peft=loftq",
+            "peft.loftq.iters=2",
+            "train.distributed=fsdp",
+            "train.gpus=2",
+            "output_root=loftq",
+        ],
+        cwd=tmp_path,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     (rec,) = _records(tmp_path / "loftq")
     assert rec["status"] == "completed" and rec["adapter_init"]["loftq"]
@@ -185,18 +247,38 @@ def test_a_layerwise_load_needs_safetensors(tmp_path):
         models.TensorSource(str(tmp_path), "bfloat16")
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (["train.gpus=2"], "train.gpus=2 needs train.distributed=ddp"),
-    (["train.gpus=0", "train.distributed=ddp"], "train.gpus=0 must be > 0"),
-    (["train.distributed=fsdp", "train.gpus=2", "quant=hqq"], "fsdp shards quant in"),
-    (["train.distributed=fsdp", "train.gpus=2", "model=opt_1_3b"], "fsdp shards model families"),
-    (["train.distributed=fsdp", "train.gpus=2", "peft=qbara"], "trains peft methods"),
-    (["train.distributed=fsdp", "train.gpus=2", "train.checkpoint_every=5"], "checkpoint_every > 0 is not supported"),
-    (["train.distributed=fsdp", "train.gpus=2", "train.fused_lora=true"], "do not apply under train.distributed=fsdp"),
-    (["train.distributed=fsdp", "train.gpus=2", "quant.quant_storage=uint8"], "quant.quant_storage=auto or bfloat16"),
-    (["train.distributed=fsdp", "train.gpus=2", "model.dtype=float16", "train.compute_dtype=auto",
-      "peft.adapter_dtype=float32"], "fsdp trains in bfloat16 or float32"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["train.gpus=2"], "train.gpus=2 needs train.distributed=ddp"),
+        (["train.gpus=0", "train.distributed=ddp"], "train.gpus=0 must be > 0"),
+        (["train.distributed=fsdp", "train.gpus=2", "quant=hqq"], "fsdp shards quant in"),
+        (["train.distributed=fsdp", "train.gpus=2", "model=opt_1_3b"], "fsdp shards model families"),
+        (["train.distributed=fsdp", "train.gpus=2", "peft=qbara"], "trains peft methods"),
+        (
+            ["train.distributed=fsdp", "train.gpus=2", "train.checkpoint_every=5"],
+            "checkpoint_every > 0 is not supported",
+        ),
+        (
+            ["train.distributed=fsdp", "train.gpus=2", "train.fused_lora=true"],
+            "do not apply under train.distributed=fsdp",
+        ),
+        (
+            ["train.distributed=fsdp", "train.gpus=2", "quant.quant_storage=uint8"],
+            "quant.quant_storage=auto or bfloat16",
+        ),
+        (
+            [
+                "train.distributed=fsdp",
+                "train.gpus=2",
+                "model.dtype=float16",
+                "train.compute_dtype=auto",
+                "peft.adapter_dtype=float32",
+            ],
+            "fsdp trains in bfloat16 or float32",
+        ),
+    ],
+)
 def test_impossible_distributed_settings(compose, overrides, message):
     with pytest.raises(ConfigError, match=message):
         validate(compose(overrides))
@@ -206,8 +288,12 @@ def test_fsdp_without_a_local_checkpoint_is_refused_before_loading(compose, tmp_
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "0")
     config = compose([*FAST, "train.distributed=fsdp", "train.gpus=2", "train.device=cpu"])
-    config["model"] = {**config["model"], "path": None, "hub_id": "meta-llama/Llama-2-7b-hf",
-                       "arch": json.loads((Path(config["model"]["path"]) / "config.json").read_text())}
+    config["model"] = {
+        **config["model"],
+        "path": None,
+        "hub_id": "meta-llama/Llama-2-7b-hf",
+        "arch": json.loads((Path(config["model"]["path"]) / "config.json").read_text()),
+    }
     monkeypatch.setattr(models, "load_tokenizer", lambda source: pytest.fail("loaded before the check"))
     assert recipe.run(config, tmp_path, progress=False) == "failed"
     assert "fsdp loads the base layer by layer from a local safetensors checkpoint" in caplog.text
@@ -236,11 +322,19 @@ def test_plan_mode_estimates_memory_per_gpu(compose):
 def test_slurm_task_variables_become_torchrun_ones(monkeypatch):
     from qpeft_bench import distributed
 
-    env = {"SLURM_PROCID": "3", "SLURM_STEP_NUM_TASKS": "4", "SLURM_LOCALID": "1", "SLURM_JOB_ID": "123456",
-           "SLURM_STEP_NODELIST": "gpu07,gpu08"}
+    env = {
+        "SLURM_PROCID": "3",
+        "SLURM_STEP_NUM_TASKS": "4",
+        "SLURM_LOCALID": "1",
+        "SLURM_JOB_ID": "123456",
+        "SLURM_STEP_NODELIST": "gpu07,gpu08",
+    }
     got = distributed.slurm_world(env)
-    assert {k: got[k] for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK")} == {"RANK": "3", "WORLD_SIZE": "4",
-                                                                         "LOCAL_RANK": "1"}
+    assert {k: got[k] for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK")} == {
+        "RANK": "3",
+        "WORLD_SIZE": "4",
+        "LOCAL_RANK": "1",
+    }
     assert got["MASTER_ADDR"] == "gpu07" and 20000 <= int(got["MASTER_PORT"]) < 40000
     # a batch script's own process (SLURM_NTASKS > 1, but no srun step of several tasks) stays a single process
     for key in ("WORLD_SIZE", "RANK", "SLURM_STEP_NUM_TASKS"):
@@ -258,8 +352,14 @@ def test_gpu_fsdp_on_two_gpus_follows_one_gpu(tmp_path):
 
     if torch.cuda.device_count() < 2:
         pytest.skip("needs 2 CUDA devices")
-    common = [*FAST, "train.batch_size=4", "train.device=cuda", "peft.dropout=0", "train.fused_lora=false",
-              "train.compile=false"]
+    common = [
+        *FAST,
+        "train.batch_size=4",
+        "train.device=cuda",
+        "peft.dropout=0",
+        "train.fused_lora=false",
+        "train.compile=false",
+    ]
     a, b = one_and_two(tmp_path, common, "fsdp")
     assert b["config"]["quant"]["name"] == "nf4" and b["train"]["distributed"]["world_size"] == 2
     for x, y in zip(a["train"]["losses"], b["train"]["losses"], strict=True):

@@ -55,18 +55,33 @@ def plan(compose):
 def _memory(spec, acc, *, gc: bool, upcast: bool = False, batch: int = BATCH, seq: int = SEQ) -> dict:
     """The call the recipe makes, with the training knobs of the reference step."""
     return estimate.train_memory(
-        spec.model.arch_dict(), batch_size=batch, seq_len=seq, gradient_checkpointing=gc, upcast_norms_fp32=upcast,
-        compute_dtype="bfloat16", model_dtype=spec.model.dtype,
+        spec.model.arch_dict(),
+        batch_size=batch,
+        seq_len=seq,
+        gradient_checkpointing=gc,
+        upcast_norms_fp32=upcast,
+        compute_dtype="bfloat16",
+        model_dtype=spec.model.dtype,
         adapter_dtype=getattr(spec.peft, "adapter_dtype", spec.model.dtype),
-        trainable_params=acc["trainable_params"], quantized_bytes=acc["quantized_model_bytes"],
-        adapter_rank=getattr(spec.peft, "r", 0), adapter_dropout=getattr(spec.peft, "dropout", 0.0),
-        adapter_targets=spec.peft_targets, optimizer="paged_adamw_32bit",
-        output_follows_input_dtype=spec.quant_name in ("nf4", "fp4", "int8"), dequantizes=spec.quant_name != "none")
+        trainable_params=acc["trainable_params"],
+        quantized_bytes=acc["quantized_model_bytes"],
+        adapter_rank=getattr(spec.peft, "r", 0),
+        adapter_dropout=getattr(spec.peft, "dropout", 0.0),
+        adapter_targets=spec.peft_targets,
+        optimizer="paged_adamw_32bit",
+        output_follows_input_dtype=spec.quant_name in ("nf4", "fp4", "int8"),
+        dequantizes=spec.quant_name != "none",
+    )
 
 
 def _flops(spec, acc, *, gc: bool, batch: int = BATCH, seq: int = SEQ) -> int:
-    return estimate.step_flops(spec.model.arch_dict(), batch_size=batch, seq_len=seq, gradient_checkpointing=gc,
-                               trainable_params=acc["trainable_params"])
+    return estimate.step_flops(
+        spec.model.arch_dict(),
+        batch_size=batch,
+        seq_len=seq,
+        gradient_checkpointing=gc,
+        trainable_params=acc["trainable_params"],
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -151,8 +166,11 @@ def test_higher_rank_needs_more_optimizer_memory(plan):
 def test_norm_upcast_widens_norms_and_with_bitsandbytes_the_stream(plan):
     spec, acc = plan(*QLORA_R64)
     plain, up = _memory(spec, acc, gc=True), _memory(spec, acc, gc=True, upcast=True)
-    norms = sum(p.numel() for n, p in models.build_meta_model(spec.model.arch_dict(), spec.model.dtype)
-                .named_parameters() if models.is_norm_param(n))
+    norms = sum(
+        p.numel()
+        for n, p in models.build_meta_model(spec.model.arch_dict(), spec.model.dtype).named_parameters()
+        if models.is_norm_param(n)
+    )
     assert up["norm_upcast_bytes"] == norms * (4 - 2) and plain["norm_upcast_bytes"] == 0
     # bitsandbytes returns its input's dtype: the fp32 norm output turns the checkpointed hidden states fp32
     assert up["activation_bytes"] > plain["activation_bytes"]
@@ -164,8 +182,9 @@ def test_opt_1_3b_runs(compose):
     with_gc, without = _memory(spec, acc, gc=True), _memory(spec, acc, gc=False)
     assert acc["quantized_model_bytes"] < with_gc["allocated_peak_bytes"] < without["allocated_peak_bytes"]
     arch = spec.model.arch_dict()
-    linear_params = sum(i * o for i, o in models.linear_shapes(arch, spec.model.dtype,
-                                                               spec.model.linear_names).values())
+    linear_params = sum(
+        i * o for i, o in models.linear_shapes(arch, spec.model.dtype, spec.model.linear_names).values()
+    )
     flops = _flops(spec, acc, gc=False)
     # at least forward and input-gradient backward of the block linears; attention and lm_head add to it
     assert flops > 2 * 2 * BATCH * SEQ * linear_params
@@ -175,9 +194,18 @@ def test_opt_1_3b_runs(compose):
 def test_unusable_inputs_raise_config_errors(plan):
     spec, acc = plan(*QLORA_R64)
     arch = spec.model.arch_dict()
-    kwargs = dict(batch_size=1, seq_len=8, gradient_checkpointing=True, upcast_norms_fp32=False,
-                  compute_dtype="bfloat16", adapter_dtype="bfloat16", trainable_params=1, quantized_bytes=1,
-                  adapter_rank=8, adapter_dropout=0.0)
+    kwargs = dict(
+        batch_size=1,
+        seq_len=8,
+        gradient_checkpointing=True,
+        upcast_norms_fp32=False,
+        compute_dtype="bfloat16",
+        adapter_dtype="bfloat16",
+        trainable_params=1,
+        quantized_bytes=1,
+        adapter_rank=8,
+        adapter_dropout=0.0,
+    )
     with pytest.raises(ConfigError, match="model_type"):
         estimate.train_memory({**arch, "model_type": "gpt2"}, **kwargs)
     with pytest.raises(ConfigError, match="compute_dtype='auto'"):
@@ -185,8 +213,13 @@ def test_unusable_inputs_raise_config_errors(plan):
     with pytest.raises(ConfigError, match="fc1"):
         estimate.train_memory(arch, **kwargs, adapter_targets=["fc1"])
     with pytest.raises(ConfigError, match="intermediate_size"):
-        estimate.step_flops({k: v for k, v in arch.items() if k != "intermediate_size"}, batch_size=1, seq_len=8,
-                            gradient_checkpointing=False, trainable_params=0)
+        estimate.step_flops(
+            {k: v for k, v in arch.items() if k != "intermediate_size"},
+            batch_size=1,
+            seq_len=8,
+            gradient_checkpointing=False,
+            trainable_params=0,
+        )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -206,7 +239,9 @@ def _tiny_model(arch: dict, qname: str, upcast: bool, gc: bool):
     qcfg = qmod.Config(**quant.preset(qname))
     for t in targets:
         parent, _, leaf = t.rpartition(".")
-        setattr(model.get_submodule(parent), leaf, qmod.quantize_linear(model.get_submodule(t), qcfg, "bfloat16", "cpu"))
+        setattr(
+            model.get_submodule(parent), leaf, qmod.quantize_linear(model.get_submodule(t), qcfg, "bfloat16", "cpu")
+        )
     model = lora.attach(model, targets, lora.Config(r=TINY_R, alpha=16, dropout=0.05, adapter_dtype="bfloat16"))
     prepare_for_training(model, upcast_norms_fp32=upcast, gradient_checkpointing=gc)
     model.enable_input_require_grads()  # as with checkpointing: every block computes its input gradients
@@ -224,8 +259,15 @@ def _tiny_arch(compose, family: str) -> dict:
     if family == "llama":  # the embedded tiny LLaMA (grouped-query attention: 2 key/value heads for 4 heads)
         return validate(compose([])).model.arch_dict()
     arch = validate(compose(["mode=plan", "model=opt_1_3b"])).model.arch_dict()  # the OPT-1.3B card, shrunk
-    return {**arch, "hidden_size": 128, "ffn_dim": 256, "num_hidden_layers": 2, "num_attention_heads": 4,
-            "vocab_size": 2048, "word_embed_proj_dim": 128}
+    return {
+        **arch,
+        "hidden_size": 128,
+        "ffn_dim": 256,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "vocab_size": 2048,
+        "word_embed_proj_dim": 128,
+    }
 
 
 # LLaMA only: CPU autocast runs LayerNorm in bf16 where CUDA's runs it in fp32 (the OPT block's case in the estimate),
@@ -248,15 +290,25 @@ def test_activation_bytes_equal_what_autograd_saves(compose, monkeypatch, qname,
 
     ids = torch.randint(0, vocab, (TINY_BATCH, TINY_SEQ))
     mask = torch.ones_like(ids)
-    mask[0, TINY_SEQ // 2:] = 0  # a padded batch, as the estimate assumes (it decides how SDPA treats k and v)
+    mask[0, TINY_SEQ // 2 :] = 0  # a padded batch, as the estimate assumes (it decides how SDPA treats k and v)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast("cpu", torch.bfloat16):
         model(input_ids=ids, attention_mask=mask, labels=ids)
     # CPU dropout multiplies by a noise tensor of its input's dtype (the bf16 adapter input) where CUDA keeps bools
     monkeypatch.setattr(estimate, "DROPOUT_MASK_BYTES", 2)
     mem = estimate.train_memory(
-        arch, batch_size=TINY_BATCH, seq_len=TINY_SEQ, gradient_checkpointing=False, upcast_norms_fp32=upcast,
-        compute_dtype="bfloat16", adapter_dtype="bfloat16", trainable_params=0, quantized_bytes=0,
-        adapter_rank=TINY_R, adapter_dropout=0.05, output_follows_input_dtype=qname == "nf4")
+        arch,
+        batch_size=TINY_BATCH,
+        seq_len=TINY_SEQ,
+        gradient_checkpointing=False,
+        upcast_norms_fp32=upcast,
+        compute_dtype="bfloat16",
+        adapter_dtype="bfloat16",
+        trainable_params=0,
+        quantized_bytes=0,
+        adapter_rank=TINY_R,
+        adapter_dropout=0.05,
+        output_follows_input_dtype=qname == "nf4",
+    )
     # what the estimate leaves out: RoPE's cos/sin tables, shared by the layers (a fraction of a percent here)
     assert sum(saved.values()) == pytest.approx(mem["activation_bytes"], rel=0.005)
 
@@ -290,6 +342,7 @@ def test_step_flops_equal_torch_flop_counter(compose, gc, family):
     ids = torch.randint(0, arch["vocab_size"], (TINY_BATCH, TINY_SEQ))
     with FlopCounterMode(display=False) as counter, autocast("cpu", torch.bfloat16):
         model(input_ids=ids, labels=ids).loss.backward()
-    expected = estimate.step_flops(arch, batch_size=TINY_BATCH, seq_len=TINY_SEQ, gradient_checkpointing=gc,
-                                   trainable_params=trainable)
+    expected = estimate.step_flops(
+        arch, batch_size=TINY_BATCH, seq_len=TINY_SEQ, gradient_checkpointing=gc, trainable_params=trainable
+    )
     assert counter.get_total_flops() == pytest.approx(expected, rel=0.005)

@@ -39,8 +39,9 @@ def text(fixture_rows) -> str:
 
 
 def windowed(model, tok, text: str, seq_len: int, batch_size: int = 4, **kw) -> dict:
-    return perplexity.windowed_perplexity(model, tok, text, seq_len=seq_len, batch_size=batch_size, device="cpu",
-                                          compute_dtype=F32, progress=False, **kw)
+    return perplexity.windowed_perplexity(
+        model, tok, text, seq_len=seq_len, batch_size=batch_size, device="cpu", compute_dtype=F32, progress=False, **kw
+    )
 
 
 @torch.no_grad()
@@ -49,7 +50,7 @@ def hf_mean_loss(model, ids: list[int], seq_len: int, windows: int) -> float:
     window predicts seq_len - 1 tokens, so this is the mean over all predicted tokens."""
     losses = []
     for i in range(windows):
-        w = torch.tensor(ids[i * seq_len:(i + 1) * seq_len])[None]
+        w = torch.tensor(ids[i * seq_len : (i + 1) * seq_len])[None]
         losses.append(model(input_ids=w, labels=w).loss.item())
     return sum(losses) / len(losses)
 
@@ -125,8 +126,9 @@ def test_fixture_has_the_hub_schema(fixture_rows):
     assert all(r == "" or r.endswith("\n") for r in fixture_rows)
 
 
-def test_fixture_reads_the_same_from_a_file_a_raw_copy_parquet_and_through_datasets(tmp_path, monkeypatch,
-                                                                                    fixture_rows, text):
+def test_fixture_reads_the_same_from_a_file_a_raw_copy_parquet_and_through_datasets(
+    tmp_path, monkeypatch, fixture_rows, text
+):
     assert perplexity.wikitext_text(str(FIXTURE)) == text
 
     raw = tmp_path / "wiki.test.raw"  # the original layout: blank rows are " \n" lines
@@ -164,8 +166,12 @@ def test_generation_speed_generates_exactly_new_tokens_ignoring_eos(tiny):
     model, tok = copy.deepcopy(tiny[0]), tiny[1]
     new_tokens, repeats = 32, 2
     prompt_len = tok(EOS_PROMPT, return_tensors="pt")["input_ids"].shape[1]
-    plain = model.generate(**tok(EOS_PROMPT, return_tensors="pt"), max_new_tokens=new_tokens, do_sample=False,
-                           pad_token_id=tok.pad_token_id)
+    plain = model.generate(
+        **tok(EOS_PROMPT, return_tensors="pt"),
+        max_new_tokens=new_tokens,
+        do_sample=False,
+        pad_token_id=tok.pad_token_id,
+    )
     assert plain.shape[1] - prompt_len < new_tokens and plain[0, -1] == tok.eos_token_id  # it would stop at EOS
 
     model.config.use_cache = False  # as the recipe leaves it for training
@@ -226,8 +232,15 @@ def test_step_speed_reaches_adapters_and_changes_no_weight(tiny, checkpointing):
     calls = layer_calls(model)
     rng = torch.random.get_rng_state()
 
-    out = speed.step_speed(model, seq_len=32, batch_size=2, repeats=repeats, device="cpu", compute_dtype=F32,
-                           gradient_checkpointing=checkpointing)
+    out = speed.step_speed(
+        model,
+        seq_len=32,
+        batch_size=2,
+        repeats=repeats,
+        device="cpu",
+        compute_dtype=F32,
+        gradient_checkpointing=checkpointing,
+    )
 
     runs = repeats + 1  # one warm-up
     assert all(len(v) == runs and min(v) > 0 for v in grad_norms.values())  # every adapter tensor, every run
@@ -251,8 +264,9 @@ def test_step_speed_refuses_a_step_that_misses_a_trainable_tensor(tiny):
     with pytest.raises(ValueError, match=r"reaches no gradient of 1 of .*unused"):
         speed.step_speed(model, seq_len=16, repeats=1, device="cpu", compute_dtype=F32, gradient_checkpointing=False)
     with pytest.raises(ValueError, match="no trainable parameters"):
-        speed.step_speed(copy.deepcopy(tiny[0]).requires_grad_(False), seq_len=16, repeats=1, device="cpu",
-                         compute_dtype=F32)
+        speed.step_speed(
+            copy.deepcopy(tiny[0]).requires_grad_(False), seq_len=16, repeats=1, device="cpu", compute_dtype=F32
+        )
 
 
 def test_step_speed_without_checkpointing_on_a_model_that_has_it_restores_it(tiny):
@@ -272,8 +286,9 @@ def test_both_measures_run_on_a_bitsandbytes_base_with_lora_and_change_nothing(t
     from qpeft_bench import quant
 
     base, tok = copy.deepcopy(tiny[0]), tiny[1]
-    targets = list(models.find_linears(base, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
-                                              "down_proj"]))
+    targets = list(
+        models.find_linears(base, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    )
     quant.quantize_model("nf4", base, targets, quant.get("nf4").Config(**quant.preset("nf4")), "float32", "cpu")
     lora = adapters.get("lora")
     model = lora.attach(base, targets, lora.Config(r=4, alpha=8, dropout=0.0, adapter_dtype="float32")).eval()

@@ -52,39 +52,55 @@ def test_every_task_runs_and_is_labelled(trained):
     assert ev["before_cached"] == []  # the first run computes its base results
 
 
-def test_the_base_results_are_cached_for_the_next_run_of_the_same_base(compose, trained, cache_dir, tmp_path,
-                                                                       monkeypatch):
+def test_the_base_results_are_cached_for_the_next_run_of_the_same_base(
+    compose, trained, cache_dir, tmp_path, monkeypatch
+):
     _, first = trained
     monkeypatch.setenv("QPEFT_CACHE", str(cache_dir))
     # another method on the same quantized base: the "before" row is not recomputed
-    assert recipe.run(compose([*TINY_ALL, "peft.r=4", "eval.tasks=[ppl_heldout,ppl_wikitext,mmlu]"]), tmp_path,
-                      progress=False) == "completed"
+    assert (
+        recipe.run(
+            compose([*TINY_ALL, "peft.r=4", "eval.tasks=[ppl_heldout,ppl_wikitext,mmlu]"]), tmp_path, progress=False
+        )
+        == "completed"
+    )
     rec = json.loads((tmp_path / "result.json").read_text())
     assert rec["eval"]["before_cached"] == ["mmlu", "ppl_heldout", "ppl_wikitext"]
     assert rec["eval"]["before"] == {k: first["eval"]["before"][k] for k in ("ppl_heldout", "ppl_wikitext", "mmlu")}
     assert "ppl_heldout" not in rec["eval"]["time_s"]["before"]
     # another quantizer is another base: computed
     other = tmp_path / "fp4"
-    assert recipe.run(compose([*TINY_ALL, "quant=fp4", "eval.tasks=[ppl_heldout]"]), other, progress=False) == "completed"
+    assert (
+        recipe.run(compose([*TINY_ALL, "quant=fp4", "eval.tasks=[ppl_heldout]"]), other, progress=False) == "completed"
+    )
     assert json.loads((other / "result.json").read_text())["eval"]["before_cached"] == []
 
 
-def test_a_completed_run_is_re_evaluated_from_its_adapter_without_losing_anything(compose, trained, tmp_path,
-                                                                                  monkeypatch):
+def test_a_completed_run_is_re_evaluated_from_its_adapter_without_losing_anything(
+    compose, trained, tmp_path, monkeypatch
+):
     import shutil
 
     src, first = trained
     run_dir = tmp_path / "copy"
     shutil.copytree(src, run_dir)
     monkeypatch.setenv("QPEFT_CACHE", str(tmp_path / "cache"))
-    config = compose(["mode=eval", f"run_dir={run_dir}", "eval=tiny_all", "eval.tasks=[ppl_heldout,ppl_wikitext]",
-                      "eval.before_finetune=false"])
+    config = compose(
+        [
+            "mode=eval",
+            f"run_dir={run_dir}",
+            "eval=tiny_all",
+            "eval.tasks=[ppl_heldout,ppl_wikitext]",
+            "eval.before_finetune=false",
+        ]
+    )
     assert recipe.run(config, tmp_path / "hydra_dir", progress=False) == "completed"
     rec = json.loads((run_dir / "result.json").read_text())
     # the same adapter on the same base: the same numbers as right after training
     assert rec["eval"]["after"]["ppl_heldout"] == pytest.approx(first["eval"]["after"]["ppl_heldout"], rel=1e-6)
-    assert rec["eval"]["after"]["ppl_wikitext"]["ppl"] == pytest.approx(first["eval"]["after"]["ppl_wikitext"]["ppl"],
-                                                                        rel=1e-6)
+    assert rec["eval"]["after"]["ppl_wikitext"]["ppl"] == pytest.approx(
+        first["eval"]["after"]["ppl_wikitext"]["ppl"], rel=1e-6
+    )
     # nothing else lost: training, accounting, the other tasks, the config
     for key in ("train", "accounting", "quant", "config", "run_id", "status", "adapter"):
         assert rec[key] == first[key], key
@@ -92,8 +108,9 @@ def test_a_completed_run_is_re_evaluated_from_its_adapter_without_losing_anythin
     assert rec["eval"]["reevaluations"][0]["tasks"] == ["ppl_heldout", "ppl_wikitext"]
 
 
-def test_a_re_evaluation_waits_for_no_one_and_writes_nothing_while_the_run_is_in_use(compose, trained, tmp_path,
-                                                                                      caplog):
+def test_a_re_evaluation_waits_for_no_one_and_writes_nothing_while_the_run_is_in_use(
+    compose, trained, tmp_path, caplog
+):
     """Two re-evaluations of one run at once (or one during a re-run of its training): the second is refused with a
     clear error before it reads the record, so neither loses the other's results."""
     import shutil
@@ -118,8 +135,13 @@ def test_a_re_evaluation_waits_for_no_one_and_writes_nothing_while_the_run_is_in
 def test_re_evaluation_keeps_the_trained_runs_fp32_norms(compose, tmp_path):
     """train=qlora evaluates after training with its norms in fp32 (train.upcast_norms_fp32); a re-evaluation from
     the saved adapter must do the same, or its perplexity moves (by 1.3% on a 7B shape)."""
-    overrides = ["train.max_steps=3", "data.max_examples=80", "eval.max_batches=2", "train.upcast_norms_fp32=true",
-                 "train.device=cpu"]
+    overrides = [
+        "train.max_steps=3",
+        "data.max_examples=80",
+        "eval.max_batches=2",
+        "train.upcast_norms_fp32=true",
+        "train.device=cpu",
+    ]
     assert recipe.run(compose(overrides), tmp_path / "run", progress=False) == "completed"
     first = json.loads((tmp_path / "run" / "result.json").read_text())
     config = compose(["mode=eval", f"run_dir={tmp_path / 'run'}", "eval.max_batches=2", "eval.before_finetune=false"])
@@ -128,10 +150,13 @@ def test_re_evaluation_keeps_the_trained_runs_fp32_norms(compose, tmp_path):
     assert again["eval"]["after"]["ppl_heldout"] == pytest.approx(first["eval"]["after"]["ppl_heldout"], rel=1e-6)
 
 
-@pytest.mark.parametrize("setup, message", [
-    ("missing", "holds no readable result.json"),
-    ("no_adapter", "no saved adapter"),
-])
+@pytest.mark.parametrize(
+    "setup, message",
+    [
+        ("missing", "holds no readable result.json"),
+        ("no_adapter", "no saved adapter"),
+    ],
+)
 def test_re_evaluation_refuses_what_it_cannot_do(compose, trained, tmp_path, caplog, setup, message):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
@@ -145,14 +170,20 @@ def test_re_evaluation_refuses_what_it_cannot_do(compose, trained, tmp_path, cap
     assert sorted(p.name for p in run_dir.iterdir()) == before
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (["eval.tasks=[ppl_heldout,hellaswag]"], "unknown task 'hellaswag'"),
-    (["eval=ppl_wikitext", "eval.wikitext.seq_len=4096"], "eval.wikitext.seq_len=4096 exceeds the context length"),
-    (["eval=speed", "eval.speed.new_tokens=512"], "does not fit the context length"),
-    (["eval=mmlu", "eval.data_root=/nonexistent"], "eval.data_root='/nonexistent' is not a directory"),
-    (["eval=ppl_wikitext", "eval.wikitext.path=/nonexistent.jsonl"], "eval.wikitext.path='/nonexistent.jsonl' does not"),
-    (["+eval.harness.shots=3"], "unknown key eval.harness.shots"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["eval.tasks=[ppl_heldout,hellaswag]"], "unknown task 'hellaswag'"),
+        (["eval=ppl_wikitext", "eval.wikitext.seq_len=4096"], "eval.wikitext.seq_len=4096 exceeds the context length"),
+        (["eval=speed", "eval.speed.new_tokens=512"], "does not fit the context length"),
+        (["eval=mmlu", "eval.data_root=/nonexistent"], "eval.data_root='/nonexistent' is not a directory"),
+        (
+            ["eval=ppl_wikitext", "eval.wikitext.path=/nonexistent.jsonl"],
+            "eval.wikitext.path='/nonexistent.jsonl' does not",
+        ),
+        (["+eval.harness.shots=3"], "unknown key eval.harness.shots"),
+    ],
+)
 def test_bad_eval_settings_fail_before_any_model_is_loaded(compose, overrides, message):
     with pytest.raises(ConfigError, match=message):
         validate(compose(overrides))

@@ -47,8 +47,9 @@ def test_figures_are_written_non_empty_and_byte_identical(loaded, tmp_path: Path
     first = figures.write_figures(loaded, tmp_path / "a")
     second = figures.write_figures(loaded, tmp_path / "b")
     names = sorted(p.name for p in first)
-    assert names == sorted(f"{n}.{ext}" for n in ("by_layer_group", "pareto", "loss_curves")
-                           for ext in ("csv", "png", "pdf"))
+    assert names == sorted(
+        f"{n}.{ext}" for n in ("by_layer_group", "pareto", "loss_curves") for ext in ("csv", "png", "pdf")
+    )
     for a, b in zip(sorted(first), sorted(second), strict=True):
         assert a.stat().st_size > 0 and a.read_bytes() == b.read_bytes(), a.name
     with (tmp_path / "a" / "pareto.csv").open(newline="", encoding="utf-8") as handle:

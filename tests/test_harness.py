@@ -35,8 +35,17 @@ def tiny():
 
 def _run(tiny, task_set: str, limit: int, model=None) -> dict:
     model = tiny[0] if model is None else model
-    return harness.run_task_set(model, tiny[1], task_set, batch_size=16, data_root=FIX, limit=limit, device="cpu",
-                                max_gen_toks=MAX_GEN, progress=False)
+    return harness.run_task_set(
+        model,
+        tiny[1],
+        task_set,
+        batch_size=16,
+        data_root=FIX,
+        limit=limit,
+        device="cpu",
+        max_gen_toks=MAX_GEN,
+        progress=False,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -141,10 +150,13 @@ def test_group_value_is_the_unweighted_subject_mean_not_lm_evals_weighted_one():
     subjects = harness.leaf_tasks(tm, "mmlu")
     acc = {t: i / (len(subjects) - 1) for i, t in enumerate(subjects)}
     size = {t: i + 1 for i, t in enumerate(subjects)}
-    out = {"configs": {t: {"test_split": "test", "fewshot_split": "dev"} for t in subjects},
-           "results": {t: {"acc,none": acc[t], "acc_stderr,none": 0.1} for t in subjects},
-           "versions": dict.fromkeys(subjects, 1.0), "n-shot": dict.fromkeys(subjects, 5),
-           "n-samples": {t: {"original": size[t], "effective": size[t]} for t in subjects}}
+    out = {
+        "configs": {t: {"test_split": "test", "fewshot_split": "dev"} for t in subjects},
+        "results": {t: {"acc,none": acc[t], "acc_stderr,none": 0.1} for t in subjects},
+        "versions": dict.fromkeys(subjects, 1.0),
+        "n-shot": dict.fromkeys(subjects, 5),
+        "n-samples": {t: {"original": size[t], "effective": size[t]} for t in subjects},
+    }
     entry = harness.summarize(out, "mmlu")["tasks"]["mmlu"]
     unweighted = sum(acc.values()) / len(acc)
     weighted = sum(acc[t] * size[t] for t in subjects) / sum(size.values())
@@ -152,7 +164,7 @@ def test_group_value_is_the_unweighted_subject_mean_not_lm_evals_weighted_one():
     assert entry["lm_eval_value"] == pytest.approx(weighted)
     assert abs(unweighted - weighted) > 0.1
     # stderr of a mean of k independent means: sqrt(sum se^2) / k
-    assert entry["stderr"] == pytest.approx(math.sqrt(len(subjects) * 0.1 ** 2) / len(subjects))
+    assert entry["stderr"] == pytest.approx(math.sqrt(len(subjects) * 0.1**2) / len(subjects))
     assert entry["samples"] == sum(size.values())
 
 
@@ -164,7 +176,11 @@ def test_leaderboard_records_shots_metrics_and_both_averages(leaderboard):
             _check_entry(tasks[spec.task], "leaderboard", spec.task, spec, 1)
     assert len(tasks["mmlu"]["subtasks"]) == 57
     assert set(harness.TASK_SETS["leaderboard"]["averages"]["average_4"]) == {
-        "arc_challenge", "hellaswag", "mmlu", "truthfulqa_mc2"}
+        "arc_challenge",
+        "hellaswag",
+        "mmlu",
+        "truthfulqa_mc2",
+    }
     assert set(harness.TASK_SETS["leaderboard"]["averages"]["average"]) == set(tasks) and len(tasks) == 6
     # The few-shot overrides reached lm-eval: these differ from the n-shot lm-eval's YAMLs set on their own.
     assert tasks["hellaswag"]["num_fewshot"] != 0 and tasks["arc_challenge"]["fewshot_split"] == "train"
@@ -186,7 +202,8 @@ def test_peft_wrapped_model_gives_the_same_scores_and_keeps_its_mode(tiny, commo
     record = _run(tiny, "commonsense", LIMIT, model=wrapped)
     assert wrapped.training
     assert {t: e["value"] for t, e in record["tasks"].items()} == {
-        t: e["value"] for t, e in commonsense["tasks"].items()}
+        t: e["value"] for t, e in commonsense["tasks"].items()
+    }
 
 
 def test_overrides_touch_only_the_data_source_and_n_shot():

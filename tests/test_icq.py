@@ -153,12 +153,15 @@ def test_config_errors_name_the_layer_sizes_and_knob():
         icq.check_against_arch(icq.Config(tau_points=0), shapes)
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (["quant.blocksize=100"], "quant.blocksize=100 does not divide in_features=256 of model.layers.0"),
-    (["quant.blocksize=33"], "quant.blocksize=33 must be a positive even number"),
-    (["quant.tau_points=0"], "quant.tau_points=0 leaves the tau grid empty"),
-    (["quant.tau_range=-0.1"], "quant.tau_range=-0.1 must be a finite number >= 0"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["quant.blocksize=100"], "quant.blocksize=100 does not divide in_features=256 of model.layers.0"),
+        (["quant.blocksize=33"], "quant.blocksize=33 must be a positive even number"),
+        (["quant.tau_points=0"], "quant.tau_points=0 leaves the tau grid empty"),
+        (["quant.tau_range=-0.1"], "quant.tau_range=-0.1 must be a finite number >= 0"),
+    ],
+)
 def test_bad_icq_config_fails_before_any_model_is_loaded(compose, overrides, message):
     with pytest.raises(ConfigError) as err:
         validate(compose(["quant=icq", *overrides]))

@@ -28,8 +28,9 @@ THRESHOLD = 6.0  # LLM.int8's default
 BNB_RESCALE = 6.200124e-05
 
 
-def llm_int8(x: torch.Tensor, codes: torch.Tensor, scb: torch.Tensor, threshold: float, bias=None,
-             rescale: float = 1 / 127**2):
+def llm_int8(
+    x: torch.Tensor, codes: torch.Tensor, scb: torch.Tensor, threshold: float, bias=None, rescale: float = 1 / 127**2
+):
     """LLM.int8's forward (Dettmers et al. 2022) as bitsandbytes defines it; returns (output, outlier mask).
 
     Activations are cast to fp16 and rounded per token to int8 against the token's absmax; elements with
@@ -69,8 +70,9 @@ def _int8_reference_copy(qmodel, targets: list[str]) -> torch.nn.Module:
     ref = copy.deepcopy(qmodel)
     for name in targets:
         mod = ref.get_submodule(name)
-        ref.set_submodule(name, Int8Reference(mod.weight.data.clone(), bnb8bit.row_absmax(mod).clone(),
-                                              mod.state.threshold))
+        ref.set_submodule(
+            name, Int8Reference(mod.weight.data.clone(), bnb8bit.row_absmax(mod).clone(), mod.state.threshold)
+        )
     return ref
 
 
@@ -86,8 +88,9 @@ def _quantized_llama(threshold: float, probe=None):
     model = _tiny_random_llama()
     _plant_outliers(model)
     targets = list(models.find_linears(model, NAMES))
-    record = quant.quantize_model("int8", model, targets, bnb8bit.Config(threshold=threshold), "float32", "cpu",
-                                  probe=probe)
+    record = quant.quantize_model(
+        "int8", model, targets, bnb8bit.Config(threshold=threshold), "float32", "cpu", probe=probe
+    )
     return model, targets, record
 
 
@@ -322,8 +325,9 @@ def test_recorded_output_error_is_that_of_8_bit_rounding_and_below_rtn_4bit():
     model, _, record = _quantized_llama(THRESHOLD, probe=probe)
     rtn = _tiny_random_llama()
     _plant_outliers(rtn)
-    rtn4 = quant.quantize_model("rtn", rtn, targets, quant.get("rtn").Config(bits=4, group_size=64), "float32",
-                                "cpu", probe=probe)
+    rtn4 = quant.quantize_model(
+        "rtn", rtn, targets, quant.get("rtn").Config(bits=4, group_size=64), "float32", "cpu", probe=probe
+    )
     for t in targets:
         x, w, layer = inputs[t], weights[t], model.get_submodule(t)
         # Uniform rounding noise of variance step^2/12 on each weight (step SCB_i/127 in row i) and on each

@@ -30,15 +30,24 @@ def _rel(got: torch.Tensor, want: torch.Tensor) -> float:
 
 def _tiny_llama() -> LlamaForCausalLM:
     torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=256, max_position_embeddings=64)
+    cfg = LlamaConfig(
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=256,
+        max_position_embeddings=64,
+    )
     return LlamaForCausalLM(cfg).float().eval()
 
 
 def _quantize(model, qname: str, knobs: dict) -> list[str]:
     targets = list(models.find_linears(model, NAMES))
     qcfg = quant.get(qname).Config(**{**quant.preset(qname), **knobs})
-    quant.quantize_model(qname, model, targets, qcfg, "float32", "cpu", windows=calibration.random_windows(256, 8, 32, 0))
+    quant.quantize_model(
+        qname, model, targets, qcfg, "float32", "cpu", windows=calibration.random_windows(256, 8, 32, 0)
+    )
     return targets
 
 
@@ -74,11 +83,13 @@ def _iec_reference(x, weight, bias, a, b, beta1, beta2, scale):
     n_out = b.shape[0]
     g_in, g_out = n_in // r, n_out // r
     flat = x.reshape(-1, n_in)
-    ys, deltas = torch.zeros(flat.shape[0], n_out, dtype=torch.float64), torch.zeros(flat.shape[0], n_out,
-                                                                                     dtype=torch.float64)
+    ys, deltas = (
+        torch.zeros(flat.shape[0], n_out, dtype=torch.float64),
+        torch.zeros(flat.shape[0], n_out, dtype=torch.float64),
+    )
     for t in range(flat.shape[0]):
         xt = flat[t]
-        u = [float(a[i] @ xt) + beta1 * float(xt[i * g_in:(i + 1) * g_in].sum()) / g_in for i in range(r)]
+        u = [float(a[i] @ xt) + beta1 * float(xt[i * g_in : (i + 1) * g_in].sum()) / g_in for i in range(r)]
         for o in range(n_out):
             d = scale * (sum(float(b[o, i]) * u[i] for i in range(r)) + beta2 * u[o // g_out])
             deltas[t, o] = d
@@ -102,16 +113,18 @@ def test_iec_forward_matches_plain_reference(base_kind):
         iec.adapter["beta1"].fill_(0.7)
         iec.adapter["beta2"].fill_(-1.3)
     x = torch.randn(3, 5, n_in, generator=g)
-    want_y, want_d = _iec_reference(x, weight, layer.bias.detach(), iec.adapter["A"].detach(),
-                                    iec.adapter["B"].detach(), 0.7, -1.3, 12.0 / r)
+    want_y, want_d = _iec_reference(
+        x, weight, layer.bias.detach(), iec.adapter["A"].detach(), iec.adapter["B"].detach(), 0.7, -1.3, 12.0 / r
+    )
     with torch.no_grad():
         got_d, got_y = iec.delta(x), iec(x)
     assert got_y.shape == (3, 5, n_out)
     assert _rel(got_d, want_d) < 1e-6 and _rel(got_y, want_y) < 1e-6
     assert float(got_d.norm() / got_y.norm()) > 0.1  # the adapter path is not negligible next to the base
     # each connection matters on its own (a wrong pooling or repetition would be caught above, not hidden)
-    _, without_beta2 = _iec_reference(x, weight, layer.bias.detach(), iec.adapter["A"].detach(),
-                                      iec.adapter["B"].detach(), 0.7, 0.0, 12.0 / r)
+    _, without_beta2 = _iec_reference(
+        x, weight, layer.bias.detach(), iec.adapter["A"].detach(), iec.adapter["B"].detach(), 0.7, 0.0, 12.0 / r
+    )
     assert _rel(got_d, without_beta2) > 0.05
 
 
@@ -121,8 +134,10 @@ def test_iec_gradients_pass_finite_difference_check():
     layer = nn.Linear(n_in, n_out, dtype=torch.float64)
     iec = irqlora.IECLinear(layer, r=r, alpha=8.0, dropout=0.0, dtype=torch.float64)
     g = torch.Generator().manual_seed(1)
-    params = {f"adapter.{k}": torch.randn(v.shape, generator=g, dtype=torch.float64, requires_grad=True)
-              for k, v in iec.adapter.items()}
+    params = {
+        f"adapter.{k}": torch.randn(v.shape, generator=g, dtype=torch.float64, requires_grad=True)
+        for k, v in iec.adapter.items()
+    }
     x = torch.randn(2, 3, n_in, generator=g, dtype=torch.float64, requires_grad=True)
 
     def f(x, a, b, beta1, beta2):
@@ -195,19 +210,29 @@ def test_iec_save_and_load_onto_a_fresh_base_gives_identical_outputs(tmp_path):
     assert torch.equal(_logits(loaded), _logits(model))
     # alpha changes the outputs without changing a shape: only the saved config can tell
     with pytest.raises(ValueError, match=r"other knobs .*'alpha': \(8, 16\)"):
-        irqlora.load(_tiny_llama(), targets, irqlora.Config(r=4, alpha=16, dropout=0.0, adapter_dtype="bfloat16"),
-                     tmp_path)
+        irqlora.load(
+            _tiny_llama(), targets, irqlora.Config(r=4, alpha=16, dropout=0.0, adapter_dtype="bfloat16"), tmp_path
+        )
 
 
 def test_iec_counts_are_exact_on_a_meta_model():
-    arch = {"model_type": "llama", "hidden_size": 256, "intermediate_size": 768, "num_hidden_layers": 3,
-            "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 512}
+    arch = {
+        "model_type": "llama",
+        "hidden_size": 256,
+        "intermediate_size": 768,
+        "num_hidden_layers": 3,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "vocab_size": 512,
+    }
     model = models.build_meta_model(arch, "bfloat16")
     targets = list(models.find_linears(model, NAMES))
     r = 16
     model = irqlora.attach(model, targets, irqlora.Config(r=r))
-    shapes = {n: (m.in_features, m.out_features) for n, m in models.find_linears(models.build_meta_model(
-        arch, "bfloat16"), NAMES).items()}
+    shapes = {
+        n: (m.in_features, m.out_features)
+        for n, m in models.find_linears(models.build_meta_model(arch, "bfloat16"), NAMES).items()
+    }
     want = sum(r * i + o * r + 2 for i, o in shapes.values())
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     assert sum(p.numel() for _, p in trainable) == want
@@ -275,7 +300,11 @@ def test_weak_columns_save_and_load_onto_a_fresh_base(tmp_path):
     weak_columns.save(model, tmp_path, cfg)
     meta = json.loads((tmp_path / "adapter_config.json").read_text())
     assert (meta["format"], meta["version"], meta["method"], meta["targets"]) == (
-        "qpeft-bench/adapter", 1, "weak_columns", sorted(targets))
+        "qpeft-bench/adapter",
+        1,
+        "weak_columns",
+        sorted(targets),
+    )
 
     _quantize(fresh, "owq", WEAK["owq"])
     assert torch.equal(_logits(weak_columns.load(fresh, targets, cfg, tmp_path)), trained)
@@ -299,17 +328,27 @@ def test_weak_columns_refuse_layers_without_weak_columns():
 # ---------------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (["peft=irqlora", "peft.r=48"], "peft.r=48 does not divide in_features=256 of model.layers.0.self_attn.q_proj "
-                                    "(256 -> 256)"),
-    (["peft=irqlora", "peft.r=256"], "peft.r=256 does not divide out_features=128 of "
-                                     "model.layers.0.self_attn.k_proj (256 -> 128)"),
-    (["peft=irqlora", "peft.dropout=1.0"], "peft.dropout=1.0 must lie in [0, 1)"),
-    (["peft=weak_columns"], "peft=weak_columns cannot run on quant=nf4: only owq and qeft keep 16-bit weak columns"),
-    (["peft=weak_columns", "quant=hqq"], "cannot run on quant=hqq"),
-    (["peft=weak_columns", "quant=owq", "peft.k=4"], "peft.k=4 differs from quant.k=8"),
-    (["peft=weak_columns", "quant=qeft", "quant.k=0"], "quant.k=0 keeps no weak column to train"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (
+            ["peft=irqlora", "peft.r=48"],
+            "peft.r=48 does not divide in_features=256 of model.layers.0.self_attn.q_proj (256 -> 256)",
+        ),
+        (
+            ["peft=irqlora", "peft.r=256"],
+            "peft.r=256 does not divide out_features=128 of model.layers.0.self_attn.k_proj (256 -> 128)",
+        ),
+        (["peft=irqlora", "peft.dropout=1.0"], "peft.dropout=1.0 must lie in [0, 1)"),
+        (
+            ["peft=weak_columns"],
+            "peft=weak_columns cannot run on quant=nf4: only owq and qeft keep 16-bit weak columns",
+        ),
+        (["peft=weak_columns", "quant=hqq"], "cannot run on quant=hqq"),
+        (["peft=weak_columns", "quant=owq", "peft.k=4"], "peft.k=4 differs from quant.k=8"),
+        (["peft=weak_columns", "quant=qeft", "quant.k=0"], "quant.k=0 keeps no weak column to train"),
+    ],
+)
 def test_bad_combinations_fail_at_compose_time(compose, overrides, message):
     with pytest.raises(ConfigError) as err:
         validate(compose(overrides))
@@ -328,9 +367,14 @@ def _shapes(spec) -> dict[str, tuple[int, int]]:
     return models.linear_shapes(spec.model.arch_dict(), spec.model.dtype, spec.model.linear_names)
 
 
-@pytest.mark.parametrize("overrides", [["peft=weak_columns", "quant=qeft"],
-                                       ["peft=weak_columns", "quant=owq", "peft.adapter_dtype=float32"],
-                                       ["peft=irqlora", "peft.r=32", "model=llama2_7b"]])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["peft=weak_columns", "quant=qeft"],
+        ["peft=weak_columns", "quant=owq", "peft.adapter_dtype=float32"],
+        ["peft=irqlora", "peft.r=32", "model=llama2_7b"],
+    ],
+)
 def test_plan_mode_counts(compose, overrides):
     spec = validate(compose([*overrides, "mode=plan"]))
     acc = recipe.plan_accounting(spec)
@@ -347,8 +391,14 @@ def test_plan_mode_counts(compose, overrides):
     assert acc["trainable_params"] == want
 
 
-@pytest.mark.parametrize("overrides", [["quant=icq", "quant.tau_points=10", "peft=irqlora"], ["quant=owq", "peft=weak_columns"],
-                                       ["quant=qeft", "peft=weak_columns"]])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["quant=icq", "quant.tau_points=10", "peft=irqlora"],
+        ["quant=owq", "peft=weak_columns"],
+        ["quant=qeft", "peft=weak_columns"],
+    ],
+)
 def test_short_run_end_to_end(compose, tmp_path, overrides):
     config = compose([*FAST, *overrides, "calib.samples=8", "calib.seq_len=128"])
     assert recipe.run(config, tmp_path, progress=False) == "completed"

@@ -50,18 +50,36 @@ def _lora_shapes(c, i, o):
 
 CASES = {
     "lora": ("lora", {"r": 8, "alpha": 16}, {"mlp": {"r": 4}, "second_half": {"alpha": 4}}, _lora_shapes),
-    "dora_rslora": ("lora", {"r": 8, "alpha": 16, "use_dora": True, "use_rslora": True},
-                    {"attn": {"r": 2}, "first_half": {"alpha": 32}}, _lora_shapes),
-    "qbara": ("qbara", {"r": 4, "balance": 2}, {"mlp": {"balance": 4}, "first_half": {"r": 2}},
-              lambda c, i, o: {"A": (c.balance * c.r, i // c.balance), "B": (o // c.balance, c.balance * c.r)}),
-    "qahira": ("qahira", {"lambda1": 4, "lambda2": 8}, {"mlp": {"lambda1": 8}, "second_half": {"lambda2": 4,
-                                                                                              "scale": 0.5}},
-               lambda c, i, o: {"C": (o // c.lambda2, i // c.lambda1)}),
-    "irqlora": ("irqlora", {"r": 8, "alpha": 16}, {"mlp": {"r": 16}, "first_half": {"alpha": 4}},
-                lambda c, i, o: {"A": (c.r, i), "B": (o, c.r), "beta1": (1,), "beta2": (1,)}),
-    "qa_lora": ("qa_lora", {"r": 8, "alpha": 16, "group_size": GROUP_SIZE}, {"mlp": {"r": 4},
-                                                                               "second_half": {"alpha": 8}},
-                lambda c, i, o: {"A": (c.r, i // c.group_size), "B": (o, c.r)}),
+    "dora_rslora": (
+        "lora",
+        {"r": 8, "alpha": 16, "use_dora": True, "use_rslora": True},
+        {"attn": {"r": 2}, "first_half": {"alpha": 32}},
+        _lora_shapes,
+    ),
+    "qbara": (
+        "qbara",
+        {"r": 4, "balance": 2},
+        {"mlp": {"balance": 4}, "first_half": {"r": 2}},
+        lambda c, i, o: {"A": (c.balance * c.r, i // c.balance), "B": (o // c.balance, c.balance * c.r)},
+    ),
+    "qahira": (
+        "qahira",
+        {"lambda1": 4, "lambda2": 8},
+        {"mlp": {"lambda1": 8}, "second_half": {"lambda2": 4, "scale": 0.5}},
+        lambda c, i, o: {"C": (o // c.lambda2, i // c.lambda1)},
+    ),
+    "irqlora": (
+        "irqlora",
+        {"r": 8, "alpha": 16},
+        {"mlp": {"r": 16}, "first_half": {"alpha": 4}},
+        lambda c, i, o: {"A": (c.r, i), "B": (o, c.r), "beta1": (1,), "beta2": (1,)},
+    ),
+    "qa_lora": (
+        "qa_lora",
+        {"r": 8, "alpha": 16, "group_size": GROUP_SIZE},
+        {"mlp": {"r": 4}, "second_half": {"alpha": 8}},
+        lambda c, i, o: {"A": (c.r, i // c.group_size), "B": (o, c.r)},
+    ),
 }
 
 
@@ -135,11 +153,14 @@ def test_per_group_knobs_shape_each_module_and_survive_save_and_load(quantized_b
     # Other per-group knobs: drop the depth override, which may change no shape at all (alpha, scale)
     other_by_layer = {g: v for g, v in by_layer.items() if g not in ("first_half", "second_half")}
     other = per_module(amod, cfg, targets, other_by_layer)
-    name = next(t for t in sorted(targets) if any(getattr(pm[t], k) != getattr(other[t], k)
-                                                  for k in amod.PER_LAYER_KNOBS))
+    name = next(
+        t for t in sorted(targets) if any(getattr(pm[t], k) != getattr(other[t], k) for k in amod.PER_LAYER_KNOBS)
+    )
     knob = next(k for k in amod.PER_LAYER_KNOBS if getattr(pm[name], k) != getattr(other[name], k))
-    message = (f"{name}: the saved adapter has {knob}={getattr(pm[name], knob)}, the config asks "
-               f"{knob}={getattr(other[name], knob)}")
+    message = (
+        f"{name}: the saved adapter has {knob}={getattr(pm[name], knob)}, the config asks "
+        f"{knob}={getattr(other[name], knob)}"
+    )
     with pytest.raises(ValueError, match=re.escape(message)):
         amod.load(copy.deepcopy(base_model), targets, cfg, tmp_path, per_module=other)
     with pytest.raises(ValueError, match=r"model\.layers\.\d+\.\S+: the saved adapter has"):  # none: all default
@@ -177,13 +198,23 @@ def test_a_uniform_adapter_saves_an_empty_per_module_and_loads_without_it(quanti
 # ---------------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("method, extra", [
-    ("irqlora", []),
-    ("qa_lora", ["quant=rtn", "quant.group_size=64", "peft.group_size=64"]),
-])
+@pytest.mark.parametrize(
+    "method, extra",
+    [
+        ("irqlora", []),
+        ("qa_lora", ["quant=rtn", "quant.group_size=64", "peft.group_size=64"]),
+    ],
+)
 def test_plan_counts_follow_the_per_group_ranks(compose, method, extra):
-    overrides = ["mode=plan", "model=llama2_7b", f"peft={method}", *extra, "peft.r=64", "peft.by_layer.mlp.r=32",
-                 "peft.by_layer.first_half.r=16"]
+    overrides = [
+        "mode=plan",
+        "model=llama2_7b",
+        f"peft={method}",
+        *extra,
+        "peft.r=64",
+        "peft.by_layer.mlp.r=32",
+        "peft.by_layer.first_half.r=16",
+    ]
     spec = validate(compose(overrides))
     acc = recipe.plan_accounting(spec)
     shapes = models.linear_shapes(spec.model.arch_dict(), spec.model.dtype, spec.model.linear_names)
@@ -210,6 +241,9 @@ def test_per_group_knobs_compose_without_plus(compose, method, extra):
 
 def test_an_irqlora_rank_that_does_not_divide_a_module_names_it(compose):
     # 48 divides the tiny model's 768 but not its 256: every MLP module has a 256 side, no attention module is hit
-    with pytest.raises(ConfigError, match=r"peft\.r=48 does not divide (in|out)_features=256 of "
-                                          r"model\.layers\.\d+\.mlp\.(gate|up|down)_proj"):
+    with pytest.raises(
+        ConfigError,
+        match=r"peft\.r=48 does not divide (in|out)_features=256 of "
+        r"model\.layers\.\d+\.mlp\.(gate|up|down)_proj",
+    ):
         validate(compose(["peft=irqlora", "peft.by_layer.mlp.r=48"]))

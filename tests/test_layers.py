@@ -10,8 +10,11 @@ from conftest import FAST
 from qpeft_bench import layers, recipe
 from qpeft_bench.config import ConfigError, validate
 
-NAMES = [f"model.layers.{i}.{kind}" for i in range(4) for kind in
-         ("self_attn.q_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.down_proj")]
+NAMES = [
+    f"model.layers.{i}.{kind}"
+    for i in range(4)
+    for kind in ("self_attn.q_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.down_proj")
+]
 
 
 def test_depth_overrides_type_and_user_groups_override_both():
@@ -57,25 +60,34 @@ def test_a_real_run_records_and_applies_the_per_module_knobs(compose, tmp_path):
     assert rec["accounting"]["trainable_params"] == planned["trainable_params"]
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (["+peft.by_layer.middle.r=4"], "unknown layer group"),
-    (["+peft.by_layer.mlp.dropout=0.1"], "dropout cannot be set per layer group for peft.method=lora"),
-    (["peft=ia3", "+peft.by_layer.mlp.r=4"], "per-group knobs: none"),
-    (["peft=qbara", "peft.by_layer.attn.balance=3"], "peft.balance=3 does not divide in_features=256 of model.layers.0"),
-    (["+peft.layer_groups.none_such=lm_head", "+peft.by_layer.none_such.r=4"], "matches no adapted module"),
-    (["+peft.layer_groups.attn=q_proj"], "is a built-in group"),
-    (["peft.by_layer.mlp.r=0"], "peft .for model.layers.0.mlp.down_proj.\\.r=0 must be > 0"),
-    (["peft.by_layer.attn.r=300"], "peft.r=300 exceeds min"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["+peft.by_layer.middle.r=4"], "unknown layer group"),
+        (["+peft.by_layer.mlp.dropout=0.1"], "dropout cannot be set per layer group for peft.method=lora"),
+        (["peft=ia3", "+peft.by_layer.mlp.r=4"], "per-group knobs: none"),
+        (
+            ["peft=qbara", "peft.by_layer.attn.balance=3"],
+            "peft.balance=3 does not divide in_features=256 of model.layers.0",
+        ),
+        (["+peft.layer_groups.none_such=lm_head", "+peft.by_layer.none_such.r=4"], "matches no adapted module"),
+        (["+peft.layer_groups.attn=q_proj"], "is a built-in group"),
+        (["peft.by_layer.mlp.r=0"], "peft .for model.layers.0.mlp.down_proj.\\.r=0 must be > 0"),
+        (["peft.by_layer.attn.r=300"], "peft.r=300 exceeds min"),
+    ],
+)
 def test_bad_per_group_settings_fail_before_loading(compose, overrides, message):
     with pytest.raises(ConfigError, match=message):
         validate(compose(overrides))
 
 
-@pytest.mark.parametrize("option, overrides, knob, values", [
-    ("qbara", ["peft.by_layer.mlp.balance=4", "peft.by_layer.first_half.r=4"], "balance", (2, 4)),
-    ("qahira", ["peft.by_layer.mlp.lambda1=8", "peft.by_layer.mlp.lambda2=8"], "lambda1", (4, 8)),
-])
+@pytest.mark.parametrize(
+    "option, overrides, knob, values",
+    [
+        ("qbara", ["peft.by_layer.mlp.balance=4", "peft.by_layer.first_half.r=4"], "balance", (2, 4)),
+        ("qahira", ["peft.by_layer.mlp.lambda1=8", "peft.by_layer.mlp.lambda2=8"], "lambda1", (4, 8)),
+    ],
+)
 def test_our_pooled_adapters_take_per_group_knobs(compose, tmp_path, option, overrides, knob, values):
     config = compose([*FAST, f"peft={option}", *overrides])
     spec = validate(config)
@@ -94,21 +106,25 @@ def test_our_pooled_adapters_take_per_group_knobs(compose, tmp_path, option, ove
 
 
 def test_variant_edits_divide_multiply_and_set_relative_to_the_defaults():
-    got = layers.apply_variant(["mlp.r/4", "attn.alpha*2", "first_half.balance:3"], {"attn": {"r": None}},
-                               {"r": 64, "alpha": 16, "balance": 2})
+    got = layers.apply_variant(
+        ["mlp.r/4", "attn.alpha*2", "first_half.balance:3"], {"attn": {"r": None}}, {"r": 64, "alpha": 16, "balance": 2}
+    )
     assert got == {"attn": {"r": None, "alpha": 32}, "mlp": {"r": 16}, "first_half": {"balance": 3}}
     # an edit that agrees with an explicit by_layer value is fine; one that contradicts it is not
     assert layers.apply_variant(["mlp.r/2"], {"mlp": {"r": 32}}, {"r": 64}) == {"mlp": {"r": 32}}
 
 
-@pytest.mark.parametrize("variant, message", [
-    (["mlp.r/3"], "r=64 is not divisible by 3"),
-    (["mlp.r/0"], "r=64 is not divisible by 0"),
-    (["mlp.rank/2"], "the method has no knob 'rank'"),
-    (["mlp.r=2"], "is not <group>.<knob>/<n>"),
-    (["mlp.r:two"], "'two' is not a number"),
-    (["mlp.r/2", "mlp.r/4"], "already; set it in one place"),
-])
+@pytest.mark.parametrize(
+    "variant, message",
+    [
+        (["mlp.r/3"], "r=64 is not divisible by 3"),
+        (["mlp.r/0"], "r=64 is not divisible by 0"),
+        (["mlp.rank/2"], "the method has no knob 'rank'"),
+        (["mlp.r=2"], "is not <group>.<knob>/<n>"),
+        (["mlp.r:two"], "'two' is not a number"),
+        (["mlp.r/2", "mlp.r/4"], "already; set it in one place"),
+    ],
+)
 def test_bad_variants_are_one_clear_error(variant, message):
     with pytest.raises(ConfigError, match=message):
         layers.apply_variant(variant, {}, {"r": 64, "alpha": 16})
@@ -119,7 +135,8 @@ def test_a_variant_composes_into_per_module_knobs(compose):
     ranks = {name: c.r for name, c in spec.peft_per_module.items()}
     assert ranks["model.layers.31.mlp.down_proj"] == 16 and ranks["model.layers.0.mlp.down_proj"] == 64
     with pytest.raises(ConfigError, match="peft.variant: 'mlp.r/2' sets mlp.r=32, but peft.by_layer.mlp.r=8"):
-        validate(compose(["mode=plan", "model=llama2_7b", "peft.r=64", "peft.variant=[mlp.r/2]",
-                          "peft.by_layer.mlp.r=8"]))
+        validate(
+            compose(["mode=plan", "model=llama2_7b", "peft.r=64", "peft.variant=[mlp.r/2]", "peft.by_layer.mlp.r=8"])
+        )
     with pytest.raises(ConfigError, match="the method has no knob 'r'"):
         validate(compose(["peft=ia3", "+peft.variant=[mlp.r/2]"]))

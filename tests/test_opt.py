@@ -24,9 +24,18 @@ def tiny_opt(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("tiny_opt")
     torch.manual_seed(0)
-    cfg = OPTConfig(vocab_size=2048, hidden_size=128, ffn_dim=256, num_hidden_layers=2, num_attention_heads=4,
-                    max_position_embeddings=512, word_embed_proj_dim=128, pad_token_id=3, bos_token_id=1,
-                    eos_token_id=2)
+    cfg = OPTConfig(
+        vocab_size=2048,
+        hidden_size=128,
+        ffn_dim=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=512,
+        word_embed_proj_dim=128,
+        pad_token_id=3,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     OPTForCausalLM(cfg).to(torch.bfloat16).save_pretrained(out)
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(ASSETS / "tiny_llama" / name, out / name)

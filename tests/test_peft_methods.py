@@ -20,23 +20,44 @@ from qpeft_bench.config import ConfigError, validate
 LLAMA = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 OPT = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
 # small groups so the 64-wide tiny model has several of them per row
-KNOBS = {"hqq": {"group_size": 32}, "rtn": {"group_size": 32}, "gptq": {"group_size": 32},
-         "owq": {"group_size": 32, "k": 4}, "qeft": {"group_size": 32, "k": 4}, "icq": {"blocksize": 32}}
+KNOBS = {
+    "hqq": {"group_size": 32},
+    "rtn": {"group_size": 32},
+    "gptq": {"group_size": 32},
+    "owq": {"group_size": 32, "k": 4},
+    "qeft": {"group_size": 32, "k": 4},
+    "icq": {"blocksize": 32},
+}
 LORA_OPTIONS = ["lora", "rslora", "dora", "loftq", "dora_rslora", "loftq_rslora", "dora_loftq"]
 lora, ia3 = adapters.get("lora"), adapters.get("ia3")
 
 
 def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
     torch.manual_seed(seed)
-    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=128, max_position_embeddings=64)
+    cfg = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=128,
+        max_position_embeddings=64,
+    )
     return LlamaForCausalLM(cfg).float().eval()
 
 
 def tiny_opt(seed: int = 0) -> OPTForCausalLM:
     torch.manual_seed(seed)
-    cfg = OPTConfig(hidden_size=64, ffn_dim=128, num_hidden_layers=1, num_attention_heads=4, vocab_size=128,
-                    max_position_embeddings=64, word_embed_proj_dim=64, enable_bias=True)
+    cfg = OPTConfig(
+        hidden_size=64,
+        ffn_dim=128,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        vocab_size=128,
+        max_position_embeddings=64,
+        word_embed_proj_dim=64,
+        enable_bias=True,
+    )
     model = OPTForCausalLM(cfg).float().eval()
     with torch.no_grad():  # transformers initialises biases to zero: make them matter
         for m in model.modules():
@@ -114,8 +135,11 @@ IDS = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(2))
 # ----------------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("variant", [{}, {"use_rslora": True}, {"use_dora": True},
-                                     {"use_dora": True, "use_rslora": True}], ids=["lora", "rslora", "dora", "dora_rslora"])
+@pytest.mark.parametrize(
+    "variant",
+    [{}, {"use_rslora": True}, {"use_dora": True}, {"use_dora": True, "use_rslora": True}],
+    ids=["lora", "rslora", "dora", "dora_rslora"],
+)
 @pytest.mark.parametrize("qname", ["none", "rtn", "nf4"])
 def test_lora_variants_match_plain_formulas(variant, qname):
     model, targets = quantized(qname)
@@ -206,9 +230,15 @@ def test_ia3_gradients_on_every_supported_quantizer(qname):
 
 def _support(option: str) -> tuple[object, object]:
     amod = ia3 if option == "ia3" else lora
-    cfg = amod.Config() if option == "ia3" else lora_cfg(
-        use_dora="dora" in option, use_rslora="rslora" in option,
-        loftq={"bits": 4, "iters": 1} if "loftq" in option else None)
+    cfg = (
+        amod.Config()
+        if option == "ia3"
+        else lora_cfg(
+            use_dora="dora" in option,
+            use_rslora="rslora" in option,
+            loftq={"bits": 4, "iters": 1} if "loftq" in option else None,
+        )
+    )
     return amod, cfg
 
 
@@ -236,15 +266,18 @@ def test_unsupported_cells_fail_at_compose_time(compose, option):
         assert f"peft={option} cannot run on quant={qname}" in str(err.value) and why in str(err.value)
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (["peft=loftq", "peft.loftq.bits=8"], "peft.loftq.bits=8: only 4 is supported"),
-    (["peft=loftq", "peft.loftq.iters=0"], "peft.loftq.iters=0 must be >= 1"),
-    (["peft=lora", "peft.loftq={bits:4,iter:2}"], "unknown key(s) peft.loftq.iter"),
-    (["peft=lora", "peft.loftq={bits:4,iters:two}"], "peft.loftq.iters='two' has the wrong type"),
-    (["peft=dora", "peft.use_dora=maybe"], "peft.use_dora='maybe' has the wrong type"),
-    (["peft=ia3", "peft.adapter_dtype=int8"], "peft.adapter_dtype='int8'"),
-    (["peft=ia3", "+peft.r=8"], "unknown key peft.r"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["peft=loftq", "peft.loftq.bits=8"], "peft.loftq.bits=8: only 4 is supported"),
+        (["peft=loftq", "peft.loftq.iters=0"], "peft.loftq.iters=0 must be >= 1"),
+        (["peft=lora", "peft.loftq={bits:4,iter:2}"], "unknown key(s) peft.loftq.iter"),
+        (["peft=lora", "peft.loftq={bits:4,iters:two}"], "peft.loftq.iters='two' has the wrong type"),
+        (["peft=dora", "peft.use_dora=maybe"], "peft.use_dora='maybe' has the wrong type"),
+        (["peft=ia3", "peft.adapter_dtype=int8"], "peft.adapter_dtype='int8'"),
+        (["peft=ia3", "+peft.r=8"], "unknown key peft.r"),
+    ],
+)
 def test_bad_knobs_fail_at_compose_time(compose, overrides, message):
     with pytest.raises(ConfigError, match=None) as err:
         validate(compose(overrides))
@@ -252,10 +285,14 @@ def test_bad_knobs_fail_at_compose_time(compose, overrides, message):
 
 
 def test_presets_and_combinations_compose(compose):
-    for option, want in [("rslora", (True, False, None)), ("dora", (False, True, None)),
-                         ("loftq", (False, False, {"bits": 4, "iters": 1})),
-                         ("dora_rslora", (True, True, None)), ("loftq_rslora", (True, False, {"bits": 4, "iters": 1})),
-                         ("dora_loftq", (False, True, {"bits": 4, "iters": 1}))]:
+    for option, want in [
+        ("rslora", (True, False, None)),
+        ("dora", (False, True, None)),
+        ("loftq", (False, False, {"bits": 4, "iters": 1})),
+        ("dora_rslora", (True, True, None)),
+        ("loftq_rslora", (True, False, {"bits": 4, "iters": 1})),
+        ("dora_loftq", (False, True, {"bits": 4, "iters": 1})),
+    ]:
         spec = validate(compose([f"peft={option}"]))
         assert (spec.peft_method, spec.peft_name) == ("lora", option)
         assert (spec.peft.use_rslora, spec.peft.use_dora, spec.peft.loftq) == want
@@ -298,8 +335,9 @@ def test_verify_rejects_wrong_scale_missing_magnitude_and_wrong_modules():
 # ----------------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("qname, option", [("nf4", "dora_rslora"), ("rtn", "dora"), ("hqq", "lora"),
-                                           ("nf4", "ia3"), ("int8", "ia3")])
+@pytest.mark.parametrize(
+    "qname, option", [("nf4", "dora_rslora"), ("rtn", "dora"), ("hqq", "lora"), ("nf4", "ia3"), ("int8", "ia3")]
+)
 def test_save_and_reload_onto_a_fresh_base_gives_identical_outputs(tmp_path, qname, option):
     amod, cfg = _support(option)
     model, targets = quantized(qname)
@@ -317,12 +355,24 @@ def test_save_and_reload_onto_a_fresh_base_gives_identical_outputs(tmp_path, qna
         assert torch.equal(loaded(input_ids=IDS).logits, expected)
     other = _support("lora")[1] if option == "ia3" else lora_cfg(r=2)
     with pytest.raises(ValueError):
-        (ia3 if option == "ia3" else lora).load(quantized(qname)[0], targets, other if option != "ia3"
-                                                else ia3.Config(feedforward=["up_proj"]), tmp_path)
+        (ia3 if option == "ia3" else lora).load(
+            quantized(qname)[0], targets, other if option != "ia3" else ia3.Config(feedforward=["up_proj"]), tmp_path
+        )
 
 
-@pytest.mark.parametrize("qname, option", [("none", "lora"), ("nf4", "rslora"), ("hqq", "dora"), ("icq", "dora"),
-                                           ("gptq", "dora_rslora"), ("owq", "lora"), ("none", "ia3"), ("fp4", "ia3")])
+@pytest.mark.parametrize(
+    "qname, option",
+    [
+        ("none", "lora"),
+        ("nf4", "rslora"),
+        ("hqq", "dora"),
+        ("icq", "dora"),
+        ("gptq", "dora_rslora"),
+        ("owq", "lora"),
+        ("none", "ia3"),
+        ("fp4", "ia3"),
+    ],
+)
 def test_merge_into_a_dequantized_base_keeps_the_outputs(qname, option):
     amod, cfg = _support(option)
     model, targets = quantized(qname)
@@ -392,8 +442,11 @@ def test_loftq_initialisation_matches_a_plain_reference(checkpoint, iters, varia
 
 
 def _check_loftq(checkpoint, iters: int, variant: dict, device: str) -> None:
-    originals = {n: m.weight.detach().clone() for n, m in models.load_model(str(checkpoint), "float32", device)
-                 .named_modules() if isinstance(m, torch.nn.Linear) and "lm_head" not in n}
+    originals = {
+        n: m.weight.detach().clone()
+        for n, m in models.load_model(str(checkpoint), "float32", device).named_modules()
+        if isinstance(m, torch.nn.Linear) and "lm_head" not in n
+    }
     model, targets = loaded_nf4(checkpoint, device=device)
     before = {t: base.dense_weight(model.get_submodule(t)).clone() for t in targets}
     cfg = lora_cfg(**{"r": 4, "alpha": 8, **variant, "loftq": {"bits": 4, "iters": iters}})

@@ -16,9 +16,13 @@ from qpeft_bench.adapters import base, qa_lora
 from qpeft_bench.config import ConfigError, validate
 
 NAMES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-MERGE_CASES = [("rtn", {"bits": 4, "group_size": 64}), ("rtn", {"bits": 2, "group_size": 32, "symmetric": True}),
-               ("gptq", {"bits": 3, "group_size": 32}), ("hqq", {"nbits": 4, "group_size": 64}),
-               ("hqq", {"nbits": 3, "group_size": 32})]
+MERGE_CASES = [
+    ("rtn", {"bits": 4, "group_size": 64}),
+    ("rtn", {"bits": 2, "group_size": 32, "symmetric": True}),
+    ("gptq", {"bits": 3, "group_size": 32}),
+    ("hqq", {"nbits": 4, "group_size": 64}),
+    ("hqq", {"nbits": 3, "group_size": 32}),
+]
 
 
 def reference(x, weight, a, b, scale, group_size):
@@ -26,7 +30,7 @@ def reference(x, weight, a, b, scale, group_size):
     groups = weight.shape[1] // group_size
     pooled = torch.zeros(x.shape[0], groups)
     for g in range(groups):
-        pooled[:, g] = x[:, g * group_size:(g + 1) * group_size].sum(dim=1) / group_size
+        pooled[:, g] = x[:, g * group_size : (g + 1) * group_size].sum(dim=1) / group_size
     return x @ weight.T + scale * ((pooled @ a.T) @ b.T)
 
 
@@ -45,8 +49,15 @@ def randomize(layer: qa_lora.QALoRALinear, seed: int) -> None:
 
 def tiny_llama(dtype=torch.float32) -> LlamaForCausalLM:
     torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=256, max_position_embeddings=64)
+    cfg = LlamaConfig(
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=256,
+        max_position_embeddings=64,
+    )
     return LlamaForCausalLM(cfg).to(dtype).eval()
 
 
@@ -54,8 +65,9 @@ def quantized_llama(qname: str, knobs: dict):
     model = tiny_llama()
     targets = list(models.find_linears(model, NAMES))
     qmod = quant.get(qname)
-    quant.quantize_model(qname, model, targets, qmod.Config(**knobs), "float32", "cpu",
-                         windows=calibration.random_windows(256, 8, 32, 0))
+    quant.quantize_model(
+        qname, model, targets, qmod.Config(**knobs), "float32", "cpu", windows=calibration.random_windows(256, 8, 32, 0)
+    )
     return model, targets
 
 
@@ -74,8 +86,9 @@ def fp32_config(**kw) -> qa_lora.Config:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("qname, knobs", [("none", {}), ("rtn", {"bits": 4, "group_size": 32}),
-                                          ("hqq", {"nbits": 4, "group_size": 32})])
+@pytest.mark.parametrize(
+    "qname, knobs", [("none", {}), ("rtn", {"bits": 4, "group_size": 32}), ("hqq", {"nbits": 4, "group_size": 32})]
+)
 def test_forward_matches_plain_reference(qname, knobs):
     in_f, out_f, L, r = 256, 96, 32, 4
     if qname == "none":
@@ -172,12 +185,24 @@ def test_attach_counts_and_freezes():
 
 
 def test_attach_on_meta_device_and_plan_counts(compose):
-    spec = validate(compose(["mode=plan", "model=llama2_7b", "quant=rtn", "quant.group_size=128", "peft=qa_lora",
-                             "peft.group_size=128", "peft.r=64"]))
+    spec = validate(
+        compose(
+            [
+                "mode=plan",
+                "model=llama2_7b",
+                "quant=rtn",
+                "quant.group_size=128",
+                "peft=qa_lora",
+                "peft.group_size=128",
+                "peft.r=64",
+            ]
+        )
+    )
     acc = recipe.plan_accounting(spec)
     # LLaMA-2-7B per block: q,k,v,o 4096->4096; gate,up 4096->11008; down 11008->4096; 32 blocks
-    per_block = (4 * (64 * 4096 // 128 + 4096 * 64) + 2 * (64 * 4096 // 128 + 11008 * 64)
-                 + (64 * 11008 // 128 + 4096 * 64))
+    per_block = (
+        4 * (64 * 4096 // 128 + 4096 * 64) + 2 * (64 * 4096 // 128 + 11008 * 64) + (64 * 11008 // 128 + 4096 * 64)
+    )
     assert acc["trainable_params"] == 32 * per_block == 87_601_152
     assert acc["adapter_bytes"] == 2 * acc["trainable_params"]  # bf16
 
@@ -189,8 +214,11 @@ def test_attach_on_meta_device_and_plan_counts(compose):
 
 def test_attach_refuses_a_base_with_other_quantization_groups():
     model, targets = quantized_llama("rtn", {"bits": 4, "group_size": 64})
-    with pytest.raises(ConfigError, match=r"model.layers.0.self_attn.q_proj \(128 -> 128\): peft.group_size=32 "
-                                          r"differs from the base layer's quantization groups of 64"):
+    with pytest.raises(
+        ConfigError,
+        match=r"model.layers.0.self_attn.q_proj \(128 -> 128\): peft.group_size=32 "
+        r"differs from the base layer's quantization groups of 64",
+    ):
         qa_lora.attach(model, targets, fp32_config(group_size=32))
 
 
@@ -199,8 +227,12 @@ def test_verification_catches_a_layer_that_did_not_get_the_knobs():
     model = qa_lora.attach(model, targets, fp32_config())
     model.get_submodule(targets[3]).scale = 99.0
     with pytest.raises(RuntimeError, match=f"{targets[3]}: adapter has"):
-        base.verify_wrappers(model, targets, qa_lora.QALoRALinear,
-                             lambda name: {"r": 4, "scale": 2.0, "group_size": 32, "dtype": torch.float32})
+        base.verify_wrappers(
+            model,
+            targets,
+            qa_lora.QALoRALinear,
+            lambda name: {"r": 4, "scale": 2.0, "group_size": 32, "dtype": torch.float32},
+        )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -208,8 +240,9 @@ def test_verification_catches_a_layer_that_did_not_get_the_knobs():
 # ---------------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("qname, knobs", MERGE_CASES, ids=[f"{q}-{'-'.join(f'{k}{v}' for k, v in kn.items())}"
-                                                           for q, kn in MERGE_CASES])
+@pytest.mark.parametrize(
+    "qname, knobs", MERGE_CASES, ids=[f"{q}-{'-'.join(f'{k}{v}' for k, v in kn.items())}" for q, kn in MERGE_CASES]
+)
 def test_merge_into_zero_points_is_exact(qname, knobs):
     model, targets = quantized_llama(qname, knobs)
     kinds = {t: type(model.get_submodule(t)) for t in targets}
@@ -236,16 +269,28 @@ def test_merge_into_zero_points_is_exact(qname, knobs):
 
 def test_merge_refuses_bases_without_plain_group_zero_points():
     torch.manual_seed(0)
-    for layer_base in (nn.Linear(64, 32, bias=False), quantized_layer(64, 32, "hqq", {"nbits": 4, "group_size": 32,
-                                                                                     "axis": 0})):
+    for layer_base in (
+        nn.Linear(64, 32, bias=False),
+        quantized_layer(64, 32, "hqq", {"nbits": 4, "group_size": 32, "axis": 0}),
+    ):
         layer = qa_lora.QALoRALinear(layer_base, 2, 4, 32, 0.0, torch.float32)
         with pytest.raises(base.MergeUnsupported, match="no exact zero-point merge"):
             layer.merge()
     from qpeft_bench.quant.weakcol import WeakColumnLinear
 
     weak = quantized_layer(64, 32, "rtn", {"bits": 4, "group_size": 32})
-    weak = WeakColumnLinear(64, 32, 4, 32, None, torch.zeros(32, 64, dtype=torch.uint8), weak.scales, weak.zeros,
-                            torch.randn(32, 2), torch.tensor([0, 5]))
+    weak = WeakColumnLinear(
+        64,
+        32,
+        4,
+        32,
+        None,
+        torch.zeros(32, 64, dtype=torch.uint8),
+        weak.scales,
+        weak.zeros,
+        torch.randn(32, 2),
+        torch.tensor([0, 5]),
+    )
     assert base.group_size_of(weak) is None  # the 16-bit columns would miss the zero-point shift
     with pytest.raises(base.MergeUnsupported):
         base.merge_group_constant(weak, torch.zeros(32, 2))
@@ -256,7 +301,9 @@ def test_merge_refuses_bases_without_plain_group_zero_points():
 # ---------------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("qname, knobs", [("rtn", {"bits": 4, "group_size": 32}), ("hqq", {"nbits": 4, "group_size": 32})])
+@pytest.mark.parametrize(
+    "qname, knobs", [("rtn", {"bits": 4, "group_size": 32}), ("hqq", {"nbits": 4, "group_size": 32})]
+)
 def test_save_and_reload_onto_a_fresh_base_gives_identical_outputs(tmp_path, qname, knobs):
     cfg = fp32_config()
     model, targets = quantized_llama(qname, knobs)
@@ -297,15 +344,24 @@ def test_config_file_composes_with_matching_groups(compose):
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        (["quant=rtn", "quant.group_size=128"],
-         "peft=qa_lora cannot run on quant=rtn: peft.group_size=64 must equal quant.group_size=128"),
-        ([], "peft=qa_lora cannot run on quant=nf4: QA-LoRA merges into per-group zero points, which only rtn, "
-             "gptq, hqq have"),
-        (["quant=owq", "quant.group_size=64"], "cannot run on quant=owq: QA-LoRA merges into the group zero points, "
-                                               "which the 16-bit weak columns bypass"),
+        (
+            ["quant=rtn", "quant.group_size=128"],
+            "peft=qa_lora cannot run on quant=rtn: peft.group_size=64 must equal quant.group_size=128",
+        ),
+        (
+            [],
+            "peft=qa_lora cannot run on quant=nf4: QA-LoRA merges into per-group zero points, which only rtn, "
+            "gptq, hqq have",
+        ),
+        (
+            ["quant=owq", "quant.group_size=64"],
+            "cannot run on quant=owq: QA-LoRA merges into the group zero points, which the 16-bit weak columns bypass",
+        ),
         (["quant=hqq", "quant.axis=0"], "cannot run on quant=hqq: QA-LoRA needs groups along the inputs"),
-        (["quant=rtn", "quant.group_size=64", "peft.group_size=96"],
-         "peft.group_size=96 does not divide in_features=256 of model.layers.0.self_attn.q_proj (256 -> 256)"),
+        (
+            ["quant=rtn", "quant.group_size=64", "peft.group_size=96"],
+            "peft.group_size=96 does not divide in_features=256 of model.layers.0.self_attn.q_proj (256 -> 256)",
+        ),
         (["quant=rtn", "quant.group_size=64", "peft.r=0"], "peft.r=0 must be > 0"),
         (["quant=rtn", "quant.group_size=64", "peft.group_size=0"], "peft.group_size=0 must be > 0"),
         (["quant=rtn", "quant.group_size=64", "peft.dropout=1.0"], "peft.dropout=1.0 must lie in [0, 1)"),

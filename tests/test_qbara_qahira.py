@@ -131,8 +131,10 @@ def test_qahira_matches_plain_reference_and_its_gradients(in_f, out_f, lam1, lam
 
 def test_finite_difference_gradients_in_float64():
     lin = _linear(16, 8, 0).double()
-    layers = [qbara.QBaRALinear(lin, 2, 2, 4.0, 0.0, torch.float64),
-              qahira.QAHiRALinear(lin, 4, 2, 0.5, "kaiming", 0.0, torch.float64)]
+    layers = [
+        qbara.QBaRALinear(lin, 2, 2, 4.0, 0.0, torch.float64),
+        qahira.QAHiRALinear(lin, 4, 2, 0.5, "kaiming", 0.0, torch.float64),
+    ]
     x = torch.randn(3, 16, dtype=torch.float64, generator=gen(0))
     for layer in layers:
         _randomize(layer, 1)
@@ -171,8 +173,15 @@ def test_initialisation_and_dtypes():
 
 def _tiny_llama(dtype=torch.float32) -> LlamaForCausalLM:
     torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=256, max_position_embeddings=64)
+    cfg = LlamaConfig(
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=256,
+        max_position_embeddings=64,
+    )
     return LlamaForCausalLM(cfg).to(dtype).eval()
 
 
@@ -187,11 +196,16 @@ def _trainable(model) -> int:
 def test_counts_equal_lora_and_the_formulas_on_a_model():
     model = _tiny_llama()
     shapes = {n: (m.in_features, m.out_features) for n, m in models.find_linears(model, NAMES).items()}
-    lora_model = adapters.get("lora").attach(_tiny_llama(), _targets(model),
-                                             adapters.get("lora").Config(r=4, alpha=8, dropout=0.0))
+    lora_model = adapters.get("lora").attach(
+        _tiny_llama(), _targets(model), adapters.get("lora").Config(r=4, alpha=8, dropout=0.0)
+    )
     m = qbara.attach(model, _targets(model), qbara.Config(r=4, balance=4))
-    assert _trainable(m) == _trainable(lora_model) == sum(4 * (i + o) for i, o in shapes.values()) == 4 * 2 * (
-        2 * 256 + 2 * 192 + 3 * 384)
+    assert (
+        _trainable(m)
+        == _trainable(lora_model)
+        == sum(4 * (i + o) for i, o in shapes.values())
+        == 4 * 2 * (2 * 256 + 2 * 192 + 3 * 384)
+    )
     m = qahira.attach(_tiny_llama(), _targets(model), qahira.Config(lambda1=4, lambda2=8))
     assert _trainable(m) == sum(i * o // 32 for i, o in shapes.values())
     # everything else is frozen
@@ -242,8 +256,9 @@ IDS = torch.randint(0, 256, (2, 16), generator=gen(5))
 def _quantized(qname: str, dtype=torch.float32, compute="float32", **knobs):
     model = _tiny_llama(dtype)
     qmod = quant.get(qname)
-    quant.quantize_model(qname, model, _targets(model), qmod.Config(**{**quant.preset(qname), **knobs}), compute,
-                         "cpu", windows=WINDOWS)
+    quant.quantize_model(
+        qname, model, _targets(model), qmod.Config(**{**quant.preset(qname), **knobs}), compute, "cpu", windows=WINDOWS
+    )
     return model
 
 
@@ -330,8 +345,11 @@ MERGES = [
 ]
 
 
-@pytest.mark.parametrize("qname, knobs, method, acfg, exact", MERGES,
-                         ids=[f"{q}-{m}-{'-'.join(f'{k}{v}' for k, v in a.items())}" for q, _, m, a, _ in MERGES])
+@pytest.mark.parametrize(
+    "qname, knobs, method, acfg, exact",
+    MERGES,
+    ids=[f"{q}-{m}-{'-'.join(f'{k}{v}' for k, v in a.items())}" for q, _, m, a, _ in MERGES],
+)
 def test_merge_gives_the_same_outputs(qname, knobs, method, acfg, exact):
     amod = adapters.get(method)
     model = _quantized(qname, **knobs)
@@ -391,8 +409,7 @@ def test_save_and_reload_onto_a_fresh_quantized_base(tmp_path, method, acfg):
         amod.load(_quantized("nf4", torch.bfloat16, "bfloat16"), _targets(fresh), other, tmp_path / "adapter")
     wrong = qahira if method == "qbara" else qbara
     with pytest.raises(ValueError, match=f"holds a '{method}' adapter"):
-        wrong.load(_quantized("nf4", torch.bfloat16, "bfloat16"), _targets(fresh), wrong.Config(),
-                   tmp_path / "adapter")
+        wrong.load(_quantized("nf4", torch.bfloat16, "bfloat16"), _targets(fresh), wrong.Config(), tmp_path / "adapter")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -403,20 +420,30 @@ def test_save_and_reload_onto_a_fresh_quantized_base(tmp_path, method, acfg):
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        (["peft=qbara", "peft.balance=3"],
-         "peft.balance=3 does not divide in_features=256 of model.layers.0.self_attn.q_proj (256 -> 256)"),
-        (["peft=qbara", "peft.balance=256"],
-         "peft.balance=256 does not divide out_features=128 of model.layers.0.self_attn.k_proj (256 -> 128)"),
+        (
+            ["peft=qbara", "peft.balance=3"],
+            "peft.balance=3 does not divide in_features=256 of model.layers.0.self_attn.q_proj (256 -> 256)",
+        ),
+        (
+            ["peft=qbara", "peft.balance=256"],
+            "peft.balance=256 does not divide out_features=128 of model.layers.0.self_attn.k_proj (256 -> 128)",
+        ),
         (["peft=qbara", "peft.balance=0"], "peft.balance=0 must be > 0"),
         (["peft=qbara", "peft.r=0"], "peft.r=0 must be > 0"),
         (["peft=qbara", "peft.dropout=1.0"], "peft.dropout=1.0 must lie in [0, 1)"),
         (["peft=qbara", "peft.adapter_dtype=int8"], "peft.adapter_dtype='int8'"),
-        (["peft=qahira", "peft.lambda1=3"],
-         "peft.lambda1=3 does not divide in_features=256 of model.layers.0.self_attn.q_proj (256 -> 256)"),
-        (["peft=qahira", "peft.lambda2=256"],
-         "peft.lambda2=256 does not divide out_features=128 of model.layers.0.self_attn.k_proj (256 -> 128)"),
-        (["peft=qahira", "peft.lambda1=512"],
-         "peft.lambda1=512 does not divide in_features=256 of model.layers.0.self_attn.q_proj"),
+        (
+            ["peft=qahira", "peft.lambda1=3"],
+            "peft.lambda1=3 does not divide in_features=256 of model.layers.0.self_attn.q_proj (256 -> 256)",
+        ),
+        (
+            ["peft=qahira", "peft.lambda2=256"],
+            "peft.lambda2=256 does not divide out_features=128 of model.layers.0.self_attn.k_proj (256 -> 128)",
+        ),
+        (
+            ["peft=qahira", "peft.lambda1=512"],
+            "peft.lambda1=512 does not divide in_features=256 of model.layers.0.self_attn.q_proj",
+        ),
         (["peft=qahira", "peft.lambda2=0"], "peft.lambda2=0 must be > 0"),
         (["peft=qahira", "peft.init=ones"], "peft.init='ones' has the wrong type"),
         (["peft=qahira", "+peft.r=8"], "unknown key peft.r"),
@@ -441,8 +468,18 @@ def test_lambda_that_divides_every_layer_composes(compose):
 @pytest.mark.parametrize("qname", ["nf4", "rtn"])
 def test_short_run_end_to_end(compose, tmp_path, method, qname):
     # shorter than FAST: 2 steps, no evaluation before fine-tuning (4 runs must fit in this file's time budget)
-    config = compose([*FAST, f"peft={method}", f"quant={qname}", "calib.samples=4", "calib.seq_len=64",
-                      "train.max_steps=2", "eval.before_finetune=false", "eval.max_batches=1"])
+    config = compose(
+        [
+            *FAST,
+            f"peft={method}",
+            f"quant={qname}",
+            "calib.samples=4",
+            "calib.seq_len=64",
+            "train.max_steps=2",
+            "eval.before_finetune=false",
+            "eval.max_batches=1",
+        ]
+    )
     assert recipe.run(config, tmp_path, progress=False) == "completed"
     rec = json.loads((tmp_path / "result.json").read_text())
     spec = validate(config)

@@ -31,8 +31,15 @@ CASES = [
 
 def _tiny_random_llama() -> LlamaForCausalLM:
     torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=256, max_position_embeddings=64)
+    cfg = LlamaConfig(
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=256,
+        max_position_embeddings=64,
+    )
     return LlamaForCausalLM(cfg).float().eval()
 
 
@@ -60,12 +67,14 @@ def _check_gradients(qname: str, knobs: dict, device: str, compute_dtype: str = 
     model = _tiny_random_llama().to(device)
     targets = list(models.find_linears(model, NAMES))
     windows = calibration.random_windows(256, 8, 32, 0)
-    quant.quantize_model(qname, model, targets, qmod.Config(**{**quant.preset(qname), **knobs}), compute_dtype,
-                         device, windows=windows)
+    quant.quantize_model(
+        qname, model, targets, qmod.Config(**{**quant.preset(qname), **knobs}), compute_dtype, device, windows=windows
+    )
     reference = _dequantized_copy(model, targets, qmod)
     # the quantized weights really differ from the original ones (otherwise the test proves nothing)
-    assert not torch.allclose(reference.get_submodule(targets[0]).weight.cpu(),
-                              _tiny_random_llama().get_submodule(targets[0]).weight)
+    assert not torch.allclose(
+        reference.get_submodule(targets[0]).weight.cpu(), _tiny_random_llama().get_submodule(targets[0]).weight
+    )
 
     lora, cfg = adapters.get("lora"), adapters.get("lora").Config(r=4, alpha=8, dropout=0.0, adapter_dtype="float32")
     with models.seeded(1):
@@ -108,21 +117,32 @@ def _check_gradients(qname: str, knobs: dict, device: str, compute_dtype: str = 
             assert err <= 3 * noise + 1e-3 * float(g.norm()), f"{name}: {err:.3e} vs 16-bit noise {noise:.3e}"
 
 
-@pytest.mark.parametrize("qname, knobs", CASES, ids=[f"{q}-{'-'.join(f'{k}{v}' for k, v in kn.items())}"
-                                                     for q, kn in CASES])
+@pytest.mark.parametrize(
+    "qname, knobs", CASES, ids=[f"{q}-{'-'.join(f'{k}{v}' for k, v in kn.items())}" for q, kn in CASES]
+)
 def test_lora_gradients_through_quantized_base_match_dequantized_fp32(qname, knobs):
     _check_gradients(qname, knobs, "cpu")
 
 
-GPU_CASES = [("nf4", {}, "float32"), ("nf4", {}, "bfloat16"), ("hqq", {"nbits": 4, "group_size": 64}, "float32"),
-             ("hqq", {"nbits": 2, "group_size": 32}, "float32"), ("hqq", {"nbits": 4, "group_size": 64}, "bfloat16"),
-             ("rtn", {"bits": 4, "group_size": 64}, "float32"), ("gptq", {"bits": 3, "group_size": 64}, "float32"),
-             ("qeft", {"bits": 4, "k": 4, "group_size": 64}, "bfloat16"), ("icq", {}, "float32")]
+GPU_CASES = [
+    ("nf4", {}, "float32"),
+    ("nf4", {}, "bfloat16"),
+    ("hqq", {"nbits": 4, "group_size": 64}, "float32"),
+    ("hqq", {"nbits": 2, "group_size": 32}, "float32"),
+    ("hqq", {"nbits": 4, "group_size": 64}, "bfloat16"),
+    ("rtn", {"bits": 4, "group_size": 64}, "float32"),
+    ("gptq", {"bits": 3, "group_size": 64}, "float32"),
+    ("qeft", {"bits": 4, "k": 4, "group_size": 64}, "bfloat16"),
+    ("icq", {}, "float32"),
+]
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("qname, knobs, compute_dtype", GPU_CASES,
-                         ids=[f"{q}-{'-'.join(f'{k}{v}' for k, v in kn.items())}-{d}" for q, kn, d in GPU_CASES])
+@pytest.mark.parametrize(
+    "qname, knobs, compute_dtype",
+    GPU_CASES,
+    ids=[f"{q}-{'-'.join(f'{k}{v}' for k, v in kn.items())}-{d}" for q, kn, d in GPU_CASES],
+)
 def test_lora_gradients_on_cuda(qname, knobs, compute_dtype):
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")

@@ -98,8 +98,16 @@ def test_gptq_keeps_requested_columns_and_handles_dead_inputs():
 
 def _random_llama(tied: bool) -> LlamaForCausalLM:
     torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=128, max_position_embeddings=64, tie_word_embeddings=tied)
+    cfg = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=128,
+        max_position_embeddings=64,
+        tie_word_embeddings=tied,
+    )
     return LlamaForCausalLM(cfg).float().eval()
 
 
@@ -134,18 +142,24 @@ def test_qeft_layers_share_one_contiguous_set_and_o_proj_keeps_indices():
         assert m.contiguous == (not t.endswith("o_proj")), t  # o_proj: per-layer indices, picked from its lambda
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (["quant=gptq", "calib=none"], "needs calibration data"),
-    (["quant=smoothquant", "calib=none"], "needs calibration data"),
-    (["quant=owq", "quant.k=300"], r"quant.k=300 weak columns exceed in_features=256 of model.layers.0.self_attn.q_proj"),
-    (["quant=gptq", "quant.group_size=96"], r"group_size=96 does not divide in_features=256 of model.layers.0"),
-    (["quant=gptq", "quant.bits=5"], r"quant.bits=5 has the wrong type: expected 2 \| 3 \| 4 \| 8"),
-    (["quant=qeft", "quant.damp_percent=0"], "damp_percent=0"),
-    (["quant=qeft", "model=opt_1_3b", "mode=plan"], "supports model families llama; this model is 'opt'"),
-    (["calib=text", "calib.path=/no/such/file.txt"], "does not exist"),
-    (["quant=gptq", "calib.seq_len=4096"], "calib.seq_len=4096 exceeds the context length 512"),
-    (["model.dtype=float16", "peft.adapter_dtype=bfloat16"], "fp16 loss scaling cannot unscale"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["quant=gptq", "calib=none"], "needs calibration data"),
+        (["quant=smoothquant", "calib=none"], "needs calibration data"),
+        (
+            ["quant=owq", "quant.k=300"],
+            r"quant.k=300 weak columns exceed in_features=256 of model.layers.0.self_attn.q_proj",
+        ),
+        (["quant=gptq", "quant.group_size=96"], r"group_size=96 does not divide in_features=256 of model.layers.0"),
+        (["quant=gptq", "quant.bits=5"], r"quant.bits=5 has the wrong type: expected 2 \| 3 \| 4 \| 8"),
+        (["quant=qeft", "quant.damp_percent=0"], "damp_percent=0"),
+        (["quant=qeft", "model=opt_1_3b", "mode=plan"], "supports model families llama; this model is 'opt'"),
+        (["calib=text", "calib.path=/no/such/file.txt"], "does not exist"),
+        (["quant=gptq", "calib.seq_len=4096"], "calib.seq_len=4096 exceeds the context length 512"),
+        (["model.dtype=float16", "peft.adapter_dtype=bfloat16"], "fp16 loss scaling cannot unscale"),
+    ],
+)
 def test_impossible_quantizer_settings_fail_before_loading(compose, overrides, message):
     with pytest.raises(ConfigError, match=message):
         validate(compose(overrides))

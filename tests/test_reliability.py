@@ -101,26 +101,44 @@ CATALOGUE = [
     ("rank above min(in, out)", ["peft.r=512"], "peft.r=512 exceeds min(in, out)=256"),
     ("lambda not dividing", ["peft=qbara", "peft.balance=3"], "peft.balance=3 does not divide in_features=256"),
     ("lambda2 not dividing", ["peft=qahira", "peft.lambda2=256"], "peft.lambda2=256 does not divide out_features=128"),
-    ("group size not dividing", ["quant=rtn", "quant.group_size=100"],
-     "quant.group_size=100 does not divide in_features=256"),
-    ("QA-LoRA group size != quantizer's", ["peft=qa_lora", "quant=rtn", "quant.group_size=128"],
-     "peft.group_size=64 must equal quant.group_size=128"),
+    (
+        "group size not dividing",
+        ["quant=rtn", "quant.group_size=100"],
+        "quant.group_size=100 does not divide in_features=256",
+    ),
+    (
+        "QA-LoRA group size != quantizer's",
+        ["peft=qa_lora", "quant=rtn", "quant.group_size=128"],
+        "peft.group_size=64 must equal quant.group_size=128",
+    ),
     ("method unsupported on the quantizer", ["peft=qa_lora"], "peft=qa_lora cannot run on quant=nf4"),
     ("missing model path", ["model.path={tmp}/no_model"], "model.path='{tmp}/no_model' is not a directory"),
-    ("model path without config.json", ["model.path={tmp}/no_config"],
-     "model.path='{tmp}/no_config' has no config.json"),
+    (
+        "model path without config.json",
+        ["model.path={tmp}/no_config"],
+        "model.path='{tmp}/no_config' has no config.json",
+    ),
     ("missing data file", ["data.path={tmp}/missing.json"], "data file not found: {tmp}/missing.json"),
     ("empty data file", ["data.path={tmp}/empty.jsonl"], "data file {tmp}/empty.jsonl is empty"),
     ("malformed JSONL line", ["data.path={tmp}/malformed.jsonl"], "{tmp}/malformed.jsonl line 2: malformed JSON"),
-    ("data set without the expected fields", ["data.path={tmp}/fields.jsonl"],
-     "{tmp}/fields.jsonl row 1: missing field(s) instruction, output"),
+    (
+        "data set without the expected fields",
+        ["data.path={tmp}/fields.jsonl"],
+        "{tmp}/fields.jsonl row 1: missing field(s) instruction, output",
+    ),
     ("unknown sweep", ["-m", "sweep=nope"], "Could not find 'sweep/nope'. Available options in 'sweep': "),
     ("unknown group option", ["quant=nf5"], "Could not find 'quant/nf5'. Available options in 'quant': fp4"),
     ("bad override syntax", ["peft.r=["], "override 'peft.r=['"),
-    ("tokenizer without pad (nor unk, eos) token", ["model.path={tmp}/no_specials"],
-     "the tokenizer of {tmp}/no_specials has no eos_token"),
-    ("context shorter than the prompt", ["data.max_source_len=500"],
-     "data.max_source_len + data.max_target_len = 628 exceeds the context length 512"),
+    (
+        "tokenizer without pad (nor unk, eos) token",
+        ["model.path={tmp}/no_specials"],
+        "the tokenizer of {tmp}/no_specials has no eos_token",
+    ),
+    (
+        "context shorter than the prompt",
+        ["data.max_source_len=500"],
+        "data.max_source_len + data.max_target_len = 628 exceeds the context length 512",
+    ),
     ("calibration text file missing", ["calib=text", "calib.path={tmp}/calib.txt"], "calib.path='{tmp}/calib.txt'"),
     ("unknown eval task", ["eval.tasks=[ppl_heldout,ppl_nope]"], "unknown task 'ppl_nope'"),
     ("bad device", ["train.device=gpu"], "train.device='gpu'"),
@@ -128,8 +146,9 @@ CATALOGUE = [
 
 
 @pytest.mark.parametrize("case, overrides, message", CATALOGUE, ids=[c[0] for c in CATALOGUE])
-def test_bad_input_is_one_actionable_line_before_any_model_is_loaded(case, overrides, message, tmp_path, qpeft_cli,
-                                                                     monkeypatch):
+def test_bad_input_is_one_actionable_line_before_any_model_is_loaded(
+    case, overrides, message, tmp_path, qpeft_cli, monkeypatch
+):
     _bad_inputs(tmp_path)
 
     def refuse(*args, **kwargs):
@@ -165,7 +184,7 @@ def test_a_tokenizer_without_pad_token_pads_with_unk_and_passes(tmp_path):
 # Forks one attempt per line it reads, so the imports (seconds) are paid once. An attempt may arm a kill inside a
 # write: the n-th record or checkpoint-pointer rename (the temporary file left half written), or the n-th checkpoint
 # save (state.pt half written); otherwise the driver SIGKILLs it after `delay` seconds. Prints the exit per attempt.
-DRIVER = r'''
+DRIVER = r"""
 import io, json, os, signal, sys, time, traceback
 from pathlib import Path
 
@@ -245,11 +264,16 @@ for line in sys.stdin:
             deadline = float("inf")
         time.sleep(0.005)
     print(json.dumps({"exit": os.waitstatus_to_exitcode(status), "seconds": time.monotonic() - start}), flush=True)
-'''
+"""
 
 STEPS = 8
-KILL_RUN = [f"train.max_steps={STEPS}", "train.measure_after=1", "data.max_examples=120", "eval.max_batches=2",
-            "train.checkpoint_every=1"]
+KILL_RUN = [
+    f"train.max_steps={STEPS}",
+    "train.measure_after=1",
+    "data.max_examples=120",
+    "eval.max_batches=2",
+    "train.checkpoint_every=1",
+]
 
 
 def _assert_intact(root: Path) -> None:
@@ -274,8 +298,9 @@ def _only_record(root: Path) -> dict:
 
 def test_sigkill_at_random_points_never_tears_a_file_and_every_rerun_completes(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "QPEFT_CACHE": str(tmp_path / "cache")}
-    driver = subprocess.Popen([sys.executable, "-c", DRIVER], cwd=tmp_path, env=env, text=True,
-                              stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    driver = subprocess.Popen(
+        [sys.executable, "-c", DRIVER], cwd=tmp_path, env=env, text=True, stdin=subprocess.PIPE, stdout=subprocess.PIPE
+    )
     log = tmp_path / "attempts.log"
 
     def attempt(root: Path, kind: str = "none", n: int = 0, delay: float | None = None) -> dict:
@@ -290,8 +315,7 @@ def test_sigkill_at_random_points_never_tears_a_file_and_every_rerun_completes(t
         rec = _only_record(root)
         assert rec["status"] == "completed", log.read_text()[-3000:]
         assert rec["train"]["losses"] == pytest.approx(reference["train"]["losses"], rel=1e-6)
-        assert rec["eval"]["after"]["ppl_heldout"] == pytest.approx(reference["eval"]["after"]["ppl_heldout"],
-                                                                    rel=1e-6)
+        assert rec["eval"]["after"]["ppl_heldout"] == pytest.approx(reference["eval"]["after"]["ppl_heldout"], rel=1e-6)
         assert not list(root.glob("*/checkpoint"))  # removed once complete
         return rec
 
@@ -447,14 +471,39 @@ def test_divergence_is_recorded_with_its_step_and_marked_by_the_report(tiny_runs
 
 ODD_VALUES = [None, "x", "", 7, -1, 0, 1e308, True, [], [1, "a"], {}, {"a": {"b": None}}, "nan", "inf"]
 ODD_PATHS = [
-    ("status",), ("run_id",), ("config",), ("accounting",), ("train",), ("eval",), ("meta",), ("error",),
-    ("estimate",), ("quant",),
-    ("config", "peft"), ("config", "peft", "r"), ("config", "peft", "by_layer"), ("config", "peft", "variant"),
-    ("config", "quant"), ("config", "quant", "group_size"), ("config", "model"), ("config", "model", "name"),
-    ("config", "data"), ("config", "train"), ("config", "train", "max_steps"), ("config", "seed"),
-    ("accounting", "trainable_params"), ("accounting", "total_params"), ("accounting", "quantized_model_bytes"),
-    ("train", "losses"), ("train", "s_per_step"), ("train", "peak_memory_bytes"), ("train", "final_loss"),
-    ("eval", "before"), ("eval", "after"), ("eval", "after", "ppl_heldout"), ("meta", "start_time"),
+    ("status",),
+    ("run_id",),
+    ("config",),
+    ("accounting",),
+    ("train",),
+    ("eval",),
+    ("meta",),
+    ("error",),
+    ("estimate",),
+    ("quant",),
+    ("config", "peft"),
+    ("config", "peft", "r"),
+    ("config", "peft", "by_layer"),
+    ("config", "peft", "variant"),
+    ("config", "quant"),
+    ("config", "quant", "group_size"),
+    ("config", "model"),
+    ("config", "model", "name"),
+    ("config", "data"),
+    ("config", "train"),
+    ("config", "train", "max_steps"),
+    ("config", "seed"),
+    ("accounting", "trainable_params"),
+    ("accounting", "total_params"),
+    ("accounting", "quantized_model_bytes"),
+    ("train", "losses"),
+    ("train", "s_per_step"),
+    ("train", "peak_memory_bytes"),
+    ("train", "final_loss"),
+    ("eval", "before"),
+    ("eval", "after"),
+    ("eval", "after", "ppl_heldout"),
+    ("meta", "start_time"),
 ]
 
 
@@ -507,8 +556,10 @@ def test_the_report_never_crashes_on_corrupt_or_partial_records(tiny_runs, tmp_p
 # A lock per run id
 # ----------------------------------------------------------------------------------------------------------------
 
-HOLD = "import sys, time\nfrom qpeft_bench import results\nassert results.RunLock(sys.argv[1]).acquire() is None\n" \
-       "print('locked', flush=True)\ntime.sleep(600)\n"
+HOLD = (
+    "import sys, time\nfrom qpeft_bench import results\nassert results.RunLock(sys.argv[1]).acquire() is None\n"
+    "print('locked', flush=True)\ntime.sleep(600)\n"
+)
 
 
 def test_a_run_held_by_another_process_is_skipped_and_a_dead_holder_blocks_nothing(compose, tmp_path, caplog):
@@ -520,8 +571,7 @@ def test_a_run_held_by_another_process_is_skipped_and_a_dead_holder_blocks_nothi
         assert holder.stdout.readline() == "locked\n"
         assert results.RunLock(run_dir).acquire() == holder.pid
         assert recipe.run(config, run_dir, progress=False) == "skipped"
-        assert (f"skip: run {results.run_id(config)} is running in another process (pid {holder.pid})"
-                in caplog.text)
+        assert f"skip: run {results.run_id(config)} is running in another process (pid {holder.pid})" in caplog.text
         assert not (run_dir / results.RECORD).exists()
     finally:
         holder.send_signal(signal.SIGKILL)  # no clean-up runs: the kernel drops the lock with the process
@@ -536,8 +586,12 @@ def test_a_run_held_by_another_process_is_skipped_and_a_dead_holder_blocks_nothi
 def test_two_processes_launching_the_same_sweep_run_each_run_once(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "QPEFT_CACHE": str(tmp_path / "cache")}
     sweep = ["-m", "peft.r=4,8", "seed=0,1", *FAST, "output_root=runs"]
-    procs = [subprocess.Popen([*CLI, *sweep], cwd=tmp_path, env=env, text=True, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT) for _ in range(2)]
+    procs = [
+        subprocess.Popen(
+            [*CLI, *sweep], cwd=tmp_path, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+        )
+        for _ in range(2)
+    ]
     outs = [p.communicate(timeout=600)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs
     records = [report.parse_record(p).data for p in tmp_path.glob(f"runs/*/{results.RECORD}")]
@@ -564,20 +618,37 @@ SECRETS = {
 
 def test_planted_credentials_appear_in_no_file_a_run_a_sweep_or_the_report_writes(tmp_path):
     home = tmp_path / "home"
-    env = {**os.environ, **SECRETS, "HF_HUB_OFFLINE": "1", "HOME": str(home), "XDG_CACHE_HOME": str(home / "cache"),
-           "XDG_CONFIG_HOME": str(home / "config"), "WANDB_CACHE_DIR": str(home / "wandb_cache"),
-           "WANDB_CONFIG_DIR": str(home / "wandb_config"), "WANDB_DATA_DIR": str(home / "wandb_data"),
-           "QPEFT_CACHE": str(home / "qpeft"), "TMPDIR": str(home / "tmp"), "MPLCONFIGDIR": str(home / "mpl")}
+    env = {
+        **os.environ,
+        **SECRETS,
+        "HF_HUB_OFFLINE": "1",
+        "HOME": str(home),
+        "XDG_CACHE_HOME": str(home / "cache"),
+        "XDG_CONFIG_HOME": str(home / "config"),
+        "WANDB_CACHE_DIR": str(home / "wandb_cache"),
+        "WANDB_CONFIG_DIR": str(home / "wandb_config"),
+        "WANDB_DATA_DIR": str(home / "wandb_data"),
+        "QPEFT_CACHE": str(home / "qpeft"),
+        "TMPDIR": str(home / "tmp"),
+        "MPLCONFIGDIR": str(home / "mpl"),
+    }
     (home / "tmp").mkdir(parents=True)
     wandb = ["logger=wandb", "wandb.mode=offline"]
     printed = []
     for args in ([*FAST, *wandb], ["-m", "peft.r=4,16", *FAST, *wandb]):
-        proc = subprocess.run([*CLI, *args, "output_root=runs"], cwd=tmp_path, env=env, capture_output=True,
-                              text=True, timeout=600)
+        proc = subprocess.run(
+            [*CLI, *args, "output_root=runs"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
+        )
         assert proc.returncode == 0, proc.stdout + proc.stderr
         printed.append(proc.stdout + proc.stderr)
-    proc = subprocess.run([str(Path(sys.executable).parent / "qpeft-bench-report"), "runs", "--out", "tables",
-                           "--figures"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [str(Path(sys.executable).parent / "qpeft-bench-report"), "runs", "--out", "tables", "--figures"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr
     printed.append(proc.stdout + proc.stderr)
 
@@ -601,8 +672,10 @@ def test_records_and_logs_redact_credentials_that_reach_them(tmp_path, monkeypat
     leak = f"HTTP 401 for https://hub/?token={SECRETS['HF_TOKEN']} with {SECRETS['WANDB_API_KEY']}"
     typed = "hf_" + "TypedOnTheCommandLine" * 2  # never in the environment: caught by its shape
     path = tmp_path / results.RECORD
-    results.atomic_write_json(path, {"error": {"message": leak}, "config": {"note": typed, "steps": 3,
-                                                                            "data": "/data/hf_datasets_cache/x.json"}})
+    results.atomic_write_json(
+        path,
+        {"error": {"message": leak}, "config": {"note": typed, "steps": 3, "data": "/data/hf_datasets_cache/x.json"}},
+    )
     saved = json.loads(path.read_text())
     assert saved["error"]["message"] == f"HTTP 401 for https://hub/?token={results.REDACTED} with {results.REDACTED}"
     assert saved["config"] == {"note": results.REDACTED, "steps": 3, "data": "/data/hf_datasets_cache/x.json"}
@@ -652,5 +725,4 @@ def test_a_real_cuda_out_of_memory_is_recorded_and_the_next_run_completes(compos
     rec = json.loads((tmp_path / "oom" / results.RECORD).read_text())
     assert rec["error"]["type"] == "OutOfMemoryError" and rec["error"]["memory_kind"] == "cuda_allocated"
     assert rec["error"]["memory_allocated_bytes"] >= rec["accounting"]["quantized_model_bytes"] > 0
-    assert recipe.run(compose([*FAST, "train.device=cuda", "seed=1"]), tmp_path / "next",
-                      progress=False) == "completed"
+    assert recipe.run(compose([*FAST, "train.device=cuda", "seed=1"]), tmp_path / "next", progress=False) == "completed"

@@ -110,8 +110,9 @@ def results_dir(tmp_path: Path) -> Path:
     return root
 
 
-def run_report(results_dir: Path, out: Path, capsys: pytest.CaptureFixture[str],
-               table: str = "overview") -> tuple[int, str, str]:
+def run_report(
+    results_dir: Path, out: Path, capsys: pytest.CaptureFixture[str], table: str = "overview"
+) -> tuple[int, str, str]:
     code = main([str(results_dir), "--out", str(out), "--table", table])
     captured = capsys.readouterr()
     return code, captured.out, captured.err
@@ -312,15 +313,34 @@ REFERENCE_DIR = Path(__file__).parent / "reference" / "report"
 SHARED_REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
 
 
-def sweep_record(run_id: str, status: str, *, peft: dict[str, Any] | None, data: str = "alpaca", seed: int = 0,
-                 quant: dict[str, Any] | None = None, accounting: dict[str, Any] | None = None,
-                 train: dict[str, Any] | None = None, after: dict[str, Any] | None = None) -> dict[str, Any]:
-    config = {"mode": "plan" if status == "planned" else "train", "seed": seed, "model": {"name": "tiny_llama"},
-              "quant": quant or {"name": "nf4", "double_quant": True}, "data": {"name": data}}
+def sweep_record(
+    run_id: str,
+    status: str,
+    *,
+    peft: dict[str, Any] | None,
+    data: str = "alpaca",
+    seed: int = 0,
+    quant: dict[str, Any] | None = None,
+    accounting: dict[str, Any] | None = None,
+    train: dict[str, Any] | None = None,
+    after: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    config = {
+        "mode": "plan" if status == "planned" else "train",
+        "seed": seed,
+        "model": {"name": "tiny_llama"},
+        "quant": quant or {"name": "nf4", "double_quant": True},
+        "data": {"name": data},
+    }
     if peft is not None:
         config["peft"] = {"variant": [], **peft}
-    record: dict[str, Any] = {"schema": SCHEMA, "run_id": run_id, "status": status, "config": config,
-                              "accounting": accounting or {}}
+    record: dict[str, Any] = {
+        "schema": SCHEMA,
+        "run_id": run_id,
+        "status": status,
+        "config": config,
+        "accounting": accounting or {},
+    }
     if train is not None:
         record["train"] = train
     if after is not None:
@@ -335,71 +355,168 @@ def lora(r: int, alpha: int, name: str = "lora", **extra: Any) -> dict[str, Any]
 def lora_accounting(r: int) -> dict[str, int]:
     # a toy model: 4.2M elements, LoRA r on 2 x 640 features per layer x 4 layers; adapters in bf16
     trainable = r * 2 * 640 * 4
-    return {"total_params": 4200000, "trainable_params": trainable, "base_model_bytes": 8400000,
-            "quantized_model_bytes": 3 * GIB // 2, "param_buffer_bytes": 5 * GIB // 4, "bits_per_weight": 4.5,
-            "adapter_bytes": 2 * trainable, "peft_overhead_bytes": 2 * trainable,
-            "qlora_recipe_overhead_bytes": 2 * trainable + MIB // 2}
+    return {
+        "total_params": 4200000,
+        "trainable_params": trainable,
+        "base_model_bytes": 8400000,
+        "quantized_model_bytes": 3 * GIB // 2,
+        "param_buffer_bytes": 5 * GIB // 4,
+        "bits_per_weight": 4.5,
+        "adapter_bytes": 2 * trainable,
+        "peft_overhead_bytes": 2 * trainable,
+        "qlora_recipe_overhead_bytes": 2 * trainable + MIB // 2,
+    }
 
 
 def trained(mem_gib: float, t500: float) -> dict[str, Any]:
-    return {"steps": 10, "losses": [2.0, 1.5, 1.2], "final_loss": 1.2, "mean_memory_bytes": int(mem_gib * GIB),
-            "time_500_steps_s": t500, "memory_kind": "cuda_max_allocated"}
+    return {
+        "steps": 10,
+        "losses": [2.0, 1.5, 1.2],
+        "final_loss": 1.2,
+        "mean_memory_bytes": int(mem_gib * GIB),
+        "time_500_steps_s": t500,
+        "memory_kind": "cuda_max_allocated",
+    }
 
 
 def sweep_records() -> dict[str, dict[str, Any]]:
-    leaderboard = {"tasks": {t: {"value": v} for t, v in zip(
-        ("arc_challenge", "hellaswag", "mmlu", "truthfulqa_mc2", "winogrande", "gsm8k"),
-        (0.5, 0.7, 0.4, 0.4, 0.6, 0.1), strict=True)}, "average": 0.45, "average_4": 0.5}
+    leaderboard = {
+        "tasks": {
+            t: {"value": v}
+            for t, v in zip(
+                ("arc_challenge", "hellaswag", "mmlu", "truthfulqa_mc2", "winogrande", "gsm8k"),
+                (0.5, 0.7, 0.4, 0.4, 0.6, 0.1),
+                strict=True,
+            )
+        },
+        "average": 0.45,
+        "average_4": 0.5,
+    }
 
     def commonsense(hellaswag: float) -> dict:
         # the seven 0-shot tasks; the average is their plain mean, as the harness computes it
-        values = dict(zip(("hellaswag", "piqa", "winogrande", "arc_easy", "arc_challenge", "boolq", "openbookqa"),
-                          (hellaswag, 0.6, 0.5, 0.6, 0.4, 0.6, 0.3), strict=True))
+        values = dict(
+            zip(
+                ("hellaswag", "piqa", "winogrande", "arc_easy", "arc_challenge", "boolq", "openbookqa"),
+                (hellaswag, 0.6, 0.5, 0.6, 0.4, 0.6, 0.3),
+                strict=True,
+            )
+        )
         return {"tasks": {t: {"value": v} for t, v in values.items()}, "average": sum(values.values()) / 7}
 
     return {
         # lora r8 on alpaca, two seeds: ppl 6.0 and 6.4 -> 6.200 ± 0.283 (2) over seeds
-        "l8s0": sweep_record("l8s0", "completed", peft=lora(8, 16), accounting=lora_accounting(8),
-                             train=trained(2.0, 100.0), after={"ppl_heldout": 6.0, "mmlu": {"average": 0.40},
-                                                               "leaderboard": leaderboard,
-                                                               "commonsense": commonsense(0.5),
-                                                               "speed": {"generation": {"tokens_per_s": 30.0}}}),
-        "l8s1": sweep_record("l8s1", "completed", peft=lora(8, 16), seed=1, accounting=lora_accounting(8),
-                             train=trained(2.5, 110.0), after={"ppl_heldout": 6.4, "mmlu": {"average": 0.42},
-                                                               "leaderboard": {**leaderboard, "average": 0.47},
-                                                               "commonsense": commonsense(0.7),
-                                                               "speed": {"generation": {"tokens_per_s": 32.0}}}),
+        "l8s0": sweep_record(
+            "l8s0",
+            "completed",
+            peft=lora(8, 16),
+            accounting=lora_accounting(8),
+            train=trained(2.0, 100.0),
+            after={
+                "ppl_heldout": 6.0,
+                "mmlu": {"average": 0.40},
+                "leaderboard": leaderboard,
+                "commonsense": commonsense(0.5),
+                "speed": {"generation": {"tokens_per_s": 30.0}},
+            },
+        ),
+        "l8s1": sweep_record(
+            "l8s1",
+            "completed",
+            peft=lora(8, 16),
+            seed=1,
+            accounting=lora_accounting(8),
+            train=trained(2.5, 110.0),
+            after={
+                "ppl_heldout": 6.4,
+                "mmlu": {"average": 0.42},
+                "leaderboard": {**leaderboard, "average": 0.47},
+                "commonsense": commonsense(0.7),
+                "speed": {"generation": {"tokens_per_s": 32.0}},
+            },
+        ),
         # lora r16 on alpaca: a second configuration, so with l8mlp the alpaca mean is over 6.0, 6.4, 5.6, 6.6
-        "l16": sweep_record("l16", "completed", peft=lora(16, 32), accounting=lora_accounting(16),
-                            train=trained(3.0, 120.0), after={"ppl_heldout": 5.6, "mmlu": {"average": 0.44}}),
+        "l16": sweep_record(
+            "l16",
+            "completed",
+            peft=lora(16, 32),
+            accounting=lora_accounting(16),
+            train=trained(3.0, 120.0),
+            after={"ppl_heldout": 5.6, "mmlu": {"average": 0.44}},
+        ),
         # lora r8 on oasst1: the second data set column
-        "l8oa": sweep_record("l8oa", "completed", peft=lora(8, 16), data="oasst1", accounting=lora_accounting(8),
-                             train=trained(2.0, 100.0), after={"ppl_heldout": 9.0, "mmlu": {"average": 0.38}}),
+        "l8oa": sweep_record(
+            "l8oa",
+            "completed",
+            peft=lora(8, 16),
+            data="oasst1",
+            accounting=lora_accounting(8),
+            train=trained(2.0, 100.0),
+            after={"ppl_heldout": 9.0, "mmlu": {"average": 0.38}},
+        ),
         # rslora: r16 fine; r8 "completed" with ppl 5000 (> 1000: diverged by threshold) -> rslora* on alpaca
-        "rs16": sweep_record("rs16", "completed", peft=lora(16, 32, "rslora", use_rslora=True),
-                             accounting=lora_accounting(16), train=trained(3.0, 121.0),
-                             after={"ppl_heldout": 5.5, "mmlu": {"average": 0.45}}),
-        "rs8": sweep_record("rs8", "completed", peft=lora(8, 16, "rslora", use_rslora=True),
-                            accounting=lora_accounting(8), train=trained(2.0, 101.0),
-                            after={"ppl_heldout": 5000.0, "mmlu": {"average": 0.25}}),
+        "rs16": sweep_record(
+            "rs16",
+            "completed",
+            peft=lora(16, 32, "rslora", use_rslora=True),
+            accounting=lora_accounting(16),
+            train=trained(3.0, 121.0),
+            after={"ppl_heldout": 5.5, "mmlu": {"average": 0.45}},
+        ),
+        "rs8": sweep_record(
+            "rs8",
+            "completed",
+            peft=lora(8, 16, "rslora", use_rslora=True),
+            accounting=lora_accounting(8),
+            train=trained(2.0, 101.0),
+            after={"ppl_heldout": 5000.0, "mmlu": {"average": 0.25}},
+        ),
         # rslora on oasst1 diverged by status: the only run of that cell, so the cell stays empty
-        "rs8oa": sweep_record("rs8oa", "diverged", peft=lora(8, 16, "rslora", use_rslora=True), data="oasst1",
-                              accounting=lora_accounting(8), train=trained(2.0, 99.0),
-                              after={"ppl_heldout": float("nan")}),
+        "rs8oa": sweep_record(
+            "rs8oa",
+            "diverged",
+            peft=lora(8, 16, "rslora", use_rslora=True),
+            data="oasst1",
+            accounting=lora_accounting(8),
+            train=trained(2.0, 99.0),
+            after={"ppl_heldout": float("nan")},
+        ),
         # lora r8 with the MLP rank halved: a layer-group column of by_layer_group
-        "l8mlp": sweep_record("l8mlp", "completed", peft=lora(8, 16, variant=["mlp.r/2"]),
-                              accounting=lora_accounting(6), train=trained(1.9, 95.0),
-                              after={"ppl_heldout": 6.6, "mmlu": {"average": 0.41}}),
+        "l8mlp": sweep_record(
+            "l8mlp",
+            "completed",
+            peft=lora(8, 16, variant=["mlp.r/2"]),
+            accounting=lora_accounting(6),
+            train=trained(1.9, 95.0),
+            after={"ppl_heldout": 6.6, "mmlu": {"average": 0.41}},
+        ),
         # ia3 failed while training: its accounting counts, it is left out of every measured mean
-        "ia3": sweep_record("ia3", "failed", peft={"method": "ia3", "name": "ia3"},
-                            accounting={"total_params": 4200000, "trainable_params": 1234, "adapter_bytes": 4936,
-                                        "peft_overhead_bytes": 4936, "qlora_recipe_overhead_bytes": 4936 + MIB // 2}),
+        "ia3": sweep_record(
+            "ia3",
+            "failed",
+            peft={"method": "ia3", "name": "ia3"},
+            accounting={
+                "total_params": 4200000,
+                "trainable_params": 1234,
+                "adapter_bytes": 4936,
+                "peft_overhead_bytes": 4936,
+                "qlora_recipe_overhead_bytes": 4936 + MIB // 2,
+            },
+        ),
         # dora planned on HQQ 2-bit: accounting only (model size per quantizer, trainable params)
-        "dora": sweep_record("dora", "planned", peft=lora(8, 16, "dora", use_dora=True),
-                             quant={"name": "hqq", "nbits": 2, "group_size": 64},
-                             accounting={**lora_accounting(8), "trainable_params": 8 * 2 * 640 * 4 + 4 * 640,
-                                         "quantized_model_bytes": GIB, "param_buffer_bytes": 3 * GIB // 4,
-                                         "bits_per_weight": 2.5}),
+        "dora": sweep_record(
+            "dora",
+            "planned",
+            peft=lora(8, 16, "dora", use_dora=True),
+            quant={"name": "hqq", "nbits": 2, "group_size": 64},
+            accounting={
+                **lora_accounting(8),
+                "trainable_params": 8 * 2 * 640 * 4 + 4 * 640,
+                "quantized_model_bytes": GIB,
+                "param_buffer_bytes": 3 * GIB // 4,
+                "bits_per_weight": 2.5,
+            },
+        ),
     }
 
 
@@ -419,8 +536,12 @@ def test_every_thesis_table_matches_its_golden_files(sweep_dir: Path, tmp_path: 
     capsys.readouterr()
     produced = sorted(p.name for p in out.iterdir())
     # per_configuration is split per model and data set (the thesis' B.2-B.7): the records have two data sets
-    names = [*TABLES, *(n for n in AGGREGATES if n != "per_configuration"),
-             "per_configuration_tiny_llama_alpaca", "per_configuration_tiny_llama_oasst1"]
+    names = [
+        *TABLES,
+        *(n for n in AGGREGATES if n != "per_configuration"),
+        "per_configuration_tiny_llama_alpaca",
+        "per_configuration_tiny_llama_oasst1",
+    ]
     assert produced == sorted(f"{n}.{ext}" for n in names for ext in ("md", "csv", "tex"))
     update = os.environ.get("QPEFT_UPDATE_REPORT_REFERENCE") == "1"
     for name in produced:
@@ -446,14 +567,33 @@ def test_reference_column_from_the_published_accounting_csv(tmp_path: Path, caps
     follow from the architecture, so the difference is 0; the overhead compares with the QLoRA-recipe figure."""
     trainable = llama2_7b_lora_params(8)
     ours_overhead = 2 * trainable + 549000  # bf16 adapters + a made-up set-up constant, 38.648... MiB
-    record = sweep_record("ref", "planned", peft=lora(8, 16),
-                          accounting={"total_params": 6738415616, "trainable_params": trainable,
-                                      "qlora_recipe_overhead_bytes": ours_overhead})
+    record = sweep_record(
+        "ref",
+        "planned",
+        peft=lora(8, 16),
+        accounting={
+            "total_params": 6738415616,
+            "trainable_params": trainable,
+            "qlora_recipe_overhead_bytes": ours_overhead,
+        },
+    )
     record["config"]["model"]["name"] = "llama2_7b"
     write(tmp_path / "runs" / "ref" / "result.json", json.dumps(record))
     out = tmp_path / "tables"
-    assert main([str(tmp_path / "runs"), "--out", str(out), "--table", "trainable_params",
-                 "--reference", str(SHARED_REFERENCE / "accounting_llama2_7b.csv")]) == 0
+    assert (
+        main(
+            [
+                str(tmp_path / "runs"),
+                "--out",
+                str(out),
+                "--table",
+                "trainable_params",
+                "--reference",
+                str(SHARED_REFERENCE / "accounting_llama2_7b.csv"),
+            ]
+        )
+        == 0
+    )
     stdout = capsys.readouterr().out
     assert "matched on method, r, alpha for 1 of 1 rows" in stdout
     with (out / "trainable_params.csv").open(newline="", encoding="utf-8") as handle:
@@ -461,8 +601,20 @@ def test_reference_column_from_the_published_accounting_csv(tmp_path: Path, caps
     assert int(row["trainable_params_mean"]) == trainable == 19988480  # the published count for r=8
     assert float(row["ref_trainable_params"]) == trainable and float(row["diff_trainable_params"]) == 0
 
-    assert main([str(tmp_path / "runs"), "--out", str(out), "--table", "peft_overhead",
-                 "--reference", str(SHARED_REFERENCE / "accounting_llama2_7b.csv")]) == 0
+    assert (
+        main(
+            [
+                str(tmp_path / "runs"),
+                "--out",
+                str(out),
+                "--table",
+                "peft_overhead",
+                "--reference",
+                str(SHARED_REFERENCE / "accounting_llama2_7b.csv"),
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
     with (out / "peft_overhead.csv").open(newline="", encoding="utf-8") as handle:
         (row,) = csv.DictReader(handle)
@@ -470,7 +622,8 @@ def test_reference_column_from_the_published_accounting_csv(tmp_path: Path, caps
     assert float(row["ref_qlora_recipe_overhead_bytes"]) == pytest.approx(published)
     assert float(row["diff_qlora_recipe_overhead_bytes"]) == pytest.approx(ours_overhead - published)
     assert float(row["diff_pct_qlora_recipe_overhead_bytes"]) == pytest.approx(
-        100 * (ours_overhead - published) / published)
+        100 * (ours_overhead - published) / published
+    )
     assert "ref_peft_overhead_bytes" not in row  # the published figure is not the clean adapter overhead
     tex = (out / "peft_overhead.tex").read_text(encoding="utf-8")
     assert "QLoRA-recipe overhead (MiB) ref & $\\Delta$ & $\\Delta$ \\%" in tex
@@ -481,16 +634,16 @@ def test_reference_errors_and_unmatched_keys(sweep_dir: Path, tmp_path: Path, ca
     assert "--reference" in capsys.readouterr().err
     ref = tmp_path / "ref.csv"
     ref.write_text("# comment lines are skipped\nflavour,trainable_params\nx,1\n", encoding="utf-8")
-    assert main([str(sweep_dir), "--out", str(tmp_path / "t"), "--table", "trainable_params",
-                 "--reference", str(ref)]) == 0
+    assert (
+        main([str(sweep_dir), "--out", str(tmp_path / "t"), "--table", "trainable_params", "--reference", str(ref)])
+        == 0
+    )
     assert "not applied, no column named like a key column" in capsys.readouterr().out
 
 
-def test_diverged_threshold_option_moves_runs_in_and_out_of_the_means(sweep_dir: Path, tmp_path: Path,
-                                                                       capsys) -> None:
+def test_diverged_threshold_option_moves_runs_in_and_out_of_the_means(sweep_dir: Path, tmp_path: Path, capsys) -> None:
     # with the threshold above rs8's 5000, only the status-diverged run rs8oa stays excluded
-    assert main([str(sweep_dir), "--out", str(tmp_path / "t"), "--table", "perplexity",
-                 "--diverged-ppl", "10000"]) == 0
+    assert main([str(sweep_dir), "--out", str(tmp_path / "t"), "--table", "perplexity", "--diverged-ppl", "10000"]) == 0
     stdout = capsys.readouterr().out
     row = next(line for line in stdout.splitlines() if "| rslora" in line)
     # mean and sample std of 5.5 and 5000 (for two values: |a - b| / sqrt(2))
@@ -512,7 +665,8 @@ def test_latex_escapes_and_booktabs() -> None:
     from qpeft_bench.report import Column, Table, TableSpec, latex_escape, render_latex
 
     assert latex_escape("a_b & 5% $x# {y} ~ ^ \\") == (
-        "a\\_b \\& 5\\% \\$x\\# \\{y\\} \\textasciitilde{} \\textasciicircum{} \\textbackslash{}")
+        "a\\_b \\& 5\\% \\$x\\# \\{y\\} \\textasciitilde{} \\textasciicircum{} \\textbackslash{}"
+    )
     spec = TableSpec("t", "T_1", (Column("k", "key"), Column("v", "value", fmt_count, align="right")))
     tex = render_latex(Table(spec, [{"k": "q_proj", "v": 1234}], ["note 50%"]))
     lines = tex.splitlines()

@@ -14,8 +14,17 @@ from conftest import CLI, FAST, ROOT
 from qpeft_bench import quant, recipe, results
 from qpeft_bench.config import validate
 
-ACCOUNTING_KEYS = {"total_params", "trainable_params", "trainable_pct", "base_model_bytes", "quantized_model_bytes",
-                   "param_buffer_bytes", "adapter_bytes", "peft_overhead_bytes", "bits_per_weight"}
+ACCOUNTING_KEYS = {
+    "total_params",
+    "trainable_params",
+    "trainable_pct",
+    "base_model_bytes",
+    "quantized_model_bytes",
+    "param_buffer_bytes",
+    "adapter_bytes",
+    "peft_overhead_bytes",
+    "bits_per_weight",
+}
 
 
 def cli(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
@@ -134,8 +143,16 @@ def test_bad_config_writes_no_record(compose, tmp_path):
 
 def test_plan_mode_cli_honours_run_dir(tmp_path):
     run_dir = tmp_path / "plan7b"
-    proc = cli("mode=plan", "model=llama2_7b", "quant=nf4", "peft=lora", "peft.r=64", "peft.alpha=16",
-               f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    proc = cli(
+        "mode=plan",
+        "model=llama2_7b",
+        "quant=nf4",
+        "peft=lora",
+        "peft.r=64",
+        "peft.alpha=16",
+        f"hydra.run.dir={run_dir}",
+        cwd=tmp_path,
+    )
     rec = json.loads((run_dir / "result.json").read_text())
     assert rec["status"] == "planned"
     assert ACCOUNTING_KEYS <= set(rec["accounting"])
@@ -147,8 +164,22 @@ def test_help_lists_groups_and_options(tmp_path):
     out = cli("--help", cwd=tmp_path).stdout
     groups = out.split("== Config groups")[1].split("== Composed config")[0]
     # options that only the group list shows (the composed config holds the defaults only)
-    for text in ("model:", "quant:", "peft:", "data:", "train:", "eval:", "sweep:", "experiment:", "fp4",
-                 "opt_1_3b", "llama2_70b", "hh_rlhf", "qlora", "smoke"):
+    for text in (
+        "model:",
+        "quant:",
+        "peft:",
+        "data:",
+        "train:",
+        "eval:",
+        "sweep:",
+        "experiment:",
+        "fp4",
+        "opt_1_3b",
+        "llama2_70b",
+        "hh_rlhf",
+        "qlora",
+        "smoke",
+    ):
         assert text in groups, text
 
 
@@ -165,7 +196,11 @@ def test_plan_grid_writes_one_record_per_point_and_fails_loudly_on_a_bad_one(tmp
     records = [json.loads(p.read_text()) for p in tmp_path.glob("runs/*/result.json")]
     assert len({r["run_id"] for r in records}) == 4 and {r["status"] for r in records} == {"planned"}
     assert {(r["config"]["peft"]["r"], r["config"]["peft"]["alpha"]) for r in records} == {
-        (4, 8), (4, 16), (8, 8), (8, 16)}
+        (4, 8),
+        (4, 16),
+        (8, 8),
+        (8, 16),
+    }
     (tmp_path / "bad").mkdir()
     proc = cli("-m", "mode=plan", "model=llama2_7b", "peft.r=8,0", cwd=tmp_path / "bad", check=False)
     assert proc.returncode == 1
@@ -192,9 +227,13 @@ def test_grid_runs_once_and_resumes(tmp_path):
     assert "sweep finished: 4 runs: 1 completed, 3 skipped" in log
     assert json.loads(records[0].read_text())["status"] == "completed"
 
-    report = subprocess.run([str(Path(CLI[0]).parent / "qpeft-bench-report"), "runs", "--out", "tables",
-                             "--table", "overview"],
-                            cwd=tmp_path, capture_output=True, text=True, check=True)
+    report = subprocess.run(
+        [str(Path(CLI[0]).parent / "qpeft-bench-report"), "runs", "--out", "tables", "--table", "overview"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert report.stdout.count("| completed |") == 4
 
 
@@ -219,8 +258,10 @@ def test_report_on_real_completed_failed_and_planned_runs(compose, tmp_path, mon
 
     runs = tmp_path / "runs"
     assert recipe.run(compose(FAST), runs / "a", progress=False) == "completed"
-    assert recipe.run(compose(["mode=plan", "model=llama2_7b", "peft.r=64", "peft.alpha=16"]), runs / "b",
-                      progress=False) == "planned"
+    assert (
+        recipe.run(compose(["mode=plan", "model=llama2_7b", "peft.r=64", "peft.alpha=16"]), runs / "b", progress=False)
+        == "planned"
+    )
     monkeypatch.setattr(recipe, "train", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom")))
     assert recipe.run(compose([*FAST, "peft.r=4"]), runs / "c", progress=False) == "failed"
 

@@ -37,11 +37,31 @@ def test_bench_train_step_reports_time_and_memory(tmp_path):
 def test_bench_train_step_shards_with_fsdp(tmp_path):
     """The 70B measurement's path on the CPU: two processes, random layers made and quantized one at a time."""
     out = tmp_path / "fsdp.json"
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", str(ROOT / "scripts" / "bench_train_step.py"),
-                           "train.device=cpu", "train.distributed=fsdp", "train.gpus=2", "train.batch_size=2",
-                           "train.measure_after=1", "--steps", "3", "--seq", "32", "--json", str(out)],
-                          env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}, capture_output=True,
-                          text=True, cwd=tmp_path)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node",
+            "2",
+            str(ROOT / "scripts" / "bench_train_step.py"),
+            "train.device=cpu",
+            "train.distributed=fsdp",
+            "train.gpus=2",
+            "train.batch_size=2",
+            "train.measure_after=1",
+            "--steps",
+            "3",
+            "--seq",
+            "32",
+            "--json",
+            str(out),
+        ],
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     rec = json.loads(out.read_text())
     assert rec["world_size"] == 2 and rec["distributed"] == "fsdp" and rec["measured_steps"] == 2
@@ -53,8 +73,19 @@ def test_bench_reproduces_the_reference_set_up_and_its_silent_checkpointing_loss
     # peft's prepare_model_for_kbit_training turns gradient checkpointing on for an hqq model only if the model
     # says it is hqq-quantized; without the flag the request is dropped silently (the reference's HQQ memory).
     out = tmp_path / "bench.json"
-    argv = ["quant=hqq", "train.gradient_checkpointing=true", "train.measure_after=1", "--steps", "2", "--seq", "16",
-            "--peft-prepare", *flag, "--json", str(out)]
+    argv = [
+        "quant=hqq",
+        "train.gradient_checkpointing=true",
+        "train.measure_after=1",
+        "--steps",
+        "2",
+        "--seq",
+        "16",
+        "--peft-prepare",
+        *flag,
+        "--json",
+        str(out),
+    ]
     assert _script("bench_train_step").main(argv) == 0
     rec = json.loads(out.read_text())
     assert rec["setup"] == "peft.prepare_model_for_kbit_training" and rec["hqq_flag"] is active
@@ -65,9 +96,30 @@ def test_side_by_side_benchmark_runs_both_stacks_from_the_same_start(tmp_path):
     """The reference recipe (transformers + peft + bitsandbytes) and ours on the same saved weights, batches and
     initial adapters: both run, the report has the ratios, and the loss trajectories agree within the tolerance."""
     out = tmp_path / "bench.md"
-    argv = ["--arch", "tiny_llama", "--device", "cpu", "--methods", "qlora", "--r", "4", "--alpha", "8",
-            "--batch", "2", "--seq", "16", "--steps", "3", "--model-dir", str(tmp_path / "model"), "--out", str(out),
-            "--variant", "fast=train.optimizer=adamw train.measure_after=1"]
+    argv = [
+        "--arch",
+        "tiny_llama",
+        "--device",
+        "cpu",
+        "--methods",
+        "qlora",
+        "--r",
+        "4",
+        "--alpha",
+        "8",
+        "--batch",
+        "2",
+        "--seq",
+        "16",
+        "--steps",
+        "3",
+        "--model-dir",
+        str(tmp_path / "model"),
+        "--out",
+        str(out),
+        "--variant",
+        "fast=train.optimizer=adamw train.measure_after=1",
+    ]
     bench = _script("bench_vs_reference")
     assert bench.main(argv) == 0
     folder = tmp_path / "bench"

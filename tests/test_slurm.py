@@ -37,18 +37,13 @@ def _slurm_env() -> dict[str, str] | str:
         return "sinfo is not on PATH (SLURM not installed): sudo scripts/slurm_cluster.sh start"
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     if "SLURM_CONF" not in env:
-        export = subprocess.run(
-            [str(ROOT / "scripts" / "slurm_cluster.sh"), "env"], capture_output=True, text=True
-        )
+        export = subprocess.run([str(ROOT / "scripts" / "slurm_cluster.sh"), "env"], capture_output=True, text=True)
         conf = export.stdout.strip().partition("SLURM_CONF=")[2]
         if conf and Path(conf).exists():
             env["SLURM_CONF"] = conf
     state = subprocess.run(["sinfo", "-h", "-o", "%t"], env=env, capture_output=True, text=True, timeout=30)
     if state.returncode != 0 or not {"idle", "mix", "alloc"} & set(state.stdout.split()):
-        return (
-            "no SLURM node is up (sudo scripts/slurm_cluster.sh start): "
-            + (state.stderr or state.stdout).strip()
-        )
+        return "no SLURM node is up (sudo scripts/slurm_cluster.sh start): " + (state.stderr or state.stdout).strip()
     return env
 
 
@@ -87,9 +82,7 @@ def _wait_until(predicate, what: str, timeout: float = WAIT_S) -> None:
 
 
 def _queued(job: str) -> bool:
-    out = subprocess.run(
-        ["squeue", "-h", "-j", job, "-o", "%i"], env=ENV, capture_output=True, text=True
-    ).stdout
+    out = subprocess.run(["squeue", "-h", "-j", job, "-o", "%i"], env=ENV, capture_output=True, text=True).stdout
     return bool(out.strip())
 
 
@@ -116,9 +109,7 @@ def _states(job: str, n: int) -> dict[int, str]:
 
 
 def _logs(tmp_path) -> str:
-    return "\n".join(
-        f"--- {p.name}\n{p.read_text()[-1500:]}" for p in sorted((tmp_path / "logs").glob("*.out"))
-    )
+    return "\n".join(f"--- {p.name}\n{p.read_text()[-1500:]}" for p in sorted((tmp_path / "logs").glob("*.out")))
 
 
 def test_submitit_launcher_runs_the_grid_on_slurm(tmp_path):
@@ -179,9 +170,23 @@ def test_a_data_parallel_run_spans_two_slurm_tasks(tmp_path):
     SLURM variables into torchrun's, and the two processes train one run together (gloo on the CPU node)."""
     runs = tmp_path / "runs"
     proc = subprocess.run(
-        [*CLI, "-m", *FAST, "seed=0", "train.distributed=ddp", "train.gpus=2", "train.device=cpu",
-         "hydra/launcher=slurm_ddp", *LAUNCHER[1:], f"output_root={runs}"],
-        cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=WAIT_S,
+        [
+            *CLI,
+            "-m",
+            *FAST,
+            "seed=0",
+            "train.distributed=ddp",
+            "train.gpus=2",
+            "train.device=cpu",
+            "hydra/launcher=slurm_ddp",
+            *LAUNCHER[1:],
+            f"output_root={runs}",
+        ],
+        cwd=tmp_path,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=WAIT_S,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     [path] = list(runs.glob("*/result.json"))

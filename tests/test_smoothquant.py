@@ -16,8 +16,10 @@ from qpeft_bench.config import ConfigError, validate
 from qpeft_bench.quant import smoothquant as sq
 
 VOCAB = 256
-NAMES = {"llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-         "opt": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]}
+NAMES = {
+    "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "opt": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
+}
 # written out here rather than taken from the module under test: (attention norm, MLP norm), MLP readers
 NORMS = {"llama": ("input_layernorm", "post_attention_layernorm"), "opt": ("self_attn_layer_norm", "final_layer_norm")}
 MLP_READERS = {"llama": ("gate_proj", "up_proj"), "opt": ("fc1",)}
@@ -27,13 +29,31 @@ OUTLIERS = [3, 17, 40]  # hidden channels made large in test (b)
 def _tiny(family: str, **extra) -> torch.nn.Module:
     torch.manual_seed(0)
     if family == "llama":
-        model = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                             num_attention_heads=4, num_key_value_heads=2, vocab_size=VOCAB,
-                                             max_position_embeddings=64, **extra))
+        model = LlamaForCausalLM(
+            LlamaConfig(
+                hidden_size=64,
+                intermediate_size=128,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                vocab_size=VOCAB,
+                max_position_embeddings=64,
+                **extra,
+            )
+        )
     else:
-        model = OPTForCausalLM(OPTConfig(hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
-                                         vocab_size=VOCAB, max_position_embeddings=64, word_embed_proj_dim=64,
-                                         **extra))
+        model = OPTForCausalLM(
+            OPTConfig(
+                hidden_size=64,
+                ffn_dim=128,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                vocab_size=VOCAB,
+                max_position_embeddings=64,
+                word_embed_proj_dim=64,
+                **extra,
+            )
+        )
     # norms initialised to ones (and zero bias) would hide a wrong fold: give them values of their own
     with torch.no_grad():
         for mod in _norms(model, family).values():
@@ -129,8 +149,16 @@ def test_smoothing_beats_plain_w8a8_on_outlier_channels(family):
     runs = {}
     for smooth in (True, False):  # smooth=False: the same W8A8 layers, no folding at all
         qmodel = copy.deepcopy(model)
-        record = quant.quantize_model("smoothquant", qmodel, targets, sq.Config(alpha=0.5, smooth=smooth),
-                                      "float32", "cpu", windows=windows, probe=probe)
+        record = quant.quantize_model(
+            "smoothquant",
+            qmodel,
+            targets,
+            sq.Config(alpha=0.5, smooth=smooth),
+            "float32",
+            "cpu",
+            windows=windows,
+            probe=probe,
+        )
         runs[smooth] = (record["layers"], _rel(_logits(qmodel, probe), reference))
     (smoothed, logits_smoothed), (plain, logits_plain) = runs[True], runs[False]
 
@@ -258,11 +286,14 @@ def test_lora_gradients_through_w8a8_match_a_plain_torch_reference():
 # --------------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (["quant=smoothquant", "calib=none"], "quant=smoothquant needs calibration data"),
-    (["quant=smoothquant", "quant.alpha=1.5"], "quant.alpha=1.5 must lie in [0, 1]"),
-    (["quant=smoothquant", "quant.alpha=-0.1"], "quant.alpha=-0.1 must lie in [0, 1]"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["quant=smoothquant", "calib=none"], "quant=smoothquant needs calibration data"),
+        (["quant=smoothquant", "quant.alpha=1.5"], "quant.alpha=1.5 must lie in [0, 1]"),
+        (["quant=smoothquant", "quant.alpha=-0.1"], "quant.alpha=-0.1 must lie in [0, 1]"),
+    ],
+)
 def test_config_errors_before_loading(compose, overrides, message):
     with pytest.raises(ConfigError) as err:
         validate(compose(overrides))

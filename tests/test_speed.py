@@ -20,14 +20,22 @@ from qpeft_bench.config import ConfigError, validate
 
 def small_llama() -> LlamaForCausalLM:
     torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=4, vocab_size=100)
+    cfg = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        vocab_size=100,
+    )
     return LlamaForCausalLM(cfg).float()
 
 
 def with_lora(base, dora: bool, dropout: float):
-    model = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout,
-                                                           target_modules="all-linear", use_dora=dora))
+    model = get_peft_model(
+        copy.deepcopy(base),
+        LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules="all-linear", use_dora=dora),
+    )
     with torch.no_grad():  # B = 0 at init would hide every B-dependent term
         for name, p in model.named_parameters():
             if "lora_B" in name:
@@ -168,8 +176,9 @@ def test_memory_budget_picks_the_fastest_setting_that_fits():
 
 
 def test_a_budgeted_run_records_its_choice_and_trains(compose, tmp_path):
-    config = compose([*FAST, "train.memory_budget=64", "train.gradient_checkpointing=true",
-                      "train.upcast_norms_fp32=true"])
+    config = compose(
+        [*FAST, "train.memory_budget=64", "train.gradient_checkpointing=true", "train.upcast_norms_fp32=true"]
+    )
     assert recipe.run(config, tmp_path, progress=False) == "completed"
     tr = json.loads((tmp_path / "result.json").read_text())["train"]
     chosen = tr["speed"]["memory_budget"]["chosen"]
@@ -183,8 +192,9 @@ def test_a_budgeted_run_records_its_choice_and_trains(compose, tmp_path):
 def test_fused_and_plain_runs_train_the_same(compose, tmp_path):
     runs = {}
     for fused in ("true", "false"):
-        config = compose([*FAST, f"train.fused_lora={fused}", "peft.dropout=0", "model.dtype=float32",
-                          "peft.adapter_dtype=float32"])
+        config = compose(
+            [*FAST, f"train.fused_lora={fused}", "peft.dropout=0", "model.dtype=float32", "peft.adapter_dtype=float32"]
+        )
         assert recipe.run(config, tmp_path / fused, progress=False) == "completed"
         runs[fused] = json.loads((tmp_path / fused / "result.json").read_text())
     assert runs["true"]["train"]["speed"]["fused_lora_layers"] > 0
@@ -202,6 +212,7 @@ def test_a_sweep_quantizes_its_base_once_and_trains_as_a_fresh_run_would(compose
     assert "reused" not in records["first"]["quant"]
     assert records["second"]["quant"]["reused"]["from"] == "process cache"
     assert "reused" not in records["fresh"]["quant"]
+
     # the reused base is the same base: same accounting, same quantization error, same training and evaluation
     def untimed(section: dict) -> dict:
         return {k: v for k, v in section.items() if "time" not in k}
@@ -221,8 +232,9 @@ def test_the_cached_copy_of_a_4bit_base_holds_nothing_of_the_model_it_was_copied
 
     from qpeft_bench.quant import bnb4bit
 
-    layer = bnb4bit.quantize_linear(torch.nn.Linear(256, 128, bias=False).to(torch.bfloat16), bnb4bit.Config(),
-                                    "bfloat16", "cpu")
+    layer = bnb4bit.quantize_linear(
+        torch.nn.Linear(256, 128, bias=False).to(torch.bfloat16), bnb4bit.Config(), "bfloat16", "cpu"
+    )
     model = torch.nn.Sequential(layer)
     alive = weakref.ref(layer)
     cache = copy.deepcopy(model)
@@ -240,8 +252,10 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @cuda
 def test_gpu_fused_lora_and_compiled_layers_train_like_peft(compose, tmp_path):
     runs = {}
-    for name, extra in (("peft", ["train.fused_lora=false", "train.compile=false"]),
-                        ("fast", ["train.fused_lora=true", "train.compile=true", "train.chunked_loss=256"])):
+    for name, extra in (
+        ("peft", ["train.fused_lora=false", "train.compile=false"]),
+        ("fast", ["train.fused_lora=true", "train.compile=true", "train.chunked_loss=256"]),
+    ):
         config = compose([*FAST, "train.device=cuda", "peft.dropout=0", *extra])
         assert recipe.run(config, tmp_path / name, progress=False) == "completed"
         runs[name] = json.loads((tmp_path / name / "result.json").read_text())

@@ -25,7 +25,8 @@ def cells(compose):
 def test_readme_support_matrix_is_current(cells):
     readme = (ROOT / "README.md").read_text()
     assert support_matrix.readme_with(support_matrix.markdown(cells), readme) == readme, (
-        "README.md's support matrix is stale: run python scripts/support_matrix.py --write")
+        "README.md's support matrix is stale: run python scripts/support_matrix.py --write"
+    )
 
 
 def test_every_quantizer_and_method_appear(cells):
@@ -35,8 +36,15 @@ def test_every_quantizer_and_method_appear(cells):
 
 def _tiny_llama() -> LlamaForCausalLM:
     torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=256, max_position_embeddings=64)
+    cfg = LlamaConfig(
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=256,
+        max_position_embeddings=64,
+    )
     return LlamaForCausalLM(cfg).to(torch.bfloat16)
 
 
@@ -57,7 +65,8 @@ def test_every_supported_cell_trains(compose, cells, tmp_path, monkeypatch):
         quant.quantize_model(spec.quant_name, model, targets, spec.quant, "bfloat16", "cpu", windows=windows)
         with models.seeded(0):
             model = adapters.get(spec.peft_method).attach(
-                model, [t for t in targets if adapter_target(t, spec.peft_targets)], spec.peft)
+                model, [t for t in targets if adapter_target(t, spec.peft_targets)], spec.peft
+            )
         trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         assert trainable, (peft_option, quant_option)
         with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -77,7 +86,7 @@ def test_plan_mode_counts_every_method_on_every_card(compose, cells, card):
         overrides = [*support_matrix.cell_overrides(peft_option, quant_option, compose), f"model={card}", "mode=plan"]
         try:
             spec = validate(compose(overrides))
-        except Exception as err:  # noqa: BLE001 - a size rule of this card: must be a clear ConfigError
+        except Exception as err:
             assert type(err).__name__ == "ConfigError", (card, peft_option, err)
             continue
         acc = recipe.plan_accounting(spec)
@@ -88,8 +97,9 @@ def test_plan_mode_counts_every_method_on_every_card(compose, cells, card):
 
 def _expected_count(spec, shapes: dict[str, tuple[int, int]]) -> int:
     """Each method's trainable parameters from its definition (DESIGN §2) and the card's shapes alone."""
-    return sum(_module_count(spec.peft_method, spec.peft, name.rsplit(".", 1)[-1], i, o)
-               for name, (i, o) in shapes.items())
+    return sum(
+        _module_count(spec.peft_method, spec.peft, name.rsplit(".", 1)[-1], i, o) for name, (i, o) in shapes.items()
+    )
 
 
 def _module_count(method: str, c, kind: str, i: int, o: int) -> int:

@@ -19,8 +19,19 @@ sweep_plan = importlib.util.module_from_spec(spec_)
 spec_.loader.exec_module(sweep_plan)
 
 SWEEPS = sweep_plan.names()
-STUDY_SWEEPS = {"rank_by_layer", "lambda_by_layer", "hira_by_layer", "qalora_group_size", "rank_alpha", "thesis_qdora",
-                "thesis_qia3", "thesis_hqq", "smoothquant_qlora", "qeft_k", "smoke"}
+STUDY_SWEEPS = {
+    "rank_by_layer",
+    "lambda_by_layer",
+    "hira_by_layer",
+    "qalora_group_size",
+    "rank_alpha",
+    "thesis_qdora",
+    "thesis_qia3",
+    "thesis_hqq",
+    "smoothquant_qlora",
+    "qeft_k",
+    "smoke",
+}
 
 
 @pytest.fixture(scope="module")
@@ -69,11 +80,16 @@ def test_rank_by_layer_crosses_methods_groups_reductions_and_seeds(planned):
     assert {p["method"] for p in points} == {"qlora", "irqlora", "qalora", "qbara"}
     assert {p["seed"] for p in points} == {"0", "1", "2"}
     edits = {p["peft.variant"] for p in points}
-    assert "[]" in edits and {f"[{g}.r/{f}]" for g in ("attn", "mlp", "first_half", "second_half")
-                              for f in (2, 4)} <= edits
+    assert (
+        "[]" in edits
+        and {f"[{g}.r/{f}]" for g in ("attn", "mlp", "first_half", "second_half") for f in (2, 4)} <= edits
+    )
     # the resolved per-module ranks of one point: attn at 64 / 4, the MLP at the baseline
-    rec = next(json.loads(p.read_text()) for p in planned["rank_by_layer"][3].glob("*/result.json")
-               if json.loads(p.read_text())["config"]["peft"]["variant"] == ["attn.r/4"])
+    rec = next(
+        json.loads(p.read_text())
+        for p in planned["rank_by_layer"][3].glob("*/result.json")
+        if json.loads(p.read_text())["config"]["peft"]["variant"] == ["attn.r/4"]
+    )
     layers = rec["peft_layers"]
     assert layers["model.layers.0.self_attn.q_proj"]["r"] == 16 and layers["model.layers.31.mlp.up_proj"]["r"] == 64
 
@@ -127,8 +143,9 @@ def _report(tmp_path, *args):
     from pathlib import Path
 
     exe = str(Path(CLI[0]).parent / "qpeft-bench-report")
-    return subprocess.run([exe, "runs", "--out", "tables", *args], cwd=tmp_path, capture_output=True, text=True,
-                          check=True)
+    return subprocess.run(
+        [exe, "runs", "--out", "tables", *args], cwd=tmp_path, capture_output=True, text=True, check=True
+    )
 
 
 def test_a_small_rank_by_layer_sweep_runs_and_the_report_pivots_it_by_layer_group(tmp_path):
@@ -143,7 +160,7 @@ def test_a_small_rank_by_layer_sweep_runs_and_the_report_pivots_it_by_layer_grou
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "sweep finished: 4 runs: 4 completed" in proc.stdout + proc.stderr
     out = _report(tmp_path).stdout
-    table = out[out.index("## ppl_after by layer group"):]
+    table = out[out.index("## ppl_after by layer group") :]
     header = next(line for line in table.splitlines() if line.startswith("| model"))
     assert [c.strip() for c in header.strip("|").split("|")][-2:] == ["uniform", "mlp.r/2"]
     row = next(line for line in table.splitlines() if line.startswith("| tiny_llama"))
@@ -151,8 +168,11 @@ def test_a_small_rank_by_layer_sweep_runs_and_the_report_pivots_it_by_layer_grou
     assert cells[3] == "lora" and cells[4] == "8"
     assert all(re.fullmatch(r"\d+\.\d{3} ± \d+\.\d{3} \(2\)", c) for c in cells[-2:]), cells
     # the pivot agrees with the records: the uniform cell is the mean of its two runs
-    uniform = [json.loads(p.read_text())["eval"]["after"]["ppl_heldout"] for p in tmp_path.glob("runs/*/result.json")
-               if json.loads(p.read_text())["config"]["peft"]["variant"] == []]
+    uniform = [
+        json.loads(p.read_text())["eval"]["after"]["ppl_heldout"]
+        for p in tmp_path.glob("runs/*/result.json")
+        if json.loads(p.read_text())["config"]["peft"]["variant"] == []
+    ]
     assert len(uniform) == 2 and cells[-2].startswith(f"{sum(uniform) / 2:.3f}")
     assert (tmp_path / "tables" / "by_layer_group.csv").is_file()
 

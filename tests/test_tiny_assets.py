@@ -8,9 +8,9 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the assets must never need the network
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = ROOT / "qpeft_bench/assets/tiny_llama"
@@ -23,11 +23,15 @@ import tiny_world  # noqa: E402
 NLL_BOUND = 0.70
 ALPACA_SEED = 2_000_003  # build seed 0 + the offset build_tiny_model.py uses for the instruction set
 # Alpaca's prompt templates (no-input and with-input variants), used for the length budget.
-PROMPT = ("Below is an instruction that describes a task. Write a response that appropriately completes the "
-          "request.\n\n### Instruction:\n{instruction}\n\n### Response:\n")
-PROMPT_IN = ("Below is an instruction that describes a task, paired with an input that provides further context. "
-             "Write a response that appropriately completes the request.\n\n### Instruction:\n{instruction}\n\n"
-             "### Input:\n{input}\n\n### Response:\n")
+PROMPT = (
+    "Below is an instruction that describes a task. Write a response that appropriately completes the "
+    "request.\n\n### Instruction:\n{instruction}\n\n### Response:\n"
+)
+PROMPT_IN = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request.\n\n### Instruction:\n{instruction}\n\n"
+    "### Input:\n{input}\n\n### Response:\n"
+)
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +66,10 @@ def test_tokenizer(tok, model):
     for name in ("bos", "eos", "pad", "unk"):
         assert getattr(tok, f"{name}_token") == {"bos": "<s>", "eos": "</s>", "pad": "<pad>", "unk": "<unk>"}[name]
     assert (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) == (
-        model.config.bos_token_id, model.config.eos_token_id, model.config.pad_token_id)
+        model.config.bos_token_id,
+        model.config.eos_token_id,
+        model.config.pad_token_id,
+    )
     assert len(tok) == model.config.vocab_size
     text = "Mira lives in Olden. 17 plus 25 is 42.\nCafé, naïve & unseen words!"
     ids = tok(text)["input_ids"]
@@ -99,4 +106,3 @@ def test_model_is_pretrained(model, tok):
         nll = sum(model(input_ids=w, labels=w).loss.item() * len(w) for w in windows.split(32)) / n
     assert nll < 0.6 * math.log(model.config.vocab_size)
     assert nll < NLL_BOUND, nll
-

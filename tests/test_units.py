@@ -18,18 +18,26 @@ from qpeft_bench.train import accumulate, make_scheduler
 # ---------------------------------------------------------------------------------------------- run id
 def test_run_id_ignores_launch_keys_order_and_number_spelling():
     base = {"mode": "plan", "seed": 0, "peft": {"method": "lora", "r": 8, "alpha": 16}, "output_root": "runs"}
-    same = {"output_root": "/elsewhere", "overwrite": True, "hydra": {"x": 1},
-            "peft": {"alpha": 16.0, "r": 8, "method": "lora"}, "seed": 0, "mode": "plan"}
+    same = {
+        "output_root": "/elsewhere",
+        "overwrite": True,
+        "hydra": {"x": 1},
+        "peft": {"alpha": 16.0, "r": 8, "method": "lora"},
+        "seed": 0,
+        "mode": "plan",
+    }
     assert results.run_id(base) == results.run_id(same)
     assert len(results.run_id(base)) == 12
 
 
 def test_run_id_changes_with_any_knob():
     base = {"mode": "plan", "seed": 0, "peft": {"method": "lora", "r": 8, "alpha": 16}}
-    ids = {results.run_id(base),
-           results.run_id({**base, "seed": 1}),
-           results.run_id({**base, "mode": "train"}),
-           results.run_id({**base, "peft": {"method": "lora", "r": 4, "alpha": 16}})}
+    ids = {
+        results.run_id(base),
+        results.run_id({**base, "seed": 1}),
+        results.run_id({**base, "mode": "train"}),
+        results.run_id({**base, "peft": {"method": "lora", "r": 4, "alpha": 16}}),
+    }
     assert len(ids) == 4
 
 
@@ -65,16 +73,21 @@ def test_atomic_write_keeps_the_old_record_when_a_write_fails(tmp_path, monkeypa
 def test_records_are_strict_json_even_with_nan(tmp_path):
     results.atomic_write_json(tmp_path / "r.json", {"loss": float("nan"), "xs": [float("inf"), 1.0]})
     assert json.loads((tmp_path / "r.json").read_text(), parse_constant=lambda c: pytest.fail(c)) == {
-        "loss": "nan", "xs": ["inf", 1.0]}
+        "loss": "nan",
+        "xs": ["inf", 1.0],
+    }
 
 
 # ---------------------------------------------------------------------------------------------- schedules
-@pytest.mark.parametrize("name, expected", [
-    ("constant", [0.5, 1.0, 1.0, 1.0, 1.0, 1.0]),
-    # after warm-up, HF's formulas: linear (T - t) / (T - w), cosine 0.5 (1 + cos(pi (t - w) / (T - w)))
-    ("linear", [0.5, 1.0, 1.0, 0.75, 0.5, 0.25]),
-    ("cosine", [0.5, 1.0, 1.0, 0.5 * (1 + math.cos(math.pi / 4)), 0.5, 0.5 * (1 + math.cos(3 * math.pi / 4))]),
-])
+@pytest.mark.parametrize(
+    "name, expected",
+    [
+        ("constant", [0.5, 1.0, 1.0, 1.0, 1.0, 1.0]),
+        # after warm-up, HF's formulas: linear (T - t) / (T - w), cosine 0.5 (1 + cos(pi (t - w) / (T - w)))
+        ("linear", [0.5, 1.0, 1.0, 0.75, 0.5, 0.25]),
+        ("cosine", [0.5, 1.0, 1.0, 0.5 * (1 + math.cos(math.pi / 4)), 0.5, 0.5 * (1 + math.cos(3 * math.pi / 4))]),
+    ],
+)
 def test_lr_schedules(name, expected):
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
     sched = make_scheduler(opt, name, warmup_steps=2, max_steps=6)
@@ -89,8 +102,15 @@ def test_lr_schedules(name, expected):
 # ---------------------------------------------------------------------------------------------- training math
 def _model() -> LlamaForCausalLM:
     torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2,
-                      num_key_value_heads=2, vocab_size=50, max_position_embeddings=32)
+    cfg = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        vocab_size=50,
+        max_position_embeddings=32,
+    )
     return LlamaForCausalLM(cfg).float()
 
 

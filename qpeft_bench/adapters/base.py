@@ -76,8 +76,14 @@ def attach_wrappers(model: nn.Module, targets: list[str], make: Callable[[str, n
     return model
 
 
-def attach_method(model: nn.Module, targets: list[str], cfg, per_module: dict | None, tunable: tuple[str, ...],
-                  make: Callable[[str, nn.Module, object], AdapterLinear]) -> nn.Module:
+def attach_method(
+    model: nn.Module,
+    targets: list[str],
+    cfg,
+    per_module: dict | None,
+    tunable: tuple[str, ...],
+    make: Callable[[str, nn.Module, object], AdapterLinear],
+) -> nn.Module:
     """attach_wrappers where each target is built by make(name, layer, its Config): per_module[name] if given, else
     cfg. Each wrapper keeps the values of its `tunable` knobs (AdapterLinear.knobs) for save_method."""
 
@@ -118,14 +124,21 @@ def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().contiguous().cpu() for k, v in state.items() if ".adapter." in k}
 
 
-def save_wrappers(model: nn.Module, path: str | Path, method: str, config: dict,
-                  per_module: dict[str, dict] | None = None) -> None:
+def save_wrappers(
+    model: nn.Module, path: str | Path, method: str, config: dict, per_module: dict[str, dict] | None = None
+) -> None:
     targets = sorted(n for n, m in model.named_modules() if isinstance(m, AdapterLinear))
     save_tensors(path, method, config, targets, adapter_state(model), per_module)
 
 
-def save_tensors(path: str | Path, method: str, config: dict, targets: list[str],
-                 tensors: dict[str, torch.Tensor], per_module: dict[str, dict] | None = None) -> None:
+def save_tensors(
+    path: str | Path,
+    method: str,
+    config: dict,
+    targets: list[str],
+    tensors: dict[str, torch.Tensor],
+    per_module: dict[str, dict] | None = None,
+) -> None:
     """Write the saved-adapter format (also for methods whose trained tensors live outside wrappers);
     `per_module`: the sparse {module: {knob: value}} of per-layer knobs (left out of the file when None)."""
     from safetensors.torch import save_file
@@ -139,8 +152,9 @@ def save_tensors(path: str | Path, method: str, config: dict, targets: list[str]
     (path / CONFIG_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
 
 
-def save_method(model: nn.Module, path: str | Path, method: str, cfg, tunable: tuple[str, ...] = (),
-                per_module: dict | None = None) -> None:
+def save_method(
+    model: nn.Module, path: str | Path, method: str, cfg, tunable: tuple[str, ...] = (), per_module: dict | None = None
+) -> None:
     """`save` of a wrapper-based method: its tensors, its config dataclass and the per-layer knobs each wrapper was
     built with. `per_module` ({module: Config}, optional): the knobs asked for; the wrappers must have them."""
     layers = {n: m for n, m in model.named_modules() if isinstance(m, AdapterLinear)}
@@ -150,8 +164,16 @@ def save_method(model: nn.Module, path: str | Path, method: str, cfg, tunable: t
     save_wrappers(model, path, method, dataclasses.asdict(cfg), sparse_knobs(have, cfg))
 
 
-def load_method(attach: Callable, model: nn.Module, targets: list[str], cfg, path: str | Path, method: str,
-                tunable: tuple[str, ...] = (), per_module: dict | None = None):
+def load_method(
+    attach: Callable,
+    model: nn.Module,
+    targets: list[str],
+    cfg,
+    path: str | Path,
+    method: str,
+    tunable: tuple[str, ...] = (),
+    per_module: dict | None = None,
+):
     """`load` of a wrapper-based method: same knobs (per module too) and modules as saved (else ValueError), attach
     with the per-module configs, copy the tensors."""
     meta, tensors = read_saved(path, method)
@@ -162,6 +184,7 @@ def load_method(attach: Callable, model: nn.Module, targets: list[str], cfg, pat
 
 
 # Per-module knob tables {module: {knob: value}}: what a saved adapter holds against what a config asks
+
 
 def module_knobs(cfg, per_module: dict | None, targets: list[str], tunable: tuple[str, ...]) -> dict[str, dict]:
     """The values of the `tunable` knobs each target gets: from its Config in `per_module`, else from `cfg`."""
@@ -192,8 +215,10 @@ def read_saved(path: str | Path, method: str) -> tuple[dict, dict[str, torch.Ten
         raise FileNotFoundError(f"{path} holds no {CONFIG_FILE}")
     meta = json.loads((path / CONFIG_FILE).read_text())
     if meta.get("format") != FORMAT or meta.get("version") != VERSION:
-        raise ValueError(f"{path}: format {meta.get('format')!r} version {meta.get('version')!r}; this build reads "
-                         f"{FORMAT!r} version {VERSION}")
+        raise ValueError(
+            f"{path}: format {meta.get('format')!r} version {meta.get('version')!r}; this build reads "
+            f"{FORMAT!r} version {VERSION}"
+        )
     if meta.get("method") != method:
         raise ValueError(f"{path} holds a {meta.get('method')!r} adapter, not {method!r}")
     return meta, load_file(str(path / WEIGHTS_FILE))
@@ -203,8 +228,10 @@ def load_state(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
     """Copy saved adapter tensors into an attached model; every saved and every expected tensor must match."""
     current = adapter_state(model)
     if set(current) != set(tensors):
-        raise ValueError(f"saved adapter tensors do not match the model: missing "
-                         f"{sorted(set(current) - set(tensors))[:3]}, unexpected {sorted(set(tensors) - set(current))[:3]}")
+        raise ValueError(
+            f"saved adapter tensors do not match the model: missing "
+            f"{sorted(set(current) - set(tensors))[:3]}, unexpected {sorted(set(tensors) - set(current))[:3]}"
+        )
     live = dict(model.named_parameters()) | dict(model.named_buffers())
     with torch.no_grad():
         for name, value in tensors.items():
@@ -235,8 +262,9 @@ def check_divides(knob: str, value: int, shapes: dict[str, tuple[int, int]], sid
     for name, (in_f, out_f) in shapes.items():
         for side, size in (("in", in_f), ("out", out_f)):
             if side in sides.split(",") and size % value:
-                raise ConfigError(f"{knob}={value} does not divide {side}_features={size} of {name} "
-                                  f"({in_f} -> {out_f})")
+                raise ConfigError(
+                    f"{knob}={value} does not divide {side}_features={size} of {name} ({in_f} -> {out_f})"
+                )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -271,16 +299,19 @@ def merge_group_constant(base: nn.Module, delta: torch.Tensor) -> nn.Module:
     from qpeft_bench.quant.qlinear import GroupQuantLinear
 
     if group_size_of(base) is None:
-        raise MergeUnsupported(f"no exact zero-point merge for {type(base).__name__}: it has no plain zero point "
-                               "per group of inputs")
+        raise MergeUnsupported(
+            f"no exact zero-point merge for {type(base).__name__}: it has no plain zero point per group of inputs"
+        )
     if isinstance(base, GroupQuantLinear):
         zeros, scales = base.zeros, base.scales
     else:  # hqq, axis=1: W = (W_q - zero) * scale over rows of the weight flattened into (out * in / L, L)
         zeros, scales = base.meta["zero"], base.meta["scale"]
     groups = (base.out_features, base.in_features // group_size_of(base))
     if tuple(delta.shape) != groups or zeros.numel() != delta.numel() or scales.numel() != delta.numel():
-        raise ValueError(f"delta {tuple(delta.shape)} does not match the {groups} quantization groups "
-                         f"(zero points {tuple(zeros.shape)}, scales {tuple(scales.shape)})")
+        raise ValueError(
+            f"delta {tuple(delta.shape)} does not match the {groups} quantization groups "
+            f"(zero points {tuple(zeros.shape)}, scales {tuple(scales.shape)})"
+        )
     shifted = (zeros.float() - delta.float().to(zeros.device).reshape(zeros.shape) / scales.float()).to(zeros.dtype)
     if isinstance(base, GroupQuantLinear):
         zeros.copy_(shifted)
@@ -317,13 +348,16 @@ def dense_weight(base: nn.Module) -> torch.Tensor:
 def merge_dense(base: nn.Module, delta_weight: torch.Tensor, dtype: torch.dtype | None = None) -> nn.Linear:
     """nn.Linear holding dequantize(base) + delta_weight (and the base's bias), in `dtype` (default fp32)."""
     if type(base).__name__ in ACTIVATION_QUANTIZING:
-        raise MergeUnsupported(f"{type(base).__name__} rounds its activations to int8: a dense merge would compute "
-                               "another function; keep the adapter unmerged")
+        raise MergeUnsupported(
+            f"{type(base).__name__} rounds its activations to int8: a dense merge would compute "
+            "another function; keep the adapter unmerged"
+        )
     weight = dense_weight(base).float()
     weight = weight + delta_weight.float().to(weight.device)
     bias = getattr(base, "bias", None)
-    merged = nn.Linear(base.in_features, base.out_features, bias=bias is not None, device=weight.device,
-                       dtype=dtype or torch.float32)
+    merged = nn.Linear(
+        base.in_features, base.out_features, bias=bias is not None, device=weight.device, dtype=dtype or torch.float32
+    )
     merged.weight.copy_(weight)
     if bias is not None:
         merged.bias.copy_(bias.float())

@@ -65,8 +65,11 @@ def attach(model, targets: list[str], cfg: Config):
 def _wrap(model, targets: list[str], cfg: Config):
     from peft import IA3Config, get_peft_model
 
-    config = IA3Config(target_modules=targets, feedforward_modules=[t for t in targets if is_feedforward(t, cfg)],
-                       task_type="CAUSAL_LM")
+    config = IA3Config(
+        target_modules=targets,
+        feedforward_modules=[t for t in targets if is_feedforward(t, cfg)],
+        task_type="CAUSAL_LM",
+    )
     model = get_peft_model(model, config, autocast_adapter_dtype=False)
     for name, param in model.named_parameters():
         if "ia3_l" in name:
@@ -86,18 +89,22 @@ def verify(model, targets: list[str], cfg: Config) -> None:
     layers = ia3_layers(model)
     missing, extra = sorted(set(targets) - set(layers)), sorted(set(layers) - set(targets))
     if missing or extra:
-        raise RuntimeError(f"IA3 on the wrong modules: missing {missing[:3]} ({len(missing)}), unexpected "
-                           f"{extra[:3]} ({len(extra)})")
+        raise RuntimeError(
+            f"IA3 on the wrong modules: missing {missing[:3]} ({len(missing)}), unexpected {extra[:3]} ({len(extra)})"
+        )
     for name in targets:
         layer, ff = layers[name], is_feedforward(name, cfg)
         vec = layer.ia3_l[ADAPTER]
         want = (1, layer.in_features) if ff else (layer.out_features, 1)
         if layer.is_feedforward != ff or tuple(vec.shape) != want:
-            raise RuntimeError(f"{name}: IA3 {'input' if layer.is_feedforward else 'output'} scaling of shape "
-                               f"{tuple(vec.shape)}; asked {'input' if ff else 'output'} scaling of shape {want}")
+            raise RuntimeError(
+                f"{name}: IA3 {'input' if layer.is_feedforward else 'output'} scaling of shape "
+                f"{tuple(vec.shape)}; asked {'input' if ff else 'output'} scaling of shape {want}"
+            )
         if vec.dtype != DTYPE[cfg.adapter_dtype] or not vec.requires_grad:
-            raise RuntimeError(f"{name}: IA3 vector {vec.dtype} (trainable: {vec.requires_grad}); asked trainable "
-                               f"{cfg.adapter_dtype}")
+            raise RuntimeError(
+                f"{name}: IA3 vector {vec.dtype} (trainable: {vec.requires_grad}); asked trainable {cfg.adapter_dtype}"
+            )
 
 
 def save(model, path, cfg: Config) -> None:

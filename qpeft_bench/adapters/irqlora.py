@@ -70,18 +70,21 @@ class IECLinear(base.AdapterLinear):
     def __init__(self, base_layer: nn.Module, r: int, alpha: float, dropout: float, dtype: torch.dtype):
         super().__init__(base_layer)
         if self.in_features % r or self.out_features % r:
-            raise ValueError(f"r={r} does not divide in_features={self.in_features} or out_features="
-                             f"{self.out_features}")
+            raise ValueError(
+                f"r={r} does not divide in_features={self.in_features} or out_features={self.out_features}"
+            )
         self.r, self.alpha, self.scale = r, alpha, alpha / r
         device = base.device_of(base_layer)
         a = torch.empty(r, self.in_features, device=device)
         nn.init.kaiming_uniform_(a, a=math.sqrt(5))  # in fp32, so the draw does not depend on the adapter dtype
-        self.adapter = nn.ParameterDict({
-            "A": nn.Parameter(a.to(dtype)),
-            "B": nn.Parameter(torch.zeros(self.out_features, r, device=device, dtype=dtype)),
-            "beta1": nn.Parameter(torch.zeros(1, device=device, dtype=dtype)),
-            "beta2": nn.Parameter(torch.zeros(1, device=device, dtype=dtype)),
-        })
+        self.adapter = nn.ParameterDict(
+            {
+                "A": nn.Parameter(a.to(dtype)),
+                "B": nn.Parameter(torch.zeros(self.out_features, r, device=device, dtype=dtype)),
+                "beta1": nn.Parameter(torch.zeros(1, device=device, dtype=dtype)),
+                "beta2": nn.Parameter(torch.zeros(1, device=device, dtype=dtype)),
+            }
+        )
         self.dropout = base.dropout_layer(dropout)
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
@@ -92,8 +95,13 @@ class IECLinear(base.AdapterLinear):
 
     def describe(self) -> dict:
         p = self.adapter
-        return {"r": p["A"].shape[0], "r_B": p["B"].shape[1], "scale": self.scale, "dtype": p["A"].dtype,
-                "betas": (p["beta1"].numel(), p["beta2"].numel())}
+        return {
+            "r": p["A"].shape[0],
+            "r_B": p["B"].shape[1],
+            "scale": self.scale,
+            "dtype": p["A"].dtype,
+            "betas": (p["beta1"].numel(), p["beta2"].numel()),
+        }
 
     def delta_weight(self) -> torch.Tensor:
         """dW (out, in) in fp32 with dW x equal to the adapter's output at inference."""
@@ -129,8 +137,13 @@ def attach(model, targets: list[str], cfg: Config, per_module: dict[str, Config]
 def verify(model, targets: list[str], default: Config, per_module: dict[str, Config] | None = None) -> None:
     def expected(name: str) -> dict:
         cfg = (per_module or {}).get(name, default)
-        return {"r": cfg.r, "r_B": cfg.r, "scale": cfg.alpha / cfg.r, "dtype": DTYPE[cfg.adapter_dtype],
-                "betas": (1, 1)}
+        return {
+            "r": cfg.r,
+            "r_B": cfg.r,
+            "scale": cfg.alpha / cfg.r,
+            "dtype": DTYPE[cfg.adapter_dtype],
+            "betas": (1, 1),
+        }
 
     base.verify_wrappers(model, targets, IECLinear, expected)
 

@@ -52,7 +52,9 @@ LOFTQ_DEFAULTS = {"bits": 4, "iters": 1}
 LOFTQ_QUANTIZERS = ("nf4", "fp4")  # bitsandbytes 4-bit: the format LoftQ re-quantizes
 LOFTQ_FILE = "loftq_base.json"  # beside peft's files: how the base was re-quantized (shift factors inside)
 LOFTQ_SHIFT_FILE = "loftq_shift.safetensors"
-CACHE_VERSION = 3  # 2: randomized SVD for large residuals; key from the checkpoint files' identity. 3: 12 power iterations
+CACHE_VERSION = (
+    3  # 2: randomized SVD for large residuals; key from the checkpoint files' identity. 3: 12 power iterations
+)
 
 
 @dataclass
@@ -92,8 +94,10 @@ def loftq_settings(given: dict, where: str) -> dict:
         if not isinstance(value, int) or isinstance(value, bool):
             raise ConfigError(f"{where}.{key}={value!r} has the wrong type: expected int")
     if settings["bits"] != 4:
-        raise ConfigError(f"{where}.bits={settings['bits']}: only 4 is supported (LoftQ re-quantizes the "
-                          "bitsandbytes 4-bit base of quant=nf4|fp4)")
+        raise ConfigError(
+            f"{where}.bits={settings['bits']}: only 4 is supported (LoftQ re-quantizes the "
+            "bitsandbytes 4-bit base of quant=nf4|fp4)"
+        )
     if settings["iters"] < 1:
         raise ConfigError(f"{where}.iters={settings['iters']} must be >= 1")
     return settings
@@ -104,16 +108,17 @@ def check_against_arch(cfg: Config, shapes: dict[str, tuple[int, int]]) -> None:
     for name, (in_f, out_f) in shapes.items():
         if cfg.r > min(in_f, out_f):
             raise ConfigError(
-                f"peft.r={cfg.r} exceeds min(in, out)={min(in_f, out_f)} of {name} ({in_f} -> {out_f}); "
-                "lower peft.r"
+                f"peft.r={cfg.r} exceeds min(in, out)={min(in_f, out_f)} of {name} ({in_f} -> {out_f}); lower peft.r"
             )
 
 
 def unsupported(quant_name: str, qcfg, cfg: Config) -> str | None:
     # Plain LoRA, rsLoRA and DoRA train on every quantizer (tests/test_peft_methods.py checks the gradients).
     if cfg.loftq is not None and quant_name not in LOFTQ_QUANTIZERS:
-        return ("LoftQ initialises from the error of the bitsandbytes 4-bit quantization it re-quantizes; "
-                "use quant=nf4 or quant=fp4")
+        return (
+            "LoftQ initialises from the error of the bitsandbytes 4-bit quantization it re-quantizes; "
+            "use quant=nf4 or quant=fp4"
+        )
     return None
 
 
@@ -138,8 +143,9 @@ def attach(model, targets: list[str], cfg: Config, per_module: dict[str, Config]
         _set_loftq_factors(peft_model, loftq["factors"], cfg)
         peft_model.qpeft_loftq = loftq["report"]  # cache hit or miss and time, for the record
         if cfg.loftq["iters"] > 1:  # `save` keeps them: `load` rebuilds the re-quantized base from them
-            peft_model.qpeft_loftq_shifts = {t: {k: f[k] for k in ("shift_L", "shift_R")}
-                                             for t, f in loftq["factors"].items()}
+            peft_model.qpeft_loftq_shifts = {
+                t: {k: f[k] for k in ("shift_L", "shift_R")} for t, f in loftq["factors"].items()
+            }
     verify(peft_model, targets, cfg, per_module)
     return peft_model
 
@@ -183,8 +189,10 @@ def _wrap(model, targets: list[str], cfg: Config, per_module: dict[str, Config] 
 
 def _patterns(cfg: Config, per_module: dict[str, Config] | None) -> dict[str, dict]:
     """peft's rank_pattern and alpha_pattern: the modules whose r or alpha differs from cfg's, by full name."""
-    return {"rank_pattern": {n: c.r for n, c in (per_module or {}).items() if c.r != cfg.r},
-            "alpha_pattern": {n: c.alpha for n, c in (per_module or {}).items() if c.alpha != cfg.alpha}}
+    return {
+        "rank_pattern": {n: c.r for n, c in (per_module or {}).items() if c.r != cfg.r},
+        "alpha_pattern": {n: c.alpha for n, c in (per_module or {}).items() if c.alpha != cfg.alpha},
+    }
 
 
 def tuner_layers(model, cls: type) -> dict:
@@ -205,8 +213,9 @@ def verify(model, targets: list[str], cfg: Config, per_module: dict[str, Config]
     layers = lora_layers(model)
     missing, extra = sorted(set(targets) - set(layers)), sorted(set(layers) - set(targets))
     if missing or extra:
-        raise RuntimeError(f"LoRA on the wrong modules: missing {missing[:3]} ({len(missing)}), unexpected "
-                           f"{extra[:3]} ({len(extra)})")
+        raise RuntimeError(
+            f"LoRA on the wrong modules: missing {missing[:3]} ({len(missing)}), unexpected {extra[:3]} ({len(extra)})"
+        )
     dtype = DTYPE[cfg.adapter_dtype]
     default = cfg
     for name in targets:
@@ -214,20 +223,27 @@ def verify(model, targets: list[str], cfg: Config, per_module: dict[str, Config]
         layer = layers[name]
         r, scale = layer.r[ADAPTER], layer.scaling[ADAPTER]
         if r != cfg.r or not math.isclose(scale, cfg.scale, rel_tol=1e-12):
-            raise RuntimeError(f"{name}: got r={r}, scale={scale}; asked r={cfg.r}, scale={cfg.scale} "
-                               f"({'alpha/sqrt(r)' if cfg.use_rslora else 'alpha/r'})")
+            raise RuntimeError(
+                f"{name}: got r={r}, scale={scale}; asked r={cfg.r}, scale={cfg.scale} "
+                f"({'alpha/sqrt(r)' if cfg.use_rslora else 'alpha/r'})"
+            )
         magnitude = layer.lora_magnitude_vector[ADAPTER].weight if ADAPTER in layer.lora_magnitude_vector else None
         if cfg.use_dora != (magnitude is not None):
-            raise RuntimeError(f"{name}: DoRA magnitude {'present' if magnitude is not None else 'missing'}; "
-                               f"asked use_dora={cfg.use_dora}")
+            raise RuntimeError(
+                f"{name}: DoRA magnitude {'present' if magnitude is not None else 'missing'}; "
+                f"asked use_dora={cfg.use_dora}"
+            )
         if magnitude is not None and tuple(magnitude.shape) != (layer.out_features,):
-            raise RuntimeError(f"{name}: DoRA magnitude of shape {tuple(magnitude.shape)}, expected "
-                               f"({layer.out_features},)")
+            raise RuntimeError(
+                f"{name}: DoRA magnitude of shape {tuple(magnitude.shape)}, expected ({layer.out_features},)"
+            )
         params = [layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight]
         params += [magnitude] if magnitude is not None else []
         if any(p.dtype != dtype or not p.requires_grad for p in params):
-            raise RuntimeError(f"{name}: adapter tensors {[(p.dtype, p.requires_grad) for p in params]}; asked "
-                               f"trainable {cfg.adapter_dtype}")
+            raise RuntimeError(
+                f"{name}: adapter tensors {[(p.dtype, p.requires_grad) for p in params]}; asked "
+                f"trainable {cfg.adapter_dtype}"
+            )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -266,8 +282,12 @@ def quant_lora_linear() -> type:
             if not module.lora_magnitude_vector:  # makes the magnitude a trainable, saved adapter tensor
                 module.adapter_layer_names = module.adapter_layer_names[:] + ("lora_magnitude_vector",)
             layer = QuantDoraLayer(fan_in_fan_out=False)
-            layer.update_layer(base_layer=module.get_base_layer(), lora_A=module.lora_A[adapter_name].weight,
-                               lora_B=module.lora_B[adapter_name].weight, scaling=module.scaling[adapter_name])
+            layer.update_layer(
+                base_layer=module.get_base_layer(),
+                lora_A=module.lora_A[adapter_name].weight,
+                lora_B=module.lora_B[adapter_name].weight,
+                scaling=module.scaling[adapter_name],
+            )
             module.lora_magnitude_vector[adapter_name] = layer
 
     class QuantLoraLinear(Linear):
@@ -297,11 +317,13 @@ def checkpoint_folder(source: str) -> tuple[Path, dict | None]:
             from huggingface_hub import snapshot_download
 
             folder = Path(snapshot_download(source, local_files_only=True)) if source else None
-        except Exception:  # noqa: BLE001 - any failure means: no local copy
+        except Exception:
             folder = None
     if folder is None:
-        raise FileNotFoundError(f"LoftQ needs the unquantized weights, but the model was loaded from {source!r}, "
-                                "which is no local directory or cached hub snapshot with safetensors files")
+        raise FileNotFoundError(
+            f"LoftQ needs the unquantized weights, but the model was loaded from {source!r}, "
+            "which is no local directory or cached hub snapshot with safetensors files"
+        )
     index = folder / "model.safetensors.index.json"
     return folder, json.loads(index.read_text())["weight_map"] if index.is_file() else None
 
@@ -366,8 +388,9 @@ def requantize_like(layer: nn.Module, weight: torch.Tensor) -> nn.Module:
     old.bias = layer.bias
     names = {v: k for k, v in DTYPE.items()}
     storage = names.get(layer.weight.quant_storage, "uint8")  # FSDP stores the codes as the model's dtype
-    return qmod.quantize_linear(old, qmod.Config(**settings, quant_storage=storage), names[layer.compute_dtype],
-                                str(weight.device))
+    return qmod.quantize_linear(
+        old, qmod.Config(**settings, quant_storage=storage), names[layer.compute_dtype], str(weight.device)
+    )
 
 
 # Randomized SVD (Halko et al.): a sketch of 4 x rank columns refined by POWER_ITERS power iterations.
@@ -439,9 +462,20 @@ def loftq_layer(weight: torch.Tensor, layer: nn.Module, rank: int, iters: int) -
 def _weights_key(fingerprint: str, settings: dict, rank: int, iters: int, device: str) -> str:
     # The device type is part of the key: LoftQ on the CPU and on CUDA do not agree bit for bit (measured on an
     # H100 with iters=2: most dequantized base values of a layer differed slightly, the updates by < 1e-3).
-    digest = hashlib.sha256(json.dumps({"version": CACHE_VERSION, "bits": 4, "r": rank, "iters": iters,
-                                        "quant": settings, "device": device, "weights": fingerprint},
-                                       sort_keys=True).encode())
+    digest = hashlib.sha256(
+        json.dumps(
+            {
+                "version": CACHE_VERSION,
+                "bits": 4,
+                "r": rank,
+                "iters": iters,
+                "quant": settings,
+                "device": device,
+                "weights": fingerprint,
+            },
+            sort_keys=True,
+        ).encode()
+    )
     return digest.hexdigest()[:40]
 
 
@@ -461,25 +495,36 @@ def loftq_init(model, targets: list[str], rank: int, iters: int) -> dict:
     path = cache_dir() / f"{key}.safetensors"
     if path.is_file():
         flat = load_file(str(path), device=str(device))
-        factors = {t: {k: flat[f"{t}.{k}"] for k in ("L", "R", "shift_L", "shift_R") if f"{t}.{k}" in flat}
-                   for t in targets}
+        factors = {
+            t: {k: flat[f"{t}.{k}"] for k in ("L", "R", "shift_L", "shift_R") if f"{t}.{k}" in flat} for t in targets
+        }
         hit = True
     else:
         # one original weight at a time, read straight to the device: never the whole unquantized model at once
-        factors = {t: loftq_layer(checkpoint_weights(source, [t], device)[t], model.get_submodule(t), rank, iters)
-                   for t in targets}
+        factors = {
+            t: loftq_layer(checkpoint_weights(source, [t], device)[t], model.get_submodule(t), rank, iters)
+            for t in targets
+        }
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".tmp{os.getpid()}")
-        save_file({f"{t}.{k}": v.contiguous().cpu() for t, f in factors.items() for k, v in f.items()}, str(tmp),
-                  metadata={"r": str(rank), "iters": str(iters), "quant": json.dumps(first)})
+        save_file(
+            {f"{t}.{k}": v.contiguous().cpu() for t, f in factors.items() for k, v in f.items()},
+            str(tmp),
+            metadata={"r": str(rank), "iters": str(iters), "quant": json.dumps(first)},
+        )
         tmp.replace(path)  # atomic: a concurrent sweep job reads either nothing or the whole file
         hit = False
     if iters > 1:
         shift_bases(model, {t: factors[t] for t in targets}, source)
     if device.type == "cuda":
         torch.cuda.synchronize(device)  # the recipe's timer must see the finished work
-    report = {"cache": "hit" if hit else "miss", "cache_file": str(path), "iters": iters,
-              "time_s": time.perf_counter() - t0, "base_requantized": iters > 1}
+    report = {
+        "cache": "hit" if hit else "miss",
+        "cache_file": str(path),
+        "iters": iters,
+        "time_s": time.perf_counter() - t0,
+        "base_requantized": iters > 1,
+    }
     log.info("LoftQ (r=%d, %d iteration(s)): cache %s, %.2f s", rank, iters, report["cache"], report["time_s"])
     return {"factors": factors, "report": report}
 
@@ -532,10 +577,13 @@ def save(model, path, cfg: Config, per_module: dict[str, Config] | None = None) 
     if cfg.loftq["iters"] > 1:
         if shifts is None:
             raise RuntimeError("LoftQ with iters > 1 re-quantized the base, but the shift factors are gone")
-        save_file({f"{t}.{k}": v.contiguous().cpu() for t, f in shifts.items() for k, v in f.items()},
-                  str(path / LOFTQ_SHIFT_FILE))
-    (path / LOFTQ_FILE).write_text(json.dumps({"loftq": cfg.loftq, "base_requantized": shifts is not None},
-                                              indent=2, sort_keys=True) + "\n")
+        save_file(
+            {f"{t}.{k}": v.contiguous().cpu() for t, f in shifts.items() for k, v in f.items()},
+            str(path / LOFTQ_SHIFT_FILE),
+        )
+    (path / LOFTQ_FILE).write_text(
+        json.dumps({"loftq": cfg.loftq, "base_requantized": shifts is not None}, indent=2, sort_keys=True) + "\n"
+    )
 
 
 def load(model, targets: list[str], cfg: Config, path, per_module: dict[str, Config] | None = None):
@@ -549,12 +597,12 @@ def load(model, targets: list[str], cfg: Config, path, per_module: dict[str, Con
     got = {k: saved.get(k) for k in want}
     modules = _saved_modules(path)
     if got != want or modules != sorted(targets):
-        raise ValueError(f"{path}: saved adapter has {got} on {len(modules)} modules; this config asks {want} on "
-                         f"{len(targets)}")
+        raise ValueError(
+            f"{path}: saved adapter has {got} on {len(modules)} modules; this config asks {want} on {len(targets)}"
+        )
     ranks, alphas = saved.get("rank_pattern") or {}, saved.get("alpha_pattern") or {}
     saved_knobs = {t: {"r": ranks.get(t, saved["r"]), "alpha": alphas.get(t, saved["lora_alpha"])} for t in targets}
-    base.check_knobs(saved_knobs, base.module_knobs(cfg, per_module, targets, PER_LAYER_KNOBS),
-                     "the saved adapter")
+    base.check_knobs(saved_knobs, base.module_knobs(cfg, per_module, targets, PER_LAYER_KNOBS), "the saved adapter")
     meta = json.loads((path / LOFTQ_FILE).read_text()) if (path / LOFTQ_FILE).is_file() else {"loftq": None}
     if meta["loftq"] != cfg.loftq:
         raise ValueError(f"{path}: saved with loftq={meta['loftq']}, this config has loftq={cfg.loftq}")
@@ -598,8 +646,10 @@ def load_peft_state(peft_model, path: Path, prefix: str) -> None:
     expected = {k for k in peft_model.state_dict() if prefix in k}
     missing = sorted(k for k in result.missing_keys if k in expected)
     if missing or result.unexpected_keys:
-        raise ValueError(f"{path}: adapter tensors do not match the model: missing {missing[:3]}, unexpected "
-                         f"{list(result.unexpected_keys)[:3]}")
+        raise ValueError(
+            f"{path}: adapter tensors do not match the model: missing {missing[:3]}, unexpected "
+            f"{list(result.unexpected_keys)[:3]}"
+        )
 
 
 def merge_layers(model, layers: dict, merged) -> nn.Module:

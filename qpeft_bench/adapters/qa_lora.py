@@ -55,26 +55,29 @@ def unsupported(quant_name: str, qcfg, cfg: Config) -> str | None:
     if quant_name in ("owq", "qeft"):
         return "QA-LoRA merges into the group zero points, which the 16-bit weak columns bypass"
     if quant_name not in base.GROUP_ZERO_QUANTIZERS:
-        return (f"QA-LoRA merges into per-group zero points, which only {', '.join(base.GROUP_ZERO_QUANTIZERS)} "
-                "have")
+        return f"QA-LoRA merges into per-group zero points, which only {', '.join(base.GROUP_ZERO_QUANTIZERS)} have"
     if getattr(qcfg, "axis", 1) != 1:  # hqq's axis=0 groups run along the outputs
         return "QA-LoRA needs groups along the inputs (quant.axis=1)"
     if qcfg.group_size != cfg.group_size:
-        return (f"peft.group_size={cfg.group_size} must equal quant.group_size={qcfg.group_size}: the update is "
-                "constant over L inputs and folds into the zero points only when those L are one quantization group")
+        return (
+            f"peft.group_size={cfg.group_size} must equal quant.group_size={qcfg.group_size}: the update is "
+            "constant over L inputs and folds into the zero points only when those L are one quantization group"
+        )
     return None
 
 
 class QALoRALinear(base.AdapterLinear):
-    def __init__(self, base_layer: nn.Module, r: int, alpha: float, group_size: int, dropout: float,
-                 dtype: torch.dtype):
+    def __init__(
+        self, base_layer: nn.Module, r: int, alpha: float, group_size: int, dropout: float, dtype: torch.dtype
+    ):
         super().__init__(base_layer)
         if self.in_features % group_size:
             raise ValueError(f"group_size={group_size} does not divide in_features={self.in_features}")
         quant_group = base.group_size_of(base_layer)
         if quant_group is not None and quant_group != group_size:
-            raise ValueError(f"group_size={group_size} differs from the base layer's quantization groups of "
-                             f"{quant_group} inputs")
+            raise ValueError(
+                f"group_size={group_size} differs from the base layer's quantization groups of {quant_group} inputs"
+            )
         self.r, self.alpha, self.group_size = r, alpha, group_size
         self.scale = alpha / r
         device = base.device_of(base_layer)
@@ -90,8 +93,12 @@ class QALoRALinear(base.AdapterLinear):
         return F.linear(F.linear(pooled, a), b) * self.scale
 
     def describe(self) -> dict:
-        return {"r": self.adapter["A"].shape[0], "scale": self.scale, "group_size": self.group_size,
-                "dtype": self.adapter["A"].dtype}
+        return {
+            "r": self.adapter["A"].shape[0],
+            "scale": self.scale,
+            "group_size": self.group_size,
+            "dtype": self.adapter["A"].dtype,
+        }
 
     def group_delta(self) -> torch.Tensor:
         """dW per (output, input group), (out, in / L) in fp32: the pooling's 1 / L included."""

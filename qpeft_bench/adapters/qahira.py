@@ -68,8 +68,9 @@ def unsupported(quant_name: str, qcfg, cfg: Config) -> str | None:
 
 
 class QAHiRALinear(base.AdapterLinear):
-    def __init__(self, layer: nn.Module, lambda1: int, lambda2: int, scale: float, init: str, dropout: float,
-                 dtype: torch.dtype):
+    def __init__(
+        self, layer: nn.Module, lambda1: int, lambda2: int, scale: float, init: str, dropout: float, dtype: torch.dtype
+    ):
         super().__init__(layer)
         self.lambda1, self.lambda2, self.scale = lambda1, lambda2, scale
         c = torch.zeros(self.out_features // lambda2, self.in_features // lambda1, device=base.device_of(layer))
@@ -86,8 +87,13 @@ class QAHiRALinear(base.AdapterLinear):
 
     def describe(self) -> dict:
         c = self.adapter.C
-        return {"lambda1": self.in_features // c.shape[1], "lambda2": self.out_features // c.shape[0],
-                "scale": self.scale, "params": c.numel(), "dtype": str(c.dtype)}
+        return {
+            "lambda1": self.in_features // c.shape[1],
+            "lambda2": self.out_features // c.shape[0],
+            "scale": self.scale,
+            "params": c.numel(),
+            "dtype": str(c.dtype),
+        }
 
     def delta_weight(self) -> torch.Tensor:
         return base.pooled_delta_weight(self.adapter.C, self.lambda1, self.lambda2, self.scale)
@@ -115,9 +121,13 @@ def verify(model, targets: list[str], default: Config, per_module: dict[str, Con
     def expected(name: str) -> dict:
         cfg = (per_module or {}).get(name, default)
         layer = model.get_submodule(name)
-        return {"lambda1": cfg.lambda1, "lambda2": cfg.lambda2, "scale": cfg.scale,
-                "params": layer.in_features * layer.out_features // (cfg.lambda1 * cfg.lambda2),
-                "dtype": str(DTYPE[cfg.adapter_dtype])}
+        return {
+            "lambda1": cfg.lambda1,
+            "lambda2": cfg.lambda2,
+            "scale": cfg.scale,
+            "params": layer.in_features * layer.out_features // (cfg.lambda1 * cfg.lambda2),
+            "dtype": str(DTYPE[cfg.adapter_dtype]),
+        }
 
     base.verify_wrappers(model, targets, QAHiRALinear, expected)
 

@@ -83,8 +83,9 @@ class QBaRALinear(base.AdapterLinear):
         nn.init.kaiming_uniform_(a, a=math.sqrt(5))  # LoRA's A (drawn in fp32 so every adapter dtype starts alike)
         self.adapter = nn.Module()
         self.adapter.A = nn.Parameter(a.to(dtype))
-        self.adapter.B = nn.Parameter(torch.zeros(self.out_features // balance, balance * r, device=device,
-                                                  dtype=dtype))
+        self.adapter.B = nn.Parameter(
+            torch.zeros(self.out_features // balance, balance * r, device=device, dtype=dtype)
+        )
         self.dropout = base.dropout_layer(dropout)
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
@@ -95,12 +96,20 @@ class QBaRALinear(base.AdapterLinear):
 
     def describe(self) -> dict:
         a, b = self.adapter.A, self.adapter.B
-        return {"rank": a.shape[0], "balance": self.balance, "scale": self.scale, "in_pooled": a.shape[1],
-                "out_pooled": b.shape[0], "params": a.numel() + b.numel(), "dtype": str(a.dtype)}
+        return {
+            "rank": a.shape[0],
+            "balance": self.balance,
+            "scale": self.scale,
+            "in_pooled": a.shape[1],
+            "out_pooled": b.shape[0],
+            "params": a.numel() + b.numel(),
+            "dtype": str(a.dtype),
+        }
 
     def delta_weight(self) -> torch.Tensor:
-        return base.pooled_delta_weight(self.adapter.B.float() @ self.adapter.A.float(), self.balance, self.balance,
-                                   self.scale)
+        return base.pooled_delta_weight(
+            self.adapter.B.float() @ self.adapter.A.float(), self.balance, self.balance, self.scale
+        )
 
     def merge(self) -> nn.Module:
         return base.merge_pooled(self.base, self.delta_weight(), self.balance)
@@ -128,8 +137,15 @@ def verify(model, targets: list[str], default: Config, per_module: dict[str, Con
         layer = model.get_submodule(name)
         in_f, out_f = layer.in_features, layer.out_features
         # the parameter count is LoRA's at the same r: the method's defining property
-        return {"rank": lam * cfg.r, "balance": lam, "scale": cfg.alpha / cfg.r, "in_pooled": in_f // lam,
-                "out_pooled": out_f // lam, "params": cfg.r * (in_f + out_f), "dtype": str(DTYPE[cfg.adapter_dtype])}
+        return {
+            "rank": lam * cfg.r,
+            "balance": lam,
+            "scale": cfg.alpha / cfg.r,
+            "in_pooled": in_f // lam,
+            "out_pooled": out_f // lam,
+            "params": cfg.r * (in_f + out_f),
+            "dtype": str(DTYPE[cfg.adapter_dtype]),
+        }
 
     base.verify_wrappers(model, targets, QBaRALinear, expected)
 

@@ -53,8 +53,10 @@ def unsupported(quant_name: str, qcfg, cfg: Config) -> str | None:
     if quant_name not in QUANTIZERS:
         return "only owq and qeft keep 16-bit weak columns to train"
     if cfg.k != qcfg.k:
-        return (f"peft.k={cfg.k} differs from quant.k={qcfg.k}: k comes from the quantizer; set quant.k and leave "
-                "peft.k to follow it")
+        return (
+            f"peft.k={cfg.k} differs from quant.k={qcfg.k}: k comes from the quantizer; set quant.k and leave "
+            "peft.k to follow it"
+        )
     if qcfg.k == 0:
         return "quant.k=0 keeps no weak column to train"
     return None
@@ -64,8 +66,9 @@ def _plan_stand_in(layer: nn.Linear, k: int, dtype: torch.dtype) -> None:
     """Plan mode: split a meta nn.Linear's weight as OWQ/QEFT store it, (out, in - k) frozen and (out, k) weak, so
     the counts equal a quantized model's (k * out trainable, no bytes added in the model's dtype)."""
     out_f, in_f = layer.weight.shape
-    layer.weight = nn.Parameter(torch.empty(out_f, in_f - k, device="meta", dtype=layer.weight.dtype),
-                                requires_grad=False)
+    layer.weight = nn.Parameter(
+        torch.empty(out_f, in_f - k, device="meta", dtype=layer.weight.dtype), requires_grad=False
+    )
     layer.weak = nn.Parameter(torch.empty(out_f, k, device="meta", dtype=dtype))
 
 
@@ -83,8 +86,10 @@ def attach(model, targets: list[str], cfg: Config):
         elif type(layer) is nn.Linear and layer.weight.is_meta and cfg.k is not None:
             _plan_stand_in(layer, cfg.k, dtype)
         else:
-            raise ConfigError(f"{name} is a {type(layer).__name__}, which holds no weak columns: weak-column tuning "
-                              f"needs quant={' or quant='.join(QUANTIZERS)}")
+            raise ConfigError(
+                f"{name} is a {type(layer).__name__}, which holds no weak columns: weak-column tuning "
+                f"needs quant={' or quant='.join(QUANTIZERS)}"
+            )
         layer.weak.requires_grad_(True)
     verify(model, targets, cfg)
     return model
@@ -95,8 +100,10 @@ def verify(model, targets: list[str], cfg: Config) -> None:
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     want = {f"{t}.weak" for t in targets}
     if trainable != want:
-        raise RuntimeError(f"trainable parameters are not the targets' weak columns: missing "
-                           f"{sorted(want - trainable)[:3]}, unexpected {sorted(trainable - want)[:3]}")
+        raise RuntimeError(
+            f"trainable parameters are not the targets' weak columns: missing "
+            f"{sorted(want - trainable)[:3]}, unexpected {sorted(trainable - want)[:3]}"
+        )
     for name in targets:
         weak = model.get_submodule(name).weak
         got = {"k": weak.shape[1], "dtype": weak.dtype}
@@ -106,7 +113,9 @@ def verify(model, targets: list[str], cfg: Config) -> None:
 
 
 def _targets(model) -> list[str]:
-    return sorted(n.removesuffix(".weak") for n, p in model.named_parameters() if n.endswith(".weak") and p.requires_grad)
+    return sorted(
+        n.removesuffix(".weak") for n, p in model.named_parameters() if n.endswith(".weak") and p.requires_grad
+    )
 
 
 def save(model, path, cfg: Config) -> None:
@@ -128,8 +137,10 @@ def load(model, targets: list[str], cfg: Config, path):
             idx, weak = tensors[f"{name}.weak_idx"], tensors[f"{name}.weak"]
             # columns trained for other indices would silently land on the wrong inputs
             if not torch.equal(idx.cpu(), layer.weak_idx.cpu()):
-                raise ValueError(f"{path}: {name} was saved for weak columns {idx[:4].tolist()}..., the base keeps "
-                                 f"{layer.weak_idx[:4].tolist()}...: not the same quantized base")
+                raise ValueError(
+                    f"{path}: {name} was saved for weak columns {idx[:4].tolist()}..., the base keeps "
+                    f"{layer.weak_idx[:4].tolist()}...: not the same quantized base"
+                )
             if weak.shape != layer.weak.shape:
                 raise ValueError(f"{name}: saved shape {tuple(weak.shape)}, model has {tuple(layer.weak.shape)}")
             layer.weak.copy_(weak.to(layer.weak.device, layer.weak.dtype))

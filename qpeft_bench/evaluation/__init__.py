@@ -33,9 +33,9 @@ PROTOCOLS = {
     "ppl_wikitext": "windowed token perplexity, non-overlapping windows, joined with blank lines",
     "mmlu": "lm-eval mmlu, 5-shot, test split, shots from dev, unweighted mean of the 57 subject accuracies",
     "commonsense": "lm-eval 0-shot hellaswag (acc_norm), piqa, winogrande, arc_easy, arc_challenge (acc_norm), "
-                   "boolq, openbookqa (acc); unweighted average",
+    "boolq, openbookqa (acc); unweighted average",
     "leaderboard": "lm-eval Open LLM Leaderboard v1 shots; 6-task and 4-task (ARC-c, HellaSwag, MMLU, TruthfulQA) "
-                   "averages",
+    "averages",
     "speed": "greedy tokens/s at batch 1 (median after a warm-up); forward and backward ms of one training step",
 }
 AFTER_ONLY = ("speed",)  # the speed of the model a run ships; the base's would measure no adapter path
@@ -48,8 +48,9 @@ def headline(result) -> float | None:
     return result.get("ppl", result.get("average"))
 
 
-def wikitext_source(path: str | None, data_root: str | None, hub_id: str, variant: str | None,
-                    split: str) -> str | None:
+def wikitext_source(
+    path: str | None, data_root: str | None, hub_id: str, variant: str | None, split: str
+) -> str | None:
     """The local WikiText file to read: the explicit path, else <data_root>/<hub_id>/<variant>/<split>.jsonl (the
     harness's layout), else None (the hub)."""
     root = data_root or os.environ.get("QPEFT_EVAL_DATA")
@@ -57,14 +58,30 @@ def wikitext_source(path: str | None, data_root: str | None, hub_id: str, varian
         return path
     local = Path(root) / hub_id / (variant or "default") / f"{split}.jsonl"
     if not local.is_file():
-        raise FileNotFoundError(f"ppl_wikitext: {local} does not exist (eval.data_root / $QPEFT_EVAL_DATA is set); "
-                                "put the split there or set eval.wikitext.path")
+        raise FileNotFoundError(
+            f"ppl_wikitext: {local} does not exist (eval.data_root / $QPEFT_EVAL_DATA is set); "
+            "put the split there or set eval.wikitext.path"
+        )
     return str(local)
 
 
-def evaluate(model, tokenizer, tasks: list[str], *, stage: str, device: str, compute_dtype, progress: bool,
-             heldout_batches: Callable, wikitext: dict, harness_cfg: dict, speed_cfg: dict, data_root: str | None,
-             batch_size: int, cache: BaseEvalCache | None = None) -> tuple[dict, dict]:
+def evaluate(
+    model,
+    tokenizer,
+    tasks: list[str],
+    *,
+    stage: str,
+    device: str,
+    compute_dtype,
+    progress: bool,
+    heldout_batches: Callable,
+    wikitext: dict,
+    harness_cfg: dict,
+    speed_cfg: dict,
+    data_root: str | None,
+    batch_size: int,
+    cache: BaseEvalCache | None = None,
+) -> tuple[dict, dict]:
     """Run `tasks` on `model` for `stage` ("before" or "after"); returns (results, seconds per task). With a
     cache (stage "before" only), cached results are reused and new ones stored."""
     from qpeft_bench.evaluation import harness, perplexity, speed
@@ -80,29 +97,60 @@ def evaluate(model, tokenizer, tasks: list[str], *, stage: str, device: str, com
             continue
         t0 = time.perf_counter()
         if task == "ppl_heldout":
-            out = perplexity.heldout_perplexity(model, heldout_batches(), device, compute_dtype, progress,
-                                                f"{stage}: ppl_heldout")["ppl"]
+            out = perplexity.heldout_perplexity(
+                model, heldout_batches(), device, compute_dtype, progress, f"{stage}: ppl_heldout"
+            )["ppl"]
         elif task == "ppl_wikitext":
-            source = wikitext_source(wikitext["path"], data_root, wikitext["hub_id"], wikitext["variant"],
-                                     wikitext["split"])
+            source = wikitext_source(
+                wikitext["path"], data_root, wikitext["hub_id"], wikitext["variant"], wikitext["split"]
+            )
             text = perplexity.wikitext_text(source, wikitext["hub_id"], wikitext["variant"], wikitext["split"])
-            out = perplexity.windowed_perplexity(model, tokenizer, text, seq_len=wikitext["seq_len"],
-                                                 batch_size=batch_size, device=device, compute_dtype=compute_dtype,
-                                                 progress=progress, max_windows=wikitext["max_windows"])
+            out = perplexity.windowed_perplexity(
+                model,
+                tokenizer,
+                text,
+                seq_len=wikitext["seq_len"],
+                batch_size=batch_size,
+                device=device,
+                compute_dtype=compute_dtype,
+                progress=progress,
+                max_windows=wikitext["max_windows"],
+            )
             out["source"] = source or f"{wikitext['hub_id']}/{wikitext['variant']}"
         elif task in harness.TASK_SETS:
             logging.getLogger("lm_eval").setLevel(logging.WARNING)  # its per-task INFO lines drown the run's log
-            out = harness.run_task_set(model, tokenizer, task, batch_size=harness_cfg["batch_size"],
-                                       data_root=data_root, limit=harness_cfg["limit"], device=device,
-                                       compute_dtype=compute_dtype, max_gen_toks=harness_cfg["max_gen_toks"],
-                                       progress=progress)
+            out = harness.run_task_set(
+                model,
+                tokenizer,
+                task,
+                batch_size=harness_cfg["batch_size"],
+                data_root=data_root,
+                limit=harness_cfg["limit"],
+                device=device,
+                compute_dtype=compute_dtype,
+                max_gen_toks=harness_cfg["max_gen_toks"],
+                progress=progress,
+            )
         elif task == "speed":
-            out = {"generation": speed.generation_speed(model, tokenizer, new_tokens=speed_cfg["new_tokens"],
-                                                        repeats=speed_cfg["repeats"], device=device,
-                                                        compute_dtype=compute_dtype),
-                   "step": speed.step_speed(model, seq_len=speed_cfg["seq_len"], batch_size=speed_cfg["batch_size"],
-                                            repeats=speed_cfg["repeats"], device=device, compute_dtype=compute_dtype,
-                                            gradient_checkpointing=speed_cfg["gradient_checkpointing"])}
+            out = {
+                "generation": speed.generation_speed(
+                    model,
+                    tokenizer,
+                    new_tokens=speed_cfg["new_tokens"],
+                    repeats=speed_cfg["repeats"],
+                    device=device,
+                    compute_dtype=compute_dtype,
+                ),
+                "step": speed.step_speed(
+                    model,
+                    seq_len=speed_cfg["seq_len"],
+                    batch_size=speed_cfg["batch_size"],
+                    repeats=speed_cfg["repeats"],
+                    device=device,
+                    compute_dtype=compute_dtype,
+                    gradient_checkpointing=speed_cfg["gradient_checkpointing"],
+                ),
+            }
         else:  # config.validate lists the tasks; a new one must be wired here
             raise NotImplementedError(f"eval task {task!r} has no implementation")
         seconds[task] = time.perf_counter() - t0
@@ -123,8 +171,9 @@ class BaseEvalCache:
         self.identity, self.settings = identity, settings
 
     def key(self, task: str) -> str:
-        blob = json.dumps({"identity": self.identity, "task": task, "settings": self.settings.get(task)},
-                          sort_keys=True, default=str)
+        blob = json.dumps(
+            {"identity": self.identity, "task": task, "settings": self.settings.get(task)}, sort_keys=True, default=str
+        )
         return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
     def path(self, task: str) -> Path:
@@ -137,5 +186,7 @@ class BaseEvalCache:
             return None
 
     def put(self, task: str, result) -> None:
-        atomic_write_json(self.path(task), {"task": task, "identity": self.identity,
-                                            "settings": self.settings.get(task), "result": result})
+        atomic_write_json(
+            self.path(task),
+            {"task": task, "identity": self.identity, "settings": self.settings.get(task), "result": result},
+        )

@@ -68,8 +68,9 @@ TASK_SETS: dict[str, dict] = {
         "averages": {"average": ("mmlu",)},
     },
     "commonsense": {
-        "tasks": tuple(TaskSpec(t, 0, "acc_norm" if t in ("hellaswag", "arc_challenge") else "acc")
-                       for t in COMMONSENSE),
+        "tasks": tuple(
+            TaskSpec(t, 0, "acc_norm" if t in ("hellaswag", "arc_challenge") else "acc") for t in COMMONSENSE
+        ),
         "averages": {"average": COMMONSENSE},
     },
     "leaderboard": {
@@ -165,8 +166,13 @@ def check_local_data(task_set: str, data_root: str | os.PathLike | None) -> Path
     if root is None:
         return None
     tm = set_task_manager(task_set)
-    missing = [(task, split, path) for spec in task_specs(task_set) for task in leaf_tasks(tm, spec.task)
-               for split, path in local_files(task_config(tm, task), root).items() if not path.is_file()]
+    missing = [
+        (task, split, path)
+        for spec in task_specs(task_set)
+        for task in leaf_tasks(tm, spec.task)
+        for split, path in local_files(task_config(tm, task), root).items()
+        if not path.is_file()
+    ]
     if missing:
         source = "data_root" if data_root is not None else f"${ENV_DATA}"
         shown = "\n".join(f"  {p}  (lm-eval task {t}, split {s})" for t, s, p in missing[:8])
@@ -191,17 +197,30 @@ def lm_eval_tasks(task_set: str, root: Path | None) -> list[dict]:
         over = {"task": task, "num_fewshot": shots}
         if root is not None:
             files = local_files(task_config(tm, task), root)
-            over.update(dataset_path="json", dataset_name=None,
-                        dataset_kwargs={"data_files": {s: str(p) for s, p in files.items()}})
+            over.update(
+                dataset_path="json",
+                dataset_name=None,
+                dataset_kwargs={"data_files": {s: str(p) for s, p in files.items()}},
+            )
         return over
 
     members = [member(t, spec.num_fewshot) for spec in task_specs(task_set) for t in leaf_tasks(tm, spec.task)]
     return [{"group": f"qpeft_{task_set}", "task": members}]
 
 
-def run_task_set(model, tokenizer, task_set: str, *, batch_size: int | str, data_root=None,
-                 limit: int | None = None, device: str, compute_dtype=None, max_gen_toks: int | None = None,
-                 progress: bool = True) -> dict:
+def run_task_set(
+    model,
+    tokenizer,
+    task_set: str,
+    *,
+    batch_size: int | str,
+    data_root=None,
+    limit: int | None = None,
+    device: str,
+    compute_dtype=None,
+    max_gen_toks: int | None = None,
+    progress: bool = True,
+) -> dict:
     """Evaluate the in-memory `model` (a transformers model, or a peft wrapper around one) on a task set.
 
     batch_size: lm-eval's (an int, or "auto"); data_root: local data (see the module doc; None: $QPEFT_EVAL_DATA,
@@ -229,18 +248,30 @@ def run_task_set(model, tokenizer, task_set: str, *, batch_size: int | str, data
     try:
         with _quiet(progress), _no_hub_telemetry(root is not None):
             lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, mixed_precision_dtype=mixed)
-            out = simple_evaluate(model=lm, tasks=tasks, task_manager=set_task_manager(task_set), limit=limit,
-                                  gen_kwargs=gen_kwargs, log_samples=False)
+            out = simple_evaluate(
+                model=lm,
+                tasks=tasks,
+                task_manager=set_task_manager(task_set),
+                limit=limit,
+                gen_kwargs=gen_kwargs,
+                log_samples=False,
+            )
     finally:
         model.train(was_training)
     wall = time.perf_counter() - t0
 
     record = summarize(out, task_set)
-    record.update(engine="lm-eval", lm_eval_version=version("lm_eval"), batch_size=batch_size, limit=limit,
-                  device=str(have), compute_dtype=None if mixed is None else str(mixed).replace("torch.", ""),
-                  data={"source": "hub"} if root is None else {"source": "local", "root": str(root)},
-                  seeds={k: out["config"].get(k) for k in SEED_KEYS},
-                  wall_time_s=wall)
+    record.update(
+        engine="lm-eval",
+        lm_eval_version=version("lm_eval"),
+        batch_size=batch_size,
+        limit=limit,
+        device=str(have),
+        compute_dtype=None if mixed is None else str(mixed).replace("torch.", ""),
+        data={"source": "hub"} if root is None else {"source": "local", "root": str(root)},
+        seeds={k: out["config"].get(k) for k in SEED_KEYS},
+        wall_time_s=wall,
+    )
     if gen_kwargs is not None:
         record["generation_overrides"] = gen_kwargs
     return record
@@ -267,20 +298,30 @@ def summarize(out: dict, task_set: str) -> dict:
         subs = {t: _task_entry(out, t, spec) for t in leaf_tasks(tm, spec.task)}
         values, sizes = [s["value"] for s in subs.values()], [s["samples"] for s in subs.values()]
         stderrs = [s["stderr"] for s in subs.values()]
-        weighted = [a.get("weight_by_size", True) for a in entry.cfg.get("aggregate_metric_list") or []
-                    if a["metric"] == spec.metric]
+        weighted = [
+            a.get("weight_by_size", True)
+            for a in entry.cfg.get("aggregate_metric_list") or []
+            if a["metric"] == spec.metric
+        ]
         first = next(iter(subs.values()))
         tasks[spec.task] = {
-            "version": entry.cfg.get("metadata", {}).get("version"), "num_fewshot": first["num_fewshot"],
-            "split": first["split"], "fewshot_split": first.get("fewshot_split"), "metric": spec.metric,
-            "filter": spec.filter, "value": _num(aggregate_subtask_metrics(values, sizes, weight_by_size=False)),
+            "version": entry.cfg.get("metadata", {}).get("version"),
+            "num_fewshot": first["num_fewshot"],
+            "split": first["split"],
+            "fewshot_split": first.get("fewshot_split"),
+            "metric": spec.metric,
+            "filter": spec.filter,
+            "value": _num(aggregate_subtask_metrics(values, sizes, weight_by_size=False)),
             "stderr": None if None in stderrs else _num(unweighted_mean_stderr(stderrs)),
             "aggregation": f"unweighted mean of {len(subs)} subtasks",
             "lm_eval_value": _num(aggregate_subtask_metrics(values, sizes, weight_by_size=weighted[0]))
-            if weighted else None,
+            if weighted
+            else None,
             "lm_eval_aggregation": ("mean weighted by items" if weighted[0] else "unweighted mean")
-            if weighted else None,
-            "samples": sum(sizes), "subtasks": subs,
+            if weighted
+            else None,
+            "samples": sum(sizes),
+            "subtasks": subs,
         }
     record = {"task_set": task_set, "tasks": tasks}
     for name, members in TASK_SETS[task_set]["averages"].items():
@@ -293,14 +334,18 @@ def _task_entry(out: dict, task: str, spec: TaskSpec) -> dict:
     cfg, result, key = out["configs"][task], out["results"][task], f"{spec.metric},{spec.filter}"
     if key not in result:
         raise KeyError(f"lm-eval reported no '{key}' for {task}; it has {sorted(result)}")
-    entry = {"version": out["versions"][task], "num_fewshot": out["n-shot"][task],
-             "split": cfg.get("test_split") or cfg.get("validation_split"),  # lm-eval evaluates test if it has one
-             "metric": spec.metric, "filter": spec.filter, "value": _num(result[key]),
-             "stderr": _num(result.get(f"{spec.metric}_stderr,{spec.filter}")),
-             "samples": int(out["n-samples"][task]["effective"])}
+    entry = {
+        "version": out["versions"][task],
+        "num_fewshot": out["n-shot"][task],
+        "split": cfg.get("test_split") or cfg.get("validation_split"),  # lm-eval evaluates test if it has one
+        "metric": spec.metric,
+        "filter": spec.filter,
+        "value": _num(result[key]),
+        "stderr": _num(result.get(f"{spec.metric}_stderr,{spec.filter}")),
+        "samples": int(out["n-samples"][task]["effective"]),
+    }
     if entry["num_fewshot"]:  # lm-eval's rule: the fewshot split, else train, else validation
-        entry["fewshot_split"] = (cfg.get("fewshot_split") or cfg.get("training_split")
-                                  or cfg.get("validation_split"))
+        entry["fewshot_split"] = cfg.get("fewshot_split") or cfg.get("training_split") or cfg.get("validation_split")
     if cfg.get("output_type") == "generate_until":
         entry["generation_kwargs"] = cfg.get("generation_kwargs")
     return entry

@@ -25,8 +25,14 @@ WIKITEXT_JOIN = "\n\n"
 
 
 @torch.no_grad()
-def heldout_perplexity(model, batches: Iterable[dict], device: str, compute_dtype: torch.dtype = torch.float32,
-                       progress: bool = True, desc: str = "eval") -> dict:
+def heldout_perplexity(
+    model,
+    batches: Iterable[dict],
+    device: str,
+    compute_dtype: torch.dtype = torch.float32,
+    progress: bool = True,
+    desc: str = "eval",
+) -> dict:
     """Token-level NLL summed over every labelled (non -100) position, then averaged: batches of different
     lengths weigh by their tokens, not by their count."""
     was_training = model.training
@@ -37,12 +43,14 @@ def heldout_perplexity(model, batches: Iterable[dict], device: str, compute_dtyp
             batch = to_device(batch, device)
             with autocast(device, compute_dtype):
                 # use_cache=False: a KV cache of every window would only cost memory (gigabytes at 2048 x 7B)
-                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                               use_cache=False).logits
+                logits = model(
+                    input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
+                ).logits
             labels = batch["labels"][:, 1:]
             logits = logits[:, :-1].float()
-            nll += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100,
-                                   reduction="sum").item()
+            nll += F.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100, reduction="sum"
+            ).item()
             count += int((labels != -100).sum())
     finally:
         model.train(was_training)
@@ -59,12 +67,22 @@ def context_length(model) -> int | None:
 def _window_batches(windows: torch.Tensor, batch_size: int) -> Iterator[dict]:
     # Every window is full length: no padding, every position attends and is a label.
     for start in range(0, windows.shape[0], batch_size):
-        ids = windows[start:start + batch_size]
+        ids = windows[start : start + batch_size]
         yield {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
 
 
-def windowed_perplexity(model, tokenizer, text: str, *, seq_len: int, batch_size: int, device: str,
-                        compute_dtype: torch.dtype, progress: bool = True, max_windows: int | None = None) -> dict:
+def windowed_perplexity(
+    model,
+    tokenizer,
+    text: str,
+    *,
+    seq_len: int,
+    batch_size: int,
+    device: str,
+    compute_dtype: torch.dtype,
+    progress: bool = True,
+    max_windows: int | None = None,
+) -> dict:
     """Windowed token perplexity of `text` (for WikiText-2: `wikitext_text()`), as GPTQ's llama.py/opt.py eval:
 
     - `text` is tokenised ONCE with the tokenizer's defaults, so a LLaMA tokenizer puts one BOS at the very
@@ -83,8 +101,10 @@ def windowed_perplexity(model, tokenizer, text: str, *, seq_len: int, batch_size
         raise ValueError(f"batch_size={batch_size} must be at least 1")
     context = context_length(model)
     if context is not None and seq_len > context:
-        raise ValueError(f"seq_len={seq_len} exceeds the model's context length {context} "
-                         "(max_position_embeddings); use a window of at most that many tokens")
+        raise ValueError(
+            f"seq_len={seq_len} exceeds the model's context length {context} "
+            "(max_position_embeddings); use a window of at most that many tokens"
+        )
     # verbose=False: the whole split is far longer than model_max_length by design; we cut it ourselves.
     ids = torch.tensor(tokenizer(text, verbose=False)["input_ids"], dtype=torch.long)
     total = ids.numel() // seq_len
@@ -93,12 +113,19 @@ def windowed_perplexity(model, tokenizer, text: str, *, seq_len: int, batch_size
     n = total if max_windows is None else min(total, max_windows)
     if n < 1:
         raise ValueError(f"max_windows={max_windows} must be at least 1")
-    windows = ids[:n * seq_len].view(n, seq_len)
-    out = heldout_perplexity(model, _window_batches(windows, batch_size), device, compute_dtype, progress,
-                             desc="ppl windows")
+    windows = ids[: n * seq_len].view(n, seq_len)
+    out = heldout_perplexity(
+        model, _window_batches(windows, batch_size), device, compute_dtype, progress, desc="ppl windows"
+    )
     assert out["tokens"] == n * (seq_len - 1)  # every label is a real token: no padding, no -100
-    return {**out, "windows": n, "windows_total": total, "seq_len": seq_len, "text_tokens": ids.numel(),
-            "protocol": WINDOWED_PROTOCOL}
+    return {
+        **out,
+        "windows": n,
+        "windows_total": total,
+        "seq_len": seq_len,
+        "text_tokens": ids.numel(),
+        "protocol": WINDOWED_PROTOCOL,
+    }
 
 
 def _raw_rows(file: Path) -> list[str]:
@@ -108,8 +135,9 @@ def _raw_rows(file: Path) -> list[str]:
         return [line if line.strip() else "" for line in handle]
 
 
-def wikitext_text(path: str | None = None, hub_id: str = "wikitext", variant: str | None = "wikitext-2-raw-v1",
-                  split: str = "test") -> str:
+def wikitext_text(
+    path: str | None = None, hub_id: str = "wikitext", variant: str | None = "wikitext-2-raw-v1", split: str = "test"
+) -> str:
     """The rows of a wikitext split joined with blank lines, the text `windowed_perplexity` evaluates.
 
     `path`: a local copy, either in the hub's schema (.parquet, .json, .jsonl, optionally .gz, a "text"
@@ -123,13 +151,16 @@ def wikitext_text(path: str | None = None, hub_id: str = "wikitext", variant: st
         try:
             rows = datasets.load_dataset(hub_id, variant, split=split)["text"]
         except ConnectionError as err:  # what an offline machine gets
-            raise ConnectionError(f"{err}; offline, pass the path of a local copy of {hub_id!r} ({variant}, "
-                                  f"{split}) instead") from err
+            raise ConnectionError(
+                f"{err}; offline, pass the path of a local copy of {hub_id!r} ({variant}, {split}) instead"
+            ) from err
         return WIKITEXT_JOIN.join(rows)
     file = Path(path)
     if not file.is_file():
-        raise FileNotFoundError(f"wikitext file not found: {path} (give a local copy of the {split} split "
-                                "in the hub's schema or the raw .raw/.txt file, or path=None to read the hub)")
+        raise FileNotFoundError(
+            f"wikitext file not found: {path} (give a local copy of the {split} split "
+            "in the hub's schema or the raw .raw/.txt file, or path=None to read the hub)"
+        )
     if file.suffix in (".raw", ".txt"):
         return WIKITEXT_JOIN.join(_raw_rows(file))
     return WIKITEXT_JOIN.join(row["text"] for row in _read_rows(str(file), ("text",)))

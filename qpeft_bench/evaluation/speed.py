@@ -39,8 +39,16 @@ def _check_context(model, tokens: int, what: str) -> None:
 
 
 @torch.no_grad()
-def generation_speed(model, tokenizer, *, new_tokens: int = 256, prompt: str = DEFAULT_PROMPT, repeats: int = 5,
-                     device: str, compute_dtype: torch.dtype = torch.float32) -> dict:
+def generation_speed(
+    model,
+    tokenizer,
+    *,
+    new_tokens: int = 256,
+    prompt: str = DEFAULT_PROMPT,
+    repeats: int = 5,
+    device: str,
+    compute_dtype: torch.dtype = torch.float32,
+) -> dict:
     """Greedy generation of exactly `new_tokens` tokens at batch 1, with the KV cache.
 
     EOS is ignored (min_new_tokens = max_new_tokens masks it), so every run does the same work whatever the
@@ -63,8 +71,15 @@ def generation_speed(model, tokenizer, *, new_tokens: int = 256, prompt: str = D
             _sync(device)
             t0 = time.perf_counter()
             with autocast(device, compute_dtype):
-                out = model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                                     do_sample=False, num_beams=1, use_cache=True, pad_token_id=pad_id)
+                out = model.generate(
+                    **inputs,
+                    max_new_tokens=new_tokens,
+                    min_new_tokens=new_tokens,
+                    do_sample=False,
+                    num_beams=1,
+                    use_cache=True,
+                    pad_token_id=pad_id,
+                )
             _sync(device)
             seconds = time.perf_counter() - t0
             generated = out.shape[1] - prompt_tokens
@@ -75,9 +90,16 @@ def generation_speed(model, tokenizer, *, new_tokens: int = 256, prompt: str = D
     finally:
         config.use_cache = use_cache
         model.train(was_training)
-    return {"tokens_per_s": statistics.median(per_repeat), "tokens_per_s_all": per_repeat,
-            "new_tokens": new_tokens, "prompt_tokens": prompt_tokens, "batch_size": 1, "repeats": repeats,
-            "warmup_repeats": WARMUP_REPEATS, "decoding": "greedy, KV cache, EOS ignored"}
+    return {
+        "tokens_per_s": statistics.median(per_repeat),
+        "tokens_per_s_all": per_repeat,
+        "new_tokens": new_tokens,
+        "prompt_tokens": prompt_tokens,
+        "batch_size": 1,
+        "repeats": repeats,
+        "warmup_repeats": WARMUP_REPEATS,
+        "decoding": "greedy, KV cache, EOS ignored",
+    }
 
 
 def _checkpointing_flags(model) -> dict[torch.nn.Module, bool]:
@@ -90,8 +112,9 @@ def _checkpointing(model, enabled: bool):
     """Gradient checkpointing on or off for the block, then exactly as it was."""
     flags = _checkpointing_flags(model)
     if not flags and enabled:
-        raise ValueError(f"{type(model).__name__} does not support gradient checkpointing; "
-                         "measure with gradient_checkpointing=False")
+        raise ValueError(
+            f"{type(model).__name__} does not support gradient checkpointing; measure with gradient_checkpointing=False"
+        )
     had_hooks = bool(getattr(model, "_require_grads_hooks", None))
     turned_on = enabled and not any(flags.values())
     if turned_on:  # as train.prepare_for_training, so the measured step is the trained one
@@ -110,8 +133,17 @@ def _checkpointing(model, enabled: bool):
             model.disable_input_require_grads()
 
 
-def step_speed(model, *, seq_len: int = 512, batch_size: int = 1, repeats: int = 5, device: str,
-               compute_dtype: torch.dtype, gradient_checkpointing: bool = True, seed: int = 0) -> dict:
+def step_speed(
+    model,
+    *,
+    seq_len: int = 512,
+    batch_size: int = 1,
+    repeats: int = 5,
+    device: str,
+    compute_dtype: torch.dtype,
+    gradient_checkpointing: bool = True,
+    seed: int = 0,
+) -> dict:
     """Forward and backward wall time (ms) of one training step on random token ids (labels = inputs).
 
     Runs in train mode, since transformers checkpoints (and peft applies dropout) only in train mode. The
@@ -152,9 +184,11 @@ def step_speed(model, *, seq_len: int = 512, batch_size: int = 1, repeats: int =
                 if i < WARMUP_REPEATS:
                     missing = [n for n, p in named if p.grad is None]
                     if missing:
-                        raise ValueError(f"the loss's backward reaches no gradient of {len(missing)} of {len(named)} "
-                                         f"trainable tensors (e.g. {missing[:3]}); the timed step would not be "
-                                         "a training step")
+                        raise ValueError(
+                            f"the loss's backward reaches no gradient of {len(missing)} of {len(named)} "
+                            f"trainable tensors (e.g. {missing[:3]}); the timed step would not be "
+                            "a training step"
+                        )
                 else:
                     forward_ms.append(1000 * (t1 - t0))
                     backward_ms.append(1000 * (t2 - t1))
@@ -163,8 +197,17 @@ def step_speed(model, *, seq_len: int = 512, batch_size: int = 1, repeats: int =
                 p.grad = grad
             model.train(was_training)
     steps = [f + b for f, b in zip(forward_ms, backward_ms, strict=True)]
-    return {"forward_ms": statistics.median(forward_ms), "backward_ms": statistics.median(backward_ms),
-            "step_ms": statistics.median(steps), "forward_ms_all": forward_ms, "backward_ms_all": backward_ms,
-            "seq_len": seq_len, "batch_size": batch_size, "repeats": repeats, "warmup_repeats": WARMUP_REPEATS,
-            "gradient_checkpointing": gradient_checkpointing,
-            "compute_dtype": str(compute_dtype).removeprefix("torch."), "trainable_tensors": len(named)}
+    return {
+        "forward_ms": statistics.median(forward_ms),
+        "backward_ms": statistics.median(backward_ms),
+        "step_ms": statistics.median(steps),
+        "forward_ms_all": forward_ms,
+        "backward_ms_all": backward_ms,
+        "seq_len": seq_len,
+        "batch_size": batch_size,
+        "repeats": repeats,
+        "warmup_repeats": WARMUP_REPEATS,
+        "gradient_checkpointing": gradient_checkpointing,
+        "compute_dtype": str(compute_dtype).removeprefix("torch."),
+        "trainable_tensors": len(named),
+    }

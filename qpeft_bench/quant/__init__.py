@@ -75,16 +75,27 @@ def check_runnable(name: str, qmod: ModuleType, family: str, device: str | None,
     if families is not None and family not in families:
         raise ConfigError(f"quant={name} supports model families {', '.join(families)}; this model is {family!r}")
     if needs_calibration(qmod) and not has_calibration:
-        raise ConfigError(f"quant={name} needs calibration data: use calib=finetune (the fine-tuning data) or "
-                          "calib=text calib.path=<local text file>, not calib=none")
+        raise ConfigError(
+            f"quant={name} needs calibration data: use calib=finetune (the fine-tuning data) or "
+            "calib=text calib.path=<local text file>, not calib=none"
+        )
     if device is not None and getattr(qmod, "CUDA_ONLY", False) and not device.startswith("cuda"):
         raise ConfigError(f"quant={name} runs only on CUDA; train.device resolves to {device!r}")
 
 
 @torch.no_grad()
-def quantize_model(name: str, model: nn.Module, targets: list[str], cfg, compute_dtype: str, device: str,
-                   windows: torch.Tensor | None = None, probe: torch.Tensor | None = None,
-                   progress: bool = False, fill=None) -> dict:
+def quantize_model(
+    name: str,
+    model: nn.Module,
+    targets: list[str],
+    cfg,
+    compute_dtype: str,
+    device: str,
+    windows: torch.Tensor | None = None,
+    probe: torch.Tensor | None = None,
+    progress: bool = False,
+    fill=None,
+) -> dict:
     """Quantize `targets` of `model` in place with quantizer `name`; returns the record's `quant` section.
 
     `fill(target)`: for a model loaded layer by layer (models.empty_model), puts the target's full-precision

@@ -60,17 +60,24 @@ def quantize_linear(old, cfg: Config, compute_dtype: str, device: str, stats=Non
     import bitsandbytes as bnb
     import bitsandbytes.functional as bf
 
-    new = bnb.nn.Linear8bitLt(old.in_features, old.out_features, bias=old.bias is not None,
-                              has_fp16_weights=False, threshold=cfg.threshold,
-                              device="meta")  # placeholders only; the real tensors are assigned below
+    new = bnb.nn.Linear8bitLt(
+        old.in_features,
+        old.out_features,
+        bias=old.bias is not None,
+        has_fp16_weights=False,
+        threshold=cfg.threshold,
+        device="meta",
+    )  # placeholders only; the real tensors are assigned below
     # `Int8Params.to(device)` quantizes only a weight that sits on the CPU (a model loaded on CUDA would stay
     # unquantized until its first forward). bitsandbytes' own row-wise quantizer, called here on `device`,
     # does the same arithmetic wherever the model was loaded: fp16 cast, absmax per output row.
     half = old.weight.data.to(device=device, dtype=torch.float16).contiguous()
     codes, absmax, _ = bf.int8_vectorwise_quant(half)
     if not torch.isfinite(absmax).all():
-        raise ValueError(f"int8: a weight of this {old.in_features} -> {old.out_features} layer exceeds fp16's "
-                         "range (65504); LLM.int8 casts weights to fp16 before quantizing them")
+        raise ValueError(
+            f"int8: a weight of this {old.in_features} -> {old.out_features} layer exceeds fp16's "
+            "range (65504); LLM.int8 casts weights to fp16 before quantizing them"
+        )
     new.weight = bnb.nn.Int8Params(codes, requires_grad=False, has_fp16_weights=False, CB=codes, SCB=absmax)
     if old.bias is not None:  # kept in the model's dtype, as linear_storage counts it
         new.bias = nn.Parameter(old.bias.data.to(device), requires_grad=False)

@@ -71,8 +71,17 @@ def prepare(model, targets: list[str], cfg: Config, windows: torch.Tensor, devic
 
 
 @torch.no_grad()
-def gptq(weight: torch.Tensor, H: torch.Tensor, bits: int, group_size: int, damp_percent: float, act_order: bool,
-         symmetric: bool = False, keep: torch.Tensor | None = None, scale_dtype: torch.dtype = torch.float32):
+def gptq(
+    weight: torch.Tensor,
+    H: torch.Tensor,
+    bits: int,
+    group_size: int,
+    damp_percent: float,
+    act_order: bool,
+    symmetric: bool = False,
+    keep: torch.Tensor | None = None,
+    scale_dtype: torch.dtype = torch.float32,
+):
     """Quantize an (out, in) weight against Hessian H (in, in).
 
     Returns (codes uint8 (out, in), scale, zero (out, in / group_size), kept (out, n_keep) fp32 values of the
@@ -132,8 +141,24 @@ def quantize_linear(old, cfg: Config, compute_dtype: str, device: str, stats: to
     if stats is None:
         raise ValueError("gptq: no Hessian for this layer; the calibration pass did not reach it")
     dtype = old.weight.dtype
-    codes, scale, zero, _ = gptq(old.weight.data.to(stats.device), stats, cfg.bits, cfg.group_size,
-                                 cfg.damp_percent, cfg.act_order, cfg.symmetric, scale_dtype=dtype)
-    layer = GroupQuantLinear(old.in_features, old.out_features, cfg.bits, cfg.group_size,
-                             None if old.bias is None else old.bias.data, codes, scale.to(dtype), zero.to(dtype))
+    codes, scale, zero, _ = gptq(
+        old.weight.data.to(stats.device),
+        stats,
+        cfg.bits,
+        cfg.group_size,
+        cfg.damp_percent,
+        cfg.act_order,
+        cfg.symmetric,
+        scale_dtype=dtype,
+    )
+    layer = GroupQuantLinear(
+        old.in_features,
+        old.out_features,
+        cfg.bits,
+        cfg.group_size,
+        None if old.bias is None else old.bias.data,
+        codes,
+        scale.to(dtype),
+        zero.to(dtype),
+    )
     return layer.to(device)

@@ -34,8 +34,10 @@ def check_against_arch(cfg: Config, shapes: dict[str, tuple[int, int]]) -> None:
     for name, (in_f, out_f) in shapes.items():
         size, what = (in_f, "in_features") if cfg.axis == 1 else (out_f, "out_features")
         if size % cfg.group_size:
-            raise ConfigError(f"quant.group_size={cfg.group_size} does not divide {what}={size} of {name} "
-                              f"({in_f} -> {out_f}) with quant.axis={cfg.axis}; choose a divisor of {size}")
+            raise ConfigError(
+                f"quant.group_size={cfg.group_size} does not divide {what}={size} of {name} "
+                f"({in_f} -> {out_f}) with quant.axis={cfg.axis}; choose a divisor of {size}"
+            )
 
 
 def _quant_config(cfg: Config) -> dict:
@@ -54,8 +56,9 @@ def prepare(model, targets: list[str], cfg: Config, windows, device: str) -> dic
 def quantize_linear(old, cfg: Config, compute_dtype: str, device: str, stats=None):
     from hqq.core.quantize import HQQLinear
 
-    return HQQLinear(old, quant_config=_quant_config(cfg), compute_dtype=DTYPE[compute_dtype], device=device,
-                     del_orig=True)
+    return HQQLinear(
+        old, quant_config=_quant_config(cfg), compute_dtype=DTYPE[compute_dtype], device=device, del_orig=True
+    )
 
 
 def linear_storage(in_f: int, out_f: int, bias: bool, cfg: Config, dtype: str) -> tuple[int, int]:

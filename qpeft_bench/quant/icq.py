@@ -78,7 +78,7 @@ def encode(blocks: torch.Tensor, tau: torch.Tensor, levels: torch.Tensor) -> tup
     thresholds, absmax = _thresholds(tau, blocks.amin(-1), blocks.amax(-1), levels)
     codes = torch.zeros(blocks.shape, dtype=torch.uint8, device=blocks.device)
     for k in range(thresholds.shape[-1]):  # 15 compare-and-add passes: much faster than bucketize on a CPU
-        codes += blocks > thresholds[:, k:k + 1]
+        codes += blocks > thresholds[:, k : k + 1]
     return codes, absmax
 
 
@@ -95,8 +95,9 @@ def block_entropy(codes: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def search_tau(blocks: torch.Tensor, tau_range: float, tau_points: int, tau_dtype: torch.dtype,
-               levels: torch.Tensor) -> torch.Tensor:
+def search_tau(
+    blocks: torch.Tensor, tau_range: float, tau_points: int, tau_dtype: torch.dtype, levels: torch.Tensor
+) -> torch.Tensor:
     """(blocks, blocksize) fp32 weights -> the entropy-maximising tau of each block (fp32 values that `tau_dtype`
     represents exactly), vectorised over blocks.
 
@@ -109,8 +110,10 @@ def search_tau(blocks: torch.Tensor, tau_range: float, tau_points: int, tau_dtyp
     n = blocks.shape[1]
     median = ordered[:, (n - 1) // 2]  # the lower median, as torch.median and the reference code take it
     std = blocks.std(-1, correction=0)
-    edges = (torch.zeros(blocks.shape[0], 1, dtype=torch.long, device=blocks.device),
-             torch.full((blocks.shape[0], 1), n, dtype=torch.long, device=blocks.device))
+    edges = (
+        torch.zeros(blocks.shape[0], 1, dtype=torch.long, device=blocks.device),
+        torch.full((blocks.shape[0], 1), n, dtype=torch.long, device=blocks.device),
+    )
 
     def entropy(tau):
         thresholds, _ = _thresholds(tau, lo, hi, levels)
@@ -142,7 +145,7 @@ def quantize_weight(weight: torch.Tensor, blocksize: int, tau_range: float, tau_
     rows = max(1, _CHUNK_ELEMENTS // in_f)
     codes, absmax, taus = [], [], []
     for start in range(0, out_f, rows):
-        blocks = weight[start:start + rows].float().reshape(-1, blocksize)
+        blocks = weight[start : start + rows].float().reshape(-1, blocksize)
         tau = search_tau(blocks, tau_range, tau_points, tau_dtype, levels)
         c, a = encode(blocks, tau, levels)
         n = blocks.shape[0] * blocksize // in_f
@@ -155,8 +158,16 @@ def quantize_weight(weight: torch.Tensor, blocksize: int, tau_range: float, tau_
 class ICQLinear(QuantLinear):
     """y = W_hat x (+ b) with W_hat = level[code] * absmax + tau per block; dequantizes, then calls F.linear."""
 
-    def __init__(self, in_features: int, out_features: int, blocksize: int, bias: torch.Tensor | None,
-                 codes: torch.Tensor, absmax: torch.Tensor, tau: torch.Tensor):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        blocksize: int,
+        bias: torch.Tensor | None,
+        codes: torch.Tensor,
+        absmax: torch.Tensor,
+        tau: torch.Tensor,
+    ):
         super().__init__()
         self.in_features, self.out_features, self.blocksize = in_features, out_features, blocksize
         self.register_buffer("qweight", pack(codes, BITS))  # (out, in / 2)
@@ -199,8 +210,10 @@ def check_against_arch(cfg: Config, shapes: dict[str, tuple[int, int]]) -> None:
     cfg.check("quant")
     for name, (in_f, out_f) in shapes.items():
         if in_f % cfg.blocksize:
-            raise ConfigError(f"quant.blocksize={cfg.blocksize} does not divide in_features={in_f} of {name} "
-                              f"({in_f} -> {out_f}); choose a divisor of {in_f}")
+            raise ConfigError(
+                f"quant.blocksize={cfg.blocksize} does not divide in_features={in_f} of {name} "
+                f"({in_f} -> {out_f}); choose a divisor of {in_f}"
+            )
 
 
 def quantize_linear(old, cfg: Config, compute_dtype: str, device: str, stats=None):

@@ -54,11 +54,14 @@ def check_layout(group_size: int, shapes: dict[str, tuple[int, int]]) -> None:
         raise ConfigError(f"quant.group_size={group_size} must be > 0")
     for name, (in_f, out_f) in shapes.items():
         if in_f % group_size:
-            raise ConfigError(f"quant.group_size={group_size} does not divide in_features={in_f} of {name} "
-                              f"({in_f} -> {out_f}); choose a divisor of {in_f}")
+            raise ConfigError(
+                f"quant.group_size={group_size} does not divide in_features={in_f} of {name} "
+                f"({in_f} -> {out_f}); choose a divisor of {in_f}"
+            )
         if in_f % PACK_WIDTH:
-            raise ConfigError(f"{name} ({in_f} -> {out_f}): in_features must be a multiple of {PACK_WIDTH} to pack "
-                              "the codes")
+            raise ConfigError(
+                f"{name} ({in_f} -> {out_f}): in_features must be a multiple of {PACK_WIDTH} to pack the codes"
+            )
 
 
 def storage_bytes(in_f: int, out_f: int, bits: int, group_size: int, elem: int, bias: bool) -> int:
@@ -79,8 +82,17 @@ class QuantLinear(nn.Module):
 
 
 class GroupQuantLinear(QuantLinear):
-    def __init__(self, in_features: int, out_features: int, bits: int, group_size: int, bias: torch.Tensor | None,
-                 codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bits: int,
+        group_size: int,
+        bias: torch.Tensor | None,
+        codes: torch.Tensor,
+        scales: torch.Tensor,
+        zeros: torch.Tensor,
+    ):
         super().__init__()
         self.in_features, self.out_features, self.bits, self.group_size = in_features, out_features, bits, group_size
         self.register_buffer("qweight", pack(codes, bits))

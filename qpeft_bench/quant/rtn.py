@@ -25,8 +25,9 @@ def check_against_arch(cfg: Config, shapes: dict[str, tuple[int, int]]) -> None:
     check_layout(cfg.group_size, shapes)
 
 
-def group_params(weight: torch.Tensor, bits: int, group_size: int, symmetric: bool,
-                 skip: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def group_params(
+    weight: torch.Tensor, bits: int, group_size: int, symmetric: bool, skip: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale and zero point (in code units) per (row, group) of an (out, in) weight, in fp32.
 
     `skip` (in,) bool marks columns left out of the min/max (weak columns kept in 16 bits elsewhere)."""
@@ -67,8 +68,16 @@ def quantize_weight(weight: torch.Tensor, bits: int, group_size: int, symmetric:
 def quantize_linear(old, cfg: Config, compute_dtype: str, device: str, stats=None):
     codes, scale, zero = quantize_weight(old.weight.data, cfg.bits, cfg.group_size, cfg.symmetric)
     dtype = old.weight.dtype  # scales in the model's dtype, as the storage format says
-    layer = GroupQuantLinear(old.in_features, old.out_features, cfg.bits, cfg.group_size,
-                             None if old.bias is None else old.bias.data, codes, scale.to(dtype), zero.to(dtype))
+    layer = GroupQuantLinear(
+        old.in_features,
+        old.out_features,
+        cfg.bits,
+        cfg.group_size,
+        None if old.bias is None else old.bias.data,
+        codes,
+        scale.to(dtype),
+        zero.to(dtype),
+    )
     return layer.to(device)
 
 

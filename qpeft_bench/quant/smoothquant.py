@@ -36,10 +36,14 @@ QMAX = 127  # symmetric int8: codes in [-127, 127], so the grid is the same on b
 # Inside each decoder layer: a normalisation and the linears that read its output. Only pre-norm layers have
 # this shape (OPT's post-norm variants such as OPT-350m do not, and are refused in `prepare`).
 NORM_CONSUMERS: dict[str, tuple[tuple[str, tuple[str, ...]], ...]] = {
-    "llama": (("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
-              ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj"))),
-    "opt": (("self_attn_layer_norm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
-            ("final_layer_norm", ("fc1",))),
+    "llama": (
+        ("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+        ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
+    ),
+    "opt": (
+        ("self_attn_layer_norm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+        ("final_layer_norm", ("fc1",)),
+    ),
 }
 
 
@@ -89,8 +93,10 @@ def smoothing_groups(model: nn.Module) -> list[tuple[str, list[str]]]:
     if family not in NORM_CONSUMERS:
         raise ValueError(f"smoothquant knows the norm/linear wiring of {', '.join(NORM_CONSUMERS)}, not {family!r}")
     if family == "opt" and not model.config.do_layer_norm_before:
-        raise ValueError("smoothquant needs pre-norm layers; this OPT applies its layer norms after the linears "
-                         "(do_layer_norm_before=false), so there is no norm to fold the smoothing into")
+        raise ValueError(
+            "smoothquant needs pre-norm layers; this OPT applies its layer norms after the linears "
+            "(do_layer_norm_before=false), so there is no norm to fold the smoothing into"
+        )
     wiring = NORM_CONSUMERS[family]
 
     def has(module: nn.Module, path: str) -> bool:
@@ -105,8 +111,9 @@ def smoothing_groups(model: nn.Module) -> list[tuple[str, list[str]]]:
         if all(has(module, norm) and all(has(module, c) for c in consumers) for norm, consumers in wiring):
             for norm, consumers in wiring:
                 if getattr(module.get_submodule(norm), "weight", None) is None:
-                    raise ValueError(f"{name}.{norm} has no weight to fold the smoothing into "
-                                     "(layer_norm_elementwise_affine=false)")
+                    raise ValueError(
+                        f"{name}.{norm} has no weight to fold the smoothing into (layer_norm_elementwise_affine=false)"
+                    )
                 groups.append((f"{name}.{norm}", [f"{name}.{c}" for c in consumers]))
     expected = len(wiring) * model.config.num_hidden_layers
     if len(groups) != expected:  # a layout we do not know: refuse rather than smooth only part of the model
@@ -171,8 +178,9 @@ class W8A8Linear(QuantLinear):
     up to floating-point rounding of the matmul in x's dtype. The rounding of x is a straight-through estimator:
     the gradient with respect to x is that of x W_hat^T, so adapters in earlier layers keep training."""
 
-    def __init__(self, in_features: int, out_features: int, bias: torch.Tensor | None, codes: torch.Tensor,
-                 scales: torch.Tensor):
+    def __init__(
+        self, in_features: int, out_features: int, bias: torch.Tensor | None, codes: torch.Tensor, scales: torch.Tensor
+    ):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.register_buffer("qweight", codes)  # (out, in) int8

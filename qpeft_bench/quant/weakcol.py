@@ -43,14 +43,26 @@ def check_against_arch(cfg: Config, shapes: dict[str, tuple[int, int]]) -> None:
     check_layout(cfg.group_size, shapes)
     for name, (in_f, out_f) in shapes.items():
         if cfg.k > in_f:
-            raise ConfigError(f"quant.k={cfg.k} weak columns exceed in_features={in_f} of {name} ({in_f} -> {out_f}); "
-                              f"choose k <= {in_f}")
+            raise ConfigError(
+                f"quant.k={cfg.k} weak columns exceed in_features={in_f} of {name} ({in_f} -> {out_f}); "
+                f"choose k <= {in_f}"
+            )
 
 
 class WeakColumnLinear(GroupQuantLinear):
-    def __init__(self, in_features: int, out_features: int, bits: int, group_size: int, bias: torch.Tensor | None,
-                 codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, weak: torch.Tensor,
-                 weak_idx: torch.Tensor):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bits: int,
+        group_size: int,
+        bias: torch.Tensor | None,
+        codes: torch.Tensor,
+        scales: torch.Tensor,
+        zeros: torch.Tensor,
+        weak: torch.Tensor,
+        weak_idx: torch.Tensor,
+    ):
         super().__init__(in_features, out_features, bits, group_size, bias, codes, scales, zeros)
         self.weak = nn.Parameter(weak, requires_grad=False)  # (out, k) in 16 bits
         self.register_buffer("weak_idx", weak_idx.to(torch.int32))
@@ -89,18 +101,36 @@ class WeakColumnLinear(GroupQuantLinear):
         return f"{super().extra_repr()}, weak_columns={self.weak_idx.numel()}, contiguous={self.contiguous}"
 
 
-def quantize_with_weak_columns(old: nn.Linear, H: torch.Tensor, weak_idx: torch.Tensor, cfg: Config,
-                               device: str) -> WeakColumnLinear:
+def quantize_with_weak_columns(
+    old: nn.Linear, H: torch.Tensor, weak_idx: torch.Tensor, cfg: Config, device: str
+) -> WeakColumnLinear:
     """GPTQ over the other columns with the weak ones visited last (they absorb the error feedback)."""
     from qpeft_bench.quant.gptq import gptq
 
     dtype = old.weight.dtype
     weak_idx = weak_idx.to(H.device).sort().values
-    codes, scale, zero, kept = gptq(old.weight.data.to(H.device), H, cfg.bits, cfg.group_size, cfg.damp_percent,
-                                    cfg.act_order, keep=weak_idx, scale_dtype=dtype)
-    layer = WeakColumnLinear(old.in_features, old.out_features, cfg.bits, cfg.group_size,
-                             None if old.bias is None else old.bias.data, codes, scale.to(dtype), zero.to(dtype),
-                             kept.to(dtype), weak_idx)
+    codes, scale, zero, kept = gptq(
+        old.weight.data.to(H.device),
+        H,
+        cfg.bits,
+        cfg.group_size,
+        cfg.damp_percent,
+        cfg.act_order,
+        keep=weak_idx,
+        scale_dtype=dtype,
+    )
+    layer = WeakColumnLinear(
+        old.in_features,
+        old.out_features,
+        cfg.bits,
+        cfg.group_size,
+        None if old.bias is None else old.bias.data,
+        codes,
+        scale.to(dtype),
+        zero.to(dtype),
+        kept.to(dtype),
+        weak_idx,
+    )
     return layer.to(device)
 
 
