@@ -43,6 +43,9 @@ test-full: $(STAMP) ## every CPU test, slow ones included
 test-slurm: $(STAMP) ## sweeps through a real SLURM on localhost (first: sudo scripts/slurm_cluster.sh start)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m slurm tests/test_slurm.py $(ARGS)
 
+check-wheel: $(STAMP) ## build the wheel, install it into a fresh venv, run its entry points from outside the checkout
+	PYTHON=$(PY) scripts/check_wheel.sh
+
 format: $(STAMP) ## format the code with ruff
 	$(VENV)/bin/ruff format qpeft_bench tests scripts
 	$(VENV)/bin/ruff check --fix qpeft_bench tests scripts
@@ -58,4 +61,4 @@ clean: ## remove caches and scratch runs (keeps the virtualenv and results/)
 distclean: clean ## also remove the virtualenv
 	rm -rf $(VENV)
 
-.PHONY: help setup run plan sweep report test test-full test-slurm format lint clean distclean
+.PHONY: help setup run plan sweep report test test-full test-slurm check-wheel format lint clean distclean

@@ -23,12 +23,12 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from qpeft_bench import ASSETS, results
+from qpeft_bench.paths import CONF_DIR
 
 log = logging.getLogger("qpeft_bench")
 # peft calls a transformers property that transformers 5 deprecates; the warning is theirs, not the user's.
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 warnings.filterwarnings("ignore", message=".*gradient_checkpointing_enable.*is deprecated", category=FutureWarning)
-CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
 
 def _asset(rel: str) -> str:

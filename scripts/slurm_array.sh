@@ -13,7 +13,10 @@
 set -euo pipefail
 sweep=${1:?usage: scripts/slurm_array.sh SWEEP [overrides...]}
 shift
-cd "$(dirname "$0")/.."
+# From a checkout, run where the repository is (its conf/ and default output paths); the copy inside an installed
+# wheel (`qpeft-bench-array`) runs where the user is.
+here=$(dirname "$0")
+if [ -f "$here/../pyproject.toml" ]; then cd "$here/.."; fi
 bench=${QPEFT_BENCH:-qpeft-bench}
 n=$("$bench" -m "sweep=$sweep" mode=list "$@" 2>/dev/null | grep -c $'^[0-9]*\t') || true
 if [ "${n:-0}" -lt 1 ]; then
