@@ -1,7 +1,9 @@
 """Schemas of the run configuration.
 
-Values live in the YAML files under `conf/`; the types, defaults and checks live here. `validate()` turns the
-composed Hydra config into plain dataclasses *before any model is loaded*, so a typo or an impossible
+Values live in the YAML files under `conf/`; the types, defaults and the checks of each section alone live here.
+This module is the floor every component stands on, so it imports nothing from the package: the checks that
+combine sections or ask a component (`spec.validate`) sit above the components. `from_dict` turns each section of
+the composed Hydra config into a plain dataclass *before any model is loaded*, so a typo or an impossible
 combination fails in a second with one actionable line instead of a shape error deep inside a forward.
 Hydra already rejects overrides of keys that do not exist (`peft.foo=1`); this module also rejects unknown keys
 that come from YAML files or `+key=` overrides, and wrong types.
@@ -28,17 +30,17 @@ class ConfigError(ValueError):
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _type_ok(value: Any, tp: Any) -> bool:
+def type_ok(value: Any, tp: Any) -> bool:
     origin = typing.get_origin(tp)
     if tp is Any:
         return True
     if origin in (typing.Union, types.UnionType):
-        return any(_type_ok(value, a) for a in typing.get_args(tp))
+        return any(type_ok(value, a) for a in typing.get_args(tp))
     if tp is type(None):
         return value is None
     if origin in (list, tuple):
         (inner, *_) = typing.get_args(tp) or (Any,)
-        return isinstance(value, (list, tuple)) and all(_type_ok(v, inner) for v in value)
+        return isinstance(value, (list, tuple)) and all(type_ok(v, inner) for v in value)
     if origin is dict or tp is dict:
         return isinstance(value, dict)
     if tp is float:  # YAML writes 1 for 1.0; accept ints where floats are expected, never bools
@@ -76,7 +78,7 @@ def from_dict(cls: type, data: dict, where: str) -> Any:
                 raise ConfigError(f"{prefix}{f.name} is required")
             continue
         value = data[f.name]
-        if not _type_ok(value, hints[f.name]):
+        if not type_ok(value, hints[f.name]):
             raise ConfigError(f"{prefix}{f.name}={value!r} has the wrong type: expected {_type_name(hints[f.name])}")
         kwargs[f.name] = value
     obj = cls(**kwargs)
@@ -388,198 +390,6 @@ class RunSpec:
     peft_per_module: dict = field(default_factory=dict)  # {module: Config} where peft.by_layer sets knobs
 
 
-def _split_named(section: dict, key: str, where: str) -> tuple[str, dict]:
-    if not isinstance(section, dict) or key not in section:
-        raise ConfigError(f"{where}.{key} is required (which option of the {where} group)")
-    rest = dict(section)
-    return rest.pop(key), rest
-
-
 def adapter_target(module_name: str, peft_targets: list[str] | None) -> bool:
     """Whether a quantized target linear also gets an adapter (peft.targets null: all of them)."""
     return peft_targets is None or module_name.rsplit(".", 1)[-1] in peft_targets
-
-
-def check_eval(ev: EvalConfig, context: int | None, model_name: str) -> None:
-    """Resolve the WikiText window to the model and check what must fit its context or exist on disk."""
-    if ev.wikitext.seq_len is None:
-        ev.wikitext.seq_len = min(context or 2048, 2048)
-    for key, length in (("wikitext.seq_len", ev.wikitext.seq_len), ("speed.seq_len", ev.speed.seq_len)):
-        if context is not None and length > context:
-            raise ConfigError(f"eval.{key}={length} exceeds the context length {context} of model {model_name!r}")
-    if "speed" in ev.tasks and context is not None and ev.speed.new_tokens >= context:
-        raise ConfigError(
-            f"eval.speed.new_tokens={ev.speed.new_tokens} does not fit the context length {context} "
-            f"of model {model_name!r} with a prompt"
-        )
-    if ev.data_root is not None and not Path(ev.data_root).is_dir():
-        raise ConfigError(f"eval.data_root={ev.data_root!r} is not a directory")
-    from qpeft_bench.evaluation import harness
-
-    for task_set in (t for t in ev.tasks if t in harness.TASK_SETS):
-        harness.check_local_data(task_set, ev.data_root)  # local files named before any model is loaded
-
-
-def check_fsdp(spec: RunSpec):
-    """What FSDP training cannot do, refused before loading; returns the quantizer's config with its storage dtype
-    made concrete (bitsandbytes' 4-bit codes stored as the model's dtype, so a block flattens into one tensor)."""
-    from qpeft_bench.distributed import FSDP_FAMILIES, FSDP_METHODS, FSDP_QUANTS
-
-    t = spec.train
-    if spec.model.family not in FSDP_FAMILIES:
-        raise ConfigError(
-            f"train.distributed=fsdp shards model families {FSDP_FAMILIES}; model {spec.model.name!r} "
-            f"is {spec.model.family!r}: use train.distributed=ddp"
-        )
-    if spec.quant_name not in FSDP_QUANTS:
-        raise ConfigError(
-            f"train.distributed=fsdp shards quant in {FSDP_QUANTS}; quant={spec.quant_name} keeps its "
-            "weights where FSDP cannot shard them: use train.distributed=ddp"
-        )
-    if spec.peft_method not in FSDP_METHODS:
-        raise ConfigError(
-            f"train.distributed=fsdp trains peft methods {FSDP_METHODS} (peft's layers); "
-            f"peft.method={spec.peft_method} keeps trainable and frozen tensors in one module: use "
-            "train.distributed=ddp"
-        )
-    if t.checkpoint_every > 0:
-        raise ConfigError(
-            "train.checkpoint_every > 0 is not supported with train.distributed=fsdp yet (its "
-            "optimizer state is sharded); set train.checkpoint_every=0"
-        )
-    compute = spec.model.dtype if t.compute_dtype == "auto" else t.compute_dtype
-    if compute == "float16":
-        raise ConfigError(
-            "train.distributed=fsdp trains in bfloat16 or float32 (fp16 loss scaling of sharded "
-            "gradients is not implemented); set train.compute_dtype=bfloat16"
-        )
-    storage = getattr(spec.quant, "quant_storage", None)
-    if storage == "auto":
-        return dataclasses.replace(spec.quant, quant_storage=spec.model.dtype)
-    if storage is not None and storage != spec.model.dtype:
-        raise ConfigError(
-            f"train.distributed=fsdp needs quant.quant_storage=auto or {spec.model.dtype} (the model's "
-            f"dtype: FSDP flattens a block into one dtype), not {storage}"
-        )
-    return spec.quant
-
-
-def validate(cfg: dict) -> RunSpec:
-    """Check a composed config (a plain dict, resolved) and return typed pieces. No model is loaded."""
-    from qpeft_bench import adapters, quant  # the registries; imported lazily to keep this module light
-
-    groups = ("model", "quant", "peft", "data", "calib", "train", "eval")
-    missing = [g for g in groups if g not in cfg]
-    if missing:
-        raise ConfigError(f"config group(s) {', '.join(missing)} missing; choose an option, e.g. model=tiny_llama")
-    top = from_dict(RunConfig, {k: v for k, v in cfg.items() if k not in groups and k != "hydra"}, "")
-
-    model = from_dict(ModelConfig, cfg["model"], "model")
-    quant_name, quant_knobs = _split_named(cfg["quant"], "name", "quant")
-    qmod = quant.get(quant_name)
-    fixed = quant.preset(quant_name)
-    clash = {k: v for k, v in quant_knobs.items() if k in fixed and v != fixed[k]}
-    if clash:
-        raise ConfigError(f"quant={quant_name} fixes {fixed}; remove {clash} or choose another quant option")
-    qcfg = from_dict(qmod.Config, {**quant_knobs, **fixed}, "quant")
-    peft_method, peft_knobs = _split_named(cfg["peft"], "method", "peft")
-    peft_name = peft_knobs.pop("name", peft_method)
-    peft_targets = peft_knobs.pop("targets", None)
-    by_layer = peft_knobs.pop("by_layer", None) or {}
-    layer_groups = peft_knobs.pop("layer_groups", None) or {}
-    variant = peft_knobs.pop("variant", None) or []
-    if not isinstance(by_layer, dict) or not isinstance(layer_groups, dict):
-        raise ConfigError(
-            "peft.by_layer and peft.layer_groups must be mappings ({group: {knob: value}}, {group: regex})"
-        )
-    if not _type_ok(variant, list[str]):
-        raise ConfigError(f"peft.variant={variant!r}: a list of edits such as [mlp.r/2, attn.balance:4]")
-    amod = adapters.get(peft_method)
-    pcfg = from_dict(amod.Config, peft_knobs, "peft")
-    if peft_targets is not None:
-        if not _type_ok(peft_targets, list[str]) or not peft_targets:
-            raise ConfigError(f"peft.targets={peft_targets!r}: a non-empty list of linear names, or null for all")
-        outside = sorted(set(peft_targets) - set(model.linear_names))
-        if outside:
-            raise ConfigError(
-                f"peft.targets {outside} are not among model.linear_names {model.linear_names} "
-                "(the quantized linears adapters can sit on)"
-            )
-    spec = RunSpec(
-        mode=top.mode,
-        seed=top.seed,
-        model=model,
-        quant_name=quant_name,
-        quant=qcfg,
-        peft_method=peft_method,
-        peft_name=peft_name,
-        peft=pcfg,
-        peft_targets=peft_targets,
-        data=from_dict(DataConfig, cfg["data"], "data"),
-        calib=from_dict(CalibConfig, cfg["calib"], "calib"),
-        train=from_dict(TrainConfig, cfg["train"], "train"),
-        eval=from_dict(EvalConfig, cfg["eval"], "eval"),
-        overwrite=top.overwrite,
-        run_dir=top.run_dir,
-    )
-    device = None
-    if spec.mode in ("train", "eval"):
-        spec.train.check_device()
-        from qpeft_bench.models import resolve_device
-
-        device = resolve_device(spec.train.device)
-    if spec.train.distributed == "fsdp":
-        spec.quant = check_fsdp(spec)
-    from qpeft_bench import speed
-
-    speed.check(peft_method, spec.train.fused_lora, spec.train.compile, spec.train.distributed)
-    quant.check_runnable(quant_name, qmod, model.family, device, spec.calib.enabled)
-    # Checks that need the architecture (sizes that must divide, ranks that must fit) read only config.json.
-    from qpeft_bench.models import linear_shapes
-
-    try:
-        shapes = linear_shapes(model.arch_dict(), model.dtype, model.linear_names)
-    except ValueError as err:  # a linear name that matches nothing, or an arch transformers rejects
-        raise ConfigError(f"model {model.name!r}: {err}") from err
-    qmod.check_against_arch(qcfg, shapes)
-    adapted = {n: s for n, s in shapes.items() if adapter_target(n, peft_targets)}
-    amod.check_against_arch(pcfg, adapted)
-    from qpeft_bench.layers import apply_variant, per_module_configs
-
-    arch = model.arch_dict()
-    by_layer = apply_variant(variant, by_layer, dataclasses.asdict(pcfg))
-    spec.peft_per_module = per_module_configs(
-        pcfg,
-        sorted(adapted),
-        arch.get("num_hidden_layers", 0),
-        by_layer,
-        layer_groups,
-        getattr(amod, "PER_LAYER_KNOBS", ()),
-        peft_method,
-    )
-    for name, module_cfg in spec.peft_per_module.items():  # the size rules, with each module's own knobs
-        amod.check_against_arch(module_cfg, {name: adapted[name]})
-    why = adapters.unsupported(amod, quant_name, qcfg, pcfg)
-    if why:
-        raise ConfigError(f"peft={peft_name} cannot run on quant={quant_name}: {why}")
-    compute = model.dtype if spec.train.compute_dtype == "auto" else spec.train.compute_dtype
-    adapter_dtype = getattr(pcfg, "adapter_dtype", "float32")
-    if spec.mode == "train" and compute == "float16" and adapter_dtype != "float32":
-        raise ConfigError(
-            f"train.compute_dtype resolves to float16 (model.dtype={model.dtype}) with "
-            f"peft.adapter_dtype={adapter_dtype}: fp16 loss scaling cannot unscale 16-bit gradients; "
-            "set peft.adapter_dtype=float32 or train.compute_dtype=bfloat16"
-        )
-    context = model.arch_dict().get("max_position_embeddings")
-    check_eval(spec.eval, context, model.name)
-    longest = spec.data.max_source_len + spec.data.max_target_len
-    if context is not None and longest > context:
-        raise ConfigError(
-            f"data.max_source_len + data.max_target_len = {longest} exceeds the context length "
-            f"{context} of model {model.name!r}; lower them"
-        )
-    if context is not None and spec.calib.enabled and spec.calib.seq_len > context:
-        raise ConfigError(
-            f"calib.seq_len={spec.calib.seq_len} exceeds the context length {context} of model {model.name!r}; lower it"
-        )
-    return spec

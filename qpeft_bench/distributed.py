@@ -34,7 +34,7 @@ import warnings
 import torch
 import torch.distributed as dist
 
-from qpeft_bench.config import ConfigError
+from qpeft_bench.config import ConfigError, RunSpec
 
 # What FSDP can shard: bases whose frozen weights are parameters (bitsandbytes 4-bit, or unquantized) and adapters
 # that keep their trainable tensors in modules of their own (peft's layers). HQQ, RTN/GPTQ and our other formats keep
@@ -43,6 +43,49 @@ from qpeft_bench.config import ConfigError
 FSDP_QUANTS = ("none", "nf4", "fp4")
 FSDP_METHODS = ("lora",)
 FSDP_FAMILIES = ("llama",)  # decoder blocks at model.layers (block_classes); what was run sharded
+
+
+def check_fsdp(spec: RunSpec):
+    """What FSDP training cannot do, refused before loading; returns the quantizer's config with its storage dtype
+    made concrete (bitsandbytes' 4-bit codes stored as the model's dtype, so a block flattens into one tensor)."""
+    t = spec.train
+    if spec.model.family not in FSDP_FAMILIES:
+        raise ConfigError(
+            f"train.distributed=fsdp shards model families {FSDP_FAMILIES}; model {spec.model.name!r} "
+            f"is {spec.model.family!r}: use train.distributed=ddp"
+        )
+    if spec.quant_name not in FSDP_QUANTS:
+        raise ConfigError(
+            f"train.distributed=fsdp shards quant in {FSDP_QUANTS}; quant={spec.quant_name} keeps its "
+            "weights where FSDP cannot shard them: use train.distributed=ddp"
+        )
+    if spec.peft_method not in FSDP_METHODS:
+        raise ConfigError(
+            f"train.distributed=fsdp trains peft methods {FSDP_METHODS} (peft's layers); "
+            f"peft.method={spec.peft_method} keeps trainable and frozen tensors in one module: use "
+            "train.distributed=ddp"
+        )
+    if t.checkpoint_every > 0:
+        raise ConfigError(
+            "train.checkpoint_every > 0 is not supported with train.distributed=fsdp yet (its "
+            "optimizer state is sharded); set train.checkpoint_every=0"
+        )
+    compute = spec.model.dtype if t.compute_dtype == "auto" else t.compute_dtype
+    if compute == "float16":
+        raise ConfigError(
+            "train.distributed=fsdp trains in bfloat16 or float32 (fp16 loss scaling of sharded "
+            "gradients is not implemented); set train.compute_dtype=bfloat16"
+        )
+    storage = getattr(spec.quant, "quant_storage", None)
+    if storage == "auto":
+        return dataclasses.replace(spec.quant, quant_storage=spec.model.dtype)
+    if storage is not None and storage != spec.model.dtype:
+        raise ConfigError(
+            f"train.distributed=fsdp needs quant.quant_storage=auto or {spec.model.dtype} (the model's "
+            f"dtype: FSDP flattens a block into one dtype), not {storage}"
+        )
+    return spec.quant
+
 
 # Evaluation runs on process 0 only while the others wait at a barrier: the default 10-minute collective timeout
 # would kill a sweep whose MMLU takes longer.

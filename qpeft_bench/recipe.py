@@ -37,7 +37,8 @@ from qpeft_bench import (
     speed,
     tracking,
 )
-from qpeft_bench.config import ConfigError, RunSpec, adapter_target, validate
+from qpeft_bench.config import ConfigError, RunSpec, adapter_target
+from qpeft_bench.spec import validate
 from qpeft_bench.train import Diverged, make_optimizer, make_scheduler, prepare_for_training, train
 
 log = logging.getLogger("qpeft_bench")

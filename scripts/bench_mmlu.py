@@ -28,8 +28,8 @@ from hydra import compose, initialize_config_dir
 
 from qpeft_bench import ASSETS, calibration, models, quant
 from qpeft_bench.cli import CONF_DIR, job_config
-from qpeft_bench.config import validate
 from qpeft_bench.evaluation import harness
+from qpeft_bench.spec import validate
 
 MMLU_QUESTIONS = 14042  # the test split of cais/mmlu (lm-eval's mmlu group)
 FILLER = "the following passage describes a standard result that students are expected to recall carefully"

@@ -37,7 +37,7 @@ def save_random_model(arch_name: str, out: str) -> None:
     from hydra import compose, initialize_config_dir
 
     from qpeft_bench.cli import CONF_DIR, job_config
-    from qpeft_bench.config import validate
+    from qpeft_bench.spec import validate
 
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         arch = validate(job_config(compose(config_name="run", overrides=[f"model={arch_name}"]))).model.arch_dict()

@@ -24,8 +24,8 @@ from hydra import compose, initialize_config_dir
 
 from qpeft_bench import accounting, adapters, calibration, distributed, models, quant, speed
 from qpeft_bench.cli import CONF_DIR, job_config
-from qpeft_bench.config import validate
 from qpeft_bench.recipe import budgeted
+from qpeft_bench.spec import validate
 from qpeft_bench.train import make_optimizer, make_scheduler, prepare_for_training, train
 
 GIB = 2**30

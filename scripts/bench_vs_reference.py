@@ -70,7 +70,7 @@ def step_flops(arch_name: str, batch: int, seq: int, checkpointing: bool, traina
 
     from qpeft_bench import estimate
     from qpeft_bench.cli import CONF_DIR, job_config
-    from qpeft_bench.config import validate
+    from qpeft_bench.spec import validate
 
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         arch = validate(job_config(compose(config_name="run", overrides=[f"model={arch_name}"]))).model.arch_dict()

@@ -20,7 +20,7 @@ from hydra import compose, initialize_config_dir
 
 from qpeft_bench import accounting, adapters, calibration, models, quant, recipe
 from qpeft_bench.cli import CONF_DIR, job_config
-from qpeft_bench.config import validate
+from qpeft_bench.spec import validate
 
 KEYS = (
     "total_params",

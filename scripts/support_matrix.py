@@ -32,7 +32,8 @@ def cell_overrides(peft_option: str, quant_option: str, compose) -> list[str]:
 
 def matrix(compose) -> dict[tuple[str, str], str | None]:
     """{(peft option, quant option): None if it runs, else the reason}."""
-    from qpeft_bench.config import ConfigError, validate
+    from qpeft_bench.config import ConfigError
+    from qpeft_bench.spec import validate
 
     cells = {}
     for p in options("peft"):

@@ -10,7 +10,7 @@ import torch
 from conftest import REFERENCE
 
 from qpeft_bench import accounting, adapters, calibration, quant, recipe
-from qpeft_bench.config import validate
+from qpeft_bench.spec import validate
 
 GIB, MIB = 2**30, 2**20
 IMPLEMENTED = set(adapters.names())

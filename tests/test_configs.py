@@ -8,7 +8,8 @@ import pytest
 
 from qpeft_bench import quant
 from qpeft_bench.cli import CONF_DIR
-from qpeft_bench.config import ConfigError, validate
+from qpeft_bench.config import ConfigError
+from qpeft_bench.spec import validate
 
 CONF = Path(CONF_DIR)
 # Hydra's own groups (help, launcher presets) and the site files of conf/local are not run-config groups

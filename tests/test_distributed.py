@@ -15,7 +15,8 @@ import pytest
 from conftest import FAST
 
 from qpeft_bench import distributed, models, recipe
-from qpeft_bench.config import ConfigError, validate
+from qpeft_bench.config import ConfigError
+from qpeft_bench.spec import validate
 
 # fp32 adapters and no dropout: then the only difference between the two jobs is where the gradients are summed
 EXACT = [*FAST, "train.batch_size=4", "train.device=cpu", "peft.adapter_dtype=float32", "peft.dropout=0"]

@@ -13,7 +13,8 @@ import torch
 
 from qpeft_bench import estimate, models, quant, recipe
 from qpeft_bench.adapters import lora
-from qpeft_bench.config import ConfigError, validate
+from qpeft_bench.config import ConfigError
+from qpeft_bench.spec import validate
 from qpeft_bench.train import autocast, prepare_for_training
 
 GIB = 2**30

@@ -10,8 +10,9 @@ import pytest
 from conftest import FAST
 
 from qpeft_bench import recipe
-from qpeft_bench.config import ConfigError, validate
+from qpeft_bench.config import ConfigError
 from qpeft_bench.evaluation import PROTOCOLS
+from qpeft_bench.spec import validate
 
 TINY_ALL = ["eval=tiny_all", *FAST]
 

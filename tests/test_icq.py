@@ -9,9 +9,10 @@ import torch
 import torch.nn.functional as F
 
 from qpeft_bench import ASSETS
-from qpeft_bench.config import ConfigError, validate
+from qpeft_bench.config import ConfigError
 from qpeft_bench.quant import icq
 from qpeft_bench.quant.qlinear import QuantLinear
+from qpeft_bench.spec import validate
 
 
 def _normal(out_f=64, in_f=256, seed=0):

@@ -16,8 +16,9 @@ import torch.nn.functional as F
 from test_quant_gradients import NAMES, _dequantized_copy, _lora_grads, _tiny_random_llama
 
 from qpeft_bench import accounting, adapters, calibration, models, quant
-from qpeft_bench.config import ConfigError, validate
+from qpeft_bench.config import ConfigError
 from qpeft_bench.quant import bnb8bit
+from qpeft_bench.spec import validate
 
 OUTLIER_CHANNELS = [5, 77]  # input features made large on purpose (the "systematic outlier features" of LLM.int8)
 FEEDS_PLANTED_NORMS = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")  # their input is a planted norm

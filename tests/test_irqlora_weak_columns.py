@@ -16,8 +16,9 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from qpeft_bench import adapters, calibration, models, quant, recipe
 from qpeft_bench.adapters import irqlora, weak_columns
 from qpeft_bench.adapters.base import AdapterLinear, dense_weight
-from qpeft_bench.config import ConfigError, validate
+from qpeft_bench.config import ConfigError
 from qpeft_bench.quant.weakcol import WeakColumnLinear
+from qpeft_bench.spec import validate
 
 NAMES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 ICQ = {"tau_points": 10}  # a coarse tau grid: the search is what costs time, not what is tested here

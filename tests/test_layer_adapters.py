@@ -14,8 +14,9 @@ import torch
 
 from qpeft_bench import ASSETS, adapters, layers, models, quant, recipe
 from qpeft_bench.adapters import base
-from qpeft_bench.config import ConfigError, validate
+from qpeft_bench.config import ConfigError
 from qpeft_bench.layers import TYPE_GROUPS
+from qpeft_bench.spec import validate
 
 NAMES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 GROUP_SIZE = 64  # rtn's groups, and QA-LoRA's pooling, which must equal them

@@ -8,7 +8,8 @@ import pytest
 from conftest import FAST
 
 from qpeft_bench import layers, recipe
-from qpeft_bench.config import ConfigError, validate
+from qpeft_bench.config import ConfigError
+from qpeft_bench.spec import validate
 
 NAMES = [
     f"model.layers.{i}.{kind}"

@@ -12,7 +12,7 @@ import pytest
 from conftest import FAST
 
 from qpeft_bench import ASSETS, recipe
-from qpeft_bench.config import validate
+from qpeft_bench.spec import validate
 
 OPT_NAMES = "[q_proj,k_proj,v_proj,out_proj,fc1,fc2]"
 

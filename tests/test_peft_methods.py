@@ -15,7 +15,8 @@ from transformers import LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalL
 
 from qpeft_bench import adapters, calibration, models, quant, recipe
 from qpeft_bench.adapters import base
-from qpeft_bench.config import ConfigError, validate
+from qpeft_bench.config import ConfigError
+from qpeft_bench.spec import validate
 
 LLAMA = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 OPT = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]

@@ -9,10 +9,11 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from qpeft_bench import ASSETS, calibration, models, quant
-from qpeft_bench.config import ConfigError, validate
+from qpeft_bench.config import ConfigError
 from qpeft_bench.quant import gptq, qeft
 from qpeft_bench.quant.rtn import quantize_weight
 from qpeft_bench.quant.weakcol import WeakColumnLinear
+from qpeft_bench.spec import validate
 
 NAMES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 TINY = str(ASSETS / "tiny_llama")

@@ -12,7 +12,7 @@ import pytest
 from conftest import CLI, FAST, ROOT
 
 from qpeft_bench import quant, recipe, results
-from qpeft_bench.config import validate
+from qpeft_bench.spec import validate
 
 ACCOUNTING_KEYS = {
     "total_params",

@@ -12,8 +12,9 @@ import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
 
 from qpeft_bench import adapters, calibration, models, quant
-from qpeft_bench.config import ConfigError, validate
+from qpeft_bench.config import ConfigError
 from qpeft_bench.quant import smoothquant as sq
+from qpeft_bench.spec import validate
 
 VOCAB = 256
 NAMES = {

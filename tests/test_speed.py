@@ -15,7 +15,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from qpeft_bench import recipe, speed
 from qpeft_bench.adapters import lora
-from qpeft_bench.config import ConfigError, validate
+from qpeft_bench.config import ConfigError
+from qpeft_bench.spec import validate
 
 
 def small_llama() -> LlamaForCausalLM:

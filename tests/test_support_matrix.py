@@ -10,7 +10,8 @@ from conftest import ROOT
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from qpeft_bench import adapters, calibration, models, quant
-from qpeft_bench.config import adapter_target, validate
+from qpeft_bench.config import adapter_target
+from qpeft_bench.spec import validate
 
 spec_ = importlib.util.spec_from_file_location("support_matrix", ROOT / "scripts" / "support_matrix.py")
 support_matrix = importlib.util.module_from_spec(spec_)
