@@ -1,4 +1,4 @@
-"""Tests for qpeft_bench.figures: the figures' data (always) and the images (when matplotlib is installed)."""
+"""Tests for qpeft_bench.report.figures: the figures' data (always) and the images (when matplotlib is installed)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 from test_report import sweep_records, write
 
-from qpeft_bench import figures
-from qpeft_bench.report import load_records, main
+from qpeft_bench.report import figures
+from qpeft_bench.report.cli import main
+from qpeft_bench.report.records import load_records
 
 
 @pytest.fixture

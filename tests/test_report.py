@@ -10,18 +10,13 @@ from typing import Any
 
 import pytest
 
-from qpeft_bench.report import (
-    OVERVIEW,
-    build_table,
-    fmt_count,
-    fmt_fixed,
-    fmt_scaled,
-    load_records,
-    main,
-    raw_value,
-    render_markdown,
-    sort_value,
-)
+from qpeft_bench.report.catalog import OVERVIEW
+from qpeft_bench.report.cli import main
+from qpeft_bench.report.formatting import fmt_count, fmt_fixed, fmt_scaled, raw_value
+from qpeft_bench.report.records import load_records
+from qpeft_bench.report.render import render_markdown
+from qpeft_bench.report.rows import sort_value
+from qpeft_bench.report.tables import build_table
 
 SCHEMA = "qpeft-bench/run-record/v1"
 GIB = 2**30
@@ -310,7 +305,8 @@ def test_all_tables_by_default(results_dir: Path, tmp_path: Path, capsys) -> Non
 # the values must be what the records below imply (the comments next to them say what).
 
 REFERENCE_DIR = Path(__file__).parent / "reference" / "report"
-SHARED_REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
+# Published values kept in the repository (a clone has everything the tests read).
+PUBLISHED_REFERENCE = Path(__file__).resolve().parents[1] / "docs" / "reference"
 
 
 def sweep_record(
@@ -529,7 +525,7 @@ def sweep_dir(tmp_path: Path) -> Path:
 
 
 def test_every_thesis_table_matches_its_golden_files(sweep_dir: Path, tmp_path: Path, capsys) -> None:
-    from qpeft_bench.report import AGGREGATES, TABLES
+    from qpeft_bench.report.catalog import AGGREGATES, TABLES
 
     out = tmp_path / "tables"
     assert main([str(sweep_dir), "--out", str(out)]) == 0
@@ -554,14 +550,13 @@ def test_every_thesis_table_matches_its_golden_files(sweep_dir: Path, tmp_path: 
 
 
 def llama2_7b_lora_params(r: int) -> int:
-    """LoRA r on every linear of LLaMA-2-7B, from the shapes in the shared architectures.csv: r x (in + out)."""
-    with (SHARED_REFERENCE / "architectures.csv").open(newline="", encoding="utf-8") as handle:
+    """LoRA r on every linear of LLaMA-2-7B, from the shapes in docs/reference/architectures.csv: r x (in + out)."""
+    with (PUBLISHED_REFERENCE / "architectures.csv").open(newline="", encoding="utf-8") as handle:
         arch = next(row for row in csv.DictReader(handle) if row["name"] == "llama2_7b")
     h, i, layers = int(arch["hidden_size"]), int(arch["intermediate_size"]), int(arch["num_hidden_layers"])
     return layers * r * (4 * (h + h) + 2 * (h + i) + (i + h))
 
 
-@pytest.mark.skipif(not SHARED_REFERENCE.is_dir(), reason="needs the shared reference folder")
 def test_reference_column_from_the_published_accounting_csv(tmp_path: Path, capsys) -> None:
     """accounting_llama2_7b.csv (method, r, alpha, trainable_params, overhead_published_MB): the trainable counts
     follow from the architecture, so the difference is 0; the overhead compares with the QLoRA-recipe figure."""
@@ -589,7 +584,7 @@ def test_reference_column_from_the_published_accounting_csv(tmp_path: Path, caps
                 "--table",
                 "trainable_params",
                 "--reference",
-                str(SHARED_REFERENCE / "accounting_llama2_7b.csv"),
+                str(PUBLISHED_REFERENCE / "accounting_llama2_7b.csv"),
             ]
         )
         == 0
@@ -610,7 +605,7 @@ def test_reference_column_from_the_published_accounting_csv(tmp_path: Path, caps
                 "--table",
                 "peft_overhead",
                 "--reference",
-                str(SHARED_REFERENCE / "accounting_llama2_7b.csv"),
+                str(PUBLISHED_REFERENCE / "accounting_llama2_7b.csv"),
             ]
         )
         == 0
@@ -662,7 +657,8 @@ def test_outputs_are_byte_identical_on_a_second_run(sweep_dir: Path, tmp_path: P
 
 
 def test_latex_escapes_and_booktabs() -> None:
-    from qpeft_bench.report import Column, Table, TableSpec, latex_escape, render_latex
+    from qpeft_bench.report.render import latex_escape, render_latex
+    from qpeft_bench.report.tables import Column, Table, TableSpec
 
     assert latex_escape("a_b & 5% $x# {y} ~ ^ \\") == (
         "a\\_b \\& 5\\% \\$x\\# \\{y\\} \\textasciitilde{} \\textasciicircum{} \\textbackslash{}"
@@ -676,7 +672,7 @@ def test_latex_escapes_and_booktabs() -> None:
 
 
 def test_is_diverged_needs_a_perplexity_above_threshold_that_training_did_not_lower() -> None:
-    from qpeft_bench.report import is_diverged
+    from qpeft_bench.report.aggregate import is_diverged
 
     base = {"status": "completed", "ppl_before": None, "wikitext_ppl_before": None, "wikitext_ppl_after": None}
     assert is_diverged({**base, "ppl_after": 1500.0}, 1000.0)  # nothing to compare with: the threshold decides

@@ -21,7 +21,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from qpeft_bench import report
+from qpeft_bench.report.aggregate import DEFAULT_DIVERGED_PPL, build_aggregate, is_diverged
+from qpeft_bench.report.catalog import AGGREGATES
+from qpeft_bench.report.formatting import GIB, fmt_text, raw_value
+from qpeft_bench.report.records import LoadResult
+from qpeft_bench.report.rows import is_number, records_to_rows, sort_rows
+from qpeft_bench.report.tables import Agg
 
 FIGURE_FORMATS = ("png", "pdf")
 METADATA = {
@@ -37,23 +42,23 @@ class MissingDependency(RuntimeError):
 # --------------------------------------------------------------------------- figure data (pure)
 
 
-def layer_group_data(loaded: report.LoadResult, diverged_ppl: float) -> list[dict[str, Any]]:
+def layer_group_data(loaded: LoadResult, diverged_ppl: float) -> list[dict[str, Any]]:
     """One row per (by_layer_group row, layer-group column) with a value: label, setting, mean, std, n."""
-    table = report.build_aggregate(report.AGGREGATES["by_layer_group"], loaded, diverged_ppl)
-    n_keys = len(report.AGGREGATES["by_layer_group"].keys)
+    table = build_aggregate(AGGREGATES["by_layer_group"], loaded, diverged_ppl)
+    n_keys = len(AGGREGATES["by_layer_group"].keys)
     out = []
     for row in table.rows:
-        label = " ".join(report.fmt_text(row[col.key]) for col in table.spec.columns[:n_keys])
+        label = " ".join(fmt_text(row[col.key]) for col in table.spec.columns[:n_keys])
         for col in table.spec.columns[n_keys:]:
             agg = row[col.key]
-            if isinstance(agg, report.Agg):
+            if isinstance(agg, Agg):
                 out.append({"group": label, "setting": col.key, "mean": agg.mean, "std": agg.std, "n": agg.n})
     return out
 
 
-def pareto_data(loaded: report.LoadResult, diverged_ppl: float) -> list[dict[str, Any]]:
+def pareto_data(loaded: LoadResult, diverged_ppl: float) -> list[dict[str, Any]]:
     """One point per completed, non-diverged run with both mean memory and held-out perplexity after."""
-    rows = report.sort_rows(report.records_to_rows(loaded.records), ("method_name", "r", "alpha", "run_id"))
+    rows = sort_rows(records_to_rows(loaded.records), ("method_name", "r", "alpha", "run_id"))
     return [
         {
             "run_id": r["run_id"],
@@ -65,21 +70,21 @@ def pareto_data(loaded: report.LoadResult, diverged_ppl: float) -> list[dict[str
         }
         for r in rows
         if r["status"] == "completed"
-        and not report.is_diverged(r, diverged_ppl)
-        and report._is_number(r["mean_memory_bytes"])
-        and report._is_number(r["ppl_after"])
+        and not is_diverged(r, diverged_ppl)
+        and is_number(r["mean_memory_bytes"])
+        and is_number(r["ppl_after"])
     ]
 
 
-def loss_data(loaded: report.LoadResult) -> list[dict[str, Any]]:
+def loss_data(loaded: LoadResult) -> list[dict[str, Any]]:
     """(run_id, step, loss) for every run that recorded its per-step losses."""
-    rows = report.sort_rows(report.records_to_rows(loaded.records), ("run_id",))
+    rows = sort_rows(records_to_rows(loaded.records), ("run_id",))
     return [
         {"run_id": r["run_id"], "step": step, "loss": loss}
         for r in rows
         if isinstance(r["losses"], list)
         for step, loss in enumerate(r["losses"], start=1)
-        if report._is_number(loss)
+        if is_number(loss)
     ]
 
 
@@ -88,7 +93,7 @@ def data_csv(rows: Sequence[dict[str, Any]]) -> str:
     if rows:
         writer = csv.writer(buffer, lineterminator="\n")
         writer.writerow(list(rows[0]))
-        writer.writerows([report.raw_value(v) for v in row.values()] for row in rows)
+        writer.writerows([raw_value(v) for v in row.values()] for row in rows)
     return buffer.getvalue()
 
 
@@ -132,7 +137,7 @@ def draw_pareto(plt, rows: Sequence[dict[str, Any]]):
     fig, ax = plt.subplots(figsize=(5, 3.5))
     for method in dict.fromkeys(r["method"] for r in rows):
         pts = [r for r in rows if r["method"] == method]
-        ax.scatter([p["mean_memory_bytes"] / report.GIB for p in pts], [p["ppl_after"] for p in pts], label=str(method))
+        ax.scatter([p["mean_memory_bytes"] / GIB for p in pts], [p["ppl_after"] for p in pts], label=str(method))
     ax.set_xlabel("mean training memory (GiB)")
     ax.set_ylabel("held-out perplexity after")
     ax.legend(fontsize=7)
@@ -150,9 +155,7 @@ def draw_losses(plt, rows: Sequence[dict[str, Any]]):
     return fig
 
 
-def write_figures(
-    loaded: report.LoadResult, out_dir: Path, diverged_ppl: float = report.DEFAULT_DIVERGED_PPL
-) -> list[Path]:
+def write_figures(loaded: LoadResult, out_dir: Path, diverged_ppl: float = DEFAULT_DIVERGED_PPL) -> list[Path]:
     """Write <name>.csv, <name>.png and <name>.pdf for every figure that has data; returns the paths written."""
     plt = _pyplot()
     out_dir.mkdir(parents=True, exist_ok=True)

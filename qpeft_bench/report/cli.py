@@ -1,0 +1,119 @@
+"""``qpeft-bench-report [RESULTS_DIR] [--out DIR] [--table NAME]``: which tables (and figures) to build from the run
+records, and where to write them."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from qpeft_bench.config import ConfigError
+from qpeft_bench.report.aggregate import DEFAULT_DIVERGED_PPL, build_aggregate, has_values, split_runs
+from qpeft_bench.report.catalog import AGGREGATES, TABLES
+from qpeft_bench.report.figures import MissingDependency, write_figures
+from qpeft_bench.report.records import LoadResult, load_records
+from qpeft_bench.report.reference import Reference, load_reference
+from qpeft_bench.report.render import render_markdown, write_table
+from qpeft_bench.report.tables import Table, build_table, unreadable_notes
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="qpeft-bench-report", description="Summarise run records (result.json) as tables (and figures)."
+    )
+    parser.add_argument("results_dir", nargs="?", default="runs", help="searched recursively (default: runs)")
+    parser.add_argument("--out", default="results/tables", help="output directory (default: results/tables)")
+    parser.add_argument(
+        "--table",
+        choices=[*TABLES, *AGGREGATES, "all"],
+        default="all",
+        help="table to build (default: all: every table that has values; by_layer_group only when "
+        "some run sets layer groups)",
+    )
+    parser.add_argument(
+        "--diverged-ppl",
+        type=float,
+        default=DEFAULT_DIVERGED_PPL,
+        metavar="PPL",
+        help="a run whose perplexity after fine-tuning exceeds this counts as diverged: marked '*' "
+        f"and left out of quality means (default: {DEFAULT_DIVERGED_PPL:g})",
+    )
+    parser.add_argument(
+        "--reference",
+        metavar="FILE",
+        help="CSV of published values: adds a ref and a difference column to the tables whose key "
+        "and metric columns it names (see report.Reference)",
+    )
+    parser.add_argument(
+        "--figures",
+        action="store_true",
+        help="also write figures (PNG, PDF and each one's data as CSV) to the 'figures' folder "
+        "beside --out (results/figures by default); needs matplotlib",
+    )
+    args = parser.parse_args(argv)
+    if not args.diverged_ppl > 0:
+        parser.error(f"--diverged-ppl must be a positive number, got {args.diverged_ppl}")
+    return args
+
+
+def select_tables(
+    loaded: LoadResult, name: str, diverged_ppl: float = DEFAULT_DIVERGED_PPL, reference: Reference | None = None
+) -> list[Table]:
+    """The tables --table NAME asks for. 'all' leaves out aggregated tables without any value, and pivots whose only
+    column is their baseline (by_layer_group over runs that all use uniform knobs compares nothing)."""
+    tables = [build_table(spec, loaded) for key, spec in TABLES.items() if name in (key, "all")]
+    for key, spec in AGGREGATES.items():
+        if name not in (key, "all"):
+            continue
+        for part_spec, part in split_runs(spec, loaded):
+            table = build_aggregate(part_spec, part, diverged_ppl, reference)
+            pivot_cols = [col.key for col in table.spec.columns[len(spec.keys) :]]
+            baseline_only = spec.across is not None and set(pivot_cols) <= set(spec.across_first)
+            if name == key or (has_values(table) and not baseline_only):
+                tables.append(table)
+    return tables
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    root = Path(args.results_dir)
+    if not root.is_dir():
+        problem = "is not a directory" if root.exists() else "does not exist"
+        print(f"qpeft-bench-report: error: results directory {str(root)!r} {problem}", file=sys.stderr)
+        return 1
+    try:
+        reference = load_reference(args.reference) if args.reference else None
+    except ConfigError as exc:
+        print(f"qpeft-bench-report: error: {exc}", file=sys.stderr)
+        return 1
+
+    loaded = load_records(root)
+    if not loaded.records and not loaded.unreadable:
+        print(f"no run records under {root}")
+        return 0
+    if not loaded.records:
+        # Every record is corrupt: nothing to tabulate, and a sweep that produced only garbage is an error.
+        for note in unreadable_notes(loaded.unreadable):
+            print(note, file=sys.stderr)
+        print(f"qpeft-bench-report: error: no readable run records under {root}", file=sys.stderr)
+        return 1
+
+    tables = select_tables(loaded, args.table, args.diverged_ppl, reference)
+    for i, table in enumerate(tables):
+        written = write_table(table, Path(args.out))
+        sys.stdout.write(("\n" if i else "") + render_markdown(table))
+        print(f"wrote {', '.join(str(p) for p in written)}", file=sys.stderr)
+    if args.figures:
+        try:
+            written = write_figures(loaded, figures_dir(Path(args.out)), args.diverged_ppl)
+        except MissingDependency as exc:
+            print(f"qpeft-bench-report: error: {exc}", file=sys.stderr)
+            return 1
+        print(f"wrote {', '.join(str(p) for p in written)}", file=sys.stderr)
+    return 0
+
+
+def figures_dir(tables_dir: Path) -> Path:
+    """Figures go beside the tables: results/tables -> results/figures."""
+    return tables_dir.parent / "figures"

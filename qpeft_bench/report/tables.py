@@ -1,0 +1,126 @@
+"""The table model: a declarative TableSpec (columns: key, header, formatter), a built Table (rows and notes), the
+Agg cell of an aggregated table, and build_table with the notes every table carries (duplicates, mixed memory
+kinds, unreadable records)."""
+
+from __future__ import annotations
+
+import math
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from qpeft_bench.report.formatting import Formatter, fmt_text
+from qpeft_bench.report.records import LoadResult, Unreadable
+from qpeft_bench.report.rows import Row, records_to_rows, sort_rows
+
+
+@dataclass(frozen=True)
+class Column:
+    key: str  # row key; also the CSV header, so it carries the raw unit (…_bytes)
+    header: str  # Markdown header, with the display unit
+    fmt: Formatter = fmt_text
+    align: str = "left"  # "left" | "right"
+    agg: bool = False  # cells are Agg: the CSV gets <key>_mean, <key>_std, <key>_n
+
+
+@dataclass(frozen=True)
+class TableSpec:
+    name: str  # output file stem and --table choice
+    title: str
+    columns: tuple[Column, ...]
+    sort_by: tuple[str, ...] = ()
+    notes: tuple[str, ...] = ()
+    csv_extra: tuple[str, ...] = ("record_path",)  # raw-only keys, e.g. to tell duplicated run_ids apart
+
+
+@dataclass
+class Table:
+    spec: TableSpec
+    rows: list[Row]
+    notes: list[str]
+
+
+def build_table(spec: TableSpec, loaded: LoadResult) -> Table:
+    rows = sort_rows(records_to_rows(loaded.records), spec.sort_by)
+    notes = [*spec.notes, *data_notes(spec, rows), *unreadable_notes(loaded.unreadable)]
+    return Table(spec=spec, rows=rows, notes=notes)
+
+
+@dataclass(frozen=True)
+class Agg:
+    """The values of one cell of an aggregated table (one per run that entered it)."""
+
+    values: tuple[float, ...]
+
+    @property
+    def n(self) -> int:
+        return len(self.values)
+
+    @property
+    def same(self) -> bool:
+        return len(set(self.values)) == 1
+
+    @property
+    def mean(self) -> float:
+        # All equal: the value itself, so an integer count stays an integer in the CSV.
+        return self.values[0] if self.same else sum(self.values) / self.n
+
+    @property
+    def std(self) -> float | None:
+        """Sample standard deviation (n - 1); None for a single value."""
+        if self.n < 2:
+            return None
+        mean = sum(self.values) / self.n
+        try:
+            return math.sqrt(sum((v - mean) ** 2 for v in self.values) / (self.n - 1))
+        except OverflowError:  # values near the float limit (a corrupt record): the spread is unbounded, not a crash
+            return math.inf
+
+
+def fmt_agg(inner: Formatter, *, show_n: bool) -> Formatter:
+    """'mean ± std (n)' with the metric's own formatter; show_n=False (values that a configuration fixes, such as
+    parameter counts) prints just the value when every run agrees and falls back to mean ± std (n) when not."""
+
+    def format_value(value: Any) -> str:
+        if not isinstance(value, Agg):
+            return inner(value)
+        if not show_n and value.same:
+            return inner(value.mean)
+        if value.n == 1:
+            return f"{inner(value.mean)} (1)"
+        return f"{inner(value.mean)} ± {inner(value.std)} ({value.n})"
+
+    return format_value
+
+
+def data_notes(spec: TableSpec, rows: Sequence[Row]) -> list[str]:
+    notes = duplicate_notes(rows)
+    if any(col.key == "peak_memory_bytes" for col in spec.columns):
+        notes += memory_kind_notes(rows)
+    return notes
+
+
+def duplicate_notes(rows: Sequence[Row]) -> list[str]:
+    # A copied run directory yields the same run_id twice; both rows stay so nothing is silently hidden.
+    paths: dict[str, list[str]] = defaultdict(list)
+    for row in rows:
+        paths[row["run_id"]].append(row["record_path"])
+    return [
+        f"duplicate run_id {run_id}: {', '.join(sorted(found))} (all rows kept)"
+        for run_id, found in sorted(paths.items())
+        if len(found) > 1
+    ]
+
+
+def memory_kind_notes(rows: Sequence[Row]) -> list[str]:
+    # CPU peak RSS and CUDA allocator peaks are not comparable; flag it when a table mixes them.
+    kinds = Counter(str(row.get("memory_kind")) for row in rows if row.get("peak_memory_bytes") is not None)
+    if len(kinds) < 2:
+        return []
+    listed = ", ".join(f"{kind} ({count})" for kind, count in sorted(kinds.items()))
+    return [f"peak memory mixes measurement kinds, compare only within one: {listed}"]
+
+
+def unreadable_notes(unreadable: Iterable[Unreadable]) -> list[str]:
+    return [f"unreadable: {item.path} ({item.reason})" for item in unreadable]
