@@ -9,9 +9,6 @@ from pathlib import Path
 PACKAGE = "qpeft_bench"
 ROOT = Path(__file__).resolve().parent.parent / PACKAGE
 
-# Cycles that other branches of issue 18 remove (report.py/figures.py become the report/ package); the lead
-# empties this set after merging them, and the test then holds every module to the rule.
-KNOWN_CYCLES_PENDING_MERGE: set[frozenset[str]] = {frozenset({"qpeft_bench.report", "qpeft_bench.figures"})}
 
 
 def _modules() -> dict[str, Path]:
@@ -109,7 +106,7 @@ def _path(graph: dict[str, set[str]], component: list[str]) -> str:
 
 def test_import_graph_has_no_cycle():
     graph = _graph()
-    cycles = [c for c in _cycles(graph) if frozenset(c) not in KNOWN_CYCLES_PENDING_MERGE]
+    cycles = _cycles(graph)
     assert not cycles, "import cycles:\n" + "\n".join(_path(graph, c) for c in cycles)
 
 
