@@ -7,23 +7,8 @@ Every data set is read either from the hub (``hub_id``) or from a local file in 
 (``path``: .json, .jsonl, .parquet, optionally .gz, or a glob over several files such as the hh-rlhf
 subsets). Offline machines therefore run the same formatting code as online ones.
 
-Each loader turns raw rows into examples ``{"source": str, "target": str}``; the loss goes on the target
-(and on the source too when ``train_on_source``). What each format produces:
-
-- ``alpaca``, ``open_platypus``: source = QLoRA's Alpaca prompt (with or without the input block),
-  target = ``output``.
-- ``hh_rlhf``: source = "", target = the whole ``chosen`` dialogue ("\\n\\nHuman: ...\\n\\nAssistant: ...").
-- ``oasst1``: raw OpenAssistant message trees. Per tree, follow the best reply at each level (lowest
-  ``rank``, skipping deleted messages and messages that failed review) from the root prompt down to the
-  last assistant reply; source = "", target = "### Human: ...### Assistant: ..." (guanaco's layout).
-  ``variant`` = a language code (e.g. "en") keeps only trees whose root prompt is in that language;
-  ``None`` keeps all languages, as timdettmers/openassistant-guanaco does.
-- ``guanaco``: source = "", target = ``text`` ("### Human: ...### Assistant: ...").
-- ``unnatural``: one example per instance: source = ``instruction_with_input`` + "\\n", target =
-  ``output``; ``variant="full"`` adds one example per reformulation (the 240,670-example set),
-  ``"core"`` (or ``None``) uses the instances only (66,010 rows, 68,478 instances).
-- ``guanaco_llama2``: source = "", target = ``text`` without its outer "<s>" / "</s>" (we add BOS/EOS
-  ids ourselves; inner turn markers stay as text).
+Each format (data_formats.py) turns raw rows into examples ``{"source": str, "target": str}``; the loss goes on
+the target (and on the source too when ``train_on_source``).
 """
 
 from __future__ import annotations
@@ -34,172 +19,25 @@ import json
 import math
 import random
 import warnings
-from collections import defaultdict
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from qpeft_bench.data_formats import (
+    FORMATS,
+    Example,
+    Row,
+    check_variant,
+    get_format,
+    required_fields,
+)
 
 if TYPE_CHECKING:  # torch costs ~1 s to import; check_source and load_examples must stay cheap
     import torch
 
 IGNORE_INDEX = -100  # label value that torch's cross-entropy skips
 
-# QLoRA's template, byte for byte (including the space after "Response:"), so runs match the studies.
-ALPACA_PROMPT_INPUT = (
-    "Below is an instruction that describes a task, paired with an input that provides further context. "
-    "Write a response that appropriately completes the request.\n\n"
-    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response: "
-)
-ALPACA_PROMPT_NO_INPUT = (
-    "Below is an instruction that describes a task. "
-    "Write a response that appropriately completes the request.\n\n"
-    "### Instruction:\n{instruction}\n\n### Response: "
-)
-OASST_SPEAKERS = {"prompter": "Human", "assistant": "Assistant"}
 # Sort window of group-by-length batching, in batches: HF's LengthGroupedSampler uses 50.
 MEGABATCH_FACTOR = 50
-
-Example = dict[str, str]
-Row = dict
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Formats: raw rows -> examples
-# ---------------------------------------------------------------------------------------------------------
-
-
-def _alpaca_example(row: Row) -> Example:
-    # QLoRA treats a missing input like an empty one; Open-Platypus rows almost always have input "".
-    template = ALPACA_PROMPT_INPUT if row.get("input") else ALPACA_PROMPT_NO_INPUT
-    source = template.format(instruction=row["instruction"], input=row.get("input") or "")
-    return {"source": source, "target": row["output"]}
-
-
-def _alpaca(rows: list[Row], variant: str | None) -> list[Example]:
-    return [_alpaca_example(row) for row in rows]
-
-
-def _hh_rlhf(rows: list[Row], variant: str | None) -> list[Example]:
-    # The studies train on the preferred dialogue only; the whole dialogue is the target (QLoRA).
-    return [{"source": "", "target": row["chosen"]} for row in rows]
-
-
-def _guanaco(rows: list[Row], variant: str | None) -> list[Example]:
-    return [{"source": "", "target": row["text"]} for row in rows]
-
-
-def _strip_llama2_wrapper(text: str) -> str:
-    # The text carries literal "<s>" / "</s>" around it; we add BOS/EOS as ids, and leaving the strings in
-    # would give a double BOS (tokenizers that parse special-token strings) or train on the characters
-    # "<s>" (tokenizers that don't, e.g. OPT's, whose BOS is "</s>").
-    text = text.strip()
-    text = text.removeprefix("<s>")
-    return text.removesuffix("</s>").strip()
-
-
-def _guanaco_llama2(rows: list[Row], variant: str | None) -> list[Example]:
-    return [{"source": "", "target": _strip_llama2_wrapper(row["text"])} for row in rows]
-
-
-def _as_records(value: list | dict | None) -> list[dict]:
-    # The hub stores instances as list<struct>; a file written by datasets' to_json from a Sequence
-    # feature holds the same data as a struct of lists. Accept both.
-    if not value:
-        return []
-    if isinstance(value, dict):
-        return [dict(zip(value, items, strict=True)) for items in zip(*value.values(), strict=True)]
-    return list(value)
-
-
-def _unnatural(rows: list[Row], variant: str | None) -> list[Example]:
-    # A newline ends the source so the response starts on its own line for every tokenizer: byte-level
-    # BPE tokenizers would otherwise glue the first output word to the end of the input.
-    fields = ("instances", "reformulations") if variant == "full" else ("instances",)
-    return [
-        {"source": item["instruction_with_input"] + "\n", "target": item["output"]}
-        for row in rows
-        for field in fields
-        for item in _as_records(row.get(field))
-    ]
-
-
-def _oasst_usable(msg: Row) -> bool:
-    # Deleted messages and those that failed review are not training data, nor is anything below them.
-    # review_result is None for messages with too few reviews: only an explicit failed review excludes one.
-    ready = msg.get("tree_state", "ready_for_export") == "ready_for_export"
-    return ready and not msg.get("deleted") and msg.get("review_result") is not False
-
-
-def _oasst_rank_key(item: tuple[int, Row]) -> tuple:
-    # Lowest rank wins (0 = best). Unranked replies (a lone reply, most prompter replies) come after ranked
-    # ones; ties fall to the earliest message, then file order, so the choice is deterministic.
-    position, msg = item
-    rank = msg.get("rank")
-    return (rank is None, rank if rank is not None else 0, msg.get("created_date") or "", position)
-
-
-def _oasst_best_path(root: Row, children: dict[str, list[tuple[int, Row]]]) -> list[Row]:
-    path = [root]
-    while replies := children.get(path[-1]["message_id"]):
-        path.append(min(replies, key=_oasst_rank_key)[1])
-    while path and path[-1]["role"] != "assistant":  # a trailing prompt has no answer to learn
-        path.pop()
-    return path
-
-
-def _oasst_conversation(path: list[Row]) -> str:
-    return "".join(f"### {OASST_SPEAKERS[msg['role']]}: {msg['text']}" for msg in path)
-
-
-def _oasst1(rows: list[Row], variant: str | None) -> list[Example]:
-    children: dict[str | None, list[tuple[int, Row]]] = defaultdict(list)
-    for position, msg in enumerate(rows):
-        if _oasst_usable(msg):
-            children[msg["parent_id"]].append((position, msg))
-    examples = []
-    for _, root in children.get(None, []):
-        if variant is not None and root.get("lang") != variant:
-            continue
-        if path := _oasst_best_path(root, children):
-            examples.append({"source": "", "target": _oasst_conversation(path)})
-    return examples
-
-
-@dataclass(frozen=True)
-class _Format:
-    build: Callable[[list[Row], str | None], list[Example]]
-    fields: tuple[str, ...]  # top-level fields every row must have
-    variants: tuple[str | None, ...] = (None,)  # allowed values of `variant`; () means "any string"
-
-
-FORMATS: dict[str, _Format] = {
-    "alpaca": _Format(_alpaca, ("instruction", "output")),
-    "hh_rlhf": _Format(_hh_rlhf, ("chosen",)),
-    "oasst1": _Format(_oasst1, ("message_id", "parent_id", "role", "text", "rank"), variants=()),
-    "guanaco": _Format(_guanaco, ("text",)),
-    "unnatural": _Format(_unnatural, ("instances",), variants=(None, "core", "full")),
-    "open_platypus": _Format(_alpaca, ("instruction", "output")),
-    "guanaco_llama2": _Format(_guanaco_llama2, ("text",)),
-}
-
-
-def _get_format(fmt: str) -> _Format:
-    if fmt not in FORMATS:
-        raise ValueError(f"unknown data format {fmt!r}; choose one of: {', '.join(FORMATS)}")
-    return FORMATS[fmt]
-
-
-def _required_fields(fmt: str, variant: str | None) -> tuple[str, ...]:
-    extra = ("reformulations",) if (fmt, variant) == ("unnatural", "full") else ()
-    return _get_format(fmt).fields + extra
-
-
-def _check_variant(fmt: str, variant: str | None) -> None:
-    allowed = _get_format(fmt).variants
-    if allowed and variant not in allowed:
-        names = ", ".join("null" if v is None else v for v in allowed)
-        raise ValueError(f"data format {fmt!r} has no variant {variant!r}; use one of: {names}")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -310,7 +148,7 @@ def check_source(fmt: str, path: str | None, hub_id: str | None) -> None:
     FileNotFoundError, each with a one-line message that says what to fix. A hub id cannot be checked
     offline; only its presence is.
     """
-    fields = _get_format(fmt).fields
+    fields = get_format(fmt).fields
     _require_source(fmt, path, hub_id)
     if path is not None:
         _read_rows(path, fields)
@@ -329,10 +167,10 @@ def load_examples(
     ``path`` (a local file or glob in the hub's schema) wins over ``hub_id``. ``max_examples`` keeps the
     first N formatted examples, in file order, for smoke runs.
     """
-    _check_variant(fmt, variant)
+    check_variant(fmt, variant)
     if max_examples is not None and max_examples < 1:
         raise ValueError(f"max_examples must be >= 1 or null, got {max_examples}")
-    fields = _required_fields(fmt, variant)
+    fields = required_fields(fmt, variant)
     _require_source(fmt, path, hub_id)
     if path is not None:
         rows, where = _read_rows(path, fields), path
@@ -366,10 +204,16 @@ def _special_ids(tokenizer) -> tuple[list[int], int]:
     return bos, tokenizer.eos_token_id
 
 
-def check_tokenizer(tokenizer, where: str) -> None:
+def check_tokenizer(tokenizer, where: str, vocab_size: int | None = None) -> None:
     """Pre-flight: the tokenizer has what tokenization and batching need, an EOS (where every target ends) and a pad
-    id (models.load_tokenizer pads with unk or EOS when a tokenizer ships without one, as LLaMA's does). Raises
-    ValueError naming `where` (its directory or hub id), before the model is loaded rather than after."""
+    id (models.load_tokenizer pads with unk or EOS when a tokenizer ships without one, as LLaMA's does), and no id
+    beyond the model's `vocab_size` embedding rows. Raises ValueError naming `where` (its directory or hub id),
+    before the model is loaded rather than after."""
+    if vocab_size is not None and len(tokenizer) > vocab_size:
+        raise ValueError(
+            f"the tokenizer of {where} has {len(tokenizer)} ids but the model's embedding has vocab_size={vocab_size} "
+            "rows: ids beyond it would index past the embedding; use the checkpoint's own tokenizer"
+        )
     problems = []
     if tokenizer.eos_token_id is None:
         problems.append("no eos_token (where every target ends)")

@@ -18,6 +18,8 @@ from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 
+from qpeft_bench import fingerprint
+
 SCHEMA = "qpeft-bench/run-record/v1"
 STATUSES = ("planned", "running", "completed", "failed", "oom", "diverged")
 RECORD = "result.json"
@@ -34,10 +36,14 @@ def run_id(config: dict) -> str:
 
     Normalised so that equal configs hash equally: keys sorted, 16 and 16.0 the same number, shipped assets
     named by their path inside the package plus a fingerprint of their content (the checkout's location
-    does not matter, a rebuilt tiny model does), and `train.device=auto` replaced by the device it means
-    here (a run measured on the CPU is not the same run on a GPU).
+    does not matter, a rebuilt tiny model does), every other file a knob names by its path and a fingerprint
+    of its content (fingerprint.py: the same path holding other data is another run), and `train.device=auto`
+    replaced by the device it means here (a run measured on the CPU is not the same run on a GPU).
     """
     identity = _normalise({k: v for k, v in config.items() if k not in NON_IDENTITY_KEYS})
+    user_files = input_fingerprints(config)
+    if user_files:  # absent for runs on the shipped assets alone, whose ids stay what they were
+        identity["input_fingerprints"] = user_files
     for section, key in NON_IDENTITY_PATHS:
         if isinstance(identity.get(section), dict):
             identity[section].pop(key, None)
@@ -48,6 +54,14 @@ def run_id(config: dict) -> str:
         train["device"] = "cuda" if torch.cuda.is_available() else "cpu"
     blob = json.dumps(identity, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def input_fingerprints(config: dict) -> dict[str, str]:
+    """{knob: content fingerprint} of the files the config's knobs name outside the shipped assets (those are
+    fingerprinted where they are named, `_normalise`)."""
+    from qpeft_bench import ASSETS
+
+    return fingerprint.inputs(config, skip_under=str(ASSETS))
 
 
 def _normalise(value):

@@ -149,7 +149,7 @@ def main(argv: list[str]) -> int:
     world, device = distributed.setup(t.distributed, device, t.gpus)  # torchrun ... train.distributed=ddp: one per GPU
     torch.manual_seed(0)
     sharded = t.distributed == "fsdp"
-    layerwise = sharded or args.layerwise  # as a run loads its checkpoint under FSDP (recipe.load_base)
+    layerwise = sharded or args.layerwise  # as a run loads its checkpoint under FSDP (quantized_base.load_base)
     model = (
         models.empty_model(arch, spec.model.dtype) if layerwise else models.random_model(arch, spec.model.dtype, device)
     )

@@ -18,7 +18,7 @@ import time
 import torch
 from hydra import compose, initialize_config_dir
 
-from qpeft_bench import accounting, adapters, calibration, models, quant, recipe
+from qpeft_bench import accounting, adapters, calibration, models, plan, quant
 from qpeft_bench.cli import CONF_DIR, job_config
 from qpeft_bench.spec import validate
 
@@ -56,7 +56,7 @@ def measured(spec, device: str) -> dict:
         acc["cuda_peak_allocated_bytes"] = torch.cuda.max_memory_allocated()
     acc["quantize_time_s"], acc["calibration_time_s"] = q["quantize_time_s"], q["calibration_time_s"]
     acc.update(accounting.measured_quantized_sizes(model, targets, qmod.state_bytes))
-    recipe.with_adapters(acc, model, targets, adapters.get(spec.peft_method), spec)
+    plan.with_adapters(acc, model, targets, adapters.get(spec.peft_method), spec)
     return acc
 
 
@@ -68,7 +68,7 @@ def main(overrides: list[str]) -> int:
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         spec = validate(job_config(compose(config_name="run", overrides=overrides)))
     device = models.resolve_device(spec.train.device)
-    planned = recipe.plan_accounting(spec)
+    planned = plan.plan_accounting(spec)
     real = measured(spec, device)
     print(f"\n{spec.model.name} / {spec.quant_name} / {spec.peft_method} on {device}")
     print(f"{'key':<24} {'planned':>18} {'measured':>18} {'measured/planned':>17}")

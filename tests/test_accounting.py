@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import REFERENCE
 
-from qpeft_bench import accounting, adapters, calibration, quant, recipe
+from qpeft_bench import accounting, adapters, calibration, plan, quant
 from qpeft_bench.spec import validate
 
 GIB, MIB = 2**30, 2**20
@@ -33,7 +33,7 @@ def test_reference_rows_are_exercised():
 @pytest.mark.parametrize("row", _reference_rows(), ids=lambda r: f"{r['method']}-r{r['r']}-a{r['alpha']}")
 def test_plan_reproduces_published_llama2_7b_accounting(compose, row):
     spec = validate(compose(["mode=plan", "model=llama2_7b", "quant=nf4", f"peft={row['method']}", *_knobs(row)]))
-    acc = recipe.plan_accounting(spec)
+    acc = plan.plan_accounting(spec)
     assert acc["trainable_params"] == int(row["trainable_params"])  # exactly: it follows from the shapes
     published_gib = float(row["quantized_size_published_GB"])
     assert acc["param_buffer_bytes"] / GIB == pytest.approx(published_gib, rel=0.005)
@@ -51,7 +51,7 @@ def test_plan_reproduces_published_llama2_7b_accounting(compose, row):
 def test_nf4_double_quant_storage_matches_the_gpu_measurement(compose):
     # Measured on the lent H100 with bitsandbytes (shared/reference/gpu_baseline.md): parameters+buffers
     # 3,762,823,680 B plus absmax/double-quant state 103,013,248 B.
-    acc = recipe.plan_accounting(validate(compose(["mode=plan", "model=llama2_7b", "peft.r=64"])))
+    acc = plan.plan_accounting(validate(compose(["mode=plan", "model=llama2_7b", "peft.r=64"])))
     assert acc["param_buffer_bytes"] == 3_762_823_680
     assert acc["quant_state_bytes"] == 103_013_248
     assert acc["quantized_model_bytes"] / GIB == pytest.approx(3.600, abs=0.0005)
@@ -60,7 +60,7 @@ def test_nf4_double_quant_storage_matches_the_gpu_measurement(compose):
 
 @pytest.mark.parametrize("model", ["llama_7b", "llama_13b", "llama2_13b", "llama2_70b", "llama3_8b", "opt_1_3b"])
 def test_plan_mode_works_for_every_card(compose, model):
-    acc = recipe.plan_accounting(validate(compose(["mode=plan", f"model={model}", "peft.r=16"])))
+    acc = plan.plan_accounting(validate(compose(["mode=plan", f"model={model}", "peft.r=16"])))
     assert acc["quantized_model_bytes"] < acc["base_model_bytes"] / 2
     assert acc["trainable_params"] > 0
 
@@ -94,7 +94,7 @@ def test_plan_and_real_agree_on_the_tiny_model(compose, qname, overrides):
     from qpeft_bench import models
 
     spec = validate(compose([f"quant={qname}", "peft.r=4", *overrides]))
-    planned = recipe.plan_accounting(spec)
+    planned = plan.plan_accounting(spec)
 
     model = models.load_model(spec.model.path, spec.model.dtype, "cpu")
     targets = list(models.find_linears(model, spec.model.linear_names))
@@ -102,7 +102,7 @@ def test_plan_and_real_agree_on_the_tiny_model(compose, qname, overrides):
     windows = calibration.random_windows(model.config.vocab_size, 8, 64, 0)
     quant.quantize_model(qname, model, targets, spec.quant, spec.model.dtype, "cpu", windows=windows)
     real.update(accounting.measured_quantized_sizes(model, targets, quant.get(qname).state_bytes))
-    recipe.with_adapters(real, model, targets, adapters.get("lora"), spec)
+    plan.with_adapters(real, model, targets, adapters.get("lora"), spec)
 
     for key in (
         "total_params",
@@ -137,7 +137,7 @@ def test_accounting_functions_on_a_hand_built_model():
 def test_plan_hqq_llama2_7b_matches_the_gpu_measurement(compose, nbits, published_pb):
     # shared/reference/gpu_baseline.md, measured with the hqq API on the lent H100: parameters+buffers as
     # printed, plus scale/zero in `meta` of 404,750,336 B (bf16, one of each per group of 64).
-    acc = recipe.plan_accounting(
+    acc = plan.plan_accounting(
         validate(compose(["mode=plan", "model=llama2_7b", "quant=hqq", f"quant.nbits={nbits}", "peft.r=64"]))
     )
     assert acc["param_buffer_bytes"] == pytest.approx(published_pb, rel=0.005)

@@ -10,7 +10,6 @@ PACKAGE = "qpeft_bench"
 ROOT = Path(__file__).resolve().parent.parent / PACKAGE
 
 
-
 def _modules() -> dict[str, Path]:
     out = {}
     for path in sorted(ROOT.rglob("*.py")):

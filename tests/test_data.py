@@ -15,8 +15,6 @@ import yaml
 
 from qpeft_bench import data
 from qpeft_bench.data import (
-    ALPACA_PROMPT_INPUT,
-    ALPACA_PROMPT_NO_INPUT,
     FORMATS,
     IGNORE_INDEX,
     check_source,
@@ -26,6 +24,7 @@ from qpeft_bench.data import (
     split_train_val,
     tokenize_examples,
 )
+from qpeft_bench.data_formats import ALPACA_PROMPT_INPUT, ALPACA_PROMPT_NO_INPUT
 
 ASSETS = Path(data.__file__).parent / "assets" / "data"
 FIXTURES = ASSETS / "fixtures"

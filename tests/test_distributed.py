@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from conftest import FAST
 
-from qpeft_bench import distributed, models, recipe
+from qpeft_bench import distributed, models, plan, recipe
 from qpeft_bench.config import ConfigError
 from qpeft_bench.spec import validate
 
@@ -304,11 +304,11 @@ def test_fsdp_without_a_local_checkpoint_is_refused_before_loading(compose, tmp_
 def test_plan_mode_estimates_memory_per_gpu(compose):
     def estimate(*extra):
         spec = validate(compose(["mode=plan", "model=llama2_70b", "train=qlora", "peft.r=64", *extra]))
-        return recipe.plan_estimate(spec, recipe.plan_accounting(spec))
+        return plan.plan_estimate(spec, plan.plan_accounting(spec))
 
     one, ddp = estimate(), estimate("train.distributed=ddp", "train.gpus=2")
     fsdp2, fsdp4 = (estimate("train.distributed=fsdp", f"train.gpus={n}") for n in (2, 4))
-    acc = recipe.plan_accounting(validate(compose(["mode=plan", "model=llama2_70b", "peft.r=64"])))
+    acc = plan.plan_accounting(validate(compose(["mode=plan", "model=llama2_70b", "peft.r=64"])))
     adapter_grads = acc["trainable_params"] * 2  # bf16 gradients: DDP keeps a bucket copy of them
     assert ddp["peak_memory_bytes"] - one["peak_memory_bytes"] == adapter_grads
     assert one["peak_memory_bytes"] > fsdp2["peak_memory_bytes"] > fsdp4["peak_memory_bytes"]

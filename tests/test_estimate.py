@@ -2,7 +2,7 @@
 
 Expected values come from the reference stack measured on the lent H100, /work/shared/reference/gpu_baseline.md
 (QLoRA r64 NF4+DQ on a LLaMA-2-7B-shaped model, batch 8 x 512). Architecture numbers are read from the model cards
-and quantized bytes / trainable counts from recipe.plan_accounting, never typed here. The activation and FLOP
+and quantized bytes / trainable counts from plan_accounting, never typed here. The activation and FLOP
 formulas are also checked against what autograd saves and what torch's FlopCounterMode counts on tiny models.
 """
 
@@ -11,9 +11,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qpeft_bench import estimate, models, quant, recipe
+from qpeft_bench import estimate, models, quant
 from qpeft_bench.adapters import lora
 from qpeft_bench.config import ConfigError
+from qpeft_bench.plan import plan_accounting
 from qpeft_bench.spec import validate
 from qpeft_bench.train import autocast, prepare_for_training
 
@@ -47,7 +48,7 @@ def plan(compose):
     def _plan(*overrides):
         if overrides not in cache:
             spec = validate(compose(["mode=plan", "model=llama2_7b", *overrides]))
-            cache[overrides] = (spec, recipe.plan_accounting(spec))
+            cache[overrides] = (spec, plan_accounting(spec))
         return cache[overrides]
 
     return _plan
@@ -179,7 +180,7 @@ def test_norm_upcast_widens_norms_and_with_bitsandbytes_the_stream(plan):
 
 def test_opt_1_3b_runs(compose):
     spec = validate(compose(["mode=plan", "model=opt_1_3b", "quant=nf4", "peft.r=16"]))
-    acc = recipe.plan_accounting(spec)
+    acc = plan_accounting(spec)
     with_gc, without = _memory(spec, acc, gc=True), _memory(spec, acc, gc=False)
     assert acc["quantized_model_bytes"] < with_gc["allocated_peak_bytes"] < without["allocated_peak_bytes"]
     arch = spec.model.arch_dict()

@@ -13,7 +13,7 @@ from conftest import FAST
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from qpeft_bench import adapters, calibration, models, quant, recipe
+from qpeft_bench import adapters, calibration, models, plan, quant, recipe
 from qpeft_bench.adapters import irqlora, weak_columns
 from qpeft_bench.adapters.base import AdapterLinear, dense_weight
 from qpeft_bench.config import ConfigError
@@ -378,7 +378,7 @@ def _shapes(spec) -> dict[str, tuple[int, int]]:
 )
 def test_plan_mode_counts(compose, overrides):
     spec = validate(compose([*overrides, "mode=plan"]))
-    acc = recipe.plan_accounting(spec)
+    acc = plan.plan_accounting(spec)
     shapes = _shapes(spec)
     if spec.peft_method == "irqlora":
         want = sum(32 * i + 32 * o + 2 for i, o in shapes.values())
@@ -405,7 +405,7 @@ def test_short_run_end_to_end(compose, tmp_path, overrides):
     assert recipe.run(config, tmp_path, progress=False) == "completed"
     rec = json.loads((tmp_path / "result.json").read_text())
     spec = validate(config)
-    acc, planned = rec["accounting"], recipe.plan_accounting(validate({**config, "mode": "plan"}))
+    acc, planned = rec["accounting"], plan.plan_accounting(validate({**config, "mode": "plan"}))
     for key in ("trainable_params", "adapter_bytes", "peft_overhead_bytes"):
         assert acc[key] == planned[key], key
     shapes = _shapes(spec)

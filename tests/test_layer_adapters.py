@@ -12,7 +12,7 @@ import re
 import pytest
 import torch
 
-from qpeft_bench import ASSETS, adapters, layers, models, quant, recipe
+from qpeft_bench import ASSETS, adapters, layers, models, plan, quant
 from qpeft_bench.adapters import base
 from qpeft_bench.config import ConfigError
 from qpeft_bench.layers import TYPE_GROUPS
@@ -217,7 +217,7 @@ def test_plan_counts_follow_the_per_group_ranks(compose, method, extra):
         "peft.by_layer.first_half.r=16",
     ]
     spec = validate(compose(overrides))
-    acc = recipe.plan_accounting(spec)
+    acc = plan.plan_accounting(spec)
     shapes = models.linear_shapes(spec.model.arch_dict(), spec.model.dtype, spec.model.linear_names)
     n = spec.model.arch_dict()["num_hidden_layers"]
 

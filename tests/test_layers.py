@@ -7,7 +7,7 @@ import json
 import pytest
 from conftest import FAST
 
-from qpeft_bench import layers, recipe
+from qpeft_bench import layers, plan, recipe
 from qpeft_bench.config import ConfigError
 from qpeft_bench.spec import validate
 
@@ -38,7 +38,7 @@ def test_halves_split_by_block_index_with_the_middle_block_in_the_second_half():
 def test_plan_counts_follow_the_per_group_ranks(compose):
     overrides = ["mode=plan", "model=llama2_7b", "peft.r=64", "peft.by_layer.mlp.r=32", "peft.by_layer.first_half.r=16"]
     spec = validate(compose(overrides))
-    acc = recipe.plan_accounting(spec)
+    acc = plan.plan_accounting(spec)
     arch = spec.model.arch_dict()
     h, f, n = arch["hidden_size"], arch["intermediate_size"], arch["num_hidden_layers"]
     attn, mlp = 4 * (h + h), 3 * (h + f)  # r * (in + out) per module, summed per block
@@ -57,7 +57,7 @@ def test_a_real_run_records_and_applies_the_per_module_knobs(compose, tmp_path):
     assert pl["model.layers.0.mlp.up_proj"] == {"r": 4, "alpha": 16}
     assert pl["model.layers.3.mlp.up_proj"] == {"r": 4, "alpha": 4}
     assert pl["model.layers.0.self_attn.k_proj"] == {"r": 8, "alpha": 16}
-    planned = recipe.plan_accounting(validate({**config, "mode": "plan"}))
+    planned = plan.plan_accounting(validate({**config, "mode": "plan"}))
     assert rec["accounting"]["trainable_params"] == planned["trainable_params"]
 
 
@@ -97,7 +97,7 @@ def test_our_pooled_adapters_take_per_group_knobs(compose, tmp_path, option, ove
     rec = json.loads((tmp_path / "result.json").read_text())
     assert rec["peft_layers"]["model.layers.3.mlp.down_proj"][knob] == values[1]
     assert rec["peft_layers"]["model.layers.3.self_attn.q_proj"][knob] == values[0]
-    planned = recipe.plan_accounting(validate({**config, "mode": "plan"}))
+    planned = plan.plan_accounting(validate({**config, "mode": "plan"}))
     assert rec["accounting"]["trainable_params"] == planned["trainable_params"]
 
 

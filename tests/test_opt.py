@@ -11,7 +11,7 @@ import shutil
 import pytest
 from conftest import FAST
 
-from qpeft_bench import ASSETS, recipe
+from qpeft_bench import ASSETS, plan, recipe
 from qpeft_bench.spec import validate
 
 OPT_NAMES = "[q_proj,k_proj,v_proj,out_proj,fc1,fc2]"
@@ -55,13 +55,13 @@ def test_real_runs_on_an_opt_model(compose, tmp_path, tiny_opt, qname):
     assert len(layers) == 2 * 6 and any(n.endswith("self_attn.out_proj") for n in layers)
     assert all(math.isfinite(e["output_rel_error"]) for e in layers.values())
     assert math.isfinite(rec["eval"]["after"]["ppl_heldout"])
-    planned = recipe.plan_accounting(validate({**config, "mode": "plan"}))
+    planned = plan.plan_accounting(validate({**config, "mode": "plan"}))
     for key in ("quantized_model_bytes", "param_buffer_bytes", "trainable_params", "adapter_bytes"):
         assert rec["accounting"][key] == planned[key], key
 
 
 def test_plan_mode_on_the_opt_1_3b_card(compose):
-    acc = recipe.plan_accounting(validate(compose(["model=opt_1_3b", "mode=plan", "quant=smoothquant", "peft.r=16"])))
+    acc = plan.plan_accounting(validate(compose(["model=opt_1_3b", "mode=plan", "quant=smoothquant", "peft.r=16"])))
     # LoRA on the six linear types of 24 layers: r (in + out) per layer, from the card's shapes
     h, f, layers, r = 2048, 8192, 24, 16
     assert acc["trainable_params"] == layers * r * (4 * (h + h) + (h + f) + (f + h))

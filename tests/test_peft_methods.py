@@ -13,7 +13,7 @@ import torch
 from conftest import FAST
 from transformers import LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
 
-from qpeft_bench import adapters, calibration, models, quant, recipe
+from qpeft_bench import adapters, calibration, models, plan, quant, recipe
 from qpeft_bench.adapters import base
 from qpeft_bench.config import ConfigError
 from qpeft_bench.spec import validate
@@ -529,7 +529,7 @@ def test_plan_counts_are_exact_on_every_card(compose, card):
         else:  # A: r x in, B: out x r, DoRA magnitude: out
             want = sum(r * (i + o) + o for i, o in shapes.values())
             elem = 2
-        acc = recipe.plan_accounting(spec)
+        acc = plan.plan_accounting(spec)
         assert acc["trainable_params"] == want, option
         assert acc["adapter_bytes"] == acc["peft_overhead_bytes"] == elem * want
 

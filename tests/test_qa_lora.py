@@ -11,7 +11,7 @@ from conftest import FAST
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from qpeft_bench import calibration, models, quant, recipe
+from qpeft_bench import calibration, models, plan, quant, recipe
 from qpeft_bench.adapters import base, qa_lora
 from qpeft_bench.config import ConfigError
 from qpeft_bench.spec import validate
@@ -199,7 +199,7 @@ def test_attach_on_meta_device_and_plan_counts(compose):
             ]
         )
     )
-    acc = recipe.plan_accounting(spec)
+    acc = plan.plan_accounting(spec)
     # LLaMA-2-7B per block: q,k,v,o 4096->4096; gate,up 4096->11008; down 11008->4096; 32 blocks
     per_block = (
         4 * (64 * 4096 // 128 + 4096 * 64) + 2 * (64 * 4096 // 128 + 11008 * 64) + (64 * 11008 // 128 + 4096 * 64)

@@ -226,12 +226,12 @@ def test_attach_on_the_meta_device():
 
 def test_plan_mode_counts_on_llama2_7b(compose):
     plan = ["mode=plan", "model=llama2_7b"]
-    lora = recipe.plan_accounting(validate(compose([*plan, "peft=lora", "peft.r=64"])))
-    bara = recipe.plan_accounting(validate(compose([*plan, "peft=qbara", "peft.r=64"])))
+    lora = plan.plan_accounting(validate(compose([*plan, "peft=lora", "peft.r=64"])))
+    bara = plan.plan_accounting(validate(compose([*plan, "peft=qbara", "peft.r=64"])))
     assert bara["trainable_params"] == lora["trainable_params"] == 159_907_840  # QLoRA's published r=64 count
     spec = validate(compose([*plan, "peft=qahira"]))
     shapes = models.linear_shapes(spec.model.arch_dict(), spec.model.dtype, spec.model.linear_names)
-    hira = recipe.plan_accounting(spec)
+    hira = plan.plan_accounting(spec)
     assert hira["trainable_params"] == sum(i * o // (4 * 8) for i, o in shapes.values())
     assert hira["adapter_bytes"] == 2 * hira["trainable_params"]  # bf16
 

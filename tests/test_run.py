@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from conftest import CLI, FAST, ROOT
 
-from qpeft_bench import quant, recipe, results
+from qpeft_bench import plan, quant, recipe, results
 from qpeft_bench.spec import validate
 
 ACCOUNTING_KEYS = {
@@ -59,7 +59,7 @@ def test_short_run_on_each_quantizer(compose, tmp_path, qname):
     rec = json.loads((tmp_path / "result.json").read_text())
     acc, q = rec["accounting"], rec["quant"]
     assert rec["config"]["quant"]["name"] == q["name"] == qname
-    planned = recipe.plan_accounting(validate({**config, "mode": "plan"}))
+    planned = plan.plan_accounting(validate({**config, "mode": "plan"}))
     assert acc["bits_per_weight"] == pytest.approx(planned["bits_per_weight"], rel=1e-9)
     assert acc["quantized_model_bytes"] == planned["quantized_model_bytes"]
     # every layer's error was measured on the probe; a real quantizer loses something, none only bf16 rounding

@@ -13,7 +13,7 @@ from conftest import FAST
 from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from qpeft_bench import recipe, speed
+from qpeft_bench import quantized_base, recipe, speed
 from qpeft_bench.adapters import lora
 from qpeft_bench.config import ConfigError
 from qpeft_bench.spec import validate
@@ -205,7 +205,7 @@ def test_fused_and_plain_runs_train_the_same(compose, tmp_path):
 
 
 def test_a_sweep_quantizes_its_base_once_and_trains_as_a_fresh_run_would(compose, tmp_path, monkeypatch):
-    recipe._BASE_CACHE.clear()
+    quantized_base._BASE_CACHE.clear()
     records = {}
     for name, extra in (("first", ["seed=1"]), ("second", ["seed=2"]), ("fresh", ["seed=2", "train.reuse_base=false"])):
         assert recipe.run(compose([*FAST, *extra]), tmp_path / name, progress=False) == "completed"
@@ -222,11 +222,11 @@ def test_a_sweep_quantizes_its_base_once_and_trains_as_a_fresh_run_would(compose
         assert untimed(records["second"][key]) == untimed(records["fresh"][key])
     assert records["second"]["train"]["losses"] == records["fresh"]["train"]["losses"]
     assert records["second"]["quant"]["weight_rel_error"] == records["first"]["quant"]["weight_rel_error"]
-    recipe._BASE_CACHE.clear()
+    quantized_base._BASE_CACHE.clear()
 
 
 def test_the_cached_copy_of_a_4bit_base_holds_nothing_of_the_model_it_was_copied_from():
-    """recipe._BASE_CACHE deep-copies the quantized base: a back-reference from a 4-bit weight to its layer would
+    """quantized_base._BASE_CACHE deep-copies the quantized base: a back-reference from a 4-bit weight to its layer would
     come along as the same object and keep the finished run's model (on the GPU: a whole base) alive."""
     import gc
     import weakref
@@ -277,7 +277,7 @@ def test_gpu_a_4bit_base_survives_the_trip_to_the_cpu_cache_and_back():
     with torch.no_grad():
         before = base(input_ids=ids).logits
     base.to("cpu")
-    copied = copy.deepcopy(base).to("cuda")  # what recipe._BASE_CACHE hands the next run
+    copied = copy.deepcopy(base).to("cuda")  # what quantized_base._BASE_CACHE hands the next run
     base.to("cuda")
     with torch.no_grad():
         assert torch.equal(copied(input_ids=ids).logits, before)

@@ -9,7 +9,7 @@ import torch
 from conftest import ROOT
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from qpeft_bench import adapters, calibration, models, quant
+from qpeft_bench import adapters, calibration, models, plan, quant
 from qpeft_bench.config import adapter_target
 from qpeft_bench.spec import validate
 
@@ -80,7 +80,6 @@ def test_every_supported_cell_trains(compose, cells, tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("card", support_matrix.options("model"))
 def test_plan_mode_counts_every_method_on_every_card(compose, cells, card):
-    from qpeft_bench import recipe
 
     for peft_option in sorted({p for p, _ in cells}):
         quant_option = next(q for (p, q), why in sorted(cells.items()) if p == peft_option and why is None)
@@ -90,7 +89,7 @@ def test_plan_mode_counts_every_method_on_every_card(compose, cells, card):
         except Exception as err:
             assert type(err).__name__ == "ConfigError", (card, peft_option, err)
             continue
-        acc = recipe.plan_accounting(spec)
+        acc = plan.plan_accounting(spec)
         shapes = models.linear_shapes(spec.model.arch_dict(), spec.model.dtype, spec.model.linear_names)
         assert acc["trainable_params"] == _expected_count(spec, shapes), (card, peft_option)
         assert 0 < acc["trainable_params"] < acc["total_params"]

@@ -1,0 +1,175 @@
+"""Fine-tuning data formats: raw rows of each data set, in the hub's own schema, turned into examples.
+
+Each loader turns raw rows into examples ``{"source": str, "target": str}``; the loss goes on the target
+(and on the source too when ``train_on_source``). What each format produces:
+
+- ``alpaca``, ``open_platypus``: source = QLoRA's Alpaca prompt (with or without the input block),
+  target = ``output``.
+- ``hh_rlhf``: source = "", target = the whole ``chosen`` dialogue ("\\n\\nHuman: ...\\n\\nAssistant: ...").
+- ``oasst1``: raw OpenAssistant message trees. Per tree, follow the best reply at each level (lowest
+  ``rank``, skipping deleted messages and messages that failed review) from the root prompt down to the
+  last assistant reply; source = "", target = "### Human: ...### Assistant: ..." (guanaco's layout).
+  ``variant`` = a language code (e.g. "en") keeps only trees whose root prompt is in that language;
+  ``None`` keeps all languages, as timdettmers/openassistant-guanaco does.
+- ``guanaco``: source = "", target = ``text`` ("### Human: ...### Assistant: ...").
+- ``unnatural``: one example per instance: source = ``instruction_with_input`` + "\\n", target =
+  ``output``; ``variant="full"`` adds one example per reformulation (the 240,670-example set),
+  ``"core"`` (or ``None``) uses the instances only (66,010 rows, 68,478 instances).
+- ``guanaco_llama2``: source = "", target = ``text`` without its outer "<s>" / "</s>" (we add BOS/EOS
+  ids ourselves; inner turn markers stay as text).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass
+
+# QLoRA's template, byte for byte (including the space after "Response:"), so runs match the studies.
+ALPACA_PROMPT_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response: "
+)
+ALPACA_PROMPT_NO_INPUT = (
+    "Below is an instruction that describes a task. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Response: "
+)
+OASST_SPEAKERS = {"prompter": "Human", "assistant": "Assistant"}
+
+Example = dict[str, str]
+Row = dict
+
+
+def _alpaca_example(row: Row) -> Example:
+    # QLoRA treats a missing input like an empty one; Open-Platypus rows almost always have input "".
+    template = ALPACA_PROMPT_INPUT if row.get("input") else ALPACA_PROMPT_NO_INPUT
+    source = template.format(instruction=row["instruction"], input=row.get("input") or "")
+    return {"source": source, "target": row["output"]}
+
+
+def _alpaca(rows: list[Row], variant: str | None) -> list[Example]:
+    return [_alpaca_example(row) for row in rows]
+
+
+def _hh_rlhf(rows: list[Row], variant: str | None) -> list[Example]:
+    # The studies train on the preferred dialogue only; the whole dialogue is the target (QLoRA).
+    return [{"source": "", "target": row["chosen"]} for row in rows]
+
+
+def _guanaco(rows: list[Row], variant: str | None) -> list[Example]:
+    return [{"source": "", "target": row["text"]} for row in rows]
+
+
+def _strip_llama2_wrapper(text: str) -> str:
+    # The text carries literal "<s>" / "</s>" around it; we add BOS/EOS as ids, and leaving the strings in
+    # would give a double BOS (tokenizers that parse special-token strings) or train on the characters
+    # "<s>" (tokenizers that don't, e.g. OPT's, whose BOS is "</s>").
+    text = text.strip()
+    text = text.removeprefix("<s>")
+    return text.removesuffix("</s>").strip()
+
+
+def _guanaco_llama2(rows: list[Row], variant: str | None) -> list[Example]:
+    return [{"source": "", "target": _strip_llama2_wrapper(row["text"])} for row in rows]
+
+
+def _as_records(value: list | dict | None) -> list[dict]:
+    # The hub stores instances as list<struct>; a file written by datasets' to_json from a Sequence
+    # feature holds the same data as a struct of lists. Accept both.
+    if not value:
+        return []
+    if isinstance(value, dict):
+        return [dict(zip(value, items, strict=True)) for items in zip(*value.values(), strict=True)]
+    return list(value)
+
+
+def _unnatural(rows: list[Row], variant: str | None) -> list[Example]:
+    # A newline ends the source so the response starts on its own line for every tokenizer: byte-level
+    # BPE tokenizers would otherwise glue the first output word to the end of the input.
+    fields = ("instances", "reformulations") if variant == "full" else ("instances",)
+    return [
+        {"source": item["instruction_with_input"] + "\n", "target": item["output"]}
+        for row in rows
+        for field in fields
+        for item in _as_records(row.get(field))
+    ]
+
+
+def _oasst_usable(msg: Row) -> bool:
+    # Deleted messages and those that failed review are not training data, nor is anything below them.
+    # review_result is None for messages with too few reviews: only an explicit failed review excludes one.
+    ready = msg.get("tree_state", "ready_for_export") == "ready_for_export"
+    return ready and not msg.get("deleted") and msg.get("review_result") is not False
+
+
+def _oasst_rank_key(item: tuple[int, Row]) -> tuple:
+    # Lowest rank wins (0 = best). Unranked replies (a lone reply, most prompter replies) come after ranked
+    # ones; ties fall to the earliest message, then file order, so the choice is deterministic.
+    position, msg = item
+    rank = msg.get("rank")
+    return (rank is None, rank if rank is not None else 0, msg.get("created_date") or "", position)
+
+
+def _oasst_best_path(root: Row, children: dict[str, list[tuple[int, Row]]]) -> list[Row]:
+    path = [root]
+    while replies := children.get(path[-1]["message_id"]):
+        path.append(min(replies, key=_oasst_rank_key)[1])
+    while path and path[-1]["role"] != "assistant":  # a trailing prompt has no answer to learn
+        path.pop()
+    return path
+
+
+def _oasst_conversation(path: list[Row]) -> str:
+    return "".join(f"### {OASST_SPEAKERS[msg['role']]}: {msg['text']}" for msg in path)
+
+
+def _oasst1(rows: list[Row], variant: str | None) -> list[Example]:
+    children: dict[str | None, list[tuple[int, Row]]] = defaultdict(list)
+    for position, msg in enumerate(rows):
+        if _oasst_usable(msg):
+            children[msg["parent_id"]].append((position, msg))
+    examples = []
+    for _, root in children.get(None, []):
+        if variant is not None and root.get("lang") != variant:
+            continue
+        if path := _oasst_best_path(root, children):
+            examples.append({"source": "", "target": _oasst_conversation(path)})
+    return examples
+
+
+@dataclass(frozen=True)
+class _Format:
+    build: Callable[[list[Row], str | None], list[Example]]
+    fields: tuple[str, ...]  # top-level fields every row must have
+    variants: tuple[str | None, ...] = (None,)  # allowed values of `variant`; () means "any string"
+
+
+FORMATS: dict[str, _Format] = {
+    "alpaca": _Format(_alpaca, ("instruction", "output")),
+    "hh_rlhf": _Format(_hh_rlhf, ("chosen",)),
+    "oasst1": _Format(_oasst1, ("message_id", "parent_id", "role", "text", "rank"), variants=()),
+    "guanaco": _Format(_guanaco, ("text",)),
+    "unnatural": _Format(_unnatural, ("instances",), variants=(None, "core", "full")),
+    "open_platypus": _Format(_alpaca, ("instruction", "output")),
+    "guanaco_llama2": _Format(_guanaco_llama2, ("text",)),
+}
+
+
+def get_format(fmt: str) -> _Format:
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown data format {fmt!r}; choose one of: {', '.join(FORMATS)}")
+    return FORMATS[fmt]
+
+
+def required_fields(fmt: str, variant: str | None) -> tuple[str, ...]:
+    extra = ("reformulations",) if (fmt, variant) == ("unnatural", "full") else ()
+    return get_format(fmt).fields + extra
+
+
+def check_variant(fmt: str, variant: str | None) -> None:
+    allowed = get_format(fmt).variants
+    if allowed and variant not in allowed:
+        names = ", ".join("null" if v is None else v for v in allowed)
+        raise ValueError(f"data format {fmt!r} has no variant {variant!r}; use one of: {names}")

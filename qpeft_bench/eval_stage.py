@@ -1,0 +1,81 @@
+"""Steps 4 and 7 of a run: the eval tasks on the base ("before") or the fine-tuned model ("after"), into the record.
+
+The base's results are cached across a sweep on everything they depend on (`base_eval_cache`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from qpeft_bench import data, evaluation, fingerprint, results
+from qpeft_bench.config import RunSpec
+
+
+def run_eval(
+    spec: RunSpec,
+    tokenizer,
+    val_set: list[dict],
+    device: str,
+    torch_dtype,
+    progress: bool,
+    record: dict,
+    model,
+    stage: str,
+    cache,
+) -> None:
+    """Evaluate `model` on the run's eval tasks into record["eval"][stage] (adding to what is there), with each
+    task's protocol and time."""
+    ev = spec.eval
+    out, seconds = evaluation.evaluate(
+        model,
+        tokenizer,
+        ev.tasks,
+        stage=stage,
+        device=device,
+        compute_dtype=torch_dtype,
+        progress=progress,
+        heldout_batches=lambda: _batches(
+            val_set, ev.batch_size, tokenizer.pad_token_id, seed=0, group=False, limit=ev.max_batches
+        ),
+        wikitext=dataclasses.asdict(ev.wikitext),
+        harness_cfg=dataclasses.asdict(ev.harness),
+        speed_cfg=dataclasses.asdict(ev.speed),
+        data_root=ev.data_root,
+        batch_size=ev.batch_size,
+        cache=cache,
+    )
+    record["eval"].setdefault(stage, {}).update(out)
+    record["eval"].setdefault("time_s", {}).setdefault(stage, {}).update(seconds)
+    record["eval"].setdefault("protocols", {}).update({t: evaluation.PROTOCOLS[t] for t in out})
+    if cache is not None:
+        record["eval"]["before_cached"] = sorted(set(out) - set(seconds))
+
+
+def base_eval_cache(spec: RunSpec, compute_dtype: str, device: str) -> evaluation.BaseEvalCache:
+    """What the quantized base's results depend on: the model, the quantizer and its calibration, the data split
+    (held-out set), the compute dtype, the device kind and this code (a content hash of the package)."""
+    identity = {
+        "model": dataclasses.asdict(spec.model),
+        "quant": [spec.quant_name, dataclasses.asdict(spec.quant)],
+        "calib": dataclasses.asdict(spec.calib),
+        "data": dataclasses.asdict(spec.data),
+        "compute_dtype": compute_dtype,
+        "device": device.split(":")[0],
+        "code": results.code_fingerprint(),
+        "inputs": fingerprint.spec_inputs(spec),  # the files' contents, not only their paths
+    }
+    from qpeft_bench.evaluation import harness  # task-set names only: lm-eval loads when a set runs
+
+    ev = spec.eval
+    settings = {
+        "ppl_heldout": {"max_batches": ev.max_batches},
+        "ppl_wikitext": {**dataclasses.asdict(ev.wikitext), "data_root": ev.data_root},
+        **{t: {**dataclasses.asdict(ev.harness), "data_root": ev.data_root} for t in harness.TASK_SETS},
+    }
+    return evaluation.BaseEvalCache(identity, settings)
+
+
+def _batches(features: list[dict], batch_size: int, pad_id: int, seed: int, group: bool, limit: int | None = None):
+    order = data.make_batches([len(f["input_ids"]) for f in features], batch_size, seed=seed, group_by_length=group)
+    for idx in order[:limit]:
+        yield data.collate([features[i] for i in idx], pad_id)

@@ -1,0 +1,186 @@
+"""Steps 1-3 of a run: the data split, the base model loaded and counted, then quantized in place.
+
+Fine-tuning, re-evaluation and the rebuild after sharded training all start from `load_base`. Within one process a
+sweep's next run with the same model and quantizer reuses the last quantized base from a CPU copy (`_BASE_CACHE`).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import functools
+import json
+import logging
+import time
+import typing
+
+import torch
+
+from qpeft_bench import accounting, calibration, data, fingerprint, models, quant
+from qpeft_bench.config import RunSpec
+
+log = logging.getLogger("qpeft_bench")
+
+
+class Base(typing.NamedTuple):
+    """The quantized base and its data, as fine-tuning and re-evaluation both start from them."""
+
+    tokenizer: typing.Any
+    train_set: list
+    val_set: list
+    model: torch.nn.Module
+    targets: list
+    compute_dtype: str
+    torch_dtype: torch.dtype
+
+
+def load_base(spec: RunSpec, device: str, record: dict, save, progress: bool, keep: bool = True) -> Base:
+    """Steps 1-3: the data split, the base model in its dtype (counted) and quantized in place (errors measured).
+    `keep`: leave a CPU copy for the next run of this process (train.reuse_base)."""
+    d, t = spec.data, spec.train
+    source = d.path or d.hub_id
+
+    # 1. Data: fixed 80/20 split; loss on responses only unless train_on_source.
+    tokenizer = models.load_tokenizer(spec.model.path or spec.model.hub_id)
+    examples = data.load_examples(
+        d.format, path=d.path, hub_id=d.hub_id, variant=d.variant, max_examples=d.max_examples
+    )
+    train_ex, val_ex = data.split_train_val(examples, d.val_fraction, d.split_seed)
+    tok = functools.partial(
+        data.tokenize_examples,
+        tokenizer=tokenizer,
+        max_source_len=d.max_source_len,
+        max_target_len=d.max_target_len,
+        train_on_source=d.train_on_source,
+    )
+    train_set, val_set = tok(train_ex), tok(val_ex)
+    if not train_set or not val_set:
+        raise ValueError(
+            f"data {source!r}: {len(train_set)} train / {len(val_set)} validation examples after "
+            "tokenization; need at least one of each"
+        )
+    record["data"] = {
+        "source": source,
+        "examples": len(examples),
+        "train_examples": len(train_set),
+        "val_examples": len(val_set),
+    }
+    log.info("data: %d examples -> %d train / %d validation", len(examples), len(train_set), len(val_set))
+
+    # 2. Load the base in its dtype and count it before quantization changes the tensors.
+    compute_dtype = spec.model.dtype if t.compute_dtype == "auto" else t.compute_dtype
+    torch_dtype = models.DTYPE[compute_dtype]
+    key = _base_key(spec, compute_dtype, device)
+    if key is not None and key in _BASE_CACHE:  # a sweep's earlier run quantized this base already: reuse it
+        t0 = time.perf_counter()
+        cached, record["quant"], acc = copy.deepcopy(_BASE_CACHE[key])
+        model = cached.to(device)
+        record["quant"]["reused"] = {"from": "process cache", "seconds": time.perf_counter() - t0}
+        record["accounting"] = acc
+        log.info("quantized base reused from this process' cache in %.2f s", record["quant"]["reused"]["seconds"])
+        save()
+        return Base(
+            tokenizer,
+            train_set,
+            val_set,
+            model,
+            list(models.find_linears(model, spec.model.linear_names)),
+            compute_dtype,
+            torch_dtype,
+        )
+    layerwise = t.distributed == "fsdp"  # every process builds its own base: one layer in full precision at a time
+    if layerwise:
+        model = models.empty_model(spec.model.arch_dict(), spec.model.dtype)
+        model.config._name_or_path = spec.model.path  # where LoftQ finds the unquantized weights, as when loaded
+        source = models.TensorSource(spec.model.path, spec.model.dtype)
+    else:
+        model = models.load_model(spec.model.path or spec.model.hub_id, spec.model.dtype, device)
+    model.config.use_cache = False  # the KV cache is useless in training and costs memory
+    targets = list(models.find_linears(model, spec.model.linear_names))
+    acc = accounting.base_sizes(model)
+
+    # 3. Quantize the target linears in place, measuring each layer's weight and output error on the probe (not
+    # when loading layer by layer: the probe's inputs need the whole model in full precision).
+    windows = None if layerwise else calibration_windows(spec.calib, tokenizer, train_ex)
+    probe = None if windows is None else windows[: spec.calib.probe_samples]
+    fill = models.layerwise(model, targets, source, device) if layerwise else None
+    record["quant"] = quant.quantize_model(
+        spec.quant_name,
+        model,
+        targets,
+        spec.quant,
+        compute_dtype,
+        device,
+        windows=windows,
+        probe=probe,
+        progress=progress,
+        fill=fill,
+    )
+    record["quant"]["layerwise_load"] = layerwise
+    if windows is not None:
+        record["quant"]["calibration"] = {
+            "source": spec.calib.source,
+            "windows": windows.shape[0],
+            "seq_len": windows.shape[1],
+            "tokens": windows.numel(),
+        }
+    acc.update(accounting.measured_quantized_sizes(model, targets, quant.get(spec.quant_name).state_bytes))
+    record["accounting"] = acc
+    q = record["quant"]
+    log.info(
+        "quantized %d layers in %.2f s (+%.2f s calibration): weight error %.4f, output error %s",
+        len(targets),
+        q["quantize_time_s"],
+        q["calibration_time_s"],
+        q["weight_rel_error"],
+        "-" if q["output_rel_error"] is None else f"{q['output_rel_error']:.4f}",
+    )
+    save()
+    if key is not None and keep:
+        _BASE_CACHE.clear()  # one base at a time: a sweep ordered by (model, quantizer) reuses each while it lasts
+        model.to("cpu")  # moved, not copied, so the GPU never holds two bases
+        _BASE_CACHE[key] = copy.deepcopy((model, record["quant"], acc))
+        model.to(device)
+    return Base(tokenizer, train_set, val_set, model, targets, compute_dtype, torch_dtype)
+
+
+# The quantized base of the last run in this process, on the CPU, for the next run of a sweep with the same model
+# and quantizer (Hydra's default launcher runs a grid in one process). Only formats whose every tensor follows
+# Module.to() qualify (quant modules with PROCESS_REUSE = True): HQQ keeps scales and zeros in a plain dict that
+# .to() does not move, so an HQQ base is quantized again each run.
+_BASE_CACHE: dict[str, tuple] = {}
+
+
+def _base_key(spec: RunSpec, compute_dtype: str, device: str) -> str | None:
+    if not spec.train.reuse_base or not getattr(quant.get(spec.quant_name), "PROCESS_REUSE", False):
+        return None
+    calib = dataclasses.asdict(spec.calib)
+    uses_data = spec.calib.enabled and spec.calib.source == "finetune"  # windows cut from the training split
+    layerwise = spec.train.distributed == "fsdp"  # no probe, so its record says less: not another run's base
+    return json.dumps(
+        [
+            spec.model.path or spec.model.hub_id,
+            spec.model.dtype,
+            dataclasses.asdict(spec.model),
+            spec.quant_name,
+            dataclasses.asdict(spec.quant),
+            calib,
+            compute_dtype,
+            device,
+            layerwise,
+            dataclasses.asdict(spec.data) if uses_data else None,
+            fingerprint.spec_inputs(spec, ("model", "calib", "data") if uses_data else ("model", "calib")),
+        ],
+        sort_keys=True,
+        default=str,
+    )
+
+
+def calibration_windows(calib, tokenizer, train_examples: list[dict]):
+    """Calibration token windows (samples, seq_len) from the configured source, or None for calib=none."""
+    if not calib.enabled:
+        return None
+    texts = (
+        calibration.example_texts(train_examples) if calib.source == "finetune" else calibration.read_text(calib.path)
+    )
+    return calibration.token_windows(tokenizer, texts, calib.samples, calib.seq_len, calib.seed)
