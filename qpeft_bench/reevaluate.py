@@ -28,11 +28,14 @@ def trained_config(config: dict) -> tuple[Path, dict, dict]:
     record = results.read_record(run_dir)
     if record is None:
         raise ConfigError(f"run_dir={str(run_dir)!r} holds no readable {results.RECORD}")
-    if record.get("status") != "completed" or not record.get("adapter"):
+    # A failed run with a saved adapter failed after training (the adapter is saved once training is done): its
+    # evaluation, e.g. a benchmark file that went missing. Re-evaluating it finishes the run; the training is kept.
+    if record.get("status") not in ("completed", "failed") or not record.get("adapter"):
         raise ConfigError(
             f"run_dir={str(run_dir)!r}: status {record.get('status')!r}"
             f"{'' if record.get('adapter') else ', no saved adapter'}; only a completed run with a "
-            "saved adapter (train.save_adapter=true) can be re-evaluated"
+            "saved adapter (train.save_adapter=true), or one whose evaluation failed after its adapter was saved, "
+            "can be re-evaluated"
         )
     adapter = run_dir / record["adapter"]["path"]
     if not adapter.is_dir():
@@ -99,9 +102,11 @@ def _reevaluate(config: dict, progress: bool, summary: bool) -> str:
             ev.setdefault(key, {}).update(value)
         else:
             ev[key] = value
-    ev.setdefault("reevaluations", []).append(
-        {"time": results.now(), "tasks": spec.eval.tasks, "device": device, "eval": config["eval"]}
-    )
+    entry = {"time": results.now(), "tasks": spec.eval.tasks, "device": device, "eval": config["eval"]}
+    if record.get("status") == "failed":  # its evaluation failed after training: this one finished the run
+        entry["finished_failed_run"] = record.pop("error", None)
+        record["status"] = "completed"
+    ev.setdefault("reevaluations", []).append(entry)
     results.atomic_write_json(run_dir / results.RECORD, record)
     if summary:
         log.info("\n%s", summary_table(record, run_dir / results.RECORD))

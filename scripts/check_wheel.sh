@@ -36,4 +36,8 @@ step "qpeft-bench-array (stand-in sbatch)"
 printf '#!/usr/bin/env bash\necho 4242\n' > "$work/sbatch" && chmod +x "$work/sbatch"
 PATH="$bin:$PATH" SBATCH="$work/sbatch" GPUS=0 LOGS="$work/logs" "$bin/qpeft-bench-array" smoke \
     output_root="$work/array" | grep -qx 4242
+step "qpeft-bench-data wikitext"
+printf ' = Title = \n\n Some text , with words .\n' > "$work/wiki.test.raw"
+"$bin/qpeft-bench-data" wikitext "$work/wiki.test.raw" "$work/evaldata" >/dev/null
+test -s "$work/evaldata/wikitext/wikitext-2-raw-v1/test.jsonl" || { echo "check-wheel: no converted file" >&2; exit 1; }
 step "all passed"

@@ -199,3 +199,32 @@ def test_missing_benchmark_files_are_named_at_compose_time(compose, tmp_path):
 def test_wikitext_window_defaults_to_the_model_context_up_to_2048(compose):
     assert validate(compose(["eval=ppl_wikitext"])).eval.wikitext.seq_len == 512  # the tiny model's context
     assert validate(compose(["eval=ppl_wikitext", "model=llama2_7b", "mode=plan"])).eval.wikitext.seq_len == 2048
+
+
+def test_a_run_whose_evaluation_failed_after_training_keeps_its_adapter_and_is_finished_by_mode_eval(
+    compose, tmp_path, monkeypatch
+):
+    """Issue 19: an evaluation that fails after training (a benchmark file gone, a crash in a task) must not lose
+    the training: the adapter is kept and `mode=eval` finishes the run."""
+    from qpeft_bench import eval_stage
+
+    real = eval_stage.run_eval
+
+    def failing_after(*args, **kwargs):
+        if args[8] == "after":  # (spec, tokenizer, val_set, device, dtype, progress, record, model, stage, cache)
+            raise FileNotFoundError("ppl_wikitext: /data/wiki.test.raw does not exist")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(recipe, "run_eval", failing_after)
+    overrides = ["train.max_steps=3", "data.max_examples=80", "eval.max_batches=2", "train.device=cpu"]
+    assert recipe.run(compose(overrides), tmp_path / "run", progress=False) == "failed"
+    failed = json.loads((tmp_path / "run" / "result.json").read_text())
+    assert failed["adapter"] and (tmp_path / "run" / "adapter").is_dir() and "after" not in failed["eval"]
+    monkeypatch.setattr(recipe, "run_eval", real)
+
+    config = compose(["mode=eval", f"run_dir={tmp_path / 'run'}", "eval.max_batches=2", "eval.before_finetune=false"])
+    assert recipe.run(config, tmp_path / "hydra_dir", progress=False) == "completed"
+    rec = json.loads((tmp_path / "run" / "result.json").read_text())
+    assert rec["status"] == "completed" and "error" not in rec
+    assert rec["train"] == failed["train"] and rec["eval"]["after"]["ppl_heldout"] > 0
+    assert "wiki.test.raw" in rec["eval"]["reevaluations"][0]["finished_failed_run"]["message"]

@@ -14,7 +14,7 @@ from conftest import FAST
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from qpeft_bench import adapters, calibration, models, quant, recipe
+from qpeft_bench import adapters, calibration, models, plan, quant, recipe
 from qpeft_bench.adapters import base
 from qpeft_bench.config import ConfigError
 from qpeft_bench.spec import validate
@@ -225,11 +225,11 @@ def test_attach_on_the_meta_device():
 
 
 def test_plan_mode_counts_on_llama2_7b(compose):
-    plan = ["mode=plan", "model=llama2_7b"]
-    lora = plan.plan_accounting(validate(compose([*plan, "peft=lora", "peft.r=64"])))
-    bara = plan.plan_accounting(validate(compose([*plan, "peft=qbara", "peft.r=64"])))
+    overrides = ["mode=plan", "model=llama2_7b"]
+    lora = plan.plan_accounting(validate(compose([*overrides, "peft=lora", "peft.r=64"])))
+    bara = plan.plan_accounting(validate(compose([*overrides, "peft=qbara", "peft.r=64"])))
     assert bara["trainable_params"] == lora["trainable_params"] == 159_907_840  # QLoRA's published r=64 count
-    spec = validate(compose([*plan, "peft=qahira"]))
+    spec = validate(compose([*overrides, "peft=qahira"]))
     shapes = models.linear_shapes(spec.model.arch_dict(), spec.model.dtype, spec.model.linear_names)
     hira = plan.plan_accounting(spec)
     assert hira["trainable_params"] == sum(i * o // (4 * 8) for i, o in shapes.values())

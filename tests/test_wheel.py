@@ -50,7 +50,7 @@ def test_the_wheel_carries_no_site_settings(wheel):
 def test_the_wheel_declares_every_entry_point(wheel):
     (entry,) = [n for n in wheel.namelist() if n.endswith("entry_points.txt")]
     text = wheel.read(entry).decode()
-    for script in ("qpeft-bench =", "qpeft-bench-report =", "qpeft-bench-array ="):
+    for script in ("qpeft-bench =", "qpeft-bench-report =", "qpeft-bench-array =", "qpeft-bench-data ="):
         assert script in text
 
 
