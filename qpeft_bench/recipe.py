@@ -327,7 +327,7 @@ def plan_estimate(spec: RunSpec, acc: dict) -> dict:
             adapter_targets=spec.peft_targets,
             optimizer=t.optimizer,
             dequantizes=spec.quant_name != "none",
-            output_follows_input_dtype=getattr(quant.get(spec.quant_name), "OUTPUT_FOLLOWS_INPUT_DTYPE", False),
+            output_follows_input_dtype=quant.capability(spec.quant_name, "OUTPUT_FOLLOWS_INPUT_DTYPE"),
         )
         mem = estimate.per_gpu(mem, t.distributed, t.gpus, arch.get("num_hidden_layers", 1))
         flops = estimate.step_flops(
@@ -705,7 +705,7 @@ _BASE_CACHE: dict[str, tuple] = {}
 
 
 def _base_key(spec: RunSpec, compute_dtype: str, device: str) -> str | None:
-    if not spec.train.reuse_base or not getattr(quant.get(spec.quant_name), "PROCESS_REUSE", False):
+    if not spec.train.reuse_base or not quant.capability(spec.quant_name, "PROCESS_REUSE"):
         return None
     calib = dataclasses.asdict(spec.calib)
     uses_data = spec.calib.enabled and spec.calib.source == "finetune"  # windows cut from the training split

@@ -25,17 +25,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qpeft_bench import quant
 from qpeft_bench.config import ConfigError
 
-# Base layers whose forward is exactly x @ dequantize(W)^T + bias: what the fused function computes. Layers that
-# also round their activations (LLM.int8, SmoothQuant W8A8) compute something else and keep peft's path.
-FUSABLE_BASES = ("Linear", "Linear4bit", "HQQLinear", "GroupQuantLinear", "ICQLinear")
+# The fused function stands in for peft's layer where the base computes exactly x @ dequantize(W)^T + bias (the
+# quantizer's FUSED_LORA_BASE); layers that also round their activations (LLM.int8, SmoothQuant W8A8) compute
+# something else and keep peft's path.
 FUSED_METHODS = ("lora",)  # peft's LoRA family: LoRA, rsLoRA, DoRA, LoftQ-initialised LoRA
-# compile=auto compiles only what was measured to compile and train (results/bench/h200.md): NF4, HQQ and RTN bases
-# with the LoRA family, IA3, Q-BaRA, QA-HiRA and QA-LoRA (FP4 is the same bitsandbytes layer as NF4), and QEFT with
-# weak-column tuning, 4x faster compiled since its group dequantization is a chain of small kernels eager (OWQ is the
-# same layer class). Others stay eager unless compile=true asks for it.
-COMPILE_TESTED_QUANTS = ("nf4", "fp4", "hqq", "rtn", "qeft", "owq")
+# compile=auto compiles only what was measured to compile and train (results/bench/h200.md), the quantizers with
+# COMPILE_TESTED: NF4, HQQ and RTN bases with the LoRA family, IA3, Q-BaRA, QA-HiRA and QA-LoRA (FP4 is the same
+# bitsandbytes layer as NF4), and QEFT with weak-column tuning, 4x faster compiled since its group dequantization is
+# a chain of small kernels eager (OWQ is the same layer class). Others stay eager unless compile=true asks for it.
 
 
 def resolve(
@@ -46,7 +46,7 @@ def resolve(
     through its own forward (check refuses asking for them)."""
     fused = method in FUSED_METHODS and not sharded if fused_lora == "auto" else bool(fused_lora)
     if compile == "auto":
-        compiled = device.startswith("cuda") and quant_name in COMPILE_TESTED_QUANTS and not sharded
+        compiled = device.startswith("cuda") and quant.capability(quant_name, "COMPILE_TESTED") and not sharded
     else:
         compiled = bool(compile)
     return fused, compiled
@@ -249,12 +249,6 @@ class _FusedLoRA(torch.autograd.Function):
 def _base_weight(base: nn.Module, cdt: torch.dtype) -> Callable[[], torch.Tensor]:
     from qpeft_bench.adapters.base import dense_weight
 
-    if type(base) is nn.Linear:
-        return lambda: base.weight.to(cdt)
-    if type(base).__name__ == "Linear4bit":
-        import bitsandbytes.functional as bf
-
-        return lambda: bf.dequantize_4bit(base.weight.data, base.weight.quant_state).to(cdt)
     return lambda: dense_weight(base).to(cdt)
 
 
@@ -274,9 +268,10 @@ def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         cdt = torch.get_autocast_dtype(device)
     else:
         cdt = getattr(base, "compute_dtype", None) or x.dtype
-    # bitsandbytes' 4-bit layers return their input's dtype (quant/bnb4bit.py); the others compute with F.linear or
-    # matmul, which under autocast return the autocast dtype
-    follows_input = type(base).__name__ == "Linear4bit" or not torch.is_autocast_enabled(device)
+    # bitsandbytes' layers return their input's dtype (OUTPUT_FOLLOWS_INPUT_DTYPE); the others compute with F.linear
+    # or matmul, which under autocast return the autocast dtype
+    follows_input = quant.capability(quant.owner(base), "OUTPUT_FOLLOWS_INPUT_DTYPE")
+    follows_input = follows_input or not torch.is_autocast_enabled(device)
     out_dtype = x.dtype if follows_input else cdt
     with torch.autocast(device, enabled=False):
         return _FusedLoRA.apply(
@@ -301,7 +296,7 @@ def fuse_lora(model: nn.Module) -> int:
 
     n = 0
     for module in model.modules():
-        if isinstance(module, LoraLayer) and type(module.get_base_layer()).__name__ in FUSABLE_BASES:
+        if isinstance(module, LoraLayer) and quant.capability(quant.owner(module.get_base_layer()), "FUSED_LORA_BASE"):
             module.forward = types.MethodType(_fused_forward, module)
             n += 1
     return n

@@ -6,7 +6,7 @@
     LoftQ   A, B (and, after more than one iteration, the quantized base) initialised by alternating
             Q = quant(W - B A) and a rank-r SVD of W - Q                    (loftq: {bits, iters})
 
-peft wraps bitsandbytes, HQQ and nn.Linear bases itself; our own formats (QuantLinear subclasses) go through
+peft wraps bitsandbytes, HQQ and nn.Linear bases itself (PEFT_WRAPS); our own formats go through
 peft's custom-module mapping with a small layer class whose DoRA reads the dequantized weight (peft's DoRA reads
 `base.weight`, which packed formats do not have).
 
@@ -41,6 +41,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from qpeft_bench import quant
 from qpeft_bench.adapters import base
 from qpeft_bench.config import DTYPES, ConfigError, positive
 from qpeft_bench.models import DTYPE
@@ -48,6 +49,7 @@ from qpeft_bench.models import DTYPE
 log = logging.getLogger("qpeft_bench")
 
 ADAPTER = "default"  # peft's name of the one adapter we attach
+FSDP_SHARDABLE = True  # peft's layers: the adapters are modules of their own, which FSDP wraps as units
 LOFTQ_DEFAULTS = {"bits": 4, "iters": 1}
 LOFTQ_QUANTIZERS = ("nf4", "fp4")  # bitsandbytes 4-bit: the format LoftQ re-quantizes
 LOFTQ_FILE = "loftq_base.json"  # beside peft's files: how the base was re-quantized (shift factors inside)
@@ -153,8 +155,6 @@ def attach(model, targets: list[str], cfg: Config, per_module: dict[str, Config]
 def _wrap(model, targets: list[str], cfg: Config, per_module: dict[str, Config] | None = None):
     from peft import LoraConfig, get_peft_model
 
-    from qpeft_bench.quant.qlinear import QuantLinear
-
     config = LoraConfig(
         r=cfg.r,
         lora_alpha=cfg.alpha,
@@ -167,14 +167,18 @@ def _wrap(model, targets: list[str], cfg: Config, per_module: dict[str, Config] 
         bias="none",
         task_type="CAUSAL_LM",
     )
-    # our own quantized layers compute y = W x like nn.Linear; peft's LoRA wrapper needs to be told so
-    custom = {QuantLinear: quant_lora_linear()}
+    # our own quantized layers compute y = W x like nn.Linear; peft's LoRA wrapper needs to be told so (the layers of
+    # every quantizer peft does not wrap itself, PEFT_WRAPS)
+    custom = {
+        cls: quant_lora_linear()
+        for qmod in quant.modules()
+        if not quant.capability(qmod, "PEFT_WRAPS")
+        for cls in qmod.layer_classes()
+    }
     if cfg.use_dora:
         # peft's DoRA on LLM.int8 layers re-creates the weight parameter on the CPU to dequantize it, which loses
         # bitsandbytes' row scales after an eval-mode forward (the next training forward fails); ours reads them.
-        import bitsandbytes as bnb
-
-        custom[bnb.nn.Linear8bitLt] = quant_lora_linear()
+        custom.update({cls: quant_lora_linear() for cls in quant.get("int8").layer_classes()})
     config._register_custom_module(custom)
     with warnings.catch_warnings():
         # "Unsupported layer type ... proceed at your own risk": our registered layers; the gradient tests vouch
@@ -371,7 +375,7 @@ def checkpoint_fingerprint(source: str, names: list[str]) -> str:
 
 
 def _bnb4_settings(layer: nn.Module) -> dict:
-    if type(layer).__name__ != "Linear4bit":
+    if quant.owner(layer) not in [quant.get(q) for q in LOFTQ_QUANTIZERS]:
         raise TypeError(f"LoftQ re-quantizes bitsandbytes 4-bit bases; got a {type(layer).__name__}")
     w = layer.weight
     return {"quant_type": w.quant_type, "blocksize": w.blocksize, "double_quant": bool(w.compress_statistics)}
@@ -379,8 +383,6 @@ def _bnb4_settings(layer: nn.Module) -> dict:
 
 def requantize_like(layer: nn.Module, weight: torch.Tensor) -> nn.Module:
     """A new bitsandbytes 4-bit layer holding `weight`, in exactly the format (and compute dtype) of `layer`."""
-    from qpeft_bench import quant
-
     settings = _bnb4_settings(layer)
     qmod = quant.get(settings["quant_type"])
     old = nn.Linear(layer.in_features, layer.out_features, bias=False, device="meta")
