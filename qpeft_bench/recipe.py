@@ -34,9 +34,9 @@ from qpeft_bench import (
     models,
     quant,
     results,
-    speed,
     tracking,
 )
+from qpeft_bench import speedups as speed
 from qpeft_bench.config import ConfigError, RunSpec, adapter_target
 from qpeft_bench.spec import validate
 from qpeft_bench.train import Diverged, make_optimizer, make_scheduler, prepare_for_training, train

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from qpeft_bench import adapters, distributed, quant, speed
+from qpeft_bench import adapters, distributed, quant
+from qpeft_bench import speedups as speed
 from qpeft_bench.config import (
     CalibConfig,
     ConfigError,

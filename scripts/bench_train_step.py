@@ -22,7 +22,8 @@ import time
 import torch
 from hydra import compose, initialize_config_dir
 
-from qpeft_bench import accounting, adapters, calibration, distributed, models, quant, speed
+from qpeft_bench import accounting, adapters, calibration, distributed, models, quant
+from qpeft_bench import speedups as speed
 from qpeft_bench.cli import CONF_DIR, job_config
 from qpeft_bench.recipe import budgeted
 from qpeft_bench.spec import validate
