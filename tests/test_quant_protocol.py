@@ -29,9 +29,9 @@ def test_every_module_has_the_members_of_the_protocol_with_their_types(name):
         assert isinstance(quant.capability(qmod, flag), bool), (name, flag)
     families = quant.capability(qmod, "FAMILIES")
     assert families is None or (isinstance(families, tuple) and all(isinstance(f, str) for f in families))
-    assert callable(quant.capability(qmod, "prepare")) and callable(quant.capability(qmod, "zero_points"))
-    if hasattr(qmod, "zero_points"):  # who reports zero points can store new ones
-        assert callable(qmod.set_zero_points), name
+    for member in ("prepare", "zero_points", "set_zero_points"):
+        assert callable(quant.capability(qmod, member)), (name, member)
+    assert hasattr(qmod, "zero_points") == hasattr(qmod, "set_zero_points"), name  # who reports them can store new
     assert all(isinstance(c, type) for c in qmod.layer_classes())
     unknown = {m for m in vars(qmod) if m.isupper() and m.endswith(("_TESTED", "_BASE", "_SHARDABLE"))} - set(FLAGS)
     assert not unknown, f"{name}: {unknown} look like capabilities the protocol does not list"

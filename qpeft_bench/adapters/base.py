@@ -303,7 +303,7 @@ def merge_group_constant(base: nn.Module, delta: torch.Tensor) -> nn.Module:
             f"(zero points {tuple(zeros.shape)}, scales {tuple(scales.shape)})"
         )
     shifted = (zeros.float() - delta.float().to(zeros.device).reshape(zeros.shape) / scales.float()).to(zeros.dtype)
-    quant.owner(base).set_zero_points(base, shifted)
+    quant.capability(quant.owner(base), "set_zero_points")(base, shifted)
     return base
 
 

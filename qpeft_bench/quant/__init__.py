@@ -42,7 +42,7 @@ class QuantizerModule(Protocol):
     """The members of a quantizer module (quant/<name>.py), as the code reads them.
 
     Required: Config, check_against_arch, quantize_linear, linear_storage, state_bytes, dequantize, layer_classes.
-    Optional (OPTIONAL): the flags, `prepare` and `zero_points`; a module that leaves one out has the default written here, which
+    Optional (OPTIONAL): the flags, `prepare`, `zero_points` and `set_zero_points`; a module that leaves one out has the default written here, which
     `capability` returns. tests/test_quant_protocol.py checks every module of the table against this class."""
 
     Config: type  # dataclass of its knobs (the `quant/` config group's keys)
@@ -101,9 +101,14 @@ class QuantizerModule(Protocol):
         """Optional: (zeros, scales, group_size) of a layer storing W = (code - zero) * scale per group of
         `group_size` consecutive inputs of a row, both (out, in / group_size) in some layout, plainly (not
         quantized themselves); None where the layer has no such zero points (the default). A module that returns
-        them also has `set_zero_points(module, zeros)`, which stores new ones (the exact merge of a group-constant
-        update, adapters/base.merge_group_constant)."""
+        them also has `set_zero_points`."""
         return None
+
+    @staticmethod
+    def set_zero_points(module: nn.Module, zeros: torch.Tensor) -> None:
+        """Optional, with `zero_points`: store new zero points of that shape and dtype (the exact merge of a
+        group-constant update, adapters/base.merge_group_constant). Default: the layer has none to set."""
+        raise NotImplementedError(f"{type(module).__name__} has no zero points to set")
 
 
 REQUIRED = (
@@ -128,6 +133,7 @@ OPTIONAL = (
     "PEFT_WRAPS",
     "prepare",
     "zero_points",
+    "set_zero_points",
 )
 
 
