@@ -34,14 +34,14 @@ import warnings
 import torch
 import torch.distributed as dist
 
+from qpeft_bench import adapters, quant
 from qpeft_bench.config import ConfigError, RunSpec
 
-# What FSDP can shard: bases whose frozen weights are parameters (bitsandbytes 4-bit, or unquantized) and adapters
-# that keep their trainable tensors in modules of their own (peft's layers). HQQ, RTN/GPTQ and our other formats keep
-# quantized weights in buffers or outside the module, which FSDP would copy whole to every GPU; our custom adapters
-# hold trainable and frozen tensors in one module, which FSDP cannot flatten.
-FSDP_QUANTS = ("none", "nf4", "fp4")
-FSDP_METHODS = ("lora",)
+# What FSDP can shard is declared by each quantizer and each method (FSDP_SHARDABLE): bases whose frozen weights are
+# parameters (bitsandbytes 4-bit, or unquantized) and adapters that keep their trainable tensors in modules of their
+# own (peft's layers). HQQ, RTN/GPTQ and our other formats keep quantized weights in buffers or outside the module,
+# which FSDP would copy whole to every GPU; our custom adapters hold trainable and frozen tensors in one module, which
+# FSDP cannot flatten.
 FSDP_FAMILIES = ("llama",)  # decoder blocks at model.layers (block_classes); what was run sharded
 
 
@@ -54,14 +54,15 @@ def check_fsdp(spec: RunSpec):
             f"train.distributed=fsdp shards model families {FSDP_FAMILIES}; model {spec.model.name!r} "
             f"is {spec.model.family!r}: use train.distributed=ddp"
         )
-    if spec.quant_name not in FSDP_QUANTS:
+    if not quant.capability(spec.quant_name, "FSDP_SHARDABLE"):
         raise ConfigError(
-            f"train.distributed=fsdp shards quant in {FSDP_QUANTS}; quant={spec.quant_name} keeps its "
+            f"train.distributed=fsdp shards quant in {quant.names_where('FSDP_SHARDABLE')}; quant={spec.quant_name} "
+            "keeps its "
             "weights where FSDP cannot shard them: use train.distributed=ddp"
         )
-    if spec.peft_method not in FSDP_METHODS:
+    if not adapters.capability(spec.peft_method, "FSDP_SHARDABLE"):
         raise ConfigError(
-            f"train.distributed=fsdp trains peft methods {FSDP_METHODS} (peft's layers); "
+            f"train.distributed=fsdp trains peft methods {adapters.names_where('FSDP_SHARDABLE')} (peft's layers); "
             f"peft.method={spec.peft_method} keeps trainable and frozen tensors in one module: use "
             "train.distributed=ddp"
         )

@@ -78,7 +78,7 @@ def plan_estimate(spec: RunSpec, acc: dict) -> dict:
             adapter_targets=spec.peft_targets,
             optimizer=t.optimizer,
             dequantizes=spec.quant_name != "none",
-            output_follows_input_dtype=getattr(quant.get(spec.quant_name), "OUTPUT_FOLLOWS_INPUT_DTYPE", False),
+            output_follows_input_dtype=quant.capability(spec.quant_name, "OUTPUT_FOLLOWS_INPUT_DTYPE"),
         )
         mem = estimate.per_gpu(mem, t.distributed, t.gpus, arch.get("num_hidden_layers", 1))
         flops = estimate.step_flops(

@@ -152,7 +152,7 @@ _BASE_CACHE: dict[str, tuple] = {}
 
 
 def _base_key(spec: RunSpec, compute_dtype: str, device: str) -> str | None:
-    if not spec.train.reuse_base or not getattr(quant.get(spec.quant_name), "PROCESS_REUSE", False):
+    if not spec.train.reuse_base or not quant.capability(spec.quant_name, "PROCESS_REUSE"):
         return None
     calib = dataclasses.asdict(spec.calib)
     uses_data = spec.calib.enabled and spec.calib.source == "finetune"  # windows cut from the training split

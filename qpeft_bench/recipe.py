@@ -29,7 +29,7 @@ from qpeft_bench import (
     layers,
     models,
     results,
-    speed,
+    speedups,
     tracking,
 )
 from qpeft_bench.config import ConfigError, RunSpec
@@ -168,28 +168,28 @@ def run(config: dict, run_dir: Path, progress: bool = True, summary: bool = True
 
 
 def budgeted(spec: RunSpec, device: str) -> tuple[RunSpec, dict | None]:
-    """train.memory_budget: the spec with checkpointing, upcast and loss chunking chosen to fit (speed.choose, from
+    """train.memory_budget: the spec with checkpointing, upcast and loss chunking chosen to fit (speedups.choose, from
     plan mode's estimate, which models the plain path and so leaves the fused one some headroom), and the record of
     that choice; the spec as it is without a budget."""
     t = spec.train
     if t.memory_budget is None:
         return spec, None
-    budget = speed.budget_bytes(t.memory_budget, device)
+    budget = speedups.budget_bytes(t.memory_budget, device)
     acc = plan_accounting(spec)
 
     def peak(settings: dict) -> int | None:
         trial = dataclasses.replace(spec, train=dataclasses.replace(t, **settings))
         return plan_estimate(trial, acc).get("peak_memory_bytes")
 
-    settings, estimated = speed.choose(budget, peak)
+    settings, estimated = speedups.choose(budget, peak)
     # the chunked loss where it applies (not under FSDP, recipe.fine_tune); the estimate models the whole one anyway
-    settings = {**settings, "chunked_loss": 0 if t.distributed == "fsdp" else t.chunked_loss or speed.BUDGET_CHUNK}
+    settings = {**settings, "chunked_loss": 0 if t.distributed == "fsdp" else t.chunked_loss or speedups.BUDGET_CHUNK}
     log.info(
         "train.memory_budget=%s (%.1f GiB): %s, estimated peak %.1f GiB",
         t.memory_budget,
-        budget / speed.GIB,
+        budget / speedups.GIB,
         settings,
-        estimated / speed.GIB,
+        estimated / speedups.GIB,
     )
     choice = {"budget": t.memory_budget, "budget_bytes": budget, "estimated_peak_bytes": estimated, "chosen": settings}
     return dataclasses.replace(spec, train=dataclasses.replace(t, **settings)), choice
@@ -240,7 +240,7 @@ def fine_tune(
             "train.chunked_loss=%d does not apply under train.distributed=fsdp: the loss is computed whole",
             t.chunked_loss,
         )
-    switches = speed.setup(
+    switches = speedups.setup(
         peft_model,
         method=spec.peft_method,
         quant_name=spec.quant_name,
@@ -289,7 +289,7 @@ def fine_tune(
         skip=start * t.grad_accum * world.size,
     )
     on_step = functools.partial(ckpt.maybe_save, model=peft_model, optimizer=optimizer, scheduler=scheduler)
-    with speed.loss_context(peft_model, chunk):
+    with speedups.loss_context(peft_model, chunk):
         record["train"].update(
             train(
                 trained,
@@ -313,7 +313,7 @@ def fine_tune(
         )
     save()
 
-    speed.teardown(peft_model)
+    speedups.teardown(peft_model)
     if sharded:  # process 0 takes the gathered adapters onto an unsharded base, to save and evaluate them
         state = distributed.trainable_state(trained, world)
         del trained, model, peft_model, optimizer, scheduler, on_step, params

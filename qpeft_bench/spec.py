@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from qpeft_bench import adapters, distributed, quant, speed
+from qpeft_bench import adapters, distributed, quant, speedups
 from qpeft_bench.config import (
     CalibConfig,
     ConfigError,
@@ -98,7 +98,7 @@ def validate(cfg: dict) -> RunSpec:
         device = resolve_device(spec.train.device)
     if spec.train.distributed == "fsdp":
         spec.quant = distributed.check_fsdp(spec)
-    speed.check(peft_method, spec.train.fused_lora, spec.train.compile, spec.train.distributed)
+    speedups.check(peft_method, spec.train.fused_lora, spec.train.compile, spec.train.distributed)
     quant.check_runnable(quant_name, qmod, model.family, device, spec.calib.enabled)
     # Checks that need the architecture (sizes that must divide, ranks that must fit) read only config.json.
     try:

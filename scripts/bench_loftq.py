@@ -4,7 +4,7 @@
 
 DIR: a saved model (safetensors), e.g. the random-weight LLaMA-2-7B that scripts/bench_reference.py --save-model
 writes. Steps:
-1. The recipe's path: load in bf16, quantize with our NF4 + double quantization, then lora.loftq_init (r, 4 bit, 1
+1. The recipe's path: load in bf16, quantize with our NF4 + double quantization, then loftq.loftq_init (r, 4 bit, 1
    iteration) with an empty cache: the time the run record would show (reading W from the checkpoint included).
 2. Error at the same settings as peft's LoftQ (NF4 blocks of 64 without double quantization, 1 iteration) on the
    first --compare-layers target matrices: ||W - Q - B A||_F / ||W||_F with peft.utils.loftq_utils.loftq_init (exact
@@ -23,7 +23,7 @@ import time
 import torch
 
 from qpeft_bench import models, quant
-from qpeft_bench.adapters import lora
+from qpeft_bench.adapters import loftq
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -48,7 +48,7 @@ def main(argv: list[str]) -> int:
     os.environ["QPEFT_CACHE"] = tempfile.mkdtemp()  # a cold cache: the time of a first run
     sync()
     t0 = time.perf_counter()
-    out = lora.loftq_init(model, targets, args.rank, 1)
+    out = loftq.loftq_init(model, targets, args.rank, 1)
     sync()
     whole = time.perf_counter() - t0
     print(
@@ -63,7 +63,7 @@ def main(argv: list[str]) -> int:
 
     from peft.utils.loftq_utils import loftq_init as peft_loftq
 
-    originals = lora.checkpoint_weights(args.model_dir, targets[: args.compare_layers])
+    originals = loftq.checkpoint_weights(args.model_dir, targets[: args.compare_layers])
     rows = []
     for name, w in originals.items():
         w = w.to(device)
@@ -76,7 +76,7 @@ def main(argv: list[str]) -> int:
         old = torch.nn.Linear(w.shape[1], w.shape[0], bias=False, device="meta")
         old.weight = torch.nn.Parameter(w, requires_grad=False)
         layer = quant.get("nf4").quantize_linear(old, quant.get("nf4").Config(double_quant=False), "bfloat16", device)
-        factors = lora.loftq_layer(w, layer, args.rank, 1)
+        factors = loftq.loftq_layer(w, layer, args.rank, 1)
         sync()
         t_ours = time.perf_counter() - t0
         q_ours = quant.get("nf4").dequantize(layer).float()

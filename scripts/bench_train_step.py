@@ -22,7 +22,7 @@ import time
 import torch
 from hydra import compose, initialize_config_dir
 
-from qpeft_bench import accounting, adapters, calibration, distributed, models, quant, speed
+from qpeft_bench import accounting, adapters, calibration, distributed, models, quant, speedups
 from qpeft_bench.cli import CONF_DIR, job_config
 from qpeft_bench.recipe import budgeted
 from qpeft_bench.spec import validate
@@ -179,7 +179,7 @@ def main(argv: list[str]) -> int:
         prepare_for_training(
             model, upcast_norms_fp32=t.upcast_norms_fp32, gradient_checkpointing=t.gradient_checkpointing
         )
-    stages["speed"] = speed.setup(
+    stages["speed"] = speedups.setup(
         model,
         method=spec.peft_method,
         quant_name=spec.quant_name,
@@ -199,7 +199,7 @@ def main(argv: list[str]) -> int:
     )
     batches = random_batches(arch["vocab_size"], t.batch_size, args.seq, device)
     chunk = 0 if sharded else t.chunked_loss  # as the run does (recipe.fine_tune)
-    with speed.loss_context(model, chunk):
+    with speedups.loss_context(model, chunk):
         result = train(
             wrapped,
             batches,

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from qpeft_bench import ASSETS, adapters, models
-from qpeft_bench.evaluation import perplexity, speed
+from qpeft_bench.evaluation import perplexity
+from qpeft_bench.evaluation import throughput as speed
 
 FIXTURE = ASSETS / "data" / "fixtures" / "wikitext_test.jsonl"
 TINY = str(ASSETS / "tiny_llama")

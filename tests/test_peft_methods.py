@@ -14,7 +14,7 @@ from conftest import FAST
 from transformers import LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
 
 from qpeft_bench import adapters, calibration, models, plan, quant, recipe
-from qpeft_bench.adapters import base
+from qpeft_bench.adapters import base, loftq
 from qpeft_bench.config import ConfigError
 from qpeft_bench.spec import validate
 
@@ -582,21 +582,21 @@ def test_randomized_low_rank_is_within_0_002_percent_of_the_exact_truncation():
     torch.manual_seed(0)
     a = torch.randn(600, 1500)
     rank = 64
-    assert min(a.shape) > max(2 * (1 + lora.OVERSAMPLE) * rank, lora.EXACT_UP_TO)  # the randomized branch
-    left, right = lora.low_rank(a, rank)
+    assert min(a.shape) > max(2 * (1 + loftq.OVERSAMPLE) * rank, loftq.EXACT_UP_TO)  # the randomized branch
+    left, right = loftq.low_rank(a, rank)
     u, s, vh = torch.linalg.svd(a, full_matrices=False)
     exact = (a - (u[:, :rank] * s[:rank]) @ vh[:rank]).norm()
     got = (a - left @ right).norm()
     assert exact <= got <= 1.00002 * exact
-    assert torch.equal(left, lora.low_rank(a, rank)[0])  # seeded: the same residual gives the same factors
+    assert torch.equal(left, loftq.low_rank(a, rank)[0])  # seeded: the same residual gives the same factors
 
 
 def test_the_sketch_basis_is_orthonormal_also_when_its_columns_are_dependent():
     torch.manual_seed(0)
     b = torch.randn(1000, 50)
     for case in (b, torch.cat([b[:, :49], b[:, :1]], dim=1)):  # the second: a singular Gram matrix
-        q = lora._orthonormal(case)
+        q = loftq._orthonormal(case)
         assert q.shape == case.shape
         torch.testing.assert_close(q.T @ q, torch.eye(50), atol=1e-5, rtol=0)
-    q = lora._orthonormal(b)
+    q = loftq._orthonormal(b)
     torch.testing.assert_close(q @ (q.T @ b), b, atol=1e-4, rtol=1e-4)  # it spans b's columns

@@ -1,5 +1,6 @@
-"""Speed switches (qpeft_bench/speed.py) compute the same function as the plain path; the memory budget chooses
-settings that fit; a sweep reuses its quantized base. Speed itself is measured by scripts/bench_vs_reference.py."""
+"""Speed switches (qpeft_bench/speedups.py, fused_lora.py, chunked_loss.py) compute the same function as the plain
+path; the memory budget chooses settings that fit; a sweep reuses its quantized base. Speed itself is measured by
+scripts/bench_vs_reference.py."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from conftest import FAST
 from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from qpeft_bench import quantized_base, recipe, speed
+from qpeft_bench import chunked_loss, fused_lora, quantized_base, recipe, speedups
 from qpeft_bench.adapters import lora
 from qpeft_bench.config import ConfigError
 from qpeft_bench.spec import validate
@@ -81,13 +82,13 @@ def test_fused_lora_matches_peft_loss_and_every_gradient(dora, dropout, fixed_dr
     ids = torch.randint(0, 100, (2, 12), generator=torch.Generator().manual_seed(1))
     model = with_lora(base, dora, dropout)
     loss_peft, grads_peft = loss_and_grads(model, ids)
-    assert speed.fuse_lora(model) == 14  # 7 linears x 2 layers
+    assert fused_lora.fuse_lora(model) == 14  # 7 linears x 2 layers
     loss_fused, grads_fused = loss_and_grads(model, ids)
     assert loss_fused == pytest.approx(loss_peft, rel=1e-6)
     assert max_rel(grads_peft, grads_fused) < 1e-5
     if dora:
         assert any("lora_magnitude_vector" in k for k in grads_fused)  # the magnitude trains through the fused path
-    speed.unfuse_lora(model)
+    fused_lora.unfuse_lora(model)
     assert loss_and_grads(model, ids)[0] == pytest.approx(loss_peft, rel=1e-6)  # peft's own forward again
 
 
@@ -112,7 +113,7 @@ def test_fused_lora_on_a_quantized_base_under_bf16_autocast_matches_peft(qname):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss_peft, grads_peft = loss_and_grads(model, ids)
         y_peft = layer(x)
-        assert speed.fuse_lora(model) == 14
+        assert fused_lora.fuse_lora(model) == 14
         loss_fused, grads_fused = loss_and_grads(model, ids)
         y_fused = layer(x)
     assert y_fused.dtype == y_peft.dtype
@@ -130,7 +131,7 @@ def test_chunked_loss_is_the_same_mean_nll_and_gradient():
     plain.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
     model.zero_grad()
-    with speed.chunked_loss(model, 7):  # 30 tokens in chunks of 7: a partial last chunk
+    with chunked_loss.chunked_loss(model, 7):  # 30 tokens in chunks of 7: a partial last chunk
         chunked = model(input_ids=ids, labels=labels).loss
         chunked.backward()
     assert chunked.item() == pytest.approx(plain.item(), rel=1e-6)
@@ -140,18 +141,18 @@ def test_chunked_loss_is_the_same_mean_nll_and_gradient():
 
 def test_chunked_loss_refuses_a_trainable_lm_head():
     model = small_llama()
-    with pytest.raises(ConfigError, match="frozen lm_head"), speed.chunked_loss(model, 8):
+    with pytest.raises(ConfigError, match="frozen lm_head"), chunked_loss.chunked_loss(model, 8):
         pass
 
 
 def test_switch_values_and_method_checks(compose):
-    assert speed.resolve("lora", "nf4", "cpu", "auto", "auto") == (True, False)
-    assert speed.resolve("ia3", "nf4", "cuda:0", "auto", "auto") == (False, True)
-    assert speed.resolve("lora", "gptq", "cuda:0", "auto", "auto") == (True, False)  # not measured compiled
-    assert speed.resolve("lora", "none", "cuda:0", "auto", "auto") == (True, False)
-    assert speed.resolve("lora", "gptq", "cuda:0", False, True) == (False, True)
-    assert speed.resolve("weak_columns", "qeft", "cuda:0", "auto", "auto") == (False, True)  # measured: 4x
-    assert speed.resolve("lora", "nf4", "cuda:0", "auto", "auto", sharded=True) == (False, False)  # FSDP
+    assert speedups.resolve("lora", "nf4", "cpu", "auto", "auto") == (True, False)
+    assert speedups.resolve("ia3", "nf4", "cuda:0", "auto", "auto") == (False, True)
+    assert speedups.resolve("lora", "gptq", "cuda:0", "auto", "auto") == (True, False)  # not measured compiled
+    assert speedups.resolve("lora", "none", "cuda:0", "auto", "auto") == (True, False)
+    assert speedups.resolve("lora", "gptq", "cuda:0", False, True) == (False, True)
+    assert speedups.resolve("weak_columns", "qeft", "cuda:0", "auto", "auto") == (False, True)  # measured: 4x
+    assert speedups.resolve("lora", "nf4", "cuda:0", "auto", "auto", sharded=True) == (False, False)  # FSDP
     validate(compose(["peft=ia3"]))  # auto leaves other methods alone
     with pytest.raises(ConfigError, match="train.fused_lora=true applies to peft.method"):
         validate(compose(["peft=ia3", "train.fused_lora=true"]))
@@ -163,17 +164,17 @@ def test_switch_values_and_method_checks(compose):
 
 
 def test_memory_budget_picks_the_fastest_setting_that_fits():
-    estimates = {False: 30 * speed.GIB, True: 7 * speed.GIB}  # by gradient_checkpointing
+    estimates = {False: 30 * speedups.GIB, True: 7 * speedups.GIB}  # by gradient_checkpointing
 
     def estimate(settings):
         return estimates[settings["gradient_checkpointing"]]
 
-    assert speed.choose(40 * speed.GIB, estimate) == (speed.BUDGET_CANDIDATES[0], 30 * speed.GIB)
-    assert speed.choose(10 * speed.GIB, estimate) == (speed.BUDGET_CANDIDATES[1], 7 * speed.GIB)
+    assert speedups.choose(40 * speedups.GIB, estimate) == (speedups.BUDGET_CANDIDATES[0], 30 * speedups.GIB)
+    assert speedups.choose(10 * speedups.GIB, estimate) == (speedups.BUDGET_CANDIDATES[1], 7 * speedups.GIB)
     with pytest.raises(ConfigError, match="too small for this run"):
-        speed.choose(5 * speed.GIB, estimate)
-    assert speed.budget_bytes(12, "cpu") == 12 * speed.GIB
-    assert 0 < speed.budget_bytes("auto", "cpu")
+        speedups.choose(5 * speedups.GIB, estimate)
+    assert speedups.budget_bytes(12, "cpu") == 12 * speedups.GIB
+    assert 0 < speedups.budget_bytes("auto", "cpu")
 
 
 def test_a_budgeted_run_records_its_choice_and_trains(compose, tmp_path):
@@ -184,10 +185,10 @@ def test_a_budgeted_run_records_its_choice_and_trains(compose, tmp_path):
     tr = json.loads((tmp_path / "result.json").read_text())["train"]
     chosen = tr["speed"]["memory_budget"]["chosen"]
     # the tiny model fits anywhere: the fastest candidate wins over what the config asked for
-    assert chosen == {**speed.BUDGET_CANDIDATES[0], "chunked_loss": speed.BUDGET_CHUNK}
+    assert chosen == {**speedups.BUDGET_CANDIDATES[0], "chunked_loss": speedups.BUDGET_CHUNK}
     assert tr["gradient_checkpointing"] is False and tr["upcast_norms_fp32"] is False
-    assert tr["speed"]["chunked_loss"] == speed.BUDGET_CHUNK
-    assert tr["speed"]["memory_budget"]["estimated_peak_bytes"] <= 64 * speed.GIB
+    assert tr["speed"]["chunked_loss"] == speedups.BUDGET_CHUNK
+    assert tr["speed"]["memory_budget"]["estimated_peak_bytes"] <= 64 * speedups.GIB
 
 
 def test_fused_and_plain_runs_train_the_same(compose, tmp_path):

@@ -24,6 +24,8 @@ and optionally:
   unsupported(quant_name, qcfg, cfg) -> str | None
                                             why this method cannot run on that quantizer (None: it can);
                                             checked at compose time and printed as the README's support matrix
+  FSDP_SHARDABLE = True                     train.distributed=fsdp can train it: its trainable tensors live in
+                                            modules of their own (peft's layers), default False
 Our own adapter layers build on `adapters/base.py` (wrapper layer, verification, save format, zero-point merge).
 """
 
@@ -53,6 +55,20 @@ def get(method: str) -> ModuleType:
     if method not in _TABLE:
         raise ConfigError(f"peft.method={method!r} is not implemented; available: {', '.join(names())}")
     return importlib.import_module(_TABLE[method])
+
+
+# optional members (see above) and their defaults
+OPTIONAL: dict[str, object] = {"PER_LAYER_KNOBS": (), "FSDP_SHARDABLE": False}
+
+
+def capability(method: str, member: str):
+    """An optional flag of a method, or its default where the method module has none."""
+    return getattr(get(method), member, OPTIONAL[member])
+
+
+def names_where(member: str) -> tuple[str, ...]:
+    """The methods whose flag `member` is set, in table order."""
+    return tuple(name for name in _TABLE if capability(name, member))
 
 
 def unsupported(amod: ModuleType, quant_name: str, qcfg, cfg) -> str | None:

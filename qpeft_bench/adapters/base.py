@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from qpeft_bench import quant
 from qpeft_bench.config import DTYPES, ConfigError
 
 FORMAT = "qpeft-bench/adapter"
@@ -274,21 +275,14 @@ def check_divides(knob: str, value: int, shapes: dict[str, tuple[int, int]], sid
 GROUP_ZERO_QUANTIZERS = ("rtn", "gptq", "hqq")  # formats with a scale and a zero point per group of inputs
 
 
-def group_size_of(base: nn.Module) -> int | None:
-    """The input-group size of a base layer with group-wise zero points, or None."""
-    from qpeft_bench.quant.qlinear import GroupQuantLinear
-    from qpeft_bench.quant.weakcol import WeakColumnLinear
+def _zero_points(base: nn.Module) -> tuple[torch.Tensor, torch.Tensor, int] | None:
+    return quant.capability(quant.owner(base), "zero_points")(base)
 
-    if isinstance(base, WeakColumnLinear):  # its 16-bit weak columns bypass the zero points
-        return None
-    if isinstance(base, GroupQuantLinear):
-        return base.group_size
-    meta = getattr(base, "meta", None)
-    # hqq with groups along the input, scales and zero points stored plainly (not quantized, not offloaded)
-    plain = isinstance(meta, dict) and "zero" in meta and "scale" in meta
-    if plain and meta.get("axis") == 1 and not meta.get("quant_zero") and not meta.get("quant_scale"):
-        return meta["group_size"]
-    return None
+
+def group_size_of(base: nn.Module) -> int | None:
+    """The input-group size of a base layer with group-wise zero points (its quantizer's `zero_points`), or None."""
+    found = _zero_points(base)
+    return None if found is None else found[2]
 
 
 @torch.no_grad()
@@ -296,27 +290,20 @@ def merge_group_constant(base: nn.Module, delta: torch.Tensor) -> nn.Module:
     """Fold dW (out, in / group_size), constant within each quantization group, into the base's zero points.
 
     The zero points are kept in their stored dtype: exact in fp32, rounded to that dtype's precision in 16 bits."""
-    from qpeft_bench.quant.qlinear import GroupQuantLinear
-
-    if group_size_of(base) is None:
+    found = _zero_points(base)
+    if found is None:
         raise MergeUnsupported(
             f"no exact zero-point merge for {type(base).__name__}: it has no plain zero point per group of inputs"
         )
-    if isinstance(base, GroupQuantLinear):
-        zeros, scales = base.zeros, base.scales
-    else:  # hqq, axis=1: W = (W_q - zero) * scale over rows of the weight flattened into (out * in / L, L)
-        zeros, scales = base.meta["zero"], base.meta["scale"]
-    groups = (base.out_features, base.in_features // group_size_of(base))
+    zeros, scales, group_size = found
+    groups = (base.out_features, base.in_features // group_size)
     if tuple(delta.shape) != groups or zeros.numel() != delta.numel() or scales.numel() != delta.numel():
         raise ValueError(
             f"delta {tuple(delta.shape)} does not match the {groups} quantization groups "
             f"(zero points {tuple(zeros.shape)}, scales {tuple(scales.shape)})"
         )
     shifted = (zeros.float() - delta.float().to(zeros.device).reshape(zeros.shape) / scales.float()).to(zeros.dtype)
-    if isinstance(base, GroupQuantLinear):
-        zeros.copy_(shifted)
-    else:  # hqq made its meta tensors under inference_mode, which forbids in-place updates: replace the tensor
-        base.meta["zero"] = shifted
+    quant.capability(quant.owner(base), "set_zero_points")(base, shifted)
     return base
 
 
@@ -325,29 +312,18 @@ def merge_group_constant(base: nn.Module, delta: torch.Tensor) -> nn.Module:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-ACTIVATION_QUANTIZING = ("W8A8Linear", "Linear8bitLt")  # smoothquant, int8: Q(x) is not dequantize(W) x
-
-
 def dense_weight(base: nn.Module) -> torch.Tensor:
-    """The (out, in) weight a base layer computes with, whatever its quantizer."""
-    from qpeft_bench import quant
-
-    cls = type(base).__name__
-    if type(base) is nn.Linear:
-        return base.weight.detach()
-    if cls == "Linear4bit":  # bitsandbytes first: their layers are not ours to call dequantize() on
-        return quant.get("nf4").dequantize(base)
-    if cls == "Linear8bitLt":
-        return quant.get("int8").dequantize(base)
-    if hasattr(base, "dequantize"):  # our formats and hqq
-        return base.dequantize().reshape(base.out_features, base.in_features)
-    raise MergeUnsupported(f"no dequantization for a {cls} base")
+    """The (out, in) weight a base layer computes with, whatever its quantizer (the one that owns the layer)."""
+    qmod = quant.owner(base)
+    if qmod is None:
+        raise MergeUnsupported(f"no dequantization for a {type(base).__name__} base")
+    return qmod.dequantize(base).reshape(base.out_features, base.in_features)
 
 
 @torch.no_grad()
 def merge_dense(base: nn.Module, delta_weight: torch.Tensor, dtype: torch.dtype | None = None) -> nn.Linear:
     """nn.Linear holding dequantize(base) + delta_weight (and the base's bias), in `dtype` (default fp32)."""
-    if type(base).__name__ in ACTIVATION_QUANTIZING:
+    if quant.capability(quant.owner(base), "QUANTIZES_ACTIVATIONS"):  # smoothquant, int8: Q(x) != dequantize(W) x
         raise MergeUnsupported(
             f"{type(base).__name__} rounds its activations to int8: a dense merge would compute "
             "another function; keep the adapter unmerged"

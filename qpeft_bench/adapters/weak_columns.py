@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from qpeft_bench import quant
 from qpeft_bench.adapters import base
 from qpeft_bench.config import DTYPES, ConfigError
 from qpeft_bench.models import DTYPE
@@ -73,14 +74,13 @@ def _plan_stand_in(layer: nn.Linear, k: int, dtype: torch.dtype) -> None:
 
 
 def attach(model, targets: list[str], cfg: Config):
-    from qpeft_bench.quant.weakcol import WeakColumnLinear
-
     dtype = DTYPE[cfg.adapter_dtype]
+    weak_formats = [quant.get(q) for q in QUANTIZERS]
     for p in model.parameters():
         p.requires_grad_(False)
     for name in targets:
         layer = model.get_submodule(name)
-        if isinstance(layer, WeakColumnLinear):
+        if quant.owner(layer) in weak_formats:
             if layer.weak.dtype != dtype:  # the layer casts the columns to its compute dtype in the forward
                 layer.weak.data = layer.weak.data.to(dtype)
         elif type(layer) is nn.Linear and layer.weight.is_meta and cfg.k is not None:

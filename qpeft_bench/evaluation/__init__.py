@@ -84,7 +84,8 @@ def evaluate(
 ) -> tuple[dict, dict]:
     """Run `tasks` on `model` for `stage` ("before" or "after"); returns (results, seconds per task). With a
     cache (stage "before" only), cached results are reused and new ones stored."""
-    from qpeft_bench.evaluation import harness, perplexity, speed
+    from qpeft_bench.evaluation import harness, perplexity
+    from qpeft_bench.evaluation import throughput as speed
 
     results, seconds = {}, {}
     for task in tasks:

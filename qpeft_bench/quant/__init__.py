@@ -1,32 +1,20 @@
 """Quantizers of the frozen base model: one module each, dispatched through a small table.
 
-Every quantizer module provides:
-  Config                                   dataclass of its knobs (the `quant/` config group's keys)
-  check_against_arch(cfg, shapes)          sizes that must divide etc., from {module: (in, out)} alone
-  quantize_linear(linear, cfg, compute_dtype, device, stats) -> nn.Module
-                                           the quantized replacement of one linear layer
-  linear_storage(in_f, out_f, bias, cfg, dtype) -> (param_buffer_bytes, state_bytes)
-                                           the storage format of one quantized linear, for plan mode
-  state_bytes(module) -> int               quantization state a real quantized module keeps *outside*
-                                           its parameters and buffers (absmax, double-quant state, ...)
-  dequantize(module) -> Tensor             the (out, in) weight the module computes with, for references
-and optionally:
-  NEEDS_CALIBRATION = True                 it cannot run without calibration windows
-  CUDA_ONLY = True                         its kernels exist only on CUDA
-  FAMILIES = ("llama", ...)                model families it supports (a model-level transform needs this)
-  prepare(model, targets, cfg, windows, device) -> {target: stats}
-                                           model-level work before the layers are quantized: activation
-                                           statistics, function-preserving transforms (smoothing, reordering)
+`QuantizerModule` below lists every member the code reads from a quantizer module, the optional ones with their
+defaults. Consumers ask the module (`capability`, `owner`, `names_where`), never a list of quantizer names or a
+layer's class name: adding a quantizer is its module, its table entry, its YAML and its tests.
 Modules are imported on first use so that a CPU-only install without an optional backend still works.
 `quantize_model` is the one driver: it times the work and measures every layer's error the same way.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
 import math
 import time
 from types import ModuleType
+from typing import Any, ClassVar, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -50,6 +38,105 @@ _TABLE: dict[str, tuple[str, dict]] = {
 }
 
 
+class QuantizerModule(Protocol):
+    """The members of a quantizer module (quant/<name>.py), as the code reads them.
+
+    Required: Config, check_against_arch, quantize_linear, linear_storage, state_bytes, dequantize, layer_classes.
+    Optional (OPTIONAL): the flags, `prepare`, `zero_points` and `set_zero_points`; a module that leaves one out has the default written here, which
+    `capability` returns. tests/test_quant_protocol.py checks every module of the table against this class."""
+
+    Config: type  # dataclass of its knobs (the `quant/` config group's keys)
+
+    # --- optional flags: what the quantizer can do, asked by the recipe, plan mode, speed switches and adapters ---
+    NEEDS_CALIBRATION: ClassVar[bool] = False  # it cannot run without calibration windows
+    CUDA_ONLY: ClassVar[bool] = False  # its kernels exist only on CUDA
+    FAMILIES: ClassVar[tuple[str, ...] | None] = None  # model families it supports (None: all); for model-level work
+    # every tensor of its layer follows Module.to(): a sweep may keep the base on the CPU between runs
+    # (recipe._BASE_CACHE)
+    PROCESS_REUSE: ClassVar[bool] = False
+    # its layer returns the input's dtype, not autocast's (bitsandbytes): with fp32 norms the stream stays fp32
+    # (plan mode's memory estimate, the fused LoRA function's output dtype)
+    OUTPUT_FOLLOWS_INPUT_DTYPE: ClassVar[bool] = False
+    # its layer computes exactly x @ dequantize(W)^T + bias, so the fused LoRA function may stand in for it
+    # (fused_lora.py); layers that also round their activations compute something else
+    FUSED_LORA_BASE: ClassVar[bool] = False
+    # compile=auto compiles its runs on CUDA: measured to compile and train (results/bench/h200.md)
+    COMPILE_TESTED: ClassVar[bool] = False
+    # train.distributed=fsdp can shard it: its frozen weights are parameters, not buffers or state outside the
+    # module, which FSDP would copy whole to every GPU
+    FSDP_SHARDABLE: ClassVar[bool] = False
+    # its layer rounds the activations too (Q(x) is not dequantize(W) x): no dense merge computes the same function
+    QUANTIZES_ACTIVATIONS: ClassVar[bool] = False
+    # peft's tuners wrap its layer themselves (nn.Linear, bitsandbytes, HQQ); the layers of the others reach peft's
+    # LoRA through its custom-module mapping (adapters/lora.py)
+    PEFT_WRAPS: ClassVar[bool] = False
+
+    def check_against_arch(self, cfg: Any, shapes: dict[str, tuple[int, int]]) -> None:
+        """Sizes that must divide etc., from {module: (in, out)} alone; raises ConfigError."""
+
+    def quantize_linear(self, linear: nn.Linear, cfg: Any, compute_dtype: str, device: str, stats: Any) -> nn.Module:
+        """The quantized replacement of one linear layer (`stats`: what `prepare` returned for it, or None)."""
+
+    def linear_storage(self, in_f: int, out_f: int, bias: bool, cfg: Any, dtype: str) -> tuple[int, int]:
+        """(param_buffer_bytes, state_bytes): the storage format of one quantized linear, for plan mode."""
+
+    def state_bytes(self, module: nn.Module) -> int:
+        """Quantization state a real quantized layer keeps *outside* its parameters and buffers."""
+
+    def dequantize(self, module: nn.Module) -> torch.Tensor:
+        """The weight the layer computes with (out, in, or a shape reshaping to it)."""
+
+    def layer_classes(self) -> tuple[type, ...]:
+        """The classes of the layers `quantize_linear` returns; `owner` finds the module of a layer through them.
+        An optional backend that is not imported yet has no layer to own: return () without importing it."""
+
+    @staticmethod
+    def prepare(model: nn.Module, targets: list[str], cfg: Any, windows: torch.Tensor | None, device: str) -> dict:
+        """Optional: model-level work before the layers are quantized (activation statistics, function-preserving
+        transforms such as smoothing or reordering); returns {target: stats}. Default: nothing to do."""
+        return {}
+
+    @staticmethod
+    def zero_points(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor, int] | None:
+        """Optional: (zeros, scales, group_size) of a layer storing W = (code - zero) * scale per group of
+        `group_size` consecutive inputs of a row, both (out, in / group_size) in some layout, plainly (not
+        quantized themselves); None where the layer has no such zero points (the default). A module that returns
+        them also has `set_zero_points`."""
+        return None
+
+    @staticmethod
+    def set_zero_points(module: nn.Module, zeros: torch.Tensor) -> None:
+        """Optional, with `zero_points`: store new zero points of that shape and dtype (the exact merge of a
+        group-constant update, adapters/base.merge_group_constant). Default: the layer has none to set."""
+        raise NotImplementedError(f"{type(module).__name__} has no zero points to set")
+
+
+REQUIRED = (
+    "Config",
+    "check_against_arch",
+    "quantize_linear",
+    "linear_storage",
+    "state_bytes",
+    "dequantize",
+    "layer_classes",
+)
+OPTIONAL = (
+    "NEEDS_CALIBRATION",
+    "CUDA_ONLY",
+    "FAMILIES",
+    "PROCESS_REUSE",
+    "OUTPUT_FOLLOWS_INPUT_DTYPE",
+    "FUSED_LORA_BASE",
+    "COMPILE_TESTED",
+    "FSDP_SHARDABLE",
+    "QUANTIZES_ACTIVATIONS",
+    "PEFT_WRAPS",
+    "prepare",
+    "zero_points",
+    "set_zero_points",
+)
+
+
 def names() -> list[str]:
     return sorted(_TABLE)
 
@@ -65,13 +152,52 @@ def preset(name: str) -> dict:
     return dict(_TABLE[name][1])
 
 
+def capability(quantizer: str | ModuleType | None, member: str):
+    """An optional member of a quantizer (its name or its module), or the protocol's default where it has none;
+    None (a layer no quantizer owns, see `owner`) has the defaults."""
+    if member not in OPTIONAL:
+        raise AttributeError(f"{member!r} is not an optional member of QuantizerModule; valid: {', '.join(OPTIONAL)}")
+    qmod = get(quantizer) if isinstance(quantizer, str) else quantizer
+    return getattr(qmod, member, getattr(QuantizerModule, member))
+
+
+def names_where(member: str) -> tuple[str, ...]:
+    """The option names whose quantizer has the flag `member` set, in table order."""
+    return tuple(name for name in _TABLE if capability(name, member))
+
+
+def modules() -> list[ModuleType]:
+    """Every quantizer module once (nf4 and fp4 share one), in table order."""
+    return [importlib.import_module(m) for m in dict.fromkeys(m for m, _ in _TABLE.values())]
+
+
+def owner(layer: nn.Module) -> ModuleType | None:
+    """The quantizer module whose layer `layer` is (a plain nn.Linear: quant "none"), or None.
+
+    The most specific class wins: the first class in the layer's MRO that a module declares in `layer_classes`
+    (bitsandbytes' layers subclass nn.Linear; weak-column layers subclass the group-wise format). Modules sharing
+    a layer class share its format (rtn and gptq), and the first in table order answers."""
+    return _owner_of(type(layer))
+
+
+@functools.cache
+def _owner_of(cls: type) -> ModuleType | None:
+    # cached per class: a class can only exist once its backend is imported, so the answer never changes
+    claims = [(qmod, qmod.layer_classes()) for qmod in modules()]
+    for klass in cls.__mro__:
+        for qmod, classes in claims:
+            if klass in classes:
+                return qmod
+    return None
+
+
 def needs_calibration(qmod: ModuleType) -> bool:
-    return getattr(qmod, "NEEDS_CALIBRATION", False)
+    return capability(qmod, "NEEDS_CALIBRATION")
 
 
 def check_runnable(name: str, qmod: ModuleType, family: str, device: str | None, has_calibration: bool) -> None:
     """Combinations that cannot run, found before any model is loaded."""
-    families = getattr(qmod, "FAMILIES", None)
+    families = capability(qmod, "FAMILIES")
     if families is not None and family not in families:
         raise ConfigError(f"quant={name} supports model families {', '.join(families)}; this model is {family!r}")
     if needs_calibration(qmod) and not has_calibration:
@@ -79,7 +205,7 @@ def check_runnable(name: str, qmod: ModuleType, family: str, device: str | None,
             f"quant={name} needs calibration data: use calib=finetune (the fine-tuning data) or "
             "calib=text calib.path=<local text file>, not calib=none"
         )
-    if device is not None and getattr(qmod, "CUDA_ONLY", False) and not device.startswith("cuda"):
+    if device is not None and capability(qmod, "CUDA_ONLY") and not device.startswith("cuda"):
         raise ConfigError(f"quant={name} runs only on CUDA; train.device resolves to {device!r}")
 
 
@@ -110,7 +236,7 @@ def quantize_model(
         raise ConfigError(f"quant={name} needs calibration windows")
     sync = torch.cuda.synchronize if str(device).startswith("cuda") else (lambda: None)
     t0 = time.perf_counter()
-    stats = qmod.prepare(model, targets, cfg, windows, device) if hasattr(qmod, "prepare") else {}
+    stats = capability(qmod, "prepare")(model, targets, cfg, windows, device)
     sync()
     calibration_s = time.perf_counter() - t0
 

@@ -8,6 +8,7 @@ quantizer works on the same already-loaded model and the unquantized sizes can b
 from __future__ import annotations
 
 import math
+import sys
 import typing
 from dataclasses import dataclass
 
@@ -23,6 +24,11 @@ PROCESS_REUSE = True
 # bitsandbytes' layers return their input's dtype, not autocast's: with fp32 norms the stream stays fp32
 # (the plan-mode memory estimate needs to know; qpeft_bench/estimate.py).
 OUTPUT_FOLLOWS_INPUT_DTYPE = True
+FUSED_LORA_BASE = True  # x @ dequantize(W)^T + b, with the weight dequantized for each matmul
+COMPILE_TESTED = True
+PEFT_WRAPS = True  # peft has its own layer for it
+# the 4-bit codes are a parameter (stored in the model's dtype under FSDP, so a block flattens into one tensor)
+FSDP_SHARDABLE = True
 
 NESTED_BLOCKSIZE = 256  # bitsandbytes' fixed block size of the second (double-quant) level
 NESTED_CODE_ENTRIES = 256  # the 8-bit dynamic code of the second level, fp32 entries
@@ -105,11 +111,22 @@ def _tensor_bytes(obj, seen: set[int]) -> int:
         if isinstance(value, torch.Tensor) and id(value) not in seen:
             seen.add(id(value))
             total += value.numel() * value.element_size()
-        elif type(value).__name__ == "QuantState":
+        elif isinstance(value, _quant_state_class()):
             total += _tensor_bytes(value, seen)
     return total
+
+
+def _quant_state_class() -> type:
+    from bitsandbytes.functional import QuantState
+
+    return QuantState
 
 
 def state_bytes(module) -> int:
     quant_state = getattr(getattr(module, "weight", None), "quant_state", None)
     return 0 if quant_state is None else _tensor_bytes(quant_state, set())
+
+
+def layer_classes() -> tuple[type, ...]:
+    bnb = sys.modules.get("bitsandbytes")  # not imported: no bitsandbytes layer exists to own
+    return () if bnb is None else (bnb.nn.Linear4bit,)

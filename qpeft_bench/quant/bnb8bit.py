@@ -25,6 +25,7 @@ What bitsandbytes 0.50.2 does, read from its source and pinned down by tests/tes
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -36,6 +37,8 @@ from qpeft_bench.models import DTYPE
 # bitsandbytes' layers return their input's dtype, not autocast's: with fp32 norms the stream stays fp32
 # (the plan-mode memory estimate needs to know; qpeft_bench/estimate.py).
 OUTPUT_FOLLOWS_INPUT_DTYPE = True
+QUANTIZES_ACTIVATIONS = True  # MatMul8bitLt rounds each token to int8 (see above)
+PEFT_WRAPS = True  # peft has its own layer for it
 
 SCALE_BYTES = 4  # SCB: one fp32 absmax per output row
 
@@ -106,3 +109,8 @@ def state_bytes(module) -> int:
     # last forward) is scratch, not storage.
     scb = row_absmax(module)
     return 0 if scb is None else scb.numel() * scb.element_size()
+
+
+def layer_classes() -> tuple[type, ...]:
+    bnb = sys.modules.get("bitsandbytes")  # not imported: no bitsandbytes layer exists to own
+    return () if bnb is None else (bnb.nn.Linear8bitLt,)

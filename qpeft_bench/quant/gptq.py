@@ -29,12 +29,16 @@ from qpeft_bench.quant.rtn import (  # noqa: F401 - the same storage format as R
     dequantize,
     encode,
     group_params,
+    layer_classes,
     linear_storage,
+    set_zero_points,
     state_bytes,
+    zero_points,
 )
 
 PROCESS_REUSE = True  # plain tensors only: the base can wait on the CPU between runs (recipe._BASE_CACHE)
 NEEDS_CALIBRATION = True
+FUSED_LORA_BASE = True  # RTN's layer
 LAZY_BLOCK = 128  # columns whose updates are applied to the rest of the matrix at once (GPTQ's lazy batching)
 
 

@@ -9,6 +9,7 @@ them (0.5 bit per weight at group size 64 in bf16), our `quant_state_bytes` coun
 from __future__ import annotations
 
 import math
+import sys
 import typing
 from dataclasses import dataclass
 
@@ -19,6 +20,9 @@ from qpeft_bench.models import DTYPE
 
 # hqq's packings: codes per storage element and its size in bytes (3-bit packs ten codes into an int32).
 PACKING = {1: (8, 1), 2: (4, 1), 3: (10, 4), 4: (2, 1), 8: (1, 1)}
+FUSED_LORA_BASE = True
+COMPILE_TESTED = True
+PEFT_WRAPS = True  # peft has its own layer for it
 
 
 @dataclass
@@ -85,3 +89,22 @@ def state_bytes(module) -> int:
     if isinstance(bias, torch.Tensor) and id(bias) not in registered:
         total += bias.numel() * bias.element_size()
     return total
+
+
+def zero_points(module) -> tuple[torch.Tensor, torch.Tensor, int] | None:
+    """Groups along the input (axis=1), scales and zero points stored plainly (not quantized, not offloaded):
+    W = (W_q - zero) * scale over the rows of the weight flattened into (out * in / group_size, group_size)."""
+    meta = getattr(module, "meta", None)
+    plain = isinstance(meta, dict) and "zero" in meta and "scale" in meta
+    if plain and meta.get("axis") == 1 and not meta.get("quant_zero") and not meta.get("quant_scale"):
+        return meta["zero"], meta["scale"], meta["group_size"]
+    return None
+
+
+def set_zero_points(module, zeros: torch.Tensor) -> None:
+    module.meta["zero"] = zeros  # hqq made its meta tensors under inference_mode, which forbids in-place updates
+
+
+def layer_classes() -> tuple[type, ...]:
+    quantize = sys.modules.get("hqq.core.quantize")  # not imported: no HQQLinear exists to own
+    return () if quantize is None else (quantize.HQQLinear,)

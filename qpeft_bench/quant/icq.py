@@ -40,6 +40,7 @@ from qpeft_bench.config import ConfigError
 from qpeft_bench.models import DTYPE
 from qpeft_bench.quant.qlinear import QuantLinear, pack, unpack
 
+FUSED_LORA_BASE = True
 BITS = 4
 LEVELS = 2**BITS
 FP32 = 4
@@ -236,3 +237,7 @@ def dequantize(module) -> torch.Tensor:
 
 def state_bytes(module) -> int:
     return 0  # everything is a buffer
+
+
+def layer_classes() -> tuple[type, ...]:
+    return (ICQLinear,)

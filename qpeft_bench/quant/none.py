@@ -5,10 +5,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 from qpeft_bench.models import DTYPE
 
 PROCESS_REUSE = True  # plain tensors only: the base can wait on the CPU between runs (recipe._BASE_CACHE)
+FUSED_LORA_BASE = True
+FSDP_SHARDABLE = True  # the weights are parameters
+PEFT_WRAPS = True  # peft has its own layer for it
 
 
 @dataclass
@@ -35,3 +39,7 @@ def dequantize(module) -> torch.Tensor:
 
 def state_bytes(module) -> int:
     return 0
+
+
+def layer_classes() -> tuple[type, ...]:
+    return (nn.Linear,)

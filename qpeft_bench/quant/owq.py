@@ -14,12 +14,14 @@ from qpeft_bench.quant.weakcol import (  # noqa: F401 - the quantizer protocol, 
     Config,
     check_against_arch,
     dequantize,
+    layer_classes,
     linear_storage,
     quantize_with_weak_columns,
     state_bytes,
 )
 
 NEEDS_CALIBRATION = True
+COMPILE_TESTED = True  # the layer of QEFT, measured compiled
 
 
 def prepare(model, targets: list[str], cfg: Config, windows: torch.Tensor, device: str) -> dict:

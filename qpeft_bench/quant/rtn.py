@@ -12,6 +12,8 @@ from qpeft_bench.models import DTYPE
 from qpeft_bench.quant.qlinear import GroupQuantLinear, check_layout, storage_bytes
 
 PROCESS_REUSE = True  # plain tensors only: the base can wait on the CPU between runs (recipe._BASE_CACHE)
+FUSED_LORA_BASE = True
+COMPILE_TESTED = True
 
 
 @dataclass
@@ -91,3 +93,15 @@ def dequantize(module) -> torch.Tensor:
 
 def state_bytes(module) -> int:
     return 0  # everything is a buffer
+
+
+def layer_classes() -> tuple[type, ...]:
+    return (GroupQuantLinear,)
+
+
+def zero_points(module) -> tuple[torch.Tensor, torch.Tensor, int]:
+    return module.zeros, module.scales, module.group_size
+
+
+def set_zero_points(module, zeros: torch.Tensor) -> None:
+    module.zeros.copy_(zeros)

@@ -29,6 +29,7 @@ from qpeft_bench.config import ConfigError
 from qpeft_bench.models import DTYPE
 from qpeft_bench.quant.qlinear import QuantLinear
 
+QUANTIZES_ACTIVATIONS = True  # W8A8: each token is rounded to int8 in the forward
 NEEDS_CALIBRATION = True  # max|X_j| comes from activations (and the error probe needs inputs anyway)
 FAMILIES = ("llama", "opt")  # the norm -> consumer wiring below is known for these only
 QMAX = 127  # symmetric int8: codes in [-127, 127], so the grid is the same on both sides of zero
@@ -215,3 +216,7 @@ def dequantize(module) -> torch.Tensor:
 
 def state_bytes(module) -> int:
     return 0  # everything is a buffer or a parameter
+
+
+def layer_classes() -> tuple[type, ...]:
+    return (W8A8Linear,)

@@ -145,3 +145,7 @@ def dequantize(module) -> torch.Tensor:
 
 def state_bytes(module) -> int:
     return 0
+
+
+def layer_classes() -> tuple[type, ...]:
+    return (WeakColumnLinear,)
