@@ -746,7 +746,7 @@ def run_eval(
     out, seconds = evaluation.evaluate(
         model,
         tokenizer,
-        ev.tasks,
+        ev,
         stage=stage,
         device=device,
         compute_dtype=torch_dtype,
@@ -754,11 +754,6 @@ def run_eval(
         heldout_batches=lambda: _batches(
             val_set, ev.batch_size, tokenizer.pad_token_id, seed=0, group=False, limit=ev.max_batches
         ),
-        wikitext=dataclasses.asdict(ev.wikitext),
-        harness_cfg=dataclasses.asdict(ev.harness),
-        speed_cfg=dataclasses.asdict(ev.speed),
-        data_root=ev.data_root,
-        batch_size=ev.batch_size,
         cache=cache,
     )
     record["eval"].setdefault(stage, {}).update(out)
@@ -780,15 +775,7 @@ def base_eval_cache(spec: RunSpec, compute_dtype: str, device: str) -> evaluatio
         "device": device.split(":")[0],
         "code": results.code_fingerprint(),
     }
-    from qpeft_bench.evaluation import harness  # task-set names only: lm-eval loads when a set runs
-
-    ev = spec.eval
-    settings = {
-        "ppl_heldout": {"max_batches": ev.max_batches},
-        "ppl_wikitext": {**dataclasses.asdict(ev.wikitext), "data_root": ev.data_root},
-        **{t: {**dataclasses.asdict(ev.harness), "data_root": ev.data_root} for t in harness.TASK_SETS},
-    }
-    return evaluation.BaseEvalCache(identity, settings)
+    return evaluation.BaseEvalCache(identity, evaluation.cache_settings(spec.eval))
 
 
 def calibration_windows(calib, tokenizer, train_examples: list[dict]):
@@ -841,8 +828,8 @@ def summary_line(record: dict, path: Path) -> str:
         pass
     if tr.get("losses"):
         parts.append(f"loss {tr['losses'][0]:.4g} -> {tr['final_loss']:.4g}")
-    for task in ("ppl_heldout", "ppl_wikitext", "mmlu", "commonsense", "leaderboard"):
-        before, after = (evaluation.headline(ev.get(stage, {}).get(task)) for stage in ("before", "after"))
+    for task, _, _ in evaluation.SUMMARIES:
+        before, after = (evaluation.headline(ev.get(stage, {}).get(task), task) for stage in ("before", "after"))
         if after is not None:
             parts.append(f"{task} {'-' if before is None else format(before, '.4g')} -> {after:.4g}")
     if tr.get("s_per_step") is not None:
@@ -923,14 +910,8 @@ def summary_table(record: dict, path: Path) -> str:
             (f"peak memory (GiB, {tr.get('memory_kind')})", fmt(tr.get("peak_memory_bytes"), ".3f", GIB)),
             ("loss first -> last", f"{tr['losses'][0]:.4f} -> {tr['final_loss']:.4f}"),
         ]
-    for task, label, spec_ in (
-        ("ppl_heldout", "held-out ppl", ".3f"),
-        ("ppl_wikitext", "WikiText ppl (windows)", ".3f"),
-        ("mmlu", "MMLU 5-shot acc", ".4f"),
-        ("commonsense", "commonsense 0-shot avg", ".4f"),
-        ("leaderboard", "leaderboard avg (6 / 4)", ".4f"),
-    ):
-        before, after = (evaluation.headline(ev.get(stage, {}).get(task)) for stage in ("before", "after"))
+    for task, label, spec_ in evaluation.SUMMARIES:
+        before, after = (evaluation.headline(ev.get(stage, {}).get(task), task) for stage in ("before", "after"))
         if before is not None or after is not None:
             rows.append((f"{label} before -> after", f"{fmt(before, spec_)} -> {fmt(after, spec_)}"))
     sp = ev.get("after", {}).get("speed")
