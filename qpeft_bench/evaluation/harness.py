@@ -4,7 +4,7 @@ lm-eval is the engine: the model object we already hold is wrapped in lm-eval's 
 own YAML config (prompts, few-shot sampling, metrics, filters). We never re-implement a task; for local data we
 override only where the data comes from (dataset_path, dataset_name, dataset_kwargs), nothing else.
 
-Task sets (`TASK_SETS`), the protocols of ../shared/reference/evaluations.md:
+Task sets (`TASK_SETS`, a view of the sets registered in evaluation/__init__.py), the studies' protocols:
 - `mmlu`: lm-eval's `mmlu` group (57 subject tasks, test split, 5 shots = the first 5 items of each subject's dev
   split), metric acc. lm-eval's own `mmlu` aggregate weighs each subject by its number of questions
   (`weight_by_size: True` in its group YAML, i.e. the mean over all 14,042 questions); the studies report the
