@@ -29,7 +29,7 @@ def run_eval(
     out, seconds = evaluation.evaluate(
         model,
         tokenizer,
-        ev.tasks,
+        ev,
         stage=stage,
         device=device,
         compute_dtype=torch_dtype,
@@ -37,11 +37,6 @@ def run_eval(
         heldout_batches=lambda: _batches(
             val_set, ev.batch_size, tokenizer.pad_token_id, seed=0, group=False, limit=ev.max_batches
         ),
-        wikitext=dataclasses.asdict(ev.wikitext),
-        harness_cfg=dataclasses.asdict(ev.harness),
-        speed_cfg=dataclasses.asdict(ev.speed),
-        data_root=ev.data_root,
-        batch_size=ev.batch_size,
         cache=cache,
     )
     record["eval"].setdefault(stage, {}).update(out)
@@ -64,15 +59,7 @@ def base_eval_cache(spec: RunSpec, compute_dtype: str, device: str) -> evaluatio
         "code": results.code_fingerprint(),
         "inputs": fingerprint.spec_inputs(spec),  # the files' contents, not only their paths
     }
-    from qpeft_bench.evaluation import harness  # task-set names only: lm-eval loads when a set runs
-
-    ev = spec.eval
-    settings = {
-        "ppl_heldout": {"max_batches": ev.max_batches},
-        "ppl_wikitext": {**dataclasses.asdict(ev.wikitext), "data_root": ev.data_root},
-        **{t: {**dataclasses.asdict(ev.harness), "data_root": ev.data_root} for t in harness.TASK_SETS},
-    }
-    return evaluation.BaseEvalCache(identity, settings)
+    return evaluation.BaseEvalCache(identity, evaluation.cache_settings(spec.eval))
 
 
 def _batches(features: list[dict], batch_size: int, pad_id: int, seed: int, group: bool, limit: int | None = None):

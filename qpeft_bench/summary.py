@@ -24,8 +24,8 @@ def summary_line(record: dict, path: Path) -> str:
         pass
     if tr.get("losses"):
         parts.append(f"loss {tr['losses'][0]:.4g} -> {tr['final_loss']:.4g}")
-    for task in ("ppl_heldout", "ppl_wikitext", "mmlu", "commonsense", "leaderboard"):
-        before, after = (evaluation.headline(ev.get(stage, {}).get(task)) for stage in ("before", "after"))
+    for task, _, _ in evaluation.SUMMARIES:
+        before, after = (evaluation.headline(ev.get(stage, {}).get(task), task) for stage in ("before", "after"))
         if after is not None:
             parts.append(f"{task} {'-' if before is None else format(before, '.4g')} -> {after:.4g}")
     if tr.get("s_per_step") is not None:
@@ -106,14 +106,8 @@ def summary_table(record: dict, path: Path) -> str:
             (f"peak memory (GiB, {tr.get('memory_kind')})", fmt(tr.get("peak_memory_bytes"), ".3f", GIB)),
             ("loss first -> last", f"{tr['losses'][0]:.4f} -> {tr['final_loss']:.4f}"),
         ]
-    for task, label, spec_ in (
-        ("ppl_heldout", "held-out ppl", ".3f"),
-        ("ppl_wikitext", "WikiText ppl (windows)", ".3f"),
-        ("mmlu", "MMLU 5-shot acc", ".4f"),
-        ("commonsense", "commonsense 0-shot avg", ".4f"),
-        ("leaderboard", "leaderboard avg (6 / 4)", ".4f"),
-    ):
-        before, after = (evaluation.headline(ev.get(stage, {}).get(task)) for stage in ("before", "after"))
+    for task, label, spec_ in evaluation.SUMMARIES:
+        before, after = (evaluation.headline(ev.get(stage, {}).get(task), task) for stage in ("before", "after"))
         if before is not None or after is not None:
             rows.append((f"{label} before -> after", f"{fmt(before, spec_)} -> {fmt(after, spec_)}"))
     sp = ev.get("after", {}).get("speed")

@@ -1,4 +1,5 @@
-"""Evaluation tasks (the `eval/` config group) on the in-memory model, and the cache of base-model results.
+"""Evaluation tasks (the `eval/` config group) on the in-memory model: each task's definition, registered in
+`tasks.TASKS`, and `evaluate`, which runs a run's tasks through them.
 
 Tasks:
   ppl_heldout    exp(mean token NLL) over the labelled tokens of the fine-tuning data's validation split
@@ -6,46 +7,31 @@ Tasks:
                  protocol, not lm-eval's document-level word perplexity, so it carries its own label)
   mmlu, commonsense, leaderboard
                  lm-eval task sets on the in-memory model (harness.py)
-  speed          generated tokens/s and forward/backward ms of one step (speed.py); after fine-tuning only
+  speed          generated tokens/s and forward/backward ms of one step (throughput.py); after fine-tuning only
 
 `evaluate` runs a list of them on one model and returns {task: result}; `ppl_heldout` stays a bare float (the
 record's original key), every other task a dict. The quantized base's results ("before") do not depend on the
-PEFT method, its seed or the training settings, so a sweep computes them once: `BaseEvalCache` keeps them on disk
-per (model, quantizer, calibration, data split, compute dtype, device kind, task settings).
+PEFT method, its seed or the training settings, so a sweep computes them once: `BaseEvalCache` (cache.py) keeps
+them on disk per (model, quantizer, calibration, data split, compute dtype, device kind, task settings).
+
+The runners import their engines (torch, lm-eval) when they run, so the registry loads without them.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
+import dataclasses
+import functools
 import logging
 import os
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-from qpeft_bench.results import atomic_write_json
+from qpeft_bench.config import ConfigError, EvalConfig
+from qpeft_bench.evaluation.cache import BaseEvalCache
+from qpeft_bench.evaluation.tasks import TASKS, EvalContext, EvalTask, LmEvalSet, TaskSpec, register
 
 log = logging.getLogger("qpeft_bench")
-
-PROTOCOLS = {
-    "ppl_heldout": "exp(mean token NLL) over the labelled tokens of the validation split of the fine-tuning data",
-    "ppl_wikitext": "windowed token perplexity, non-overlapping windows, joined with blank lines",
-    "mmlu": "lm-eval mmlu, 5-shot, test split, shots from dev, unweighted mean of the 57 subject accuracies",
-    "commonsense": "lm-eval 0-shot hellaswag (acc_norm), piqa, winogrande, arc_easy, arc_challenge (acc_norm), "
-    "boolq, openbookqa (acc); unweighted average",
-    "leaderboard": "lm-eval Open LLM Leaderboard v1 shots; 6-task and 4-task (ARC-c, HellaSwag, MMLU, TruthfulQA) "
-    "averages",
-    "speed": "greedy tokens/s at batch 1 (median after a warm-up); forward and backward ms of one training step",
-}
-AFTER_ONLY = ("speed",)  # the speed of the model a run ships; the base's would measure no adapter path
-
-
-def headline(result) -> float | None:
-    """The one number of a task's result for summaries and tables: a perplexity, or the task set's average."""
-    if result is None or isinstance(result, (int, float)):
-        return result
-    return result.get("ppl", result.get("average"))
 
 
 def wikitext_source(
@@ -65,129 +51,271 @@ def wikitext_source(
     return str(local)
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Runners: (model, EvalContext) -> result
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _run_heldout(model, ctx: EvalContext) -> float:
+    from qpeft_bench.evaluation import perplexity
+
+    return perplexity.heldout_perplexity(
+        model, ctx.heldout_batches(), ctx.device, ctx.compute_dtype, ctx.progress, f"{ctx.stage}: ppl_heldout"
+    )["ppl"]
+
+
+def _run_wikitext(model, ctx: EvalContext) -> dict:
+    from qpeft_bench.evaluation import perplexity
+
+    ev, w = ctx.config, ctx.config.wikitext
+    source = wikitext_source(w.path, ev.data_root, w.hub_id, w.variant, w.split)
+    text = perplexity.wikitext_text(source, w.hub_id, w.variant, w.split)
+    out = perplexity.windowed_perplexity(
+        model,
+        ctx.tokenizer,
+        text,
+        seq_len=w.seq_len,
+        batch_size=ev.batch_size,
+        device=ctx.device,
+        compute_dtype=ctx.compute_dtype,
+        progress=ctx.progress,
+        max_windows=w.max_windows,
+    )
+    out["source"] = source or f"{w.hub_id}/{w.variant}"
+    return out
+
+
+def _run_task_set(task_set: str, model, ctx: EvalContext) -> dict:
+    from qpeft_bench.evaluation import harness
+
+    logging.getLogger("lm_eval").setLevel(logging.WARNING)  # its per-task INFO lines drown the run's log
+    h = ctx.config.harness
+    return harness.run_task_set(
+        model,
+        ctx.tokenizer,
+        task_set,
+        batch_size=h.batch_size,
+        data_root=ctx.config.data_root,
+        limit=h.limit,
+        device=ctx.device,
+        compute_dtype=ctx.compute_dtype,
+        max_gen_toks=h.max_gen_toks,
+        progress=ctx.progress,
+    )
+
+
+def _check_task_set(task_set: str, ev: EvalConfig, context: int | None, model_name: str) -> None:
+    from qpeft_bench.evaluation import harness
+
+    harness.check_local_data(task_set, ev.data_root)  # local files named before any model is loaded
+
+
+def _run_speed(model, ctx: EvalContext) -> dict:
+    from qpeft_bench.evaluation import throughput
+
+    s = ctx.config.speed
+    return {
+        "generation": throughput.generation_speed(
+            model,
+            ctx.tokenizer,
+            new_tokens=s.new_tokens,
+            repeats=s.repeats,
+            device=ctx.device,
+            compute_dtype=ctx.compute_dtype,
+        ),
+        "step": throughput.step_speed(
+            model,
+            seq_len=s.seq_len,
+            batch_size=s.batch_size,
+            repeats=s.repeats,
+            device=ctx.device,
+            compute_dtype=ctx.compute_dtype,
+            gradient_checkpointing=s.gradient_checkpointing,
+        ),
+    }
+
+
+def _check_speed(ev: EvalConfig, context: int | None, model_name: str) -> None:
+    if context is not None and ev.speed.new_tokens >= context:
+        raise ConfigError(
+            f"eval.speed.new_tokens={ev.speed.new_tokens} does not fit the context length {context} "
+            f"of model {model_name!r} with a prompt"
+        )
+
+
+def _harness_settings(ev: EvalConfig) -> dict:
+    return {**dataclasses.asdict(ev.harness), "data_root": ev.data_root}
+
+
+def _task_set(name: str, protocol: str, label: str, lm_eval: LmEvalSet) -> EvalTask:
+    """An lm-eval task set: harness.py runs it; its headline is its `average`."""
+    return EvalTask(
+        name,
+        protocol,
+        run=functools.partial(_run_task_set, name),
+        metric="average",
+        settings=_harness_settings,
+        check=functools.partial(_check_task_set, name),
+        summary=(label, ".4f"),
+        lm_eval=lm_eval,
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The tasks, in the order `eval.tasks`'s error message lists them
+# ----------------------------------------------------------------------------------------------------------------
+
+COMMONSENSE = ("hellaswag", "piqa", "winogrande", "arc_easy", "arc_challenge", "boolq", "openbookqa")
+# Where each lm-eval task's YAML lives under lm_eval/tasks (the names resolve to the same files as lm-eval's full
+# index; tests/test_harness.py checks it, marked slow).
+_DIRS = {
+    "mmlu": "mmlu/default",
+    "hellaswag": "hellaswag",
+    "piqa": "piqa",
+    "winogrande": "winogrande",
+    "arc_easy": "arc",
+    "arc_challenge": "arc",
+    "boolq": "super_glue/boolq",
+    "openbookqa": "openbookqa",
+    "truthfulqa_mc2": "truthfulqa",
+    "gsm8k": "gsm8k",
+}
+_LEADERBOARD = (
+    TaskSpec("mmlu", 5, "acc"),
+    TaskSpec("hellaswag", 10, "acc_norm"),
+    TaskSpec("arc_challenge", 25, "acc_norm"),
+    TaskSpec("truthfulqa_mc2", 0, "acc"),  # lm-eval's process_results_mc2 reports the mc2 score as "acc"
+    TaskSpec("winogrande", 5, "acc"),
+    TaskSpec("gsm8k", 5, "exact_match", "strict-match"),
+)
+_COMMONSENSE = tuple(TaskSpec(t, 0, "acc_norm" if t in ("hellaswag", "arc_challenge") else "acc") for t in COMMONSENSE)
+
+
+def _sets_dirs(specs: tuple[TaskSpec, ...]) -> dict[str, str]:
+    return {s.task: _DIRS[s.task] for s in specs}
+
+
+register(
+    EvalTask(
+        "ppl_heldout",
+        "exp(mean token NLL) over the labelled tokens of the validation split of the fine-tuning data",
+        run=_run_heldout,
+        settings=lambda ev: {"max_batches": ev.max_batches},
+        summary=("held-out ppl", ".3f"),
+    )
+)
+register(
+    EvalTask(
+        "ppl_wikitext",
+        "windowed token perplexity, non-overlapping windows, joined with blank lines",
+        run=_run_wikitext,
+        metric="ppl",
+        settings=lambda ev: {**dataclasses.asdict(ev.wikitext), "data_root": ev.data_root},
+        summary=("WikiText ppl (windows)", ".3f"),
+    )
+)
+register(
+    _task_set(
+        "mmlu",
+        "lm-eval mmlu, 5-shot, test split, shots from dev, unweighted mean of the 57 subject accuracies",
+        "MMLU 5-shot acc",
+        LmEvalSet((TaskSpec("mmlu", 5, "acc"),), {"average": ("mmlu",)}, {"mmlu": _DIRS["mmlu"]}),
+    )
+)
+register(
+    _task_set(
+        "commonsense",
+        "lm-eval 0-shot hellaswag (acc_norm), piqa, winogrande, arc_easy, arc_challenge (acc_norm), "
+        "boolq, openbookqa (acc); unweighted average",
+        "commonsense 0-shot avg",
+        LmEvalSet(_COMMONSENSE, {"average": COMMONSENSE}, _sets_dirs(_COMMONSENSE)),
+    )
+)
+register(
+    _task_set(
+        "leaderboard",
+        "lm-eval Open LLM Leaderboard v1 shots; 6-task and 4-task (ARC-c, HellaSwag, MMLU, TruthfulQA) averages",
+        "leaderboard avg (6 / 4)",
+        LmEvalSet(
+            _LEADERBOARD,
+            {
+                "average": ("mmlu", "hellaswag", "arc_challenge", "truthfulqa_mc2", "winogrande", "gsm8k"),
+                "average_4": ("arc_challenge", "hellaswag", "mmlu", "truthfulqa_mc2"),
+            },
+            _sets_dirs(_LEADERBOARD),
+        ),
+    )
+)
+register(
+    EvalTask(
+        "speed",
+        "greedy tokens/s at batch 1 (median after a warm-up); forward and backward ms of one training step",
+        run=_run_speed,
+        before=False,  # the speed of the model a run ships; the base's would measure no adapter path
+        check=_check_speed,
+    )
+)
+
+# Views of the registry that callers read
+PROTOCOLS = {name: t.protocol for name, t in TASKS.items()}
+AFTER_ONLY = tuple(name for name, t in TASKS.items() if not t.before)
+SUMMARIES = tuple((name, *t.summary) for name, t in TASKS.items() if t.summary)  # (task, label, format)
+
+
+def headline(result, task: str) -> float | None:
+    """The one number of `task`'s result for summaries and tables: a perplexity, or the task set's average."""
+    return TASKS[task].headline(result)
+
+
+def cache_settings(ev: EvalConfig) -> dict[str, dict]:
+    """{task: the settings its base result depends on} for BaseEvalCache."""
+    return {name: t.settings(ev) for name, t in TASKS.items() if t.settings is not None}
+
+
 def evaluate(
     model,
     tokenizer,
-    tasks: list[str],
+    config: EvalConfig,
     *,
     stage: str,
     device: str,
     compute_dtype,
     progress: bool,
     heldout_batches: Callable,
-    wikitext: dict,
-    harness_cfg: dict,
-    speed_cfg: dict,
-    data_root: str | None,
-    batch_size: int,
     cache: BaseEvalCache | None = None,
 ) -> tuple[dict, dict]:
-    """Run `tasks` on `model` for `stage` ("before" or "after"); returns (results, seconds per task). With a
+    """Run `config.tasks` on `model` for `stage` ("before" or "after"); returns (results, seconds per task). With a
     cache (stage "before" only), cached results are reused and new ones stored."""
-    from qpeft_bench.evaluation import harness, perplexity
-    from qpeft_bench.evaluation import throughput as speed
-
+    ctx = EvalContext(tokenizer, stage, device, compute_dtype, progress, heldout_batches, config)
     results, seconds = {}, {}
-    for task in tasks:
-        if stage == "before" and task in AFTER_ONLY:
+    for name in config.tasks:
+        task = TASKS[name]  # evaluation/checks.py rejected unknown names before any model was loaded
+        if stage == "before" and not task.before:
             continue
-        cached = cache.get(task) if cache is not None else None
+        cached = cache.get(name) if cache is not None else None
         if cached is not None:
-            results[task] = cached
-            log.info("%s %s: cached base result (%s)", stage, task, cache.path(task))
+            results[name] = cached
+            log.info("%s %s: cached base result (%s)", stage, name, cache.path(name))
             continue
         t0 = time.perf_counter()
-        if task == "ppl_heldout":
-            out = perplexity.heldout_perplexity(
-                model, heldout_batches(), device, compute_dtype, progress, f"{stage}: ppl_heldout"
-            )["ppl"]
-        elif task == "ppl_wikitext":
-            source = wikitext_source(
-                wikitext["path"], data_root, wikitext["hub_id"], wikitext["variant"], wikitext["split"]
-            )
-            text = perplexity.wikitext_text(source, wikitext["hub_id"], wikitext["variant"], wikitext["split"])
-            out = perplexity.windowed_perplexity(
-                model,
-                tokenizer,
-                text,
-                seq_len=wikitext["seq_len"],
-                batch_size=batch_size,
-                device=device,
-                compute_dtype=compute_dtype,
-                progress=progress,
-                max_windows=wikitext["max_windows"],
-            )
-            out["source"] = source or f"{wikitext['hub_id']}/{wikitext['variant']}"
-        elif task in harness.TASK_SETS:
-            logging.getLogger("lm_eval").setLevel(logging.WARNING)  # its per-task INFO lines drown the run's log
-            out = harness.run_task_set(
-                model,
-                tokenizer,
-                task,
-                batch_size=harness_cfg["batch_size"],
-                data_root=data_root,
-                limit=harness_cfg["limit"],
-                device=device,
-                compute_dtype=compute_dtype,
-                max_gen_toks=harness_cfg["max_gen_toks"],
-                progress=progress,
-            )
-        elif task == "speed":
-            out = {
-                "generation": speed.generation_speed(
-                    model,
-                    tokenizer,
-                    new_tokens=speed_cfg["new_tokens"],
-                    repeats=speed_cfg["repeats"],
-                    device=device,
-                    compute_dtype=compute_dtype,
-                ),
-                "step": speed.step_speed(
-                    model,
-                    seq_len=speed_cfg["seq_len"],
-                    batch_size=speed_cfg["batch_size"],
-                    repeats=speed_cfg["repeats"],
-                    device=device,
-                    compute_dtype=compute_dtype,
-                    gradient_checkpointing=speed_cfg["gradient_checkpointing"],
-                ),
-            }
-        else:  # config.validate lists the tasks; a new one must be wired here
-            raise NotImplementedError(f"eval task {task!r} has no implementation")
-        seconds[task] = time.perf_counter() - t0
-        results[task] = out
+        out = task.run(model, ctx)
+        seconds[name] = time.perf_counter() - t0
+        results[name] = out
         if cache is not None:
-            cache.put(task, out)
+            cache.put(name, out)
     return results, seconds
 
 
-class BaseEvalCache:
-    """Results of the quantized base per task, on disk under $QPEFT_CACHE/base_eval (default
-    ~/.cache/qpeft-bench/base_eval). `identity` holds everything the base's results depend on except the task's
-    own settings, which `settings` maps per task."""
-
-    def __init__(self, identity: dict, settings: dict[str, dict], root: Path | None = None):
-        base = os.environ.get("QPEFT_CACHE")
-        self.root = root or (Path(base) if base else Path.home() / ".cache" / "qpeft-bench") / "base_eval"
-        self.identity, self.settings = identity, settings
-
-    def key(self, task: str) -> str:
-        blob = json.dumps(
-            {"identity": self.identity, "task": task, "settings": self.settings.get(task)}, sort_keys=True, default=str
-        )
-        return hashlib.sha256(blob.encode()).hexdigest()[:20]
-
-    def path(self, task: str) -> Path:
-        return self.root / f"{task}-{self.key(task)}.json"
-
-    def get(self, task: str):
-        try:
-            return json.loads(self.path(task).read_text())["result"]
-        except (OSError, ValueError, KeyError):  # absent or unreadable: compute it again
-            return None
-
-    def put(self, task: str, result) -> None:
-        atomic_write_json(
-            self.path(task),
-            {"task": task, "identity": self.identity, "settings": self.settings.get(task), "result": result},
-        )
+__all__ = [
+    "AFTER_ONLY",
+    "PROTOCOLS",
+    "SUMMARIES",
+    "TASKS",
+    "BaseEvalCache",
+    "EvalContext",
+    "EvalTask",
+    "cache_settings",
+    "evaluate",
+    "headline",
+    "wikitext_source",
+]

@@ -4,7 +4,7 @@ lm-eval is the engine: the model object we already hold is wrapped in lm-eval's 
 own YAML config (prompts, few-shot sampling, metrics, filters). We never re-implement a task; for local data we
 override only where the data comes from (dataset_path, dataset_name, dataset_kwargs), nothing else.
 
-Task sets (`TASK_SETS`), the protocols of ../shared/reference/evaluations.md:
+Task sets (`TASK_SETS`, a view of the sets registered in evaluation/__init__.py), the studies' protocols:
 - `mmlu`: lm-eval's `mmlu` group (57 subject tasks, test split, 5 shots = the first 5 items of each subject's dev
   split), metric acc. lm-eval's own `mmlu` aggregate weighs each subject by its number of questions
   (`weight_by_size: True` in its group YAML, i.e. the mean over all 14,042 questions); the studies report the
@@ -42,9 +42,9 @@ import os
 import time
 from importlib.metadata import version
 from pathlib import Path
-from typing import NamedTuple
 
 from qpeft_bench.config import ConfigError
+from qpeft_bench.evaluation.tasks import TaskSpec, lm_eval_sets
 
 ENV_DATA = "QPEFT_EVAL_DATA"
 SPLIT_KEYS = ("training_split", "validation_split", "test_split", "fewshot_split")
@@ -52,58 +52,12 @@ SEED_KEYS = ("random_seed", "numpy_seed", "torch_seed", "fewshot_seed")  # simpl
 FIXTURES = Path(__file__).resolve().parent.parent / "assets" / "eval_fixtures"
 
 
-class TaskSpec(NamedTuple):
-    """One entry of a task set: an lm-eval task or group name, its n-shot, and the metric we report."""
-
-    task: str
-    num_fewshot: int
-    metric: str
-    filter: str = "none"  # the lm-eval filter pipeline whose output is scored ("none": the raw output)
-
-
-COMMONSENSE = ("hellaswag", "piqa", "winogrande", "arc_easy", "arc_challenge", "boolq", "openbookqa")
-TASK_SETS: dict[str, dict] = {
-    "mmlu": {
-        "tasks": (TaskSpec("mmlu", 5, "acc"),),
-        "averages": {"average": ("mmlu",)},
-    },
-    "commonsense": {
-        "tasks": tuple(
-            TaskSpec(t, 0, "acc_norm" if t in ("hellaswag", "arc_challenge") else "acc") for t in COMMONSENSE
-        ),
-        "averages": {"average": COMMONSENSE},
-    },
-    "leaderboard": {
-        "tasks": (
-            TaskSpec("mmlu", 5, "acc"),
-            TaskSpec("hellaswag", 10, "acc_norm"),
-            TaskSpec("arc_challenge", 25, "acc_norm"),
-            TaskSpec("truthfulqa_mc2", 0, "acc"),  # lm-eval's process_results_mc2 reports the mc2 score as "acc"
-            TaskSpec("winogrande", 5, "acc"),
-            TaskSpec("gsm8k", 5, "exact_match", "strict-match"),
-        ),
-        "averages": {
-            "average": ("mmlu", "hellaswag", "arc_challenge", "truthfulqa_mc2", "winogrande", "gsm8k"),
-            "average_4": ("arc_challenge", "hellaswag", "mmlu", "truthfulqa_mc2"),
-        },
-    },
-}
-
+# The task sets are defined in the registry (evaluation/__init__.py registers them in tasks.TASKS, before Python
+# loads this module); these are its views in the shapes this module, the tests and scripts/make_eval_fixtures.py read.
+TASK_SETS: dict[str, dict] = {name: {"tasks": s.tasks, "averages": s.averages} for name, s in lm_eval_sets().items()}
 # Where each task's YAML lives under lm_eval/tasks. Indexing only these folders takes ~0.05 s; lm-eval's default
-# TaskManager indexes all ~15,000 tasks, ~10 s, on every run. The names resolve to the same files either way
-# (tests/test_harness.py checks it, marked slow).
-TASK_DIRS = {
-    "mmlu": "mmlu/default",
-    "hellaswag": "hellaswag",
-    "piqa": "piqa",
-    "winogrande": "winogrande",
-    "arc_easy": "arc",
-    "arc_challenge": "arc",
-    "boolq": "super_glue/boolq",
-    "openbookqa": "openbookqa",
-    "truthfulqa_mc2": "truthfulqa",
-    "gsm8k": "gsm8k",
-}
+# TaskManager indexes all ~15,000 tasks, ~10 s, on every run.
+TASK_DIRS = {task: folder for s in lm_eval_sets().values() for task, folder in s.dirs.items()}
 
 
 def task_specs(task_set: str) -> tuple[TaskSpec, ...]:

@@ -7,12 +7,15 @@ import math
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from qpeft_bench.evaluation.tasks import TASKS
 from qpeft_bench.report.records import RunRecord
 
 Row = dict[str, Any]
-# The Open LLM Leaderboard v1 tasks in the order the QEFT comparison table prints them (evaluation/harness.py).
-LEADERBOARD_TASKS = ("arc_challenge", "hellaswag", "mmlu", "truthfulqa_mc2", "winogrande", "gsm8k")
-COMMONSENSE_TASKS = ("hellaswag", "piqa", "winogrande", "arc_easy", "arc_challenge", "boolq", "openbookqa")
+# The lm-eval tasks of the leaderboard and commonsense sets (the evaluation registry); the leaderboard's in the
+# order the QEFT comparison table prints them.
+_QEFT_ORDER = ("arc_challenge", "hellaswag", "mmlu", "truthfulqa_mc2", "winogrande", "gsm8k")
+LEADERBOARD_TASKS = tuple(sorted((s.task for s in TASKS["leaderboard"].lm_eval.tasks), key=_QEFT_ORDER.index))
+COMMONSENSE_TASKS = tuple(s.task for s in TASKS["commonsense"].lm_eval.tasks)
 
 
 # Flat row key -> path into the record. Keys carry their unit (…_bytes, s_per_step, …_pct) because
