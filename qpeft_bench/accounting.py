@@ -1,4 +1,4 @@
-"""Parameter and memory accounting (DESIGN §5). Pure functions of a model; the same code runs on a meta-device
+"""Parameter and memory accounting (docs/design.md §5). Pure functions of a model; the same code runs on a meta-device
 model in plan mode (sizes of quantized layers come from the quantizer's storage format) and on a real loaded
 model (sizes come from the tensors actually held)."""
 

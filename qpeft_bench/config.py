@@ -128,7 +128,6 @@ class ModelConfig:
             raise ConfigError(f"{where}.path={self.path!r} has no config.json and the card has no arch")
         if not self.linear_names:
             raise ConfigError(f"{where}.linear_names is empty")
-        self.check_checkpoint(where)
 
     def checkpoint_config(self) -> tuple[dict, str] | None:
         """The checkpoint's own config.json and where it was read: at `path`, or (path null) the hub id's snapshot
@@ -136,7 +135,7 @@ class ModelConfig:
         if self.path is not None:
             file = Path(self.path) / "config.json"
         elif self.hub_id:
-            file = _cached_hub_file(self.hub_id, "config.json")
+            file = cached_hub_file(self.hub_id, "config.json")
         else:
             file = None
         if file is None or not file.is_file():
@@ -145,22 +144,6 @@ class ModelConfig:
             return json.loads(file.read_text()), str(file)
         except (OSError, ValueError) as err:
             raise ConfigError(f"model {self.name!r}: {file} is not readable JSON ({err})") from err
-
-    def check_checkpoint(self, where: str) -> None:
-        """A named model must be that model: the card's shapes against the checkpoint's config.json, and a hub id
-        never ignored silently (with both path and hub_id set the path is loaded)."""
-        found = self.checkpoint_config()
-        if self.path is not None and self.hub_id and self.arch is None:
-            hub = _cached_hub_file(self.hub_id, "config.json")
-            if hub is None:
-                raise ConfigError(
-                    f"{where}.hub_id={self.hub_id!r} and {where}.path={self.path!r} are both set and the card has no "
-                    f"arch to tell them apart; the path would be loaded: set {where}.path=null to load "
-                    f"{self.hub_id} (from the local HF cache), or {where}.hub_id=null"
-                )
-            _compare_arch(json.loads(hub.read_text()), f"{self.hub_id} ({hub})", found, self.name)
-        if self.arch is not None and found is not None:
-            _compare_arch({"model_type": self.family, **self.arch}, f"the card {self.name!r}", found, self.name)
 
     def arch_dict(self) -> dict:
         """The architecture as transformers config fields, without loading any weight."""
@@ -176,35 +159,7 @@ class ModelConfig:
         return found[0]
 
 
-# Shapes a card and its checkpoint must agree on (the rest, e.g. rope_theta, may be tuned by a user's card).
-ARCH_KEYS = (
-    "hidden_size",
-    "num_hidden_layers",
-    "num_attention_heads",
-    "num_key_value_heads",
-    "intermediate_size",
-    "ffn_dim",
-    "vocab_size",
-)
-
-
-def _compare_arch(expected: dict, expected_where: str, found: tuple[dict, str] | None, name: str) -> None:
-    if found is None:
-        return
-    config, where = found
-    for key in ARCH_KEYS:
-        want, got = expected.get(key), config.get(key)
-        if key == "num_key_value_heads":  # absent means one KV head per attention head
-            want = want if want is not None else expected.get("num_attention_heads")
-            got = got if got is not None else config.get("num_attention_heads")
-        if want is not None and got is not None and want != got:
-            raise ConfigError(
-                f"model {name!r}: {expected_where} has {key}={want} but the checkpoint's {where} has {key}={got}; "
-                "it is another model: choose its card, or a card with arch: null to read config.json"
-            )
-
-
-def _cached_hub_file(hub_id: str, filename: str) -> Path | None:
+def cached_hub_file(hub_id: str, filename: str) -> Path | None:
     """`filename` of the hub repository's snapshot in the local Hugging Face cache, or None; never downloads."""
     try:
         from huggingface_hub import try_to_load_from_cache
@@ -263,12 +218,12 @@ class TrainConfig:
     checkpoint_every: int = 0  # save a resumable checkpoint every N optimizer steps (0: never); see checkpoint.py
     distributed: typing.Literal["none", "ddp", "fsdp"] = "none"
     gpus: int = 1  # processes (GPUs) of the job; part of the run's identity, since the global batch scales with it
-    # Speed switches (qpeft_bench/speed.py); each computes the same function, only faster or in less memory.
+    # Speed switches (speedups.py, fused_lora.py, chunked_loss.py): each computes the same function, faster or leaner.
     # auto: on for peft's LoRA family (LoRA, rsLoRA, DoRA, LoftQ), which it computes as one autograd function per
     # linear; true: the same, but an error for other methods; false: peft's own layers
     fused_lora: bool | str = "auto"
     chunked_loss: int = 0  # tokens per chunk of lm_head + cross-entropy, logits recomputed in backward (0: off)
-    compile: bool | str = "auto"  # torch.compile each decoder layer; auto: CUDA, measured quantizers (speed.py)
+    compile: bool | str = "auto"  # torch.compile each decoder layer; auto: CUDA, measured quantizers (speedups.py)
     # GiB, or auto (most of the card): choose checkpointing, upcast and loss chunking from the plan-mode estimate
     memory_budget: str | float | None = None
     reuse_base: bool = True  # a sweep's runs with the same model and quantizer quantize once per process
@@ -347,7 +302,7 @@ class HarnessConfig:
 
 @dataclass
 class SpeedConfig:
-    """speed: generated tokens/s at batch 1 and forward/backward ms of one step (evaluation/speed.py)."""
+    """speed: generated tokens/s at batch 1 and forward/backward ms of one step (evaluation/throughput.py)."""
 
     new_tokens: int = 256
     repeats: int = 5  # medians over these, after one warm-up

@@ -2,8 +2,8 @@
 
 The estimate describes our training loop (qpeft_bench/train.py: autocast to the compute dtype, LoRA-style adapters
 through peft, SDPA attention, transformers' cross entropy) on one H100-class GPU with the efficiency the reference
-stack reaches there (/work/shared/reference/gpu_baseline.md). Memory is counted the way a real run records it
-(DESIGN §6): what PyTorch's allocator holds at the peak step, plus, separately, the optimizer state that
+stack reaches there (docs/reference/gpu_baseline.md). Memory is counted the way a real run records it
+(docs/design.md §6): what PyTorch's allocator holds at the peak step, plus, separately, the optimizer state that
 bitsandbytes' paged optimizers keep in CUDA managed memory, which the allocator never sees.
 
 Activations are counted from what autograd keeps for backward, layer by layer, for a LLaMA block (RMSNorm, SDPA,

@@ -1,4 +1,4 @@
-"""Layer groups and per-module PEFT knobs (DESIGN §3).
+"""Layer groups and per-module PEFT knobs (docs/design.md §3).
 
 Groups of target modules:
   attn         q, k, v, o projections (OPT: out_proj)

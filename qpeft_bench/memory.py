@@ -1,4 +1,4 @@
-"""Memory probes (DESIGN §6): on CUDA the allocator's peak per step; on the CPU the process' peak RSS."""
+"""Memory probes (docs/design.md §6): on CUDA the allocator's peak per step; on the CPU the process' peak RSS."""
 
 from __future__ import annotations
 

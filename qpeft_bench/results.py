@@ -1,4 +1,4 @@
-"""The run record (DESIGN §5): schema, stable run id, atomic writes, run metadata; the lock that keeps two
+"""The run record (docs/design.md §5): schema, stable run id, atomic writes, run metadata; the lock that keeps two
 processes off one run, and the redaction that keeps credentials out of everything written."""
 
 from __future__ import annotations

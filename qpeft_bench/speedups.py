@@ -17,12 +17,11 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from qpeft_bench import quant
+from qpeft_bench import adapters, quant
 from qpeft_bench.chunked_loss import causal_lm, chunked_loss
 from qpeft_bench.config import ConfigError
 from qpeft_bench.fused_lora import fuse_lora, unfuse_lora
 
-FUSED_METHODS = ("lora",)  # peft's LoRA family: LoRA, rsLoRA, DoRA, LoftQ-initialised LoRA
 # compile=auto compiles only what was measured to compile and train (results/bench/h200.md), the quantizers with
 # COMPILE_TESTED: NF4, HQQ and RTN bases with the LoRA family, IA3, Q-BaRA, QA-HiRA and QA-LoRA (FP4 is the same
 # bitsandbytes layer as NF4), and QEFT with weak-column tuning, 4x faster compiled since its group dequantization is
@@ -35,7 +34,7 @@ def resolve(
     """The switches' 'auto' made concrete: fused LoRA for peft's LoRA family, compilation on CUDA for the
     quantizers it was measured with; neither under FSDP (`sharded`), whose gathered weights reach a layer only
     through its own forward (check refuses asking for them)."""
-    fused = method in FUSED_METHODS and not sharded if fused_lora == "auto" else bool(fused_lora)
+    fused = adapters.capability(method, "FUSED_LORA") and not sharded if fused_lora == "auto" else bool(fused_lora)
     if compile == "auto":
         compiled = device.startswith("cuda") and quant.capability(quant_name, "COMPILE_TESTED") and not sharded
     else:
@@ -131,9 +130,9 @@ def check(method: str, fused_lora: bool | str, compile: bool | str = "auto", dis
             "train.fused_lora=true and train.compile=true do not apply under train.distributed=fsdp "
             "(FSDP gathers a layer's weights only inside its own forward): set them to auto or false"
         )
-    if fused_lora is True and method not in FUSED_METHODS:
+    if fused_lora is True and not adapters.capability(method, "FUSED_LORA"):
         raise ConfigError(
-            f"train.fused_lora=true applies to peft.method in {FUSED_METHODS} (LoRA, rsLoRA, DoRA, "
+            f"train.fused_lora=true applies to peft.method in {adapters.names_where('FUSED_LORA')} (LoRA, rsLoRA, DoRA, "
             f"LoftQ); peft.method={method} has its own layers: set train.fused_lora=false"
         )
 

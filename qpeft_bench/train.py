@@ -23,7 +23,7 @@ class Diverged(RuntimeError):
 
 
 def prepare_for_training(model, *, upcast_norms_fp32: bool, gradient_checkpointing: bool) -> None:
-    """The two set-up switches that move peak memory by gigabytes on 7B models (DESIGN §6)."""
+    """The two set-up switches that move peak memory by gigabytes on 7B models (docs/design.md §6)."""
     from qpeft_bench.models import is_norm_param
 
     if upcast_norms_fp32:  # qlora.py's end state after prepare_model_for_kbit_training

@@ -4,7 +4,7 @@ scripts/bench_train_step.py measures ours (the same plain loop, batches and memo
     python scripts/bench_reference.py --save-model DIR --arch llama2_7b          # random weights, seed 0, saved once
     python scripts/bench_reference.py --model-dir DIR --method qlora --json ref.json --save-init init.safetensors
 
-Recipes (../shared/reference/gpu_baseline.md):
+Recipes (docs/reference/gpu_baseline.md):
 - qlora / qdora / qia3: from_pretrained(BitsAndBytesConfig(nf4, double quant, bf16 compute)) ->
   prepare_model_for_kbit_training(use_gradient_checkpointing=True) -> get_peft_model(LoraConfig(r, alpha, dropout 0.05,
   every linear[, use_dora]) or IA3Config(k, v, down)) -> bitsandbytes PagedAdamW32bit, lr 2e-4, wd 0.001, clip 0.3,

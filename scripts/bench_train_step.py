@@ -114,7 +114,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument(
         "--no-hqq-flag",
         action="store_true",
-        help="drop model.hqq_quantized after quantizing (what a recipe unaware of DESIGN §7 has)",
+        help="drop model.hqq_quantized after quantizing (what a recipe unaware of docs/design.md §7 has)",
     )
     parser.add_argument(
         "--init-adapters",

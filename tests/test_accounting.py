@@ -49,7 +49,7 @@ def test_plan_reproduces_published_llama2_7b_accounting(compose, row):
 
 
 def test_nf4_double_quant_storage_matches_the_gpu_measurement(compose):
-    # Measured on the lent H100 with bitsandbytes (shared/reference/gpu_baseline.md): parameters+buffers
+    # Measured on the lent H100 with bitsandbytes (docs/reference/gpu_baseline.md): parameters+buffers
     # 3,762,823,680 B plus absmax/double-quant state 103,013,248 B.
     acc = plan.plan_accounting(validate(compose(["mode=plan", "model=llama2_7b", "peft.r=64"])))
     assert acc["param_buffer_bytes"] == 3_762_823_680
@@ -135,7 +135,7 @@ def test_accounting_functions_on_a_hand_built_model():
 
 @pytest.mark.parametrize("nbits, published_pb", [(4, 3_762_823_424), (2, 2_143_822_080)])
 def test_plan_hqq_llama2_7b_matches_the_gpu_measurement(compose, nbits, published_pb):
-    # shared/reference/gpu_baseline.md, measured with the hqq API on the lent H100: parameters+buffers as
+    # docs/reference/gpu_baseline.md, measured with the hqq API on the lent H100: parameters+buffers as
     # printed, plus scale/zero in `meta` of 404,750,336 B (bf16, one of each per group of 64).
     acc = plan.plan_accounting(
         validate(compose(["mode=plan", "model=llama2_7b", "quant=hqq", f"quant.nbits={nbits}", "peft.r=64"]))

@@ -1,6 +1,6 @@
 """Plan-mode estimates of peak training memory and of step time (qpeft_bench/estimate.py).
 
-Expected values come from the reference stack measured on the lent H100, /work/shared/reference/gpu_baseline.md
+Expected values come from the reference stack measured on the lent H100, docs/reference/gpu_baseline.md
 (QLoRA r64 NF4+DQ on a LLaMA-2-7B-shaped model, batch 8 x 512). Architecture numbers are read from the model cards
 and quantized bytes / trainable counts from plan_accounting, never typed here. The activation and FLOP
 formulas are also checked against what autograd saves and what torch's FlopCounterMode counts on tiny models.
@@ -21,7 +21,7 @@ from qpeft_bench.train import autocast, prepare_for_training
 GIB = 2**30
 BATCH, SEQ = 8, 512  # the reference step (gpu_baseline.md)
 
-# /work/shared/reference/gpu_baseline.md, "Variations of the QLoRA recipe": peak allocated GiB without fp32 upcast
+# docs/reference/gpu_baseline.md, "Variations of the QLoRA recipe": peak allocated GiB without fp32 upcast
 REF_PEAK_GIB = {True: 7.19, False: 37.46}  # keyed by gradient checkpointing
 # same file: "A QLoRA step above costs about 1.66e14 FLOP with gradient checkpointing ... and about 1.1e14 without"
 REF_FLOPS = {True: 1.66e14, False: 1.1e14}

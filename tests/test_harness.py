@@ -1,7 +1,7 @@
 """lm-eval task sets on the embedded tiny model, offline, from our own fixtures (qpeft_bench/assets/eval_fixtures).
 
 Expected values come from lm-eval's own task configs (versions, splits, subject list) or from the fixture files
-(item counts); the 57 MMLU subjects are ../shared/reference/evaluations.md's number. The scores of the tiny model
+(item counts); the 57 MMLU subjects are docs/reference/evaluations.md's number. The scores of the tiny model
 on made-up items mean nothing; what is checked is the wiring: each set runs end to end without the network,
 records lm-eval's versions, n-shot and splits, and aggregates as documented.
 """

@@ -3,7 +3,7 @@
 bitsandbytes runs two different forwards (qpeft_bench/quant/bnb8bit.py says why): MatMul8bitLt, which quantizes
 the activations per token and splits out outlier features (CUDA always, CPU in eval mode), and MatMul8bitFp,
 a weight-only int8 layer (CPU in train mode). Each is checked against its own reference, the gradients of LoRA
-adapters through each of them as well, with an eval-mode forward first (the trap of DESIGN §7).
+adapters through each of them as well, with an eval-mode forward first (the trap of docs/design.md §7).
 """
 
 from __future__ import annotations

@@ -200,7 +200,9 @@ def _check_gradients(qname: str, amod, cfg, device: str = "cpu") -> None:
     ids = IDS.to(device)
     with torch.no_grad():
         qpeft.eval()
-        qpeft(input_ids=ids)  # an eval forward first: it arms bitsandbytes' autograd-less CPU kernel (DESIGN §7)
+        qpeft(
+            input_ids=ids
+        )  # an eval forward first: it arms bitsandbytes' autograd-less CPU kernel (docs/design.md §7)
     g_q, g_r = grads(qpeft, ids), grads(rpeft, ids)
     assert set(g_q) == set(g_r) and len(g_q) >= len(targets)
     for name, g in g_r.items():

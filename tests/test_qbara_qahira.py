@@ -288,7 +288,7 @@ def test_a_training_step_on_every_quantizer(qname):
 
 def test_adapter_gradients_through_nf4_equal_those_through_its_dequantized_weights():
     """The base's backward carries the gradient of later layers' adapters back to earlier ones: through NF4 it
-    must equal that of an fp32 copy holding the dequantized weights (DESIGN §7's CPU kernel caveat)."""
+    must equal that of an fp32 copy holding the dequantized weights (docs/design.md §7's CPU kernel caveat)."""
     qmodel = _quantized("nf4")
     reference = _quantized("nf4")
     qmod = quant.get("nf4")

@@ -1,5 +1,5 @@
 """LoRA gradients through every quantized base equal those of a reference holding the dequantized weights in
-fp32 (DESIGN §7: a silently wrong CPU kernel is exactly what such a test catches)."""
+fp32 (docs/design.md §7: a silently wrong CPU kernel is exactly what such a test catches)."""
 
 from __future__ import annotations
 

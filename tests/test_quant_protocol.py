@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from qpeft_bench import quant
+from qpeft_bench import adapters, quant
 
 FLAGS = [m for m in quant.OPTIONAL if m.isupper() and m != "FAMILIES"]
 IN_F, OUT_F = 64, 32
@@ -54,6 +54,8 @@ def test_the_capability_table():
     assert set(quant.names_where("OUTPUT_FOLLOWS_INPUT_DTYPE")) == {"nf4", "fp4", "int8"}
     assert set(quant.names_where("PROCESS_REUSE")) == {"none", "nf4", "fp4", "rtn", "gptq"}
     assert set(quant.names_where("PEFT_WRAPS")) == {"none", "nf4", "fp4", "int8", "hqq"}
+    assert set(quant.names_where("GROUP_ZERO_POINTS")) == {"rtn", "gptq", "hqq"}
+    assert set(quant.names_where("WEAK_COLUMNS")) == {"owq", "qeft"}
 
 
 def _linear() -> nn.Linear:
@@ -83,11 +85,23 @@ def test_owner_maps_each_quantized_layer_to_its_module(name):
     # a module whose layer class another declares first (gptq: RTN's format; qeft: OWQ's) shares that format,
     # and the capabilities of the layer with it
     assert owner is qmod or qmod.layer_classes() == owner.layer_classes(), (name, owner)
-    for flag in ("FUSED_LORA_BASE", "QUANTIZES_ACTIVATIONS", "OUTPUT_FOLLOWS_INPUT_DTYPE", "PEFT_WRAPS"):
+    flags = ("FUSED_LORA_BASE", "QUANTIZES_ACTIVATIONS", "OUTPUT_FOLLOWS_INPUT_DTYPE", "PEFT_WRAPS", "WEAK_COLUMNS")
+    for flag in (*flags, "GROUP_ZERO_POINTS"):
         assert quant.capability(owner, flag) == quant.capability(qmod, flag), (name, flag)
     assert owner.dequantize(layer).numel() == IN_F * OUT_F
+    # the flags say what the layer has: zero points to merge into, weak columns to train
+    assert (quant.capability(owner, "zero_points")(layer) is not None) == quant.capability(qmod, "GROUP_ZERO_POINTS")
+    assert hasattr(layer, "weak") == quant.capability(qmod, "WEAK_COLUMNS"), name
 
 
 def test_owner_of_plain_and_unknown_layers():
     assert quant.owner(nn.Linear(4, 4)) is quant.get("none")
     assert quant.owner(nn.LayerNorm(4)) is None
+
+
+def test_the_method_capability_table():
+    # declared by the method module (adapters.OPTIONAL's defaults elsewhere), read by speedups.py and distributed.py
+    assert adapters.names_where("FUSED_LORA") == ("lora",) == adapters.names_where("FSDP_SHARDABLE")
+    assert all(isinstance(adapters.capability(m, "FUSED_LORA"), bool) for m in adapters.names())
+    with pytest.raises(KeyError):
+        adapters.capability("lora", "FUSABLE")

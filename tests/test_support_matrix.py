@@ -96,7 +96,7 @@ def test_plan_mode_counts_every_method_on_every_card(compose, cells, card):
 
 
 def _expected_count(spec, shapes: dict[str, tuple[int, int]]) -> int:
-    """Each method's trainable parameters from its definition (DESIGN §2) and the card's shapes alone."""
+    """Each method's trainable parameters from its definition (docs/design.md §2) and the card's shapes alone."""
     return sum(
         _module_count(spec.peft_method, spec.peft, name.rsplit(".", 1)[-1], i, o) for name, (i, o) in shapes.items()
     )

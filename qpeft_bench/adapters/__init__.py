@@ -26,6 +26,8 @@ and optionally:
                                             checked at compose time and printed as the README's support matrix
   FSDP_SHARDABLE = True                     train.distributed=fsdp can train it: its trainable tensors live in
                                             modules of their own (peft's layers), default False
+  FUSED_LORA = True                         train.fused_lora may replace its layers' forward by fused_lora.py's
+                                            (peft's LoRA/DoRA layers only), default False
 Our own adapter layers build on `adapters/base.py` (wrapper layer, verification, save format, zero-point merge).
 """
 
@@ -58,7 +60,7 @@ def get(method: str) -> ModuleType:
 
 
 # optional members (see above) and their defaults
-OPTIONAL: dict[str, object] = {"PER_LAYER_KNOBS": (), "FSDP_SHARDABLE": False}
+OPTIONAL: dict[str, object] = {"PER_LAYER_KNOBS": (), "FSDP_SHARDABLE": False, "FUSED_LORA": False}
 
 
 def capability(method: str, member: str):

@@ -272,8 +272,6 @@ def check_divides(knob: str, value: int, shapes: dict[str, tuple[int, int]], sid
 # Exact merge into group-wise zero points
 # ---------------------------------------------------------------------------------------------------------------
 
-GROUP_ZERO_QUANTIZERS = ("rtn", "gptq", "hqq")  # formats with a scale and a zero point per group of inputs
-
 
 def _zero_points(base: nn.Module) -> tuple[torch.Tensor, torch.Tensor, int] | None:
     return quant.capability(quant.owner(base), "zero_points")(base)

@@ -48,8 +48,7 @@ def check_against_arch(cfg: Config, shapes: dict[str, tuple[int, int]]) -> None:
 def unsupported(quant_name: str, qcfg, cfg: Config) -> str | None:
     if quant_name in QUANTIZERS:
         return None
-    what = "HQQLinear" if quant_name == "hqq" else "our packed quantized layers"
-    return f"peft's IA3 wraps only nn.Linear and bitsandbytes layers, not {what}"
+    return f"peft's IA3 wraps only nn.Linear and bitsandbytes layers, not quant={quant_name}'s"
 
 
 def is_feedforward(name: str, cfg: Config) -> bool:

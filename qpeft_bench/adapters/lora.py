@@ -37,6 +37,7 @@ log = logging.getLogger("qpeft_bench")
 
 ADAPTER = "default"  # peft's name of the one adapter we attach
 FSDP_SHARDABLE = True  # peft's layers: the adapters are modules of their own, which FSDP wraps as units
+FUSED_LORA = True  # peft's LoRA/DoRA layers, whose forward fused_lora.py replaces
 
 
 @dataclass

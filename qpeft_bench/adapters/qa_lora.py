@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qpeft_bench import quant
 from qpeft_bench.adapters import base
 from qpeft_bench.config import DTYPES, ConfigError, positive
 from qpeft_bench.models import DTYPE
@@ -52,10 +53,11 @@ def check_against_arch(cfg: Config, shapes: dict[str, tuple[int, int]]) -> None:
 
 
 def unsupported(quant_name: str, qcfg, cfg: Config) -> str | None:
-    if quant_name in ("owq", "qeft"):
+    if quant.capability(quant_name, "WEAK_COLUMNS"):
         return "QA-LoRA merges into the group zero points, which the 16-bit weak columns bypass"
-    if quant_name not in base.GROUP_ZERO_QUANTIZERS:
-        return f"QA-LoRA merges into per-group zero points, which only {', '.join(base.GROUP_ZERO_QUANTIZERS)} have"
+    if not quant.capability(quant_name, "GROUP_ZERO_POINTS"):
+        have = ", ".join(quant.names_where("GROUP_ZERO_POINTS"))
+        return f"QA-LoRA merges into per-group zero points, which only {have} have"
     if getattr(qcfg, "axis", 1) != 1:  # hqq's axis=0 groups run along the outputs
         return "QA-LoRA needs groups along the inputs (quant.axis=1)"
     if qcfg.group_size != cfg.group_size:

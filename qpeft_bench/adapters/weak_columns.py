@@ -30,7 +30,6 @@ from qpeft_bench.config import DTYPES, ConfigError
 from qpeft_bench.models import DTYPE
 
 METHOD = "weak_columns"
-QUANTIZERS = ("owq", "qeft")  # the formats that keep 16-bit weak columns
 
 
 @dataclass
@@ -51,8 +50,8 @@ def check_against_arch(cfg: Config, shapes: dict[str, tuple[int, int]]) -> None:
 
 
 def unsupported(quant_name: str, qcfg, cfg: Config) -> str | None:
-    if quant_name not in QUANTIZERS:
-        return "only owq and qeft keep 16-bit weak columns to train"
+    if not quant.capability(quant_name, "WEAK_COLUMNS"):
+        return f"only {' and '.join(quant.names_where('WEAK_COLUMNS'))} keep 16-bit weak columns to train"
     if cfg.k != qcfg.k:
         return (
             f"peft.k={cfg.k} differs from quant.k={qcfg.k}: k comes from the quantizer; set quant.k and leave "
@@ -75,7 +74,7 @@ def _plan_stand_in(layer: nn.Linear, k: int, dtype: torch.dtype) -> None:
 
 def attach(model, targets: list[str], cfg: Config):
     dtype = DTYPE[cfg.adapter_dtype]
-    weak_formats = [quant.get(q) for q in QUANTIZERS]
+    weak_formats = [quant.get(q) for q in quant.names_where("WEAK_COLUMNS")]
     for p in model.parameters():
         p.requires_grad_(False)
     for name in targets:
@@ -88,7 +87,7 @@ def attach(model, targets: list[str], cfg: Config):
         else:
             raise ConfigError(
                 f"{name} is a {type(layer).__name__}, which holds no weak columns: weak-column tuning "
-                f"needs quant={' or quant='.join(QUANTIZERS)}"
+                f"needs quant={' or quant='.join(quant.names_where('WEAK_COLUMNS'))}"
             )
         layer.weak.requires_grad_(True)
     verify(model, targets, cfg)

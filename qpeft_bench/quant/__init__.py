@@ -27,10 +27,10 @@ _TABLE: dict[str, tuple[str, dict]] = {
     "none": ("qpeft_bench.quant.none", {}),
     "nf4": ("qpeft_bench.quant.bnb4bit", {"quant_type": "nf4"}),
     "fp4": ("qpeft_bench.quant.bnb4bit", {"quant_type": "fp4"}),
-    "hqq": ("qpeft_bench.quant.hqq", {}),
     "rtn": ("qpeft_bench.quant.rtn", {}),
     "int8": ("qpeft_bench.quant.bnb8bit", {}),
     "gptq": ("qpeft_bench.quant.gptq", {}),
+    "hqq": ("qpeft_bench.quant.hqq", {}),
     "smoothquant": ("qpeft_bench.quant.smoothquant", {}),
     "owq": ("qpeft_bench.quant.owq", {}),
     "qeft": ("qpeft_bench.quant.qeft", {}),
@@ -52,7 +52,7 @@ class QuantizerModule(Protocol):
     CUDA_ONLY: ClassVar[bool] = False  # its kernels exist only on CUDA
     FAMILIES: ClassVar[tuple[str, ...] | None] = None  # model families it supports (None: all); for model-level work
     # every tensor of its layer follows Module.to(): a sweep may keep the base on the CPU between runs
-    # (recipe._BASE_CACHE)
+    # (quantized_base._BASE_CACHE)
     PROCESS_REUSE: ClassVar[bool] = False
     # its layer returns the input's dtype, not autocast's (bitsandbytes): with fp32 norms the stream stays fp32
     # (plan mode's memory estimate, the fused LoRA function's output dtype)
@@ -70,6 +70,12 @@ class QuantizerModule(Protocol):
     # peft's tuners wrap its layer themselves (nn.Linear, bitsandbytes, HQQ); the layers of the others reach peft's
     # LoRA through its custom-module mapping (adapters/lora.py)
     PEFT_WRAPS: ClassVar[bool] = False
+    # its layer stores W = (code - zero) * scale per group of inputs and has `zero_points`/`set_zero_points`: a
+    # group-constant update merges exactly into the zero points (QA-LoRA, adapters/qa_lora.py)
+    GROUP_ZERO_POINTS: ClassVar[bool] = False
+    # its layer keeps k input columns in 16 bits beside the quantized rest, `weak` (OWQ's format): peft=weak_columns
+    # trains them, and QA-LoRA's zero-point merge would miss them
+    WEAK_COLUMNS: ClassVar[bool] = False
 
     def check_against_arch(self, cfg: Any, shapes: dict[str, tuple[int, int]]) -> None:
         """Sizes that must divide etc., from {module: (in, out)} alone; raises ConfigError."""
@@ -131,6 +137,8 @@ OPTIONAL = (
     "FSDP_SHARDABLE",
     "QUANTIZES_ACTIVATIONS",
     "PEFT_WRAPS",
+    "GROUP_ZERO_POINTS",
+    "WEAK_COLUMNS",
     "prepare",
     "zero_points",
     "set_zero_points",

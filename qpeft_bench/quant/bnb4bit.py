@@ -18,7 +18,7 @@ from qpeft_bench.config import ConfigError
 from qpeft_bench.models import DTYPE
 
 # Every tensor of the quantized layer follows Module.to(): a sweep may keep the base on the CPU between runs
-# (recipe._BASE_CACHE).
+# (quantized_base._BASE_CACHE).
 PROCESS_REUSE = True
 
 # bitsandbytes' layers return their input's dtype, not autocast's: with fp32 norms the stream stays fp32

@@ -15,7 +15,7 @@ What bitsandbytes 0.50.2 does, read from its source and pinned down by tests/tes
   int8 layer while evaluation (and the error probe) sees LLM.int8 with quantized activations.
 - Backward to the input (both paths): grad @ dequantized weight. Exact for the CPU training forward; for
   MatMul8bitLt a straight-through estimate that ignores the activation rounding, as LLM.int8 intends.
-- Nothing like the 4-bit AVX512-BF16 trap of DESIGN §7: an eval-mode forward only moves CB and SCB into
+- Nothing like the 4-bit AVX512-BF16 trap of docs/design.md §7: an eval-mode forward only moves CB and SCB into
   `module.state` (the same tensors); it repacks nothing and the later training path reads the same weights.
   One CPU quirk remains: with fp16 inputs and threshold > 0, MatMul8bitLt zeroes the outliers of the input
   in place and restores them. Harmless under no_grad (our evaluation), but autograd then refuses a backward

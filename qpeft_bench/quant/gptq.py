@@ -36,9 +36,10 @@ from qpeft_bench.quant.rtn import (  # noqa: F401 - the same storage format as R
     zero_points,
 )
 
-PROCESS_REUSE = True  # plain tensors only: the base can wait on the CPU between runs (recipe._BASE_CACHE)
+PROCESS_REUSE = True  # plain tensors only: the base can wait on the CPU between runs (quantized_base._BASE_CACHE)
 NEEDS_CALIBRATION = True
 FUSED_LORA_BASE = True  # RTN's layer
+GROUP_ZERO_POINTS = True  # RTN's layer: its zero points (quant.owner answers rtn for the layer)
 LAZY_BLOCK = 128  # columns whose updates are applied to the rest of the matrix at once (GPTQ's lazy batching)
 
 

@@ -23,6 +23,7 @@ PACKING = {1: (8, 1), 2: (4, 1), 3: (10, 4), 4: (2, 1), 8: (1, 1)}
 FUSED_LORA_BASE = True
 COMPILE_TESTED = True
 PEFT_WRAPS = True  # peft has its own layer for it
+GROUP_ZERO_POINTS = True  # zero_points below (axis=1 groups run along the inputs)
 
 
 @dataclass
@@ -52,7 +53,7 @@ def _quant_config(cfg: Config) -> dict:
 
 def prepare(model, targets: list[str], cfg: Config, windows, device: str) -> dict:
     # peft's prepare_model_for_kbit_training only turns gradient checkpointing on for hqq-patched models
-    # that say so (DESIGN §7).
+    # that say so (docs/design.md §7).
     model.hqq_quantized = True
     return {}
 

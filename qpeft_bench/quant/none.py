@@ -9,7 +9,7 @@ from torch import nn
 
 from qpeft_bench.models import DTYPE
 
-PROCESS_REUSE = True  # plain tensors only: the base can wait on the CPU between runs (recipe._BASE_CACHE)
+PROCESS_REUSE = True  # plain tensors only: the base can wait on the CPU between runs (quantized_base._BASE_CACHE)
 FUSED_LORA_BASE = True
 FSDP_SHARDABLE = True  # the weights are parameters
 PEFT_WRAPS = True  # peft has its own layer for it

@@ -22,6 +22,7 @@ from qpeft_bench.quant.weakcol import (  # noqa: F401 - the quantizer protocol, 
 
 NEEDS_CALIBRATION = True
 COMPILE_TESTED = True  # the layer of QEFT, measured compiled
+WEAK_COLUMNS = True
 
 
 def prepare(model, targets: list[str], cfg: Config, windows: torch.Tensor, device: str) -> dict:

@@ -29,6 +29,7 @@ from qpeft_bench.quant.weakcol import (  # noqa: F401 - the quantizer protocol, 
 
 NEEDS_CALIBRATION = True
 COMPILE_TESTED = True  # with weak-column tuning 4x faster compiled: its group dequantization is many small kernels
+WEAK_COLUMNS = True  # OWQ's layer
 FAMILIES = ("llama",)  # the reordering walks LLaMA's module layout
 STREAM_READERS = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
 

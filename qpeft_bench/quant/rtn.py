@@ -11,9 +11,10 @@ import torch
 from qpeft_bench.models import DTYPE
 from qpeft_bench.quant.qlinear import GroupQuantLinear, check_layout, storage_bytes
 
-PROCESS_REUSE = True  # plain tensors only: the base can wait on the CPU between runs (recipe._BASE_CACHE)
+PROCESS_REUSE = True  # plain tensors only: the base can wait on the CPU between runs (quantized_base._BASE_CACHE)
 FUSED_LORA_BASE = True
 COMPILE_TESTED = True
+GROUP_ZERO_POINTS = True  # zero_points below
 
 
 @dataclass

@@ -1,0 +1,53 @@
+"""Is the model a card names the model that will load? The card's shapes against the checkpoint's own config.json
+(at model.path, or the hub id's snapshot in the local Hugging Face cache), and a hub id never ignored silently.
+Run by spec.validate before any weight is read; never downloads."""
+
+from __future__ import annotations
+
+import json
+
+from qpeft_bench.config import ConfigError, ModelConfig, cached_hub_file
+
+# Shapes a card and its checkpoint must agree on (the rest, e.g. rope_theta, may be tuned by a user's card).
+ARCH_KEYS = (
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "intermediate_size",
+    "ffn_dim",
+    "vocab_size",
+)
+
+
+def _compare_arch(expected: dict, expected_where: str, found: tuple[dict, str] | None, name: str) -> None:
+    if found is None:
+        return
+    config, where = found
+    for key in ARCH_KEYS:
+        want, got = expected.get(key), config.get(key)
+        if key == "num_key_value_heads":  # absent means one KV head per attention head
+            want = want if want is not None else expected.get("num_attention_heads")
+            got = got if got is not None else config.get("num_attention_heads")
+        if want is not None and got is not None and want != got:
+            raise ConfigError(
+                f"model {name!r}: {expected_where} has {key}={want} but the checkpoint's {where} has {key}={got}; "
+                "it is another model: choose its card, or a card with arch: null to read config.json"
+            )
+
+
+def check_checkpoint(card: ModelConfig, where: str = "model") -> None:
+    """A named model must be that model: the card's shapes against the checkpoint's config.json, and a hub id
+    never ignored silently (with both path and hub_id set the path is loaded)."""
+    found = card.checkpoint_config()
+    if card.path is not None and card.hub_id and card.arch is None:
+        hub = cached_hub_file(card.hub_id, "config.json")
+        if hub is None:
+            raise ConfigError(
+                f"{where}.hub_id={card.hub_id!r} and {where}.path={card.path!r} are both set and the card has no "
+                f"arch to tell them apart; the path would be loaded: set {where}.path=null to load "
+                f"{card.hub_id} (from the local HF cache), or {where}.hub_id=null"
+            )
+        _compare_arch(json.loads(hub.read_text()), f"{card.hub_id} ({hub})", found, card.name)
+    if card.arch is not None and found is not None:
+        _compare_arch({"model_type": card.family, **card.arch}, f"the card {card.name!r}", found, card.name)
