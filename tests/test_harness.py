@@ -208,11 +208,16 @@ def test_peft_wrapped_model_gives_the_same_scores_and_keeps_its_mode(tiny, commo
 
 def test_overrides_touch_only_the_data_source_and_n_shot():
     for task_set in harness.TASK_SETS:
+        tm = harness.set_task_manager(task_set)
         (hub,) = harness.lm_eval_tasks(task_set, None)
         (local,) = harness.lm_eval_tasks(task_set, FIX)
         assert all(set(m) == {"task", "num_fewshot"} for m in hub["task"])  # hub ids unchanged
         for m in local["task"]:
-            assert set(m) == {"task", "num_fewshot", "dataset_path", "dataset_name", "dataset_kwargs"}
+            unset = set(m) & set(harness.SPLIT_KEYS)  # splits the task does not read at its n-shot (issue 19)
+            assert set(m) - unset == {"task", "num_fewshot", "dataset_path", "dataset_name", "dataset_kwargs"}
+            assert all(m[k] is None for k in unset)
+            reads = harness.read_splits(harness.task_config(tm, m["task"]), m["num_fewshot"])
+            assert not unset & set(reads) and set(m["dataset_kwargs"]["data_files"]) == set(reads.values())
             assert all(Path(p).is_file() for p in m["dataset_kwargs"]["data_files"].values())
 
 

@@ -105,9 +105,11 @@ def _run_task_set(task_set: str, model, ctx: EvalContext) -> dict:
 
 
 def _check_task_set(task_set: str, ev: EvalConfig, context: int | None, model_name: str) -> None:
-    from qpeft_bench.evaluation import harness
+    from qpeft_bench.evaluation import harness, local_data
 
-    harness.check_local_data(task_set, ev.data_root)  # local files named before any model is loaded
+    root = harness.check_local_data(task_set, ev.data_root)  # missing local files named before any model is loaded
+    if root is not None:
+        local_data.check_rows(task_set, root)  # and the first rows of each read as the task will read them
 
 
 def _run_speed(model, ctx: EvalContext) -> dict:
@@ -133,6 +135,26 @@ def _run_speed(model, ctx: EvalContext) -> dict:
             gradient_checkpointing=s.gradient_checkpointing,
         ),
     }
+
+
+def _check_wikitext(ev: EvalConfig, context: int | None, model_name: str) -> None:
+    """The local WikiText file, found and read whole before any model is loaded (a few MB: its text is what the
+    task evaluates, so a file in another schema or an empty one fails here, not after quantization or training)."""
+    from qpeft_bench.evaluation import perplexity
+
+    w = ev.wikitext
+    try:
+        source = wikitext_source(w.path, ev.data_root, w.hub_id, w.variant, w.split)
+    except FileNotFoundError as err:
+        raise ConfigError(str(err)) from err
+    if source is None:
+        return  # the hub through `datasets`, read when the task runs
+    try:
+        text = perplexity.wikitext_text(source, w.hub_id, w.variant, w.split)
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ConfigError(f"ppl_wikitext: {source} cannot be read as WikiText ({type(err).__name__}: {err})") from err
+    if not text.strip():
+        raise ConfigError(f"ppl_wikitext: {source} holds no text")
 
 
 def _check_speed(ev: EvalConfig, context: int | None, model_name: str) -> None:
@@ -211,6 +233,7 @@ register(
         run=_run_wikitext,
         metric="ppl",
         settings=lambda ev: {**dataclasses.asdict(ev.wikitext), "data_root": ev.data_root},
+        check=_check_wikitext,
         summary=("WikiText ppl (windows)", ".3f"),
     )
 )

@@ -26,9 +26,10 @@ layout mirrors the hub ids of lm-eval's task YAMLs:
     <data_root>/<dataset_path>/<dataset_name or "default">/<split>.jsonl
 
 e.g. `cais/mmlu/abstract_algebra/dev.jsonl`, `Rowan/hellaswag/default/validation.jsonl`,
-`allenai/ai2_arc/ARC-Challenge/train.jsonl`: JSON lines with the columns of the hub dataset. Every split the
-task's config names (training/validation/test/fewshot) must be there, since lm-eval opens the few-shot source
-even at 0 shots. The files are read by datasets' packaged `json` builder, which never contacts the hub.
+`allenai/ai2_arc/ARC-Challenge/train.jsonl`: JSON lines with the columns of the hub dataset. Only the splits a
+task reads must be there (`read_splits`: the evaluated split, plus the few-shot source when it has shots); their
+first rows are checked through the task's own templates before any model loads (evaluation/local_data.py). The
+files are read by datasets' packaged `json` builder, which never contacts the hub.
 qpeft_bench/assets/eval_fixtures (written by scripts/make_eval_fixtures.py) is such a root, a few items per task.
 """
 
@@ -101,10 +102,29 @@ def task_config(tm, task: str) -> dict:
     return tm.task_index[task].cfg
 
 
-def local_files(config: dict, root: Path) -> dict[str, Path]:
-    """{split: file} that a task with this lm-eval config reads under a local data root (the layout above)."""
+def read_splits(config: dict, num_fewshot: int) -> dict[str, str]:
+    """{split key: split} of the splits lm-eval reads for this task config at `num_fewshot` shots.
+
+    lm-eval 0.4 evaluates the test split if the config names one, else the validation split; and when it builds a
+    task it opens the few-shot source even at 0 shots: the fewshot split, else train, else validation, else test
+    (ConfigurableTask.fewshot_docs). At 0 shots nothing is drawn from that source, so `lm_eval_tasks` points it at
+    the evaluated split instead and the other splits need not exist."""
+    evaluated = "test_split" if config.get("test_split") else "validation_split"
+    splits = {evaluated: config[evaluated]} if config.get(evaluated) else {}
+    if num_fewshot > 0:
+        source = next((k for k in ("fewshot_split", "training_split", "validation_split") if config.get(k)), None)
+        if source is not None:
+            splits[source] = config[source]
+    return splits
+
+
+def local_files(config: dict, root: Path, num_fewshot: int | None = None) -> dict[str, Path]:
+    """{split: file} under a local data root (the layout above): the splits a task reads at `num_fewshot` shots,
+    or (None) every split its config names, as the converters and the fixtures write them."""
     folder = Path(root) / config["dataset_path"] / (config.get("dataset_name") or "default")
-    return {s: folder / f"{s}.jsonl" for s in sorted({config[k] for k in SPLIT_KEYS if config.get(k)})}
+    named = {config[k] for k in SPLIT_KEYS if config.get(k)}
+    splits = named if num_fewshot is None else set(read_splits(config, num_fewshot).values())
+    return {s: folder / f"{s}.jsonl" for s in sorted(splits)}
 
 
 def resolve_data_root(data_root: str | os.PathLike | None) -> Path | None:
@@ -124,7 +144,7 @@ def check_local_data(task_set: str, data_root: str | os.PathLike | None) -> Path
         (task, split, path)
         for spec in task_specs(task_set)
         for task in leaf_tasks(tm, spec.task)
-        for split, path in local_files(task_config(tm, task), root).items()
+        for split, path in local_files(task_config(tm, task), root, spec.num_fewshot).items()
         if not path.is_file()
     ]
     if missing:
@@ -150,11 +170,15 @@ def lm_eval_tasks(task_set: str, root: Path | None) -> list[dict]:
     def member(task: str, shots: int) -> dict:
         over = {"task": task, "num_fewshot": shots}
         if root is not None:
-            files = local_files(task_config(tm, task), root)
+            config = task_config(tm, task)
+            files = local_files(config, root, shots)
+            # splits it does not read are unset, so that lm-eval opens none of them (read_splits)
+            unread = {k: None for k in SPLIT_KEYS if config.get(k) and k not in read_splits(config, shots)}
             over.update(
                 dataset_path="json",
                 dataset_name=None,
                 dataset_kwargs={"data_files": {s: str(p) for s, p in files.items()}},
+                **unread,
             )
         return over
 
