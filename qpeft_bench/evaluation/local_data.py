@@ -19,7 +19,7 @@ import json
 from pathlib import Path
 
 from qpeft_bench.config import ConfigError
-from qpeft_bench.evaluation import harness
+from qpeft_bench.evaluation.harness import FIXTURES, leaf_tasks, local_files, set_task_manager, task_config, task_specs
 
 ROWS = 5  # rows checked per file: a file in the wrong schema fails on its first row, a mixed one rarely later
 FIELDS = ("doc_to_text", "doc_to_choice", "doc_to_target")
@@ -29,11 +29,11 @@ def check_rows(task_set: str, root: Path) -> None:
     """Every file the set reads under `root` (already known to exist) renders through its task; raises ConfigError."""
     from lm_eval.tasks._yaml_loader import load_yaml  # lm-eval's loader: includes merged, !function resolved
 
-    tm = harness.set_task_manager(task_set)
-    for spec in harness.task_specs(task_set):
-        for task in harness.leaf_tasks(tm, spec.task):
+    tm = set_task_manager(task_set)
+    for spec in task_specs(task_set):
+        for task in leaf_tasks(tm, spec.task):
             config = load_yaml(tm.task_index[task].yaml_path, resolve_func=True)
-            files = harness.local_files(harness.task_config(tm, task), root, spec.num_fewshot)
+            files = local_files(task_config(tm, task), root, spec.num_fewshot)
             for split, path in files.items():
                 _check_file(task, split, path, config, root)
 
@@ -108,7 +108,7 @@ def _first_rows(path: Path) -> list[dict]:
 
 def _schema_row(path: Path, root: Path) -> dict | None:
     """The first row of the same file in the shipped fixtures (the hub's schema), or None where there is none."""
-    fixture = harness.FIXTURES / path.relative_to(root)
+    fixture = FIXTURES / path.relative_to(root)
     if not fixture.is_file() or fixture.resolve() == path.resolve():
         return None
     rows = _first_rows(fixture)
