@@ -104,6 +104,9 @@ def test_empty_and_non_json_files_are_refused(root):
     test.write_text("question,A,B,C,D,answer\n")  # a CSV under a .jsonl name
     with pytest.raises(ConfigError, match=r"test.jsonl line 1: not JSON"):
         local_data.check_rows("commonsense", root)
+    test.write_bytes(b"\x1f\x8b\x08\x00" + bytes(range(128, 256)))  # gzip bytes under a .jsonl name
+    with pytest.raises(ConfigError, match=r"test.jsonl cannot be read as JSON lines \(UnicodeDecodeError"):
+        local_data.check_rows("commonsense", root)
 
 
 def test_splits_a_task_does_not_read_are_not_required(root):

@@ -7,7 +7,7 @@ One vector per target: out_features elements, or in_features for feed-forward ta
 linear targeted that is 32 x (4 x 4096 + 2 x 11008 + 11008) = 1,581,056 parameters, the thesis' count; the thesis
 kept them in fp32 (6.03 MiB), hence `adapter_dtype: float32`.
 
-peft's IA3 wraps nn.Linear and bitsandbytes' 4- and 8-bit layers only; it refuses HQQLinear and our own packed
+peft's IA3 wraps nn.Linear and bitsandbytes' 4- and 8-bit layers only; it refuses HQQ's layers and our own packed
 formats, and `unsupported` says so at compose time.
 """
 
@@ -48,7 +48,7 @@ def check_against_arch(cfg: Config, shapes: dict[str, tuple[int, int]]) -> None:
 def unsupported(quant_name: str, qcfg, cfg: Config) -> str | None:
     if quant_name in QUANTIZERS:
         return None
-    return f"peft's IA3 wraps only nn.Linear and bitsandbytes layers, not quant={quant_name}'s"
+    return "peft's IA3 wraps only nn.Linear and bitsandbytes' layers"
 
 
 def is_feedforward(name: str, cfg: Config) -> bool:

@@ -89,6 +89,13 @@ def _check_file(task: str, split: str, path: Path, config: dict, root: Path) -> 
 
 
 def _first_rows(path: Path) -> list[dict]:
+    try:
+        return _read_first_rows(path)
+    except (OSError, UnicodeDecodeError) as err:  # unreadable, or not text at all
+        raise ConfigError(f"{path} cannot be read as JSON lines ({type(err).__name__}: {err})") from err
+
+
+def _read_first_rows(path: Path) -> list[dict]:
     rows = []
     with open(path, encoding="utf-8") as f:
         for number, line in enumerate(f, 1):
