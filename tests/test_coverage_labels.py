@@ -1,0 +1,69 @@
+"""Issue 19, item 6: limited evaluations looked like full ones. With eval.harness.limit=3 the console and the report
+said "unweighted mean of the 57 subjects"; max_windows, max_batches and the shipped fixtures were invisible; lm-eval
+logged one "Truncating ... from the left" warning per context while the record said nothing. Now every result
+records its coverage (evaluation/coverage.py), the console and the report mark what is not the full benchmark and
+say why, and truncated contexts are counted per task and said once."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import FAST
+
+from qpeft_bench import recipe
+from qpeft_bench.summary import summary_line, summary_table
+
+FIXTURES = "shipped fixtures (qpeft_bench/assets/eval_fixtures)"
+WIKI_FIXTURE = "shipped fixtures (qpeft_bench/assets/data/fixtures/wikitext_test.jsonl)"
+
+
+@pytest.fixture(scope="module")
+def limited_run(compose, tmp_path_factory):
+    """The fixtures of eval=tiny_all, limited further, after fine-tuning only (the quick part of tiny_all)."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("QPEFT_CACHE", str(tmp_path_factory.mktemp("cache")))
+    run_dir = tmp_path_factory.mktemp("run")
+    overrides = [
+        "eval=tiny_all",
+        *FAST,
+        "train.max_steps=2",
+        "eval.tasks=[ppl_heldout,ppl_wikitext,commonsense]",
+        "eval.before_finetune=false",
+        "eval.harness.limit=1",
+        "eval.wikitext.max_windows=1",
+    ]
+    assert recipe.run(compose(overrides), run_dir, progress=False, summary=False) == "completed"
+    mp.undo()
+    return run_dir / "result.json", json.loads((run_dir / "result.json").read_text())
+
+
+def test_a_limited_run_records_what_each_result_covers(limited_run):
+    _, rec = limited_run
+    after = rec["eval"]["coverage"]["after"]
+    assert after["ppl_heldout"] == {"kind": "limited", "why": "eval.max_batches=2 batches"}
+    assert after["ppl_wikitext"]["kind"] == "fixtures"
+    assert after["ppl_wikitext"]["why"].startswith(f"{WIKI_FIXTURE}; eval.wikitext.max_windows=1 of ")
+    assert after["commonsense"] == {
+        "kind": "fixtures",
+        "why": f"{FIXTURES}; eval.harness.limit=1 items per task",
+        "truncated": 0,
+    }
+    assert "speed" not in after  # it measures time, not a benchmark
+    # the bare number stays a number where every reader looks for it
+    assert isinstance(rec["eval"]["after"]["ppl_heldout"], float)
+    entry = rec["eval"]["after"]["commonsense"]["tasks"]["piqa"]
+    assert entry["samples"] == 1 < entry["samples_total"] and entry["truncated"] == 0
+
+
+def test_the_console_marks_what_is_not_the_full_benchmark(limited_run):
+    path, rec = limited_run
+    line = summary_line(rec, path)
+    assert "* -> " not in line.split("ppl_heldout")[0]  # nothing marked before the task fields
+    heldout = line.split("ppl_heldout ")[1].split(" | ")[0]
+    assert heldout.startswith("- -> ") and heldout.endswith("*")
+    assert "* not the full benchmark: ppl_heldout: eval.max_batches=2 batches; ppl_wikitext: " in line
+    assert f"commonsense: {FIXTURES}; eval.harness.limit=1 items per task" in line
+    table = summary_table(rec, path)
+    assert "* not the full benchmark" in table and "eval.harness.limit=1 items per task" in table
+    assert table.count("*") >= 4  # three marked values and the row that says why
