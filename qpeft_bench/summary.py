@@ -39,7 +39,7 @@ def _not_full(reasons: list[str]) -> str:
 def summary_line(record: dict, path: Path) -> str:
     """'<status> <run id> in 1m23s | loss 2.31 -> 1.87 | ppl_heldout 12.3 -> 9.81 | 0.123 s/step | peak 1.20 GiB
     | <record>': the run's outcome on one line (fields a run does not have are left out)."""
-    meta, tr, ev = record.get("meta", {}), record.get("train", {}), record.get("eval", {})
+    meta, tr = record.get("meta", {}), record.get("train", {})
     parts = [f"{record['status']} {record['run_id']}"]
     try:
         seconds = (

@@ -7,11 +7,13 @@ say why, and truncated contexts are counted per task and said once."""
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 from conftest import FAST
 
-from qpeft_bench import recipe
+from qpeft_bench import ASSETS, models, recipe
+from qpeft_bench.evaluation import harness, truncation
 from qpeft_bench.summary import summary_line, summary_table
 
 FIXTURES = "shipped fixtures (qpeft_bench/assets/eval_fixtures)"
@@ -67,3 +69,30 @@ def test_the_console_marks_what_is_not_the_full_benchmark(limited_run):
     table = summary_table(rec, path)
     assert "* not the full benchmark" in table and "eval.harness.limit=1 items per task" in table
     assert table.count("*") >= 4  # three marked values and the row that says why
+
+
+def test_truncated_contexts_are_counted_per_task_and_said_once(caplog):
+    """A context longer than the model's length: lm-eval cuts it from the left and warned once per request; now
+    the items are counted per task, recorded, and said in one line per task."""
+    path = str(ASSETS / "tiny_llama")
+    model, tokenizer = models.load_model(path, "float32", "cpu").eval(), models.load_tokenizer(path)
+    model.config.max_position_embeddings = 40  # lm-eval takes the model's length from its config
+    caplog.set_level(logging.INFO)
+    out = harness.run_task_set(
+        model,
+        tokenizer,
+        "commonsense",
+        batch_size=16,
+        data_root=harness.FIXTURES,
+        limit=2,
+        device="cpu",
+        progress=True,  # lm-eval's own warnings are let through with progress on: they must not be there
+    )
+    cut = {task: e["truncated"] for task, e in out["tasks"].items()}
+    assert sum(cut.values()) > 0 and all(0 <= cut[t] <= out["tasks"][t]["samples"] for t in cut)
+    messages = [r.getMessage() for r in caplog.records]
+    assert not [m for m in messages if m.startswith(truncation.WARNINGS)]
+    said = [m for m in messages if "contexts truncated to the model's 40 tokens (from the left)" in m]
+    assert sorted(said) == sorted(
+        f"{t}: {n} of 2 contexts truncated to the model's 40 tokens (from the left)" for t, n in cut.items() if n
+    )
