@@ -8,12 +8,18 @@ from __future__ import annotations
 
 import json
 import logging
+from pathlib import Path
 
 import pytest
 from conftest import FAST
 
 from qpeft_bench import ASSETS, models, recipe
-from qpeft_bench.evaluation import harness, truncation
+from qpeft_bench.evaluation import coverage, harness, truncation
+from qpeft_bench.report.aggregate import build_aggregate
+from qpeft_bench.report.catalog import AGGREGATES, EVALUATION
+from qpeft_bench.report.records import LoadResult, RunRecord
+from qpeft_bench.report.render import render_csv, render_latex, render_markdown
+from qpeft_bench.report.tables import build_table
 from qpeft_bench.summary import summary_line, summary_table
 
 FIXTURES = "shipped fixtures (qpeft_bench/assets/eval_fixtures)"
@@ -96,3 +102,76 @@ def test_truncated_contexts_are_counted_per_task_and_said_once(caplog):
     assert sorted(said) == sorted(
         f"{t}: {n} of 2 contexts truncated to the model's 40 tokens (from the left)" for t, n in cut.items() if n
     )
+
+
+_CONFIG = {"model": {"name": "tiny_llama"}, "quant": {"name": "nf4"}, "peft": {"method": "lora"}}
+
+
+def _record(run_id: str, seed: int, mmlu: float, limit: int | None) -> dict:
+    """A synthetic completed record with an MMLU result, limited to `limit` items per task or full."""
+    rec = {
+        "schema": "qpeft-bench/run-record/v1",
+        "run_id": run_id,
+        "status": "completed",
+        "config": {
+            "seed": seed,
+            "model": {"name": "tiny_llama"},
+            "quant": {"name": "nf4"},
+            "peft": {"method": "lora", "name": "lora", "r": 8, "alpha": 16},
+            "data": {"name": "alpaca"},
+        },
+        "eval": {"before": {"ppl_heldout": 12.0}, "after": {"ppl_heldout": 9.0, "mmlu": {"average": mmlu}}},
+    }
+    if limit is not None:
+        why = f"eval.harness.limit={limit} items per task"
+        rec["eval"]["coverage"] = {"after": {"mmlu": {"kind": "limited", "why": why, "truncated": 0}}}
+    return rec
+
+
+def _loaded(*records: dict) -> LoadResult:
+    return LoadResult(records=[RunRecord(Path(f"/runs/{r['run_id']}/result.json"), r) for r in records])
+
+
+def test_the_report_marks_limited_cells_and_says_why(limited_run):
+    path, rec = limited_run
+    full = _record("full1", 0, 0.5, None)
+    table = build_table(EVALUATION, LoadResult(records=[RunRecord(path, rec), *_loaded(full).records]))
+    md = render_markdown(table)
+    ours = next(line for line in md.splitlines() if line.startswith(f"| {rec['run_id']}"))
+    assert ours.count("†") == 3  # held-out ppl, WikiText ppl and commonsense after; nothing before
+    theirs = next(line for line in md.splitlines() if line.startswith("| full1"))
+    assert "†" not in theirs
+    note = next(n for n in table.notes if n.startswith("†"))
+    assert f"eval.max_batches=2 batches (held-out ppl after of {rec['run_id']})" in note
+    assert f"{FIXTURES}; eval.harness.limit=1 items per task (commonsense after of {rec['run_id']})" in note
+    assert "$^\\dagger$" in render_latex(table)
+    csv_rows = render_csv(table).splitlines()
+    assert csv_rows[0].endswith(",not_full") and "eval.max_batches=2 batches" in csv_rows[1]
+
+
+def test_an_aggregated_cell_is_marked_when_any_of_its_runs_is_limited():
+    """The issue's case: eval.harness.limit=3, and the MMLU table said 'unweighted mean of the 57 subjects'."""
+    runs = _loaded(_record("seed0", 0, 0.25, 3), _record("seed1", 1, 0.27, None))
+    md = render_markdown(build_aggregate(AGGREGATES["mmlu"], runs))
+    assert "0.2600 ± 0.0141 (2)†" in md
+    assert (
+        "- † not the full benchmark, not comparable with published numbers: eval.harness.limit=3 items per task "
+        "(MMLU after (dataset alpaca) of seed0)" in md
+    )
+    full = render_markdown(build_aggregate(AGGREGATES["mmlu"], _loaded(_record("seed1", 1, 0.27, None))))
+    assert "†" not in full  # a table without such cells is as before
+    per_seed = render_markdown(build_aggregate(AGGREGATES["per_configuration"], runs))
+    assert "(2)†" in per_seed and "MMLU after of seed0" in per_seed
+
+
+def test_a_full_record_and_an_old_one_are_unmarked():
+    full = _record("full1", 0, 0.5, None)
+    full["eval"]["coverage"] = {"after": {"mmlu": {"kind": "full", "truncated": 12}, "ppl_heldout": {"kind": "full"}}}
+    old = _record("old1", 0, 0.5, None)  # no eval.coverage at all: records written before it existed
+    table = build_table(EVALUATION, _loaded(full, old))
+    assert "†" not in render_markdown(table) and not any(n.startswith("†") for n in table.notes)
+    for rec in (full, old):
+        line = summary_line(rec, Path("result.json"))
+        assert "*" not in line and "| mmlu - -> 0.5 |" in line
+    assert "truncated (items)" in summary_table({**full, "config": _CONFIG}, Path("result.json"))
+    assert coverage.not_full(coverage.of(full, "after", "mmlu")) is None
