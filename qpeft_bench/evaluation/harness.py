@@ -189,7 +189,7 @@ def run_task_set(
     import torch
     from lm_eval.evaluator import simple_evaluate
 
-    from qpeft_bench.evaluation import truncation
+    from qpeft_bench.evaluation.truncation import CountingHFLM, collapsed_warnings, log_counts
 
     root = check_local_data(task_set, data_root)
     want, have = torch.device(device), model.device
@@ -202,10 +202,8 @@ def run_task_set(
     was_training = model.training  # HFLM puts the model in eval mode; hand it back as it came
     t0 = time.perf_counter()
     try:
-        with _quiet(progress), _no_hub_telemetry(root is not None), truncation.collapsed_warnings():
-            lm = truncation.CountingHFLM(
-                pretrained=model, tokenizer=tokenizer, batch_size=batch_size, mixed_precision_dtype=mixed
-            )
+        with _quiet(progress), _no_hub_telemetry(root is not None), collapsed_warnings():
+            lm = CountingHFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, mixed_precision_dtype=mixed)
             out = simple_evaluate(
                 model=lm,
                 tasks=tasks,
@@ -219,7 +217,7 @@ def run_task_set(
     wall = time.perf_counter() - t0
 
     record = summarize(out, task_set, lm.counts())
-    truncation.log_counts({t: (e["truncated"], e["samples"]) for t, e in record["tasks"].items()}, lm.max_length)
+    log_counts({t: (e["truncated"], e["samples"]) for t, e in record["tasks"].items()}, lm.max_length)
     record.update(
         engine="lm-eval",
         lm_eval_version=version("lm_eval"),
