@@ -54,7 +54,8 @@ def summary_line(record: dict, path: Path) -> str:
     for task, _, _ in evaluation.SUMMARIES:
         (before, after), (mark_b, mark_a), why = _evaluated(record, task)
         if after is not None:
-            parts.append(f"{task} {'-' if before is None else format(before, '.4g') + mark_b} -> {after:.4g}{mark_a}")
+            # one mark per field, at its end (the reasons say which stage when they differ)
+            parts.append(f"{task} {'-' if before is None else format(before, '.4g')} -> {after:.4g}{mark_b or mark_a}")
             reasons += why
     if tr.get("s_per_step") is not None:
         parts.append(f"{tr['s_per_step']:.3g} s/step")

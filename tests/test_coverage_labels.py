@@ -13,8 +13,10 @@ from pathlib import Path
 import pytest
 from conftest import FAST
 
-from qpeft_bench import ASSETS, models, recipe
+from qpeft_bench import ASSETS, evaluation, models, recipe
+from qpeft_bench.config import EvalConfig, from_dict
 from qpeft_bench.evaluation import coverage, harness, truncation
+from qpeft_bench.evaluation.tasks import TASKS, EvalTask
 from qpeft_bench.report.aggregate import build_aggregate
 from qpeft_bench.report.catalog import AGGREGATES, EVALUATION
 from qpeft_bench.report.records import LoadResult, RunRecord
@@ -67,9 +69,9 @@ def test_a_limited_run_records_what_each_result_covers(limited_run):
 def test_the_console_marks_what_is_not_the_full_benchmark(limited_run):
     path, rec = limited_run
     line = summary_line(rec, path)
-    assert "* -> " not in line.split("ppl_heldout")[0]  # nothing marked before the task fields
+    assert "*" not in line.split("ppl_heldout")[0]  # nothing marked before the task fields
     heldout = line.split("ppl_heldout ")[1].split(" | ")[0]
-    assert heldout.startswith("- -> ") and heldout.endswith("*")
+    assert heldout.startswith("- -> ") and heldout.endswith("*") and heldout.count("*") == 1
     assert "* not the full benchmark: ppl_heldout: eval.max_batches=2 batches; ppl_wikitext: " in line
     assert f"commonsense: {FIXTURES}; eval.harness.limit=1 items per task" in line
     table = summary_table(rec, path)
@@ -175,3 +177,18 @@ def test_a_full_record_and_an_old_one_are_unmarked():
         assert "*" not in line and "| mmlu - -> 0.5 |" in line
     assert "truncated (items)" in summary_table({**full, "config": _CONFIG}, Path("result.json"))
     assert coverage.not_full(coverage.of(full, "after", "mmlu")) is None
+
+
+def test_a_cached_base_result_keeps_its_coverage(monkeypatch, tmp_path):
+    """The base's results are cached across a sweep: a limited one must still read as limited when reused."""
+    limited = coverage.entry(["eval.max_batches=2 batches"])
+    task = EvalTask("toy", "a constant", run=lambda model, ctx: coverage.Covered(1.5, limited))
+    monkeypatch.setitem(TASKS, "toy", task)
+    ev = from_dict(EvalConfig, {"name": "t", "tasks": ["toy"]}, "eval")
+    cache = evaluation.BaseEvalCache({"base": "x"}, {}, root=tmp_path)
+    common = dict(stage="before", device="cpu", compute_dtype=None, progress=False, heldout_batches=list, cache=cache)
+    for _ in range(2):  # computed, then from the cache
+        covs = {}
+        assert evaluation.evaluate(None, None, ev, coverages=covs, **common)[0] == {"toy": 1.5}
+        assert covs == {"toy": {"kind": "limited", "why": "eval.max_batches=2 batches"}}
+    assert cache.coverage("toy") == limited
