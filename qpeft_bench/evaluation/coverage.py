@@ -16,6 +16,7 @@ base cache, users' scripts) reads as one, and one place holds the entry of every
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,7 +35,7 @@ class Covered:
     coverage: dict
 
 
-def entry(limits: list[str] = (), fixtures: str | None = None, truncated: int | None = None) -> dict:
+def entry(limits: Sequence[str] = (), fixtures: str | None = None, truncated: int | None = None) -> dict:
     """The coverage entry of a result: `limits` are the caps that cut it ('eval.max_batches=2 batches'),
     `fixtures` the shipped data it read ('shipped fixtures (qpeft_bench/assets/eval_fixtures)')."""
     reasons = [fixtures, *limits] if fixtures else list(limits)
@@ -75,7 +76,7 @@ def of(record: dict, stage: str, task: str) -> dict | None:
 
 
 def not_full(cov: dict | None) -> str | None:
-    """Why a result is not the full benchmark ('limited: ...' / 'fixtures: ...'), or None when it is (or unknown)."""
+    """Why a result is not the full benchmark (its `why`), or None when it is full or says nothing."""
     if not cov or cov.get("kind", FULL) == FULL:
         return None
     return str(cov.get("why") or cov["kind"])
