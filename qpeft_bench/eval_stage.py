@@ -25,7 +25,7 @@ def run_eval(
 ) -> None:
     """Evaluate `model` on the run's eval tasks into record["eval"][stage] (adding to what is there), with each
     task's protocol and time."""
-    ev = spec.eval
+    ev, coverages = spec.eval, {}
     out, seconds = evaluation.evaluate(
         model,
         tokenizer,
@@ -38,8 +38,10 @@ def run_eval(
             val_set, ev.batch_size, tokenizer.pad_token_id, seed=0, group=False, limit=ev.max_batches
         ),
         cache=cache,
+        coverages=coverages,
     )
     record["eval"].setdefault(stage, {}).update(out)
+    record["eval"].setdefault("coverage", {}).setdefault(stage, {}).update(coverages)  # evaluation/coverage.py
     record["eval"].setdefault("time_s", {}).setdefault(stage, {}).update(seconds)
     record["eval"].setdefault("protocols", {}).update({t: evaluation.PROTOCOLS[t] for t in out})
     if cache is not None:

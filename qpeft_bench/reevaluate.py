@@ -95,9 +95,9 @@ def _reevaluate(config: dict, progress: bool, summary: bool) -> str:
     run_eval(spec, base.tokenizer, base.val_set, device, base.torch_dtype, progress, scratch, model, "after", None)
     ev = record.setdefault("eval", {})
     for key, value in scratch["eval"].items():
-        if key == "time_s":  # {stage: {task: s}}: merge per stage
+        if key in ("time_s", "coverage"):  # {stage: {task: ...}}: merge per stage
             for stage, times in value.items():
-                ev.setdefault("time_s", {}).setdefault(stage, {}).update(times)
+                ev.setdefault(key, {}).setdefault(stage, {}).update(times)
         elif isinstance(value, dict):  # before / after / protocols: new tasks added, re-run ones replaced
             ev.setdefault(key, {}).update(value)
         else:

@@ -1,4 +1,6 @@
-"""The short summary a run logs at its end: one greppable line, and a table of what the record holds."""
+"""The short summary a run logs at its end: one greppable line, and a table of what the record holds. A value that
+is not the full benchmark (a limited evaluation or the shipped fixtures, evaluation/coverage.py) carries a `*`, and
+one field or row says why."""
 
 from __future__ import annotations
 
@@ -6,14 +8,38 @@ from datetime import datetime
 from pathlib import Path
 
 from qpeft_bench import evaluation
+from qpeft_bench.evaluation import coverage
 
 GIB, MIB = 2**30, 2**20
+MARK = "*"  # ASCII: log files and terminals of every kind show it
+
+
+def _evaluated(record: dict, task: str) -> tuple[tuple, tuple, list[str]]:
+    """(before, after headline values), their marks ("" or MARK), and the reasons of the marked ones: one per
+    distinct reason, prefixed with the stage when the two stages differ."""
+    ev = record.get("eval", {})
+    values = tuple(evaluation.headline(ev.get(stage, {}).get(task), task) for stage in ("before", "after"))
+    whys = tuple(
+        None if value is None else coverage.not_full(coverage.of(record, stage, task))
+        for stage, value in zip(("before", "after"), values, strict=True)
+    )
+    marks = tuple("" if why is None else MARK for why in whys)
+    shown = [w for w in whys if w is not None]
+    if len(set(shown)) == 1:
+        reasons = [f"{task}: {shown[0]}"]
+    else:
+        reasons = [f"{task} {stage}: {w}" for stage, w in zip(("before", "after"), whys, strict=True) if w]
+    return values, marks, reasons
+
+
+def _not_full(reasons: list[str]) -> str:
+    return f"{MARK} not the full benchmark: " + "; ".join(reasons)
 
 
 def summary_line(record: dict, path: Path) -> str:
     """'<status> <run id> in 1m23s | loss 2.31 -> 1.87 | ppl_heldout 12.3 -> 9.81 | 0.123 s/step | peak 1.20 GiB
     | <record>': the run's outcome on one line (fields a run does not have are left out)."""
-    meta, tr, ev = record.get("meta", {}), record.get("train", {}), record.get("eval", {})
+    meta, tr = record.get("meta", {}), record.get("train", {})
     parts = [f"{record['status']} {record['run_id']}"]
     try:
         seconds = (
@@ -24,10 +50,13 @@ def summary_line(record: dict, path: Path) -> str:
         pass
     if tr.get("losses"):
         parts.append(f"loss {tr['losses'][0]:.4g} -> {tr['final_loss']:.4g}")
+    reasons = []
     for task, _, _ in evaluation.SUMMARIES:
-        before, after = (evaluation.headline(ev.get(stage, {}).get(task), task) for stage in ("before", "after"))
+        (before, after), (mark_b, mark_a), why = _evaluated(record, task)
         if after is not None:
-            parts.append(f"{task} {'-' if before is None else format(before, '.4g')} -> {after:.4g}")
+            # one mark per field, at its end (the reasons say which stage when they differ)
+            parts.append(f"{task} {'-' if before is None else format(before, '.4g')} -> {after:.4g}{mark_b or mark_a}")
+            reasons += why
     if tr.get("s_per_step") is not None:
         parts.append(f"{tr['s_per_step']:.3g} s/step")
     if tr.get("peak_memory_bytes") is not None:
@@ -36,12 +65,15 @@ def summary_line(record: dict, path: Path) -> str:
         parts.append(f"{record['error']['type']}: {str(record['error']['message']).splitlines()[0][:120]}")
     if record["status"] == "diverged" and "diverged_at_step" in tr:
         parts.append(f"diverged at step {tr['diverged_at_step']}")
+    if reasons:
+        parts.append(_not_full(reasons))
     parts.append(str(path))
     return " | ".join(parts)
 
 
 def summary_table(record: dict, path: Path) -> str:
     cfg, acc, tr, ev = record["config"], record.get("accounting", {}), record.get("train", {}), record.get("eval", {})
+    reasons, truncated = [], []
     q = record.get("quant", {})
     peft = cfg.get("peft", {})
 
@@ -107,9 +139,18 @@ def summary_table(record: dict, path: Path) -> str:
             ("loss first -> last", f"{tr['losses'][0]:.4f} -> {tr['final_loss']:.4f}"),
         ]
     for task, label, spec_ in evaluation.SUMMARIES:
-        before, after = (evaluation.headline(ev.get(stage, {}).get(task), task) for stage in ("before", "after"))
+        (before, after), (mark_b, mark_a), why = _evaluated(record, task)
         if before is not None or after is not None:
-            rows.append((f"{label} before -> after", f"{fmt(before, spec_)} -> {fmt(after, spec_)}"))
+            rows.append((f"{label} before -> after", f"{fmt(before, spec_)}{mark_b} -> {fmt(after, spec_)}{mark_a}"))
+            reasons += why
+        for stage in ("before", "after"):
+            cut = (coverage.of(record, stage, task) or {}).get("truncated")
+            if cut:
+                truncated.append(f"{task} {stage} {cut:,}")
+    if reasons:
+        rows.append((f"{MARK} not the full benchmark", "; ".join(reasons)))
+    if truncated:
+        rows.append(("contexts truncated (items)", ", ".join(truncated) + " (cut from the left to the model's length)"))
     sp = ev.get("after", {}).get("speed")
     if sp:
         rows.append(

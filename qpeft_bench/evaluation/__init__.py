@@ -28,6 +28,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from qpeft_bench.config import ConfigError, EvalConfig
+from qpeft_bench.evaluation import coverage
 from qpeft_bench.evaluation.cache import BaseEvalCache
 from qpeft_bench.evaluation.tasks import TASKS, EvalContext, EvalTask, LmEvalSet, TaskSpec, register
 
@@ -56,15 +57,26 @@ def wikitext_source(
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _run_heldout(model, ctx: EvalContext) -> float:
+def _run_heldout(model, ctx: EvalContext) -> coverage.Covered:
     from qpeft_bench.evaluation import perplexity
 
-    return perplexity.heldout_perplexity(
-        model, ctx.heldout_batches(), ctx.device, ctx.compute_dtype, ctx.progress, f"{ctx.stage}: ppl_heldout"
+    seen = 0
+
+    def counted():
+        nonlocal seen
+        for batch in ctx.heldout_batches():
+            seen += 1
+            yield batch
+
+    ppl = perplexity.heldout_perplexity(
+        model, counted(), ctx.device, ctx.compute_dtype, ctx.progress, f"{ctx.stage}: ppl_heldout"
     )["ppl"]
+    cap = ctx.config.max_batches
+    # the batches come capped, so a cap that was reached may or may not have cut the split: said as limited
+    return coverage.Covered(ppl, coverage.entry([f"eval.max_batches={cap} batches"] if cap and seen >= cap else []))
 
 
-def _run_wikitext(model, ctx: EvalContext) -> dict:
+def _run_wikitext(model, ctx: EvalContext) -> coverage.Covered:
     from qpeft_bench.evaluation import perplexity
 
     ev, w = ctx.config, ctx.config.wikitext
@@ -82,15 +94,17 @@ def _run_wikitext(model, ctx: EvalContext) -> dict:
         max_windows=w.max_windows,
     )
     out["source"] = source or f"{w.hub_id}/{w.variant}"
-    return out
+    cut = out["windows"] < out["windows_total"]
+    limits = [f"eval.wikitext.max_windows={w.max_windows} of {out['windows_total']} windows"] if cut else []
+    return coverage.Covered(out, coverage.entry(limits, coverage.shipped(source)))
 
 
-def _run_task_set(task_set: str, model, ctx: EvalContext) -> dict:
+def _run_task_set(task_set: str, model, ctx: EvalContext) -> coverage.Covered:
     from qpeft_bench.evaluation import harness
 
     logging.getLogger("lm_eval").setLevel(logging.WARNING)  # its per-task INFO lines drown the run's log
     h = ctx.config.harness
-    return harness.run_task_set(
+    out = harness.run_task_set(
         model,
         ctx.tokenizer,
         task_set,
@@ -101,6 +115,16 @@ def _run_task_set(task_set: str, model, ctx: EvalContext) -> dict:
         compute_dtype=ctx.compute_dtype,
         max_gen_toks=h.max_gen_toks,
         progress=ctx.progress,
+    )
+    entries = out["tasks"].values()
+    cut = any(e["samples"] < e["samples_total"] for e in entries)
+    return coverage.Covered(
+        out,
+        coverage.entry(
+            [f"eval.harness.limit={h.limit} items per task"] if cut else [],
+            coverage.shipped(out["data"].get("root")),
+            sum(e["truncated"] for e in entries),
+        ),
     )
 
 
@@ -306,11 +330,13 @@ def evaluate(
     progress: bool,
     heldout_batches: Callable,
     cache: BaseEvalCache | None = None,
+    coverages: dict | None = None,
 ) -> tuple[dict, dict]:
     """Run `config.tasks` on `model` for `stage` ("before" or "after"); returns (results, seconds per task). With a
-    cache (stage "before" only), cached results are reused and new ones stored."""
+    cache (stage "before" only), cached results are reused and new ones stored. `coverages`, when given, receives
+    {task: coverage entry} (coverage.py) for each task whose runner says its coverage, cached ones included."""
     ctx = EvalContext(tokenizer, stage, device, compute_dtype, progress, heldout_batches, config)
-    results, seconds = {}, {}
+    results, seconds, covs = {}, {}, {} if coverages is None else coverages
     for name in config.tasks:
         task = TASKS[name]  # evaluation/checks.py rejected unknown names before any model was loaded
         if stage == "before" and not task.before:
@@ -318,14 +344,18 @@ def evaluate(
         cached = cache.get(name) if cache is not None else None
         if cached is not None:
             results[name] = cached
+            if cache.coverage(name) is not None:
+                covs[name] = cache.coverage(name)
             log.info("%s %s: cached base result (%s)", stage, name, cache.path(name))
             continue
         t0 = time.perf_counter()
-        out = task.run(model, ctx)
+        out, cov = coverage.split(task.run(model, ctx))
         seconds[name] = time.perf_counter() - t0
         results[name] = out
+        if cov is not None:
+            covs[name] = cov
         if cache is not None:
-            cache.put(name, out)
+            cache.put(name, out, cov)
     return results, seconds
 
 

@@ -29,14 +29,16 @@ class BaseEvalCache:
     def path(self, task: str) -> Path:
         return self.root / f"{task}-{self.key(task)}.json"
 
-    def get(self, task: str):
+    def get(self, task: str, key: str = "result"):
         try:
-            return json.loads(self.path(task).read_text())["result"]
+            return json.loads(self.path(task).read_text())[key]
         except (OSError, ValueError, KeyError):  # absent or unreadable: compute it again
             return None
 
-    def put(self, task: str, result) -> None:
-        atomic_write_json(
-            self.path(task),
-            {"task": task, "identity": self.identity, "settings": self.settings.get(task), "result": result},
-        )
+    def coverage(self, task: str) -> dict | None:
+        """The cached result's coverage entry (evaluation/coverage.py), None when it has none."""
+        return self.get(task, "coverage")
+
+    def put(self, task: str, result, coverage: dict | None = None) -> None:
+        entry = {"task": task, "identity": self.identity, "settings": self.settings.get(task), "result": result}
+        atomic_write_json(self.path(task), entry if coverage is None else {**entry, "coverage": coverage})

@@ -207,11 +207,13 @@ def run_task_set(
     moves it); compute_dtype: autocast dtype of the forward passes (None or float32: none), as in training;
     max_gen_toks: cap on generated tokens of generation tasks (gsm8k; lm-eval's default 256), recorded when set.
     Returns the record of `summarize` plus the engine, lm-eval's version, our settings, the data source, lm-eval's
-    seeds (they pick the few-shot examples) and the wall time; JSON-serialisable.
+    seeds (they pick the few-shot examples) and the wall time; JSON-serialisable. Contexts cut to the model's length
+    are counted per task (truncation.py) and logged once per task, not once per request.
     """
     import torch
     from lm_eval.evaluator import simple_evaluate
-    from lm_eval.models.huggingface import HFLM
+
+    from qpeft_bench.evaluation.truncation import CountingHFLM, collapsed_warnings, log_counts
 
     root = check_local_data(task_set, data_root)
     want, have = torch.device(device), model.device
@@ -224,8 +226,8 @@ def run_task_set(
     was_training = model.training  # HFLM puts the model in eval mode; hand it back as it came
     t0 = time.perf_counter()
     try:
-        with _quiet(progress), _no_hub_telemetry(root is not None):
-            lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, mixed_precision_dtype=mixed)
+        with _quiet(progress), _no_hub_telemetry(root is not None), collapsed_warnings():
+            lm = CountingHFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, mixed_precision_dtype=mixed)
             out = simple_evaluate(
                 model=lm,
                 tasks=tasks,
@@ -238,7 +240,8 @@ def run_task_set(
         model.train(was_training)
     wall = time.perf_counter() - t0
 
-    record = summarize(out, task_set)
+    record = summarize(out, task_set, lm.counts())
+    log_counts({t: (e["truncated"], e["samples"]) for t, e in record["tasks"].items()}, lm.max_length)
     record.update(
         engine="lm-eval",
         lm_eval_version=version("lm_eval"),
@@ -255,11 +258,12 @@ def run_task_set(
     return record
 
 
-def summarize(out: dict, task_set: str) -> dict:
+def summarize(out: dict, task_set: str, truncated: dict[str, int] | None = None) -> dict:
     """lm-eval's results dict -> {"task_set", "tasks": {entry: {...}}, and the set's averages}.
 
-    Each entry has version, num_fewshot, split (the one evaluated), fewshot_split, metric, filter, value, stderr
-    and samples (items evaluated). A group entry (mmlu) also holds its `subtasks`; its `value` is the unweighted
+    Each entry has version, num_fewshot, split (the one evaluated), fewshot_split, metric, filter, value, stderr,
+    samples (items evaluated), samples_total (the task's items; more than samples under a limit) and, with
+    `truncated` ({lm-eval task: items whose context was cut}), truncated. A group entry (mmlu) also holds its `subtasks`; its `value` is the unweighted
     mean of theirs (the studies' number), with the matching stderr, and `lm_eval_value` is the aggregate that
     lm-eval's registered group declares (mmlu: weighted by items); both from lm-eval's own aggregation functions.
     The averages are unweighted means over the entries' values."""
@@ -271,9 +275,9 @@ def summarize(out: dict, task_set: str) -> dict:
     for spec in task_specs(task_set):
         entry = tm.task_index[spec.task]
         if entry.kind != Kind.GROUP:
-            tasks[spec.task] = _task_entry(out, spec.task, spec)
+            tasks[spec.task] = _task_entry(out, spec.task, spec, truncated)
             continue
-        subs = {t: _task_entry(out, t, spec) for t in leaf_tasks(tm, spec.task)}
+        subs = {t: _task_entry(out, t, spec, truncated) for t in leaf_tasks(tm, spec.task)}
         values, sizes = [s["value"] for s in subs.values()], [s["samples"] for s in subs.values()]
         stderrs = [s["stderr"] for s in subs.values()]
         weighted = [
@@ -299,6 +303,8 @@ def summarize(out: dict, task_set: str) -> dict:
             if weighted
             else None,
             "samples": sum(sizes),
+            "samples_total": sum(s["samples_total"] for s in subs.values()),
+            **({} if truncated is None else {"truncated": sum(s["truncated"] for s in subs.values())}),
             "subtasks": subs,
         }
     record = {"task_set": task_set, "tasks": tasks}
@@ -308,7 +314,7 @@ def summarize(out: dict, task_set: str) -> dict:
     return record
 
 
-def _task_entry(out: dict, task: str, spec: TaskSpec) -> dict:
+def _task_entry(out: dict, task: str, spec: TaskSpec, truncated: dict[str, int] | None = None) -> dict:
     cfg, result, key = out["configs"][task], out["results"][task], f"{spec.metric},{spec.filter}"
     if key not in result:
         raise KeyError(f"lm-eval reported no '{key}' for {task}; it has {sorted(result)}")
@@ -321,7 +327,10 @@ def _task_entry(out: dict, task: str, spec: TaskSpec) -> dict:
         "value": _num(result[key]),
         "stderr": _num(result.get(f"{spec.metric}_stderr,{spec.filter}")),
         "samples": int(out["n-samples"][task]["effective"]),
+        "samples_total": int(out["n-samples"][task]["original"]),
     }
+    if truncated is not None:
+        entry["truncated"] = int(truncated.get(task, 0))
     if entry["num_fewshot"]:  # lm-eval's rule: the fewshot split, else train, else validation
         entry["fewshot_split"] = cfg.get("fewshot_split") or cfg.get("training_split") or cfg.get("validation_split")
     if cfg.get("output_type") == "generate_until":

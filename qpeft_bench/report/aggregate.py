@@ -12,8 +12,8 @@ from typing import Any
 from qpeft_bench.report.formatting import fmt_text
 from qpeft_bench.report.records import LoadResult, RunRecord
 from qpeft_bench.report.reference import Reference, add_reference
-from qpeft_bench.report.rows import Row, is_number, record_to_row, records_to_rows, sort_value
-from qpeft_bench.report.tables import Agg, Column, Table, TableSpec, unreadable_notes
+from qpeft_bench.report.rows import MARKS, Row, is_number, record_to_row, records_to_rows, sort_value
+from qpeft_bench.report.tables import Agg, Column, Table, TableSpec, coverage_notes, unreadable_notes
 
 DEFAULT_DIVERGED_PPL = 1000.0
 # The perplexities (after, before) that decide divergence: a run whose loss blew up shows it in every one of them.
@@ -95,19 +95,26 @@ def build_aggregate(
         else:
             left_out[row["status"]] += 1
     cells: dict[tuple, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    # (group, cell) -> (run id, why) of each run whose value entered it from a limited or fixtures evaluation
+    marked: dict[tuple, list[tuple[str, str]]] = defaultdict(list)
     across_values: list[Any] = []
     for row in entered:
-        group = cells[tuple(row[k] for k in key_names)]
+        group_key = tuple(row[k] for k in key_names)
+        group = cells[group_key]
         if spec.across is not None:
             value = row[spec.metrics[0].key]
             if is_number(value):
                 group[row[spec.across]].append(float(value) if isinstance(value, float) else value)
                 if row[spec.across] not in across_values:
                     across_values.append(row[spec.across])
+                if spec.metrics[0].key in row[MARKS]:
+                    marked[group_key, str(row[spec.across])].append((row["run_id"], row[MARKS][spec.metrics[0].key]))
             continue
         for key in metric_keys:
             if is_number(row[key]):
                 group[key].append(row[key])
+                if key in row[MARKS]:
+                    marked[group_key, key].append((row["run_id"], row[MARKS][key]))
     for group_key in diverged:
         cells[group_key]  # a group whose every run diverged still gets its (marked, empty) row
     groups = sorted(
@@ -130,7 +137,19 @@ def build_aggregate(
         for col in value_cols:
             values = cells[group_key].get(lookup[col.key], [])
             row[col.key] = Agg(tuple(values)) if values else None
+        # a mean is marked when any run that entered it is
+        row[MARKS] = {
+            col.key: "; ".join(sorted({why for _, why in marked[group_key, col.key]}))
+            for col in value_cols
+            if marked.get((group_key, col.key))
+        }
         out.append(row)
+    headers = {col.key: col.header for col in value_cols}
+    if spec.across is not None:
+        headers = {key: f"{spec.metrics[0].header} ({spec.across} {key})" for key in headers}
+    coverage = coverage_notes(
+        (run_id, headers[col_key], why) for (_, col_key), runs in marked.items() for run_id, why in runs
+    )
 
     notes = [f"Cells: {RULES[spec.rule]}. Runs: {RUN_SETS[spec.runs]}.", *spec.notes]
     if diverged:
@@ -148,6 +167,7 @@ def build_aggregate(
             "left out, not trained to the end: "
             + ", ".join(f"{count} {status}" for status, count in sorted(left_out.items()))
         )
+    notes += coverage
     columns = (*spec.keys, *value_cols)
     table_spec = TableSpec(name=spec.name, title=spec.title, columns=columns, csv_extra=())
     table = Table(spec=table_spec, rows=out, notes=[*notes, *unreadable_notes(loaded.unreadable)])

@@ -9,8 +9,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from qpeft_bench.report.formatting import raw_value
-from qpeft_bench.report.rows import Row
-from qpeft_bench.report.tables import Agg, Column, Table, TableSpec
+from qpeft_bench.report.rows import MARKS, Row
+from qpeft_bench.report.tables import Agg, Column, Table, TableSpec, cell_text
 
 
 def _md_cell(text: str) -> str:
@@ -29,7 +29,7 @@ def render_markdown(table: Table) -> str:
     """Padded GitHub-flavoured Markdown, so it is readable both rendered and on a terminal."""
     columns = table.spec.columns
     headers = [_md_cell(col.header) for col in columns]
-    body = [[_md_cell(col.fmt(row.get(col.key))) for col in columns] for row in table.rows]
+    body = [[_md_cell(cell_text(col, row)) for col in columns] for row in table.rows]
     widths = [max(3, len(h), *(len(r[i]) for r in body)) for i, h in enumerate(headers)]
     rule = ["-" * (w - 1) + ":" if col.align == "right" else "-" * w for w, col in zip(widths, columns, strict=True)]
     lines = [f"## {table.spec.title}", "", _md_line(headers, widths, columns)]
@@ -59,11 +59,18 @@ def csv_row(spec: TableSpec, row: Row) -> list[str]:
 
 
 def render_csv(table: Table) -> str:
-    """Raw values under unit-suffixed keys (an aggregated cell as mean, std, n); unreadable records are skipped."""
+    """Raw values under unit-suffixed keys (an aggregated cell as mean, std, n); unreadable records are skipped. A
+    table with marked cells gets a last column `not_full`: {key: why} of the row's marked cells (JSON)."""
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(csv_fields(table.spec))
-    writer.writerows(csv_row(table.spec, row) for row in table.rows)
+    keys = {col.key for col in table.spec.columns}
+    marks = [{k: v for k, v in (row.get(MARKS) or {}).items() if k in keys} for row in table.rows]
+    extra = [MARKS] if any(marks) else []
+    writer.writerow(csv_fields(table.spec) + extra)
+    writer.writerows(
+        csv_row(table.spec, row) + ([raw_value(m or None)] if extra else [])
+        for row, m in zip(table.rows, marks, strict=True)
+    )
     return buffer.getvalue()
 
 
@@ -84,6 +91,7 @@ LATEX_SPECIAL = {
     "±": r"$\pm$",
     "Δ": r"$\Delta$",
     "×": r"$\times$",
+    "†": r"$^\dagger$",
     "\n": " ",
     "\r": " ",
 }
@@ -107,7 +115,7 @@ def render_latex(table: Table) -> str:
         "\\toprule",
         " & ".join(latex_escape(col.header) for col in columns) + " \\\\",
         "\\midrule",
-        *(" & ".join(latex_escape(col.fmt(row.get(col.key))) for col in columns) + " \\\\" for row in table.rows),
+        *(" & ".join(latex_escape(cell_text(col, row)) for col in columns) + " \\\\" for row in table.rows),
         "\\bottomrule",
         "\\end{tabular}",
     ]

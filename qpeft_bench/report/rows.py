@@ -7,6 +7,7 @@ import math
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from qpeft_bench.evaluation import coverage
 from qpeft_bench.evaluation.tasks import TASKS
 from qpeft_bench.report.records import RunRecord
 
@@ -83,6 +84,22 @@ RECORD_FIELDS: dict[str, tuple[str, ...]] = {
 }
 
 
+# Row key of {row key: why its value is not the full benchmark} (a limited or fixtures evaluation, the record's
+# eval.coverage); tables mark those cells and say why in their notes.
+MARKS = "not_full"
+
+
+def coverage_marks(data: Any) -> dict[str, str]:
+    """{RECORD_FIELDS key under eval.<stage>.<task>: why that result is not the full benchmark}."""
+    marks = {}
+    for key, path in RECORD_FIELDS.items():
+        if len(path) > 2 and path[0] == "eval" and path[1] in ("before", "after"):
+            why = coverage.not_full(coverage.of(data, path[1], path[2]))
+            if why is not None and get_path(data, path) is not None:
+                marks[key] = why
+    return marks
+
+
 def get_path(data: Any, path: Sequence[str]) -> Any:
     """Nested lookup that yields None for any missing or wrongly-typed section."""
     for key in path:
@@ -104,6 +121,7 @@ def record_to_row(record: RunRecord) -> Row:
         value = get_path(record.data, path)
         row[key] = None if isinstance(value, (list, dict)) and key not in CONTAINER_FIELDS else value
     row["record_path"] = str(record.path)
+    row[MARKS] = coverage_marks(record.data)
     # A config without a peft section means "base model, no adapter"; without any config we know nothing.
     if row["method"] is None and isinstance(record.data.get("config"), dict):
         row["method"] = "none"

@@ -12,7 +12,9 @@ from typing import Any
 
 from qpeft_bench.report.formatting import Formatter, fmt_text
 from qpeft_bench.report.records import LoadResult, Unreadable
-from qpeft_bench.report.rows import Row, records_to_rows, sort_rows
+from qpeft_bench.report.rows import MARKS, Row, records_to_rows, sort_rows
+
+MARK = "†"  # a value from a limited or fixtures evaluation ("*" marks diverged runs)
 
 
 @dataclass(frozen=True)
@@ -43,8 +45,38 @@ class Table:
 
 def build_table(spec: TableSpec, loaded: LoadResult) -> Table:
     rows = sort_rows(records_to_rows(loaded.records), spec.sort_by)
-    notes = [*spec.notes, *data_notes(spec, rows), *unreadable_notes(loaded.unreadable)]
+    marked = [
+        (row["run_id"], col.header, row[MARKS][col.key])
+        for row in rows
+        for col in spec.columns
+        if col.key in row[MARKS] and row.get(col.key) is not None
+    ]
+    notes = [*spec.notes, *data_notes(spec, rows), *coverage_notes(marked), *unreadable_notes(loaded.unreadable)]
     return Table(spec=spec, rows=rows, notes=notes)
+
+
+def cell_text(col: Column, row: Row) -> str:
+    """The cell's display text, with MARK when its value came from a limited or fixtures evaluation."""
+    text = col.fmt(row.get(col.key))
+    return f"{text}{MARK}" if text and col.key in (row.get(MARKS) or {}) else text
+
+
+def coverage_notes(marked: Iterable[tuple[str, str, str]]) -> list[str]:
+    """(run id, column header, why) of every marked cell -> the note that says what MARK means, per reason: which
+    columns of which runs."""
+    runs: dict[str, dict[str, set[str]]] = defaultdict(lambda: defaultdict(set))
+    for run_id, header, why in marked:
+        runs[why][header].add(str(run_id))
+    parts = []
+    for why, by_header in sorted(runs.items()):
+        same: dict[tuple[str, ...], list[str]] = defaultdict(list)  # columns marked in the same runs, said once
+        for header, ids in by_header.items():
+            same[tuple(sorted(ids))].append(header)
+        cells = "; ".join(f"{', '.join(headers)} of {', '.join(ids)}" for ids, headers in same.items())
+        parts.append(f"{why} ({cells})")
+    if not parts:
+        return []
+    return [f"{MARK} not the full benchmark, not comparable with published numbers: " + ". ".join(parts)]
 
 
 @dataclass(frozen=True)
