@@ -64,7 +64,21 @@ def base_eval_cache(spec: RunSpec, compute_dtype: str, device: str) -> evaluatio
     return evaluation.BaseEvalCache(identity, evaluation.cache_settings(spec.eval))
 
 
+class _Batches:
+    """The held-out batches, collated one at a time as they are read, with their number (the progress bar's total)
+    and the number the split has without eval.max_batches (`available`: whether the cap cut it)."""
+
+    def __init__(self, features: list[dict], order: list, pad_id: int, available: int):
+        self.features, self.order, self.pad_id, self.available = features, order, pad_id, available
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def __iter__(self):
+        for idx in self.order:
+            yield data.collate([self.features[i] for i in idx], self.pad_id)
+
+
 def _batches(features: list[dict], batch_size: int, pad_id: int, seed: int, group: bool, limit: int | None = None):
     order = data.make_batches([len(f["input_ids"]) for f in features], batch_size, seed=seed, group_by_length=group)
-    for idx in order[:limit]:
-        yield data.collate([features[i] for i in idx], pad_id)
+    return _Batches(features, order[:limit], pad_id, len(order))

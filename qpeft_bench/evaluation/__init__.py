@@ -60,20 +60,30 @@ def wikitext_source(
 def _run_heldout(model, ctx: EvalContext) -> coverage.Covered:
     from qpeft_bench.evaluation import perplexity
 
+    batches = ctx.heldout_batches()
     seen = 0
 
     def counted():
         nonlocal seen
-        for batch in ctx.heldout_batches():
+        for batch in batches:
             seen += 1
             yield batch
 
     ppl = perplexity.heldout_perplexity(
-        model, counted(), ctx.device, ctx.compute_dtype, ctx.progress, f"{ctx.stage}: ppl_heldout"
+        model,
+        counted(),
+        ctx.device,
+        ctx.compute_dtype,
+        ctx.progress,
+        f"{ctx.stage}: ppl_heldout",
+        total=len(batches) if hasattr(batches, "__len__") else None,
     )["ppl"]
-    cap = ctx.config.max_batches
-    # the batches come capped, so a cap that was reached may or may not have cut the split: said as limited
-    return coverage.Covered(ppl, coverage.entry([f"eval.max_batches={cap} batches"] if cap and seen >= cap else []))
+    cap, available = ctx.config.max_batches, getattr(batches, "available", None)
+    if available is not None:  # the recipe's batches know how many the split has: limited only if the cap cut it
+        cut = [f"eval.max_batches={cap} of {available} batches"] if cap and available > cap else []
+    else:  # capped batches of unknown origin: a cap that was reached may or may not have cut the split
+        cut = [f"eval.max_batches={cap} batches"] if cap and seen >= cap else []
+    return coverage.Covered(ppl, coverage.entry(cut))
 
 
 def _run_wikitext(model, ctx: EvalContext) -> coverage.Covered:

@@ -32,14 +32,17 @@ def heldout_perplexity(
     compute_dtype: torch.dtype = torch.float32,
     progress: bool = True,
     desc: str = "eval",
+    total: int | None = None,
 ) -> dict:
     """Token-level NLL summed over every labelled (non -100) position, then averaged: batches of different
-    lengths weigh by their tokens, not by their count."""
+    lengths weigh by their tokens, not by their count. `total`: the number of batches, for the progress bar
+    (None: len(batches) where it has one)."""
     was_training = model.training
     model.eval()
     nll, count = 0.0, 0
     try:
-        for batch in tqdm(batches, desc=desc, unit="batch", disable=not progress, dynamic_ncols=True):
+        bar = tqdm(batches, desc=desc, unit="batch", total=total, disable=not progress, dynamic_ncols=True)
+        for batch in bar:
             batch = to_device(batch, device)
             with autocast(device, compute_dtype):
                 # use_cache=False: a KV cache of every window would only cost memory (gigabytes at 2048 x 7B)
@@ -115,7 +118,13 @@ def windowed_perplexity(
         raise ValueError(f"max_windows={max_windows} must be at least 1")
     windows = ids[: n * seq_len].view(n, seq_len)
     out = heldout_perplexity(
-        model, _window_batches(windows, batch_size), device, compute_dtype, progress, desc="ppl windows"
+        model,
+        _window_batches(windows, batch_size),
+        device,
+        compute_dtype,
+        progress,
+        desc="ppl windows",
+        total=math.ceil(n / batch_size),
     )
     assert out["tokens"] == n * (seq_len - 1)  # every label is a real token: no padding, no -100
     return {
