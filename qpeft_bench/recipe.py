@@ -64,7 +64,7 @@ def run(config: dict, run_dir: Path, progress: bool = True, summary: bool = True
                     "train.distributed=fsdp loads the base layer by layer from a local safetensors "
                     "checkpoint: set model.path to its directory"
                 )
-            data.check_source(spec.data.format, spec.data.path, spec.data.hub_id)
+            data.check_source(spec.data.format, spec.data.path, spec.data.hub_id, spec.data.template)
             tokenizer_source = spec.model.path or spec.model.hub_id  # a tokenizer is cheap; the model is not
             vocab = spec.model.arch_dict().get("vocab_size")
             data.check_tokenizer(models.load_tokenizer(tokenizer_source), tokenizer_source, vocab)

@@ -29,6 +29,9 @@ RECORD = "result.json"
 NON_IDENTITY_KEYS = ("hydra", "output_root", "overwrite", "run_dir", "logger", "wandb")
 # ...and nested keys of the same kind: adding checkpoints to a re-submitted run must find the run it resumes
 NON_IDENTITY_PATHS = (("train", "checkpoint_every"),)
+# Knobs added after runs were recorded: at their default they stay out of the id, so that the runs made before the
+# knob existed, which computed exactly that default, keep their ids
+LATER_DEFAULTS = ((("data", "template"), "qlora"),)
 
 
 def run_id(config: dict) -> str:
@@ -46,6 +49,9 @@ def run_id(config: dict) -> str:
         identity["input_fingerprints"] = user_files
     for section, key in NON_IDENTITY_PATHS:
         if isinstance(identity.get(section), dict):
+            identity[section].pop(key, None)
+    for (section, key), default in LATER_DEFAULTS:
+        if isinstance(identity.get(section), dict) and identity[section].get(key, default) == default:
             identity[section].pop(key, None)
     train = identity.get("train")
     if identity.get("mode") == "train" and isinstance(train, dict) and train.get("device") == "auto":
