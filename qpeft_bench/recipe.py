@@ -332,6 +332,7 @@ def fine_tune(
             peft_model = unsharded(spec, device, state, progress, record["accounting"])
         if t.save_adapter:
             adapters.get(spec.peft_method).save(peft_model, adapter_dir, spec.peft)
+            results.follow_umask(adapter_dir)  # peft and safetensors write 0600 files
             record["adapter"] = {"path": ADAPTER_DIR, "method": spec.peft_method, "name": spec.peft_name}
             save()
         evaluate(peft_model, "after", None)
