@@ -176,6 +176,9 @@ class DataConfig:
     hub_id: str | None = None
     path: str | None = None  # local file in the hub's schema; wins over hub_id
     variant: str | None = None
+    # Alpaca's prompt (data_formats.ALPACA_TEMPLATES): qlora, QLoRA's ("### Response: ", the studies'), or stanford,
+    # Stanford Alpaca's train.py ("### Response:"); formats with their own layout take only the default
+    template: str = "qlora"
     val_fraction: float = 0.2
     split_seed: int = 42
     max_source_len: int = 384
@@ -192,6 +195,11 @@ class DataConfig:
         positive(where, "max_examples", self.max_examples)
         if self.path is None and self.hub_id is None:
             raise ConfigError(f"{where}: set data.path (a local file) or data.hub_id")
+        if self.template not in ("qlora", "stanford"):
+            raise ConfigError(
+                f"{where}.template={self.template!r} is not a prompt template; choose qlora (QLoRA's Alpaca prompt, "
+                "the default) or stanford (Stanford Alpaca's train.py prompt)"
+            )
 
 
 @dataclass

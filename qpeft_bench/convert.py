@@ -23,6 +23,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from qpeft_bench.results import follow_umask
+
 MMLU_SPLITS = {"dev": "dev", "val": "validation", "test": "test"}  # original folder -> the hub's split name
 LETTERS = "ABCD"
 
@@ -40,6 +42,7 @@ def _write_jsonl(rows: list[dict], out: Path, overwrite: bool) -> None:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             for row in rows:
                 handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+        follow_umask(tmp)  # mkstemp's 0600 would survive the rename
         os.replace(tmp, out)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -23,9 +23,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from qpeft_bench.data_formats import (
-    FORMATS,
+    DEFAULT_TEMPLATE,
     Example,
     Row,
+    build_examples,
+    check_template,
     check_variant,
     get_format,
     required_fields,
@@ -141,14 +143,15 @@ def _hub_rows(hub_id: str) -> list[Row]:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def check_source(fmt: str, path: str | None, hub_id: str | None) -> None:
+def check_source(fmt: str, path: str | None, hub_id: str | None, template: str = DEFAULT_TEMPLATE) -> None:
     """Cheap pre-flight check of a data source: no model, no tokenizer, no network.
 
-    Raises ValueError (unknown format, empty file, malformed JSON with its line, missing fields) or
-    FileNotFoundError, each with a one-line message that says what to fix. A hub id cannot be checked
-    offline; only its presence is.
+    Raises ValueError (unknown format, a template the format does not take, empty file, malformed JSON with its
+    line, missing fields) or FileNotFoundError, each with a one-line message that says what to fix. A hub id cannot
+    be checked offline; only its presence is.
     """
     fields = get_format(fmt).fields
+    check_template(fmt, template)
     _require_source(fmt, path, hub_id)
     if path is not None:
         _read_rows(path, fields)
@@ -161,13 +164,15 @@ def load_examples(
     hub_id: str | None = None,
     variant: str | None = None,
     max_examples: int | None = None,
+    template: str = DEFAULT_TEMPLATE,
 ) -> list[Example]:
     """Load a data set and format it as ``[{"source": str, "target": str}, ...]`` (see the module doc).
 
     ``path`` (a local file or glob in the hub's schema) wins over ``hub_id``. ``max_examples`` keeps the
-    first N formatted examples, in file order, for smoke runs.
+    first N formatted examples, in file order, for smoke runs. ``template``: the Alpaca prompt (qlora, stanford).
     """
     check_variant(fmt, variant)
+    check_template(fmt, template)
     if max_examples is not None and max_examples < 1:
         raise ValueError(f"max_examples must be >= 1 or null, got {max_examples}")
     fields = required_fields(fmt, variant)
@@ -177,7 +182,7 @@ def load_examples(
     else:
         rows, where = _hub_rows(hub_id), hub_id
         _check_fields(rows, fields, where)
-    examples = FORMATS[fmt].build(rows, variant)
+    examples = build_examples(fmt, rows, variant, template)
     if not examples:
         raise ValueError(f"{where}: {len(rows)} rows gave no {fmt} examples (check the format and variant)")
     return examples if max_examples is None else examples[:max_examples]

@@ -3,8 +3,11 @@
 Each loader turns raw rows into examples ``{"source": str, "target": str}``; the loss goes on the target
 (and on the source too when ``train_on_source``). What each format produces:
 
-- ``alpaca``, ``open_platypus``: source = QLoRA's Alpaca prompt (with or without the input block),
-  target = ``output``.
+- ``alpaca``, ``open_platypus``: source = the Alpaca prompt of ``template`` (with or without the input block),
+  target = ``output``. ``qlora`` (default): QLoRA's qlora.py, ending "### Response: " with a space, as the studies
+  ran; ``stanford``: Stanford Alpaca's train.py, ending "### Response:" with none. Only the prompt changes:
+  source and target are tokenized apart (data.tokenize_examples), never as one joined string as train.py does.
+  The other formats bring their own layout and take only the default (``check_template``).
 - ``hh_rlhf``: source = "", target = the whole ``chosen`` dialogue ("\\n\\nHuman: ...\\n\\nAssistant: ...").
 - ``oasst1``: raw OpenAssistant message trees. Per tree, follow the best reply at each level (lowest
   ``rank``, skipping deleted messages and messages that failed review) from the root prompt down to the
@@ -25,32 +28,42 @@ from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
 
-# QLoRA's template, byte for byte (including the space after "Response:"), so runs match the studies.
-ALPACA_PROMPT_INPUT = (
+# The authors' prompts byte for byte. QLoRA's ends with a space after "Response:" (so runs match the studies);
+# Stanford Alpaca's train.py has the same words with no space (its target, output + EOS, follows directly).
+_ALPACA_INTRO_INPUT = (
     "Below is an instruction that describes a task, paired with an input that provides further context. "
     "Write a response that appropriately completes the request.\n\n"
-    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response: "
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:"
 )
-ALPACA_PROMPT_NO_INPUT = (
+_ALPACA_INTRO_NO_INPUT = (
     "Below is an instruction that describes a task. "
     "Write a response that appropriately completes the request.\n\n"
-    "### Instruction:\n{instruction}\n\n### Response: "
+    "### Instruction:\n{instruction}\n\n### Response:"
 )
+ALPACA_PROMPT_INPUT = _ALPACA_INTRO_INPUT + " "
+ALPACA_PROMPT_NO_INPUT = _ALPACA_INTRO_NO_INPUT + " "
+# data.template -> (prompt with an input, prompt without); the keys are DataConfig.template's choices
+ALPACA_TEMPLATES: dict[str, tuple[str, str]] = {
+    "qlora": (ALPACA_PROMPT_INPUT, ALPACA_PROMPT_NO_INPUT),
+    "stanford": (_ALPACA_INTRO_INPUT, _ALPACA_INTRO_NO_INPUT),
+}
+DEFAULT_TEMPLATE = "qlora"
 OASST_SPEAKERS = {"prompter": "Human", "assistant": "Assistant"}
 
 Example = dict[str, str]
 Row = dict
 
 
-def _alpaca_example(row: Row) -> Example:
-    # QLoRA treats a missing input like an empty one; Open-Platypus rows almost always have input "".
-    template = ALPACA_PROMPT_INPUT if row.get("input") else ALPACA_PROMPT_NO_INPUT
-    source = template.format(instruction=row["instruction"], input=row.get("input") or "")
+def _alpaca_example(row: Row, prompts: tuple[str, str]) -> Example:
+    # Both authors treat a missing input like an empty one; Open-Platypus rows almost always have input "".
+    prompt = prompts[0] if row.get("input") else prompts[1]
+    source = prompt.format(instruction=row["instruction"], input=row.get("input") or "")
     return {"source": source, "target": row["output"]}
 
 
-def _alpaca(rows: list[Row], variant: str | None) -> list[Example]:
-    return [_alpaca_example(row) for row in rows]
+def _alpaca(rows: list[Row], variant: str | None, template: str = DEFAULT_TEMPLATE) -> list[Example]:
+    prompts = ALPACA_TEMPLATES[template]
+    return [_alpaca_example(row, prompts) for row in rows]
 
 
 def _hh_rlhf(rows: list[Row], variant: str | None) -> list[Example]:
@@ -141,18 +154,19 @@ def _oasst1(rows: list[Row], variant: str | None) -> list[Example]:
 
 @dataclass(frozen=True)
 class _Format:
-    build: Callable[[list[Row], str | None], list[Example]]
+    build: Callable[..., list[Example]]  # (rows, variant), and the template when `templated`
     fields: tuple[str, ...]  # top-level fields every row must have
     variants: tuple[str | None, ...] = (None,)  # allowed values of `variant`; () means "any string"
+    templated: bool = False  # the prompt follows data.template (ALPACA_TEMPLATES)
 
 
 FORMATS: dict[str, _Format] = {
-    "alpaca": _Format(_alpaca, ("instruction", "output")),
+    "alpaca": _Format(_alpaca, ("instruction", "output"), templated=True),
     "hh_rlhf": _Format(_hh_rlhf, ("chosen",)),
     "oasst1": _Format(_oasst1, ("message_id", "parent_id", "role", "text", "rank"), variants=()),
     "guanaco": _Format(_guanaco, ("text",)),
     "unnatural": _Format(_unnatural, ("instances",), variants=(None, "core", "full")),
-    "open_platypus": _Format(_alpaca, ("instruction", "output")),
+    "open_platypus": _Format(_alpaca, ("instruction", "output"), templated=True),
     "guanaco_llama2": _Format(_guanaco_llama2, ("text",)),
 }
 
@@ -173,3 +187,25 @@ def check_variant(fmt: str, variant: str | None) -> None:
     if allowed and variant not in allowed:
         names = ", ".join("null" if v is None else v for v in allowed)
         raise ValueError(f"data format {fmt!r} has no variant {variant!r}; use one of: {names}")
+
+
+def check_template(fmt: str, template: str) -> None:
+    """A template other than the default only where the format's prompt follows one: elsewhere it would change
+    nothing but the run id, and the run would be recorded as trained on a prompt it never saw."""
+    if template not in ALPACA_TEMPLATES:
+        raise ValueError(
+            f"data.template={template!r} is not a prompt template; choose one of: {', '.join(ALPACA_TEMPLATES)}"
+        )
+    if template != DEFAULT_TEMPLATE and not get_format(fmt).templated:
+        takes = ", ".join(name for name, f in FORMATS.items() if f.templated)
+        raise ValueError(
+            f"data.template={template} applies to the Alpaca prompt ({takes}); data format {fmt!r} has its own "
+            f"layout: remove data.template or set it to {DEFAULT_TEMPLATE}"
+        )
+
+
+def build_examples(fmt: str, rows: list[Row], variant: str | None, template: str = DEFAULT_TEMPLATE) -> list[Example]:
+    """Format `rows` of data format `fmt` into examples (module doc); `template` picks the Alpaca prompt."""
+    check_template(fmt, template)
+    spec = get_format(fmt)
+    return spec.build(rows, variant, template) if spec.templated else spec.build(rows, variant)

@@ -13,8 +13,8 @@ What is hashed (docs/run-record.md):
 - a glob: every file it matches, in sorted order;
 - a path that does not exist: `missing` (the run then fails its pre-flight check, which names the file).
 
-Fingerprints are memoised per (path, size, modification time) within a process: a sweep of 120 runs over one
-checkpoint reads it once.
+Fingerprints are memoised per (path, size, modification time, inode, change time) within a process: a sweep of 120
+runs over one checkpoint reads it once. LoftQ's cache key is made of the same fingerprints (adapters/loftq.py).
 """
 
 from __future__ import annotations
@@ -44,7 +44,9 @@ _MEMO: dict[tuple, str] = {}
 
 def _file_digest(file: Path, digest) -> None:
     stat = file.stat()
-    key = (str(file), stat.st_size, stat.st_mtime_ns)
+    # the inode and change time too: a file replaced by another of the same size with its old modification time
+    # restored (cp -p, tar, rsync -t) is a new inode or a new change time, which no tool sets back
+    key = (str(file), stat.st_size, stat.st_mtime_ns, stat.st_ino, stat.st_ctime_ns)
     if key not in _MEMO:
         h = hashlib.sha256(str(stat.st_size).encode())
         with open(file, "rb") as f:

@@ -43,7 +43,7 @@ def load_base(spec: RunSpec, device: str, record: dict, save, progress: bool, ke
     # 1. Data: fixed 80/20 split; loss on responses only unless train_on_source.
     tokenizer = models.load_tokenizer(spec.model.path or spec.model.hub_id)
     examples = data.load_examples(
-        d.format, path=d.path, hub_id=d.hub_id, variant=d.variant, max_examples=d.max_examples
+        d.format, path=d.path, hub_id=d.hub_id, variant=d.variant, max_examples=d.max_examples, template=d.template
     )
     train_ex, val_ex = data.split_train_val(examples, d.val_fraction, d.split_seed)
     tok = functools.partial(

@@ -64,7 +64,7 @@ def run(config: dict, run_dir: Path, progress: bool = True, summary: bool = True
                     "train.distributed=fsdp loads the base layer by layer from a local safetensors "
                     "checkpoint: set model.path to its directory"
                 )
-            data.check_source(spec.data.format, spec.data.path, spec.data.hub_id)
+            data.check_source(spec.data.format, spec.data.path, spec.data.hub_id, spec.data.template)
             tokenizer_source = spec.model.path or spec.model.hub_id  # a tokenizer is cheap; the model is not
             vocab = spec.model.arch_dict().get("vocab_size")
             data.check_tokenizer(models.load_tokenizer(tokenizer_source), tokenizer_source, vocab)
@@ -332,6 +332,7 @@ def fine_tune(
             peft_model = unsharded(spec, device, state, progress, record["accounting"])
         if t.save_adapter:
             adapters.get(spec.peft_method).save(peft_model, adapter_dir, spec.peft)
+            results.follow_umask(adapter_dir)  # peft and safetensors write 0600 files
             record["adapter"] = {"path": ADAPTER_DIR, "method": spec.peft_method, "name": spec.peft_name}
             save()
         evaluate(peft_model, "after", None)

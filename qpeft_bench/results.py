@@ -29,6 +29,9 @@ RECORD = "result.json"
 NON_IDENTITY_KEYS = ("hydra", "output_root", "overwrite", "run_dir", "logger", "wandb")
 # ...and nested keys of the same kind: adding checkpoints to a re-submitted run must find the run it resumes
 NON_IDENTITY_PATHS = (("train", "checkpoint_every"),)
+# Knobs added after runs were recorded: at their default they stay out of the id, so that the runs made before the
+# knob existed, which computed exactly that default, keep their ids
+LATER_DEFAULTS = ((("data", "template"), "qlora"),)
 
 
 def run_id(config: dict) -> str:
@@ -46,6 +49,9 @@ def run_id(config: dict) -> str:
         identity["input_fingerprints"] = user_files
     for section, key in NON_IDENTITY_PATHS:
         if isinstance(identity.get(section), dict):
+            identity[section].pop(key, None)
+    for (section, key), default in LATER_DEFAULTS:
+        if isinstance(identity.get(section), dict) and identity[section].get(key, default) == default:
             identity[section].pop(key, None)
     train = identity.get("train")
     if identity.get("mode") == "train" and isinstance(train, dict) and train.get("device") == "auto":
@@ -143,9 +149,34 @@ def _json_safe(value, secrets: list[str] = ()):
     return value
 
 
+def umask() -> int:
+    """This process' umask, read without changing it where Linux says it (/proc, kernel 4.7+); elsewhere set and put
+    back at once."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def follow_umask(path: str | os.PathLike) -> None:
+    """Give the file at `path`, or every file under the directory at `path`, the mode a plain open() gives: 0666 less
+    the umask. Temporary files (tempfile.mkstemp, safetensors' save_file) are 0600 and a rename keeps that, so without
+    this a group sharing a results directory could not read the records, caches and adapters written there."""
+    path = Path(path)
+    mode = 0o666 & ~umask()
+    for file in (p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]:
+        os.chmod(file, mode)
+
+
 def atomic_write_json(path: Path, data: dict) -> None:
     """Write to a temporary file in the same directory, fsync, then rename: readers see the old or the new
-    record, never a truncated one, even if the process is killed mid-write. Credentials are redacted."""
+    record, never a truncated one, even if the process is killed mid-write. Credentials are redacted. The file
+    gets the mode a plain open() would give it (follow_umask)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     safe = _json_safe(data, secret_values())
@@ -156,6 +187,7 @@ def atomic_write_json(path: Path, data: dict) -> None:
             f.write("\n")
             f.flush()
             os.fsync(f.fileno())
+        follow_umask(tmp)
         os.replace(tmp, path)
         dir_fd = os.open(path.parent, os.O_RDONLY)
         try:
@@ -201,7 +233,7 @@ class RunLock:
     def acquire(self) -> int | None:
         """Take the lock without waiting. None: taken; else the pid of the holder (0 if it has not written it)."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)  # the umask narrows it, as for the record
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

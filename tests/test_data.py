@@ -15,7 +15,6 @@ import yaml
 
 from qpeft_bench import data
 from qpeft_bench.data import (
-    FORMATS,
     IGNORE_INDEX,
     check_source,
     collate,
@@ -24,7 +23,7 @@ from qpeft_bench.data import (
     split_train_val,
     tokenize_examples,
 )
-from qpeft_bench.data_formats import ALPACA_PROMPT_INPUT, ALPACA_PROMPT_NO_INPUT
+from qpeft_bench.data_formats import ALPACA_PROMPT_INPUT, ALPACA_PROMPT_NO_INPUT, FORMATS
 
 ASSETS = Path(data.__file__).parent / "assets" / "data"
 FIXTURES = ASSETS / "fixtures"
@@ -501,6 +500,7 @@ CONFIG_KEYS = {
     "hub_id",
     "path",
     "variant",
+    "template",
     "val_fraction",
     "split_seed",
     "max_source_len",

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from qpeft_bench import quant
+from qpeft_bench import fingerprint, quant, results
 from qpeft_bench.adapters import base
 from qpeft_bench.config import ConfigError
 from qpeft_bench.models import DTYPE
@@ -38,9 +38,9 @@ LOFTQ_DEFAULTS = {"bits": 4, "iters": 1}
 LOFTQ_QUANTIZERS = ("nf4", "fp4")  # bitsandbytes 4-bit: the format LoftQ re-quantizes
 LOFTQ_FILE = "loftq_base.json"  # beside peft's files: how the base was re-quantized (shift factors inside)
 LOFTQ_SHIFT_FILE = "loftq_shift.safetensors"
-CACHE_VERSION = (
-    3  # 2: randomized SVD for large residuals; key from the checkpoint files' identity. 3: 12 power iterations
-)
+# 2: randomized SVD for large residuals; key from the checkpoint files' identity. 3: 12 power iterations. 4: key from
+# the weights' content fingerprints and the dtypes the base was quantized and dequantized in
+CACHE_VERSION = 4
 
 
 def loftq_settings(given: dict, where: str) -> dict:
@@ -115,16 +115,15 @@ def checkpoint_weights(source: str, names: list[str], device: str = "cpu") -> di
 
 
 def checkpoint_fingerprint(source: str, names: list[str]) -> str:
-    """Identity of the weights `names` come from, without reading them: each file's path, size, modification time
-    and safetensors header (names, dtypes, shapes, offsets). Hashing the 13 GB of a 7B model's weights took longer
-    than the LoftQ computation itself."""
+    """Identity of the weights `names` come from: each checkpoint file holding them, by its name in the checkpoint and
+    its content fingerprint (fingerprint.py: the run id's, which samples a large file's blocks, its safetensors header
+    included, rather than reading 13 GB). Other weights of the same shape at the same path are another key, even with
+    the old modification time (cp -p, tar), so a stale initialisation is never reused; the same weights at another
+    path share one."""
     folder, files = checkpoint_folder(source)
     digest = hashlib.sha256()
     for file in sorted({_locate(folder, files, n)[0] for n in names}):
-        stat = file.stat()
-        with file.open("rb") as f:
-            header = f.read(8 + int.from_bytes(f.read(8), "little")) if stat.st_size >= 8 else b""
-        digest.update(f"{file.resolve()}:{stat.st_size}:{stat.st_mtime_ns}:".encode() + header)
+        digest.update(f"{file.relative_to(folder)}:{fingerprint.fingerprint(file)}:".encode())
     digest.update(json.dumps(sorted(names)).encode())
     return digest.hexdigest()
 
@@ -216,9 +215,11 @@ def loftq_layer(weight: torch.Tensor, layer: nn.Module, rank: int, iters: int) -
     return out
 
 
-def _weights_key(fingerprint: str, settings: dict, rank: int, iters: int, device: str) -> str:
+def _weights_key(weights: str, settings: dict, dtypes: dict, rank: int, iters: int, device: str) -> str:
     # The device type is part of the key: LoftQ on the CPU and on CUDA do not agree bit for bit (measured on an
-    # H100 with iters=2: most dequantized base values of a layer differed slightly, the updates by < 1e-3).
+    # H100 with iters=2: most dequantized base values of a layer differed slightly, the updates by < 1e-3). So are
+    # the dtypes: the base was quantized from the weights cast to the model's dtype and dequantizes in its compute
+    # dtype, and the residual W - Q follows both.
     digest = hashlib.sha256(
         json.dumps(
             {
@@ -227,8 +228,9 @@ def _weights_key(fingerprint: str, settings: dict, rank: int, iters: int, device
                 "r": rank,
                 "iters": iters,
                 "quant": settings,
+                "dtypes": dtypes,
                 "device": device,
-                "weights": fingerprint,
+                "weights": weights,
             },
             sort_keys=True,
         ).encode()
@@ -247,8 +249,10 @@ def loftq_init(model, targets: list[str], rank: int, iters: int) -> dict:
     first = settings[targets[0]]
     if any(s != first for s in settings.values()):
         raise ValueError("LoftQ: the target layers are quantized with different settings")
-    device = model.get_submodule(targets[0]).weight.device
-    key = _weights_key(checkpoint_fingerprint(source, targets), first, rank, iters, device.type)
+    layer = model.get_submodule(targets[0])
+    device = layer.weight.device
+    dtypes = {"model": str(getattr(model, "dtype", None)), "compute": str(getattr(layer, "compute_dtype", None))}
+    key = _weights_key(checkpoint_fingerprint(source, targets), first, dtypes, rank, iters, device.type)
     path = cache_dir() / f"{key}.safetensors"
     if path.is_file():
         flat = load_file(str(path), device=str(device))
@@ -269,6 +273,7 @@ def loftq_init(model, targets: list[str], rank: int, iters: int) -> dict:
             str(tmp),
             metadata={"r": str(rank), "iters": str(iters), "quant": json.dumps(first)},
         )
+        results.follow_umask(tmp)  # safetensors writes 0600; the cache is as readable as the user's other files
         tmp.replace(path)  # atomic: a concurrent sweep job reads either nothing or the whole file
         hit = False
     if iters > 1:
