@@ -166,7 +166,9 @@ def test_a_small_rank_by_layer_sweep_runs_and_the_report_pivots_it_by_layer_grou
     row = next(line for line in table.splitlines() if line.startswith("| tiny_llama"))
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert cells[3] == "lora" and cells[4] == "8"
-    assert all(re.fullmatch(r"\d+\.\d{3} ± \d+\.\d{3} \(2\)", c) for c in cells[-2:]), cells
+    # FAST's eval.max_batches=2 cuts the held-out split: the cells say so (†, issue 19)
+    assert all(re.fullmatch(r"\d+\.\d{3} ± \d+\.\d{3} \(2\)†", c) for c in cells[-2:]), cells
+    assert "† not the full benchmark" in table and "eval.max_batches=2 of" in table
     # the pivot agrees with the records: the uniform cell is the mean of its two runs
     uniform = [
         json.loads(p.read_text())["eval"]["after"]["ppl_heldout"]
