@@ -36,33 +36,6 @@ from qpeft_bench.config import TrainConfig
 TINY = ASSETS / "tiny_llama"
 
 
-@pytest.fixture
-def qpeft_cli(monkeypatch, capsys, caplog):
-    """`qpeft-bench ARGS` in this process: the real entry point (Hydra, the recipe, the exit code) without paying
-    for a new interpreter per call. Returns (exit code, everything printed and logged). Hydra is told to leave
-    logging alone: its dictConfig would close pytest's capture handlers."""
-    from hydra.core.global_hydra import GlobalHydra
-
-    from qpeft_bench import cli
-
-    caplog.set_level("INFO", logger="qpeft_bench")
-
-    def call(*args: str) -> tuple[int, str]:
-        monkeypatch.setattr(sys, "argv", ["qpeft-bench", *args, "hydra/job_logging=none", "hydra/hydra_logging=none"])
-        caplog.clear()
-        code = 0
-        try:
-            cli.main()
-        except SystemExit as err:
-            code = err.code if isinstance(err.code, int) else 1
-        finally:
-            GlobalHydra.instance().clear()
-        captured = capsys.readouterr()
-        return code, captured.out + captured.err + caplog.text
-
-    return call
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Bad inputs: the catalogue
 # ----------------------------------------------------------------------------------------------------------------
