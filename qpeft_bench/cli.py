@@ -22,7 +22,8 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from qpeft_bench import ASSETS, results
+from qpeft_bench import ASSETS, destinations, results
+from qpeft_bench.config import ConfigError
 from qpeft_bench.paths import CONF_DIR
 
 log = logging.getLogger("qpeft_bench")
@@ -43,10 +44,17 @@ def _run_id(*, _root_: DictConfig) -> str:
 
 def _run_dir_of(*, _root_: DictConfig) -> str:
     """Hydra's run directory: the run's own, or for mode=eval a `reeval/` folder inside the re-evaluated run (so
-    Hydra's files of the evaluation do not replace those of the training)."""
-    if _root_.get("mode") == "eval" and _root_.get("run_dir"):
-        return str(Path(_root_.run_dir) / "reeval")
-    return f"{_root_.output_root}/{_run_id(_root_=_root_)}"
+    Hydra's files of the evaluation do not replace those of the training). Hydra creates it before any code of
+    ours runs, so a directory that must not be created is refused here."""
+    if _root_.get("mode") == "eval":
+        return str(destinations.existing_run(_root_.get("run_dir"))[0] / "reeval")
+    return f"{_output_root(_root_=_root_)}/{_run_id(_root_=_root_)}"
+
+
+def _output_root(*, _root_: DictConfig) -> str:
+    """`${output_root:}`: output_root, refused when it is empty (an unset variable in a job script), the filesystem
+    root, or under a file or an unwritable directory: Hydra would otherwise create the run there first."""
+    return str(destinations.writable_root(_root_.get("output_root"), "output_root"))
 
 
 def job_config(cfg: DictConfig) -> dict:
@@ -59,6 +67,7 @@ def job_config(cfg: DictConfig) -> dict:
 OmegaConf.register_new_resolver("asset", _asset, replace=True)
 OmegaConf.register_new_resolver("run_id", _run_id, replace=True)
 OmegaConf.register_new_resolver("run_dir_of", _run_dir_of, replace=True)
+OmegaConf.register_new_resolver("output_root", _output_root, replace=True)
 
 
 class SweepSummary(Callback):
@@ -102,11 +111,43 @@ class RedactSecrets(logging.Filter):
         return True
 
 
+def redact_log_records() -> None:
+    """Every log record's message redacted as it is made, whoever logs it and whatever handlers Hydra sets up later
+    (its launcher logs each job's overrides, "#0 : peft.r=4 ...", after configuring logging anew)."""
+    make = logging.getLogRecordFactory()
+    if getattr(make, "qpeft_redacts", False):
+        return
+    secrets = results.secret_values()
+
+    def redacting(*args, **kwargs) -> logging.LogRecord:
+        record = make(*args, **kwargs)
+        message = record.getMessage()
+        clean = results.redact(message, secrets)
+        if clean != message:
+            record.msg, record.args = clean, None
+        return record
+
+    redacting.qpeft_redacts = True
+    logging.setLogRecordFactory(redacting)
+
+
 def redact_log_handlers() -> None:
     """Hydra sets up the job's handlers (console, `<run dir>/cli.log`) anew for each job; filter each of them."""
     for handler in logging.getLogger().handlers:
         if not any(isinstance(f, RedactSecrets) for f in handler.filters):
             handler.addFilter(RedactSecrets())
+
+
+def redact_hydra_files(hc) -> None:
+    """Hydra saves the config and the command line (`.hydra/*.yaml`, a sweep's multirun.yaml) before any code of ours
+    runs; a credential typed as an override, or pulled in with ${oc.env:...}, is taken out of them here."""
+    out = Path(hc.runtime.output_dir)
+    files = list((out / hc.output_subdir).glob("*.yaml")) if hc.output_subdir else []
+    if hc.mode == RunMode.MULTIRUN:
+        files.append(Path(hc.sweep.dir) / "multirun.yaml")
+    for file in files:
+        if file.is_file():
+            results.redact_file(file)
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="run")
@@ -115,6 +156,7 @@ def _main(cfg: DictConfig) -> str:
 
     redact_log_handlers()
     hc = HydraConfig.get()
+    redact_hydra_files(hc)
     status = recipe.run(job_config(cfg), Path(hc.runtime.output_dir))
     if hc.mode == RunMode.RUN and status not in ("completed", "skipped", "planned"):
         sys.exit(1)
@@ -122,6 +164,7 @@ def _main(cfg: DictConfig) -> str:
 
 
 def main() -> None:
+    redact_log_records()
     if os.environ.get("HYDRA_FULL_ERROR") == "1":  # the user asked for Hydra's own report with the full traceback
         _dispatch()
         return
@@ -132,7 +175,14 @@ def main() -> None:
     try:
         _dispatch()
     except (HydraException, OmegaConfBaseException) as err:
-        print(f"qpeft-bench: error: {one_line(err)}", file=sys.stderr)
+        print(f"qpeft-bench: {one_line(err)}", file=sys.stderr)
+        sys.exit(1)
+    except OSError as err:  # Hydra creating the run or sweep directory (a read-only filesystem, /proc, a full disk)
+        where = f" {err.filename}" if err.filename else ""
+        print(
+            f"qpeft-bench: error: cannot write{where}: {err.strerror or err}; choose another output_root",
+            file=sys.stderr,
+        )
         sys.exit(1)
     finally:
         os.environ.pop("HYDRA_FULL_ERROR", None)
@@ -141,6 +191,11 @@ def main() -> None:
 def one_line(err: BaseException) -> str:
     """A Hydra/OmegaConf error as one line: the override it is about, its message and the first line of its cause,
     the option list joined; the config search path and the hint about tracebacks left out."""
+    cause = err
+    while cause is not None and not isinstance(cause, ConfigError):
+        cause = cause.__cause__ or cause.__context__
+    if cause is not None:  # one of our checks, run by a resolver (the run directory's): its own words
+        return f"config error: {results.redact(str(cause), results.secret_values())}"
     lines = str(err).splitlines()
     if isinstance(err.__cause__, OmegaConfBaseException):
         lines.append(str(err.__cause__).splitlines()[0])
@@ -155,7 +210,9 @@ def one_line(err: BaseException) -> str:
         else:
             parts.append(line.strip().rstrip("."))
     override = getattr(err, "override", None)  # a syntax error: which argument
-    return (f"override {override!r}: " if override else "") + (". ".join(parts) or type(err).__name__)
+    text = (f"override {override!r}: " if override else "") + (". ".join(parts) or type(err).__name__)
+    # Hydra quotes the override back ("use +wandb.api_key=<value>"); stderr is a file under SLURM
+    return "error: " + results.redact(text, results.secret_values())
 
 
 def _dispatch() -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 import types
 import typing
@@ -52,6 +53,19 @@ def type_ok(value: Any, tp: Any) -> bool:
     return isinstance(value, tp)
 
 
+def _non_finite(value: Any) -> float | None:
+    """The first NaN or infinity in a value (nested lists and mappings included), or None. No knob means anything
+    by NaN or infinity: `lr=inf` would be filed as a diverged run and `max_grad_norm=nan` would turn clipping off."""
+    if isinstance(value, float):
+        return None if math.isfinite(value) else value
+    items = value.values() if isinstance(value, dict) else value if isinstance(value, (list, tuple)) else ()
+    for item in items:
+        bad = _non_finite(item)
+        if bad is not None:
+            return bad
+    return None
+
+
 def _type_name(tp: Any) -> str:
     if typing.get_origin(tp) is typing.Literal:
         return " | ".join(repr(a) for a in typing.get_args(tp))
@@ -80,6 +94,9 @@ def from_dict(cls: type, data: dict, where: str) -> Any:
         value = data[f.name]
         if not type_ok(value, hints[f.name]):
             raise ConfigError(f"{prefix}{f.name}={value!r} has the wrong type: expected {_type_name(hints[f.name])}")
+        bad = _non_finite(value)
+        if bad is not None:
+            raise ConfigError(f"{prefix}{f.name}={value!r} holds {bad}: every number of the config must be finite")
         kwargs[f.name] = value
     obj = cls(**kwargs)
     check = getattr(obj, "check", None)
@@ -93,6 +110,15 @@ def positive(where: str, name: str, value: float | int | None, allow_zero: bool 
         return
     if value < 0 or (value == 0 and not allow_zero):
         raise ConfigError(f"{where}.{name}={value} must be {'>= 0' if allow_zero else '> 0'}")
+
+
+SEED_LIMIT = 2**32  # numpy's and CUDA's generators take seeds below 2**32; torch's CPU one raises past 2**64
+
+
+def seed_ok(where: str, name: str, value: int) -> None:
+    if not 0 <= value < SEED_LIMIT:
+        key = f"{where}.{name}" if where else name
+        raise ConfigError(f"{key}={value} is out of range: a seed lies in 0 .. 2**32 - 1")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -193,6 +219,7 @@ class DataConfig:
         positive(where, "max_source_len", self.max_source_len)
         positive(where, "max_target_len", self.max_target_len)
         positive(where, "max_examples", self.max_examples)
+        seed_ok(where, "split_seed", self.split_seed)
         if self.path is None and self.hub_id is None:
             raise ConfigError(f"{where}: set data.path (a local file) or data.hub_id")
         if self.template not in ("qlora", "stanford"):
@@ -258,7 +285,7 @@ class TrainConfig:
                 budget = float(self.memory_budget)
             except (TypeError, ValueError):
                 budget = 0.0
-            if not budget > 0:
+            if not (budget > 0 and math.isfinite(budget)):
                 raise ConfigError(
                     f"{where}.memory_budget={self.memory_budget!r}; give GiB (a positive number), auto or null"
                 )
@@ -363,6 +390,7 @@ class CalibConfig:
     def check(self, where: str) -> None:
         for name in ("samples", "seq_len", "probe_samples"):
             positive(where, name, getattr(self, name))
+        seed_ok(where, "seed", self.seed)
         if self.probe_samples > self.samples:
             raise ConfigError(f"{where}.probe_samples={self.probe_samples} exceeds {where}.samples={self.samples}")
         if self.source == "text":
@@ -396,6 +424,7 @@ class RunConfig:
     wandb: dict = field(default_factory=dict)  # project, mode (offline | online), dir
 
     def check(self, where: str) -> None:
+        seed_ok(where, "seed", self.seed)
         from_dict(WandbConfig, self.wandb, "wandb")
 
 

@@ -13,11 +13,13 @@ the target (and on the source too when ``train_on_source``).
 
 from __future__ import annotations
 
+import functools
 import glob
 import gzip
 import json
 import math
 import random
+import typing
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -319,3 +321,50 @@ def collate(features: list[dict[str, list[int]]], pad_id: int) -> dict[str, torc
         labels[row, :n] = torch.tensor(feature["labels"])
         attention_mask[row, :n] = 1
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+class Prepared(typing.NamedTuple):
+    """A data set read, formatted, split and tokenized: what training and the held-out evaluation start from."""
+
+    examples: int  # formatted examples kept (after max_examples)
+    train_examples: list[Example]  # the training split before tokenization (calibration windows are cut from it)
+    train_set: list[dict[str, list[int]]]
+    val_set: list[dict[str, list[int]]]
+
+
+def prepare(d, tokenizer) -> Prepared:
+    """`d` (the data section: format, path or hub_id, variant, template, max_examples, val_fraction, split_seed,
+    lengths) read, formatted, split and tokenized. The recipe calls it before the run's first record and before any
+    model is loaded, so a data set that cannot train (too few rows for the split, every target empty) is one line
+    naming the knobs and the file, not a failed run."""
+    where = d.path or d.hub_id
+    examples = load_examples(
+        d.format, path=d.path, hub_id=d.hub_id, variant=d.variant, max_examples=d.max_examples, template=d.template
+    )
+    n_val = math.ceil(len(examples) * d.val_fraction)
+    if n_val >= len(examples) or n_val < 1:
+        kept = f" (data.max_examples={d.max_examples})" if d.max_examples is not None else ""
+        raise ValueError(
+            f"data {where}: {len(examples)} example(s){kept} are too few for data.val_fraction={d.val_fraction}: "
+            f"the split needs at least one training and one validation example; add rows, raise data.max_examples "
+            "or change data.val_fraction"
+        )
+    train_ex, val_ex = split_train_val(examples, d.val_fraction, d.split_seed)
+    with warnings.catch_warnings():  # the counts below say it, once
+        warnings.simplefilter("ignore")
+        tok = functools.partial(
+            tokenize_examples,
+            tokenizer=tokenizer,
+            max_source_len=d.max_source_len,
+            max_target_len=d.max_target_len,
+            train_on_source=d.train_on_source,
+        )
+        train_set, val_set = tok(train_ex), tok(val_ex)
+    if not train_set or not val_set:
+        raise ValueError(
+            f"data {where}: {len(train_set)} of {len(train_ex)} training and {len(val_set)} of {len(val_ex)} validation "
+            "examples have a non-empty target after tokenization; need at least one of each (are the targets empty?)"
+        )
+    if skipped := len(train_ex) + len(val_ex) - len(train_set) - len(val_set):
+        warnings.warn(f"data {where}: skipped {skipped} of {len(examples)} examples with an empty target", stacklevel=2)
+    return Prepared(len(examples), train_ex, train_set, val_set)

@@ -1,10 +1,12 @@
 """Is the model a card names the model that will load? The card's shapes against the checkpoint's own config.json
 (at model.path, or the hub id's snapshot in the local Hugging Face cache), and a hub id never ignored silently.
-Run by spec.validate before any weight is read; never downloads."""
+Run by spec.validate before any weight is read; never downloads. A run that trains also needs the weights to be
+there (check_weights, in the recipe's pre-flight: plan mode reads config.json alone)."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from qpeft_bench.config import ConfigError, ModelConfig, cached_hub_file
 
@@ -51,3 +53,49 @@ def check_checkpoint(card: ModelConfig, where: str = "model") -> None:
         _compare_arch(json.loads(hub.read_text()), f"{card.hub_id} ({hub})", found, card.name)
     if card.arch is not None and found is not None:
         _compare_arch({"model_type": card.family, **card.arch}, f"the card {card.name!r}", found, card.name)
+
+
+# What transformers' from_pretrained reads from a local directory: one file, or the shards an index names.
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+LFS_POINTER = b"version https://git-lfs.github.com/spec/v1"
+
+
+def is_lfs_pointer(path: Path) -> bool:
+    """A Git LFS pointer file (a clone without `git lfs pull`): ~130 bytes of text where the data should be."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(len(LFS_POINTER)) == LFS_POINTER
+    except OSError:
+        return False
+
+
+def check_weights(card: ModelConfig, where: str = "model") -> None:
+    """model.path holds weights transformers can load: a weight file, or every shard its index names, none of them
+    a Git LFS pointer. A hub id is left to the cache lookup of from_pretrained."""
+    if card.path is None:
+        return
+    root = Path(card.path)
+    files = [root / name for name in WEIGHT_FILES if (root / name).is_file()]
+    for index in (root / name for name in WEIGHT_INDEXES):
+        if not index.is_file() or files:
+            continue
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+            raise ConfigError(f"{index} is not a readable weight index ({type(err).__name__}: {err})") from err
+        missing = [s for s in shards if not (root / s).is_file()]
+        if missing:
+            raise ConfigError(
+                f"{where}.path={card.path!r}: {index.name} names {len(missing)} shard(s) that are not there, "
+                f"e.g. {missing[0]}; finish the download"
+            )
+        files = [root / s for s in shards]
+    if not files:
+        raise ConfigError(
+            f"{where}.path={card.path!r} holds no weights ({', '.join(WEIGHT_FILES)} or a sharded index); "
+            "mode=plan needs only config.json, a run needs the checkpoint"
+        )
+    for file in files:
+        if is_lfs_pointer(file):
+            raise ConfigError(f"{file} is a Git LFS pointer, not the weights; run `git lfs pull` in {root}")

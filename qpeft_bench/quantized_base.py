@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import functools
 import json
 import logging
 import time
@@ -34,38 +33,33 @@ class Base(typing.NamedTuple):
     torch_dtype: torch.dtype
 
 
-def load_base(spec: RunSpec, device: str, record: dict, save, progress: bool, keep: bool = True) -> Base:
+def load_base(
+    spec: RunSpec,
+    device: str,
+    record: dict,
+    save,
+    progress: bool,
+    keep: bool = True,
+    prepared: tuple[typing.Any, data.Prepared] | None = None,
+) -> Base:
     """Steps 1-3: the data split, the base model in its dtype (counted) and quantized in place (errors measured).
-    `keep`: leave a CPU copy for the next run of this process (train.reuse_base)."""
+    `keep`: leave a CPU copy for the next run of this process (train.reuse_base). `prepared`: the tokenizer and the
+    data as the recipe's pre-flight already prepared them (data.prepare), else they are prepared here."""
     d, t = spec.data, spec.train
     source = d.path or d.hub_id
 
     # 1. Data: fixed 80/20 split; loss on responses only unless train_on_source.
-    tokenizer = models.load_tokenizer(spec.model.path or spec.model.hub_id)
-    examples = data.load_examples(
-        d.format, path=d.path, hub_id=d.hub_id, variant=d.variant, max_examples=d.max_examples, template=d.template
-    )
-    train_ex, val_ex = data.split_train_val(examples, d.val_fraction, d.split_seed)
-    tok = functools.partial(
-        data.tokenize_examples,
-        tokenizer=tokenizer,
-        max_source_len=d.max_source_len,
-        max_target_len=d.max_target_len,
-        train_on_source=d.train_on_source,
-    )
-    train_set, val_set = tok(train_ex), tok(val_ex)
-    if not train_set or not val_set:
-        raise ValueError(
-            f"data {source!r}: {len(train_set)} train / {len(val_set)} validation examples after "
-            "tokenization; need at least one of each"
-        )
+    if prepared is None:
+        tokenizer = models.load_tokenizer(spec.model.path or spec.model.hub_id)
+        prepared = tokenizer, data.prepare(d, tokenizer)
+    tokenizer, (n_examples, train_ex, train_set, val_set) = prepared
     record["data"] = {
         "source": source,
-        "examples": len(examples),
+        "examples": n_examples,
         "train_examples": len(train_set),
         "val_examples": len(val_set),
     }
-    log.info("data: %d examples -> %d train / %d validation", len(examples), len(train_set), len(val_set))
+    log.info("data: %d examples -> %d train / %d validation", n_examples, len(train_set), len(val_set))
 
     # 2. Load the base in its dtype and count it before quantization changes the tensors.
     compute_dtype = spec.model.dtype if t.compute_dtype == "auto" else t.compute_dtype

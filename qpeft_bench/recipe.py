@@ -22,6 +22,7 @@ import torch
 from qpeft_bench import (
     accounting,
     adapters,
+    calibration,
     checkpoint,
     data,
     distributed,
@@ -34,6 +35,7 @@ from qpeft_bench import (
 )
 from qpeft_bench.config import ConfigError, RunSpec
 from qpeft_bench.eval_stage import base_eval_cache, run_eval
+from qpeft_bench.model_identity import check_weights
 from qpeft_bench.plan import plan_accounting, plan_estimate, with_adapters
 from qpeft_bench.quantized_base import load_base
 from qpeft_bench.reevaluate import reevaluate
@@ -57,17 +59,14 @@ def run(config: dict, run_dir: Path, progress: bool = True, summary: bool = True
         if config.get("mode") == "eval":  # the trained run's own config, with this command's eval section
             return reevaluate(config, progress, summary)
         spec = validate(config)
-        device, world = None, distributed.SINGLE
+        device, world, prepared = None, distributed.SINGLE, None
         if spec.mode == "train":
             if spec.train.distributed == "fsdp" and not spec.model.path:
                 raise ConfigError(
                     "train.distributed=fsdp loads the base layer by layer from a local safetensors "
                     "checkpoint: set model.path to its directory"
                 )
-            data.check_source(spec.data.format, spec.data.path, spec.data.hub_id, spec.data.template)
-            tokenizer_source = spec.model.path or spec.model.hub_id  # a tokenizer is cheap; the model is not
-            vocab = spec.model.arch_dict().get("vocab_size")
-            data.check_tokenizer(models.load_tokenizer(tokenizer_source), tokenizer_source, vocab)
+            prepared = preflight(spec)
             device = models.resolve_device(spec.train.device)
             world, device = distributed.setup(spec.train.distributed, device, spec.train.gpus)
     except Exception as err:
@@ -117,7 +116,16 @@ def run(config: dict, run_dir: Path, progress: bool = True, summary: bool = True
                 record["status"] = "planned"
             else:
                 write()
-                fine_tune(spec, device, record, write, progress, adapter_dir=run_dir / ADAPTER_DIR, world=world)
+                fine_tune(
+                    spec,
+                    device,
+                    record,
+                    write,
+                    progress,
+                    adapter_dir=run_dir / ADAPTER_DIR,
+                    world=world,
+                    prepared=prepared,
+                )
                 record["status"] = "completed"
         except Diverged as err:
             record["status"] = "diverged"
@@ -127,7 +135,7 @@ def run(config: dict, run_dir: Path, progress: bool = True, summary: bool = True
             record["status"] = "oom"
             record["error"] = {
                 "type": type(err).__name__,
-                "message": str(err).splitlines()[0],
+                "message": (str(err).splitlines() or [""])[0],
                 **results.memory_at_failure(device),
             }
             held = record["error"].get("memory_allocated_bytes", record["error"].get("rss_bytes"))
@@ -167,6 +175,22 @@ def run(config: dict, run_dir: Path, progress: bool = True, summary: bool = True
         lock.release()
 
 
+def preflight(spec: RunSpec) -> tuple:
+    """What a run reads besides the model, read before its first record and before any model is loaded, so a bad
+    input is one line and no record: the data (read, typed, formatted, split and tokenized: data.prepare), the
+    tokenizer (cheap, unlike the model), the weights' presence and the calibration text. Returns (tokenizer,
+    prepared data) for load_base, which would otherwise prepare them again."""
+    d = spec.data
+    data.check_source(d.format, d.path, d.hub_id, d.template)
+    check_weights(spec.model)
+    if spec.calib.enabled and spec.calib.source == "text":
+        calibration.read_text(spec.calib.path)
+    tokenizer_source = spec.model.path or spec.model.hub_id
+    tokenizer = models.load_tokenizer(tokenizer_source)
+    data.check_tokenizer(tokenizer, tokenizer_source, spec.model.arch_dict().get("vocab_size"))
+    return tokenizer, data.prepare(d, tokenizer)
+
+
 def budgeted(spec: RunSpec, device: str) -> tuple[RunSpec, dict | None]:
     """train.memory_budget: the spec with checkpointing, upcast and loss chunking chosen to fit (speedups.choose, from
     plan mode's estimate, which models the plain path and so leaves the fused one some headroom), and the record of
@@ -203,6 +227,7 @@ def fine_tune(
     progress: bool,
     adapter_dir: Path,
     world: distributed.World = distributed.SINGLE,
+    prepared: tuple | None = None,
 ) -> None:
     t_enter = time.perf_counter()
     spec, budget = budgeted(spec, device)
@@ -210,7 +235,7 @@ def fine_tune(
     torch.manual_seed(spec.seed)
     # under FSDP only process 0 rebuilds the base after training: the others keep no CPU copy of it
     tokenizer, train_set, val_set, model, targets, compute_dtype, torch_dtype = load_base(
-        spec, device, record, save, progress, keep=world.main or t.distributed != "fsdp"
+        spec, device, record, save, progress, keep=world.main or t.distributed != "fsdp", prepared=prepared
     )
     acc = record["accounting"]
 

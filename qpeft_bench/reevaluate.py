@@ -10,6 +10,7 @@ from pathlib import Path
 
 from qpeft_bench import adapters, data, models, results
 from qpeft_bench.config import ConfigError, adapter_target
+from qpeft_bench.destinations import existing_run
 from qpeft_bench.eval_stage import base_eval_cache, run_eval
 from qpeft_bench.quantized_base import load_base
 from qpeft_bench.spec import validate
@@ -22,12 +23,7 @@ log = logging.getLogger("qpeft_bench")
 def trained_config(config: dict) -> tuple[Path, dict, dict]:
     """(run dir, its record, the config to re-evaluate with: the record's config with this command's eval section).
     Raises ConfigError when the run cannot be re-evaluated."""
-    if not config.get("run_dir"):
-        raise ConfigError("mode=eval needs run_dir=<a completed run's directory>")
-    run_dir = Path(config["run_dir"])
-    record = results.read_record(run_dir)
-    if record is None:
-        raise ConfigError(f"run_dir={str(run_dir)!r} holds no readable {results.RECORD}")
+    run_dir, record = existing_run(config.get("run_dir"))
     # A failed run with a saved adapter failed after training (the adapter is saved once training is done): its
     # evaluation, e.g. a benchmark file that went missing. Re-evaluating it finishes the run; the training is kept.
     if record.get("status") not in ("completed", "failed") or not record.get("adapter"):

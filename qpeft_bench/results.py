@@ -32,6 +32,10 @@ NON_IDENTITY_PATHS = (("train", "checkpoint_every"),)
 # Knobs added after runs were recorded: at their default they stay out of the id, so that the runs made before the
 # knob existed, which computed exactly that default, keep their ids
 LATER_DEFAULTS = ((("data", "template"), "qlora"),)
+# Knobs that change where a result comes from, not what it is: hashed as their default, so that the ids made before
+# they were known stay what they were and setting them finds the same run (eval.cache_base=false, the way round an
+# unwritable cache, recomputes the base's results instead of reading them: the same numbers)
+HASHED_AS_DEFAULT = ((("eval", "cache_base"), True),)
 
 
 def run_id(config: dict) -> str:
@@ -53,6 +57,9 @@ def run_id(config: dict) -> str:
     for (section, key), default in LATER_DEFAULTS:
         if isinstance(identity.get(section), dict) and identity[section].get(key, default) == default:
             identity[section].pop(key, None)
+    for (section, key), default in HASHED_AS_DEFAULT:
+        if isinstance(identity.get(section), dict) and key in identity[section]:
+            identity[section][key] = default
     train = identity.get("train")
     if identity.get("mode") == "train" and isinstance(train, dict) and train.get("device") == "auto":
         import torch
@@ -116,6 +123,15 @@ TOKEN_SHAPE = re.compile(
     r"|xox[abprs]-[A-Za-z0-9\-]{10,}|AKIA[0-9A-Z]{16})"
 )
 REDACTED = "<redacted>"
+# Config keys that hold a credential whatever its value looks like (a W&B key is 40 hex digits, no shape of its
+# own): api_key, hf_token, password, ... but not a tokenizer's pad_token or eos_token
+SECRET_KEY = re.compile(
+    r"^(?!(?:pad|eos|bos|unk|sep|cls|mask)_token$)(?:.*_)?(?:api_?key|token|secret|password|passwd|credentials?|auth"
+    r"|access_key|secret_key)$",
+    re.IGNORECASE,
+)
+# `key=value` (an override) or `key: value` (YAML) whose last key component is such a key
+_ASSIGNMENT = re.compile(r"(?P<key>[\w.~+/-]*?(?P<last>[A-Za-z0-9_]+))(?P<sep>=|:[ \t]+)(?P<value>[^\s,'\"\]}]+)")
 
 
 def secret_values(environ=None) -> list[str]:
@@ -128,10 +144,14 @@ def secret_values(environ=None) -> list[str]:
 
 
 def redact(text: str, secrets: list[str]) -> str:
-    """`text` with every secret value and every token-shaped string replaced by REDACTED."""
+    """`text` with every secret value, every token-shaped string and the value of every `api_key=...` or
+    `api_key: ...` assignment (SECRET_KEY) replaced by REDACTED."""
     for secret in secrets:
         if secret in text:
             text = text.replace(secret, REDACTED)
+    text = _ASSIGNMENT.sub(
+        lambda m: m.group(0) if not SECRET_KEY.match(m["last"]) else f"{m['key']}{m['sep']}{REDACTED}", text
+    )
     return TOKEN_SHAPE.sub(REDACTED, text)
 
 
@@ -143,10 +163,32 @@ def _json_safe(value, secrets: list[str] = ()):
     if isinstance(value, str):
         return redact(value, secrets)
     if isinstance(value, dict):
-        return {redact(k, secrets) if isinstance(k, str) else k: _json_safe(v, secrets) for k, v in value.items()}
+        return {
+            redact(k, secrets) if isinstance(k, str) else k: (
+                REDACTED
+                if isinstance(k, str) and SECRET_KEY.match(k) and isinstance(v, str)
+                else _json_safe(v, secrets)
+            )
+            for k, v in value.items()
+        }
     if isinstance(value, (list, tuple)):
         return [_json_safe(v, secrets) for v in value]
     return value
+
+
+def redacted(value):
+    """`value` (a record, a config, any JSON-like data) as it may be written anywhere: no credential in it, NaN and
+    infinities as strings."""
+    return _json_safe(value, secret_values())
+
+
+def redact_file(path: Path) -> None:
+    """Rewrite a text file that another library wrote (Hydra's saved config and overrides) without credentials."""
+    path = Path(path)
+    text = path.read_text(errors="replace")
+    clean = redact(text, secret_values())
+    if clean != text:
+        path.write_text(clean)
 
 
 def umask() -> int:
@@ -179,7 +221,7 @@ def atomic_write_json(path: Path, data: dict) -> None:
     gets the mode a plain open() would give it (follow_umask)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    safe = _json_safe(data, secret_values())
+    safe = redacted(data)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w") as f:

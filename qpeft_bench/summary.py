@@ -62,7 +62,9 @@ def summary_line(record: dict, path: Path) -> str:
     if tr.get("peak_memory_bytes") is not None:
         parts.append(f"peak {tr['peak_memory_bytes'] / GIB:.2f} GiB")
     if record.get("error"):
-        parts.append(f"{record['error']['type']}: {str(record['error']['message']).splitlines()[0][:120]}")
+        error = record["error"]
+        first = (str(error.get("message") or "").splitlines() or [""])[0][:120]  # `raise RuntimeError()` has none
+        parts.append(f"{error.get('type', 'error')}: {first}" if first else str(error.get("type", "error")))
     if record["status"] == "diverged" and "diverged_at_step" in tr:
         parts.append(f"diverged at step {tr['diverged_at_step']}")
     if reasons:

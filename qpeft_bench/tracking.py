@@ -5,7 +5,10 @@ delay a result. Off by default; never required. The W&B run is named after the r
 from __future__ import annotations
 
 import logging
+import sys
 from pathlib import Path
+
+from qpeft_bench import results
 
 log = logging.getLogger("qpeft_bench")
 
@@ -23,9 +26,16 @@ def _flat(prefix: str, value, out: dict) -> dict:
 def log_record(record: dict, record_path: Path, *, project: str, mode: str, directory: str | None) -> str | None:
     """Mirror a finished run's record into W&B; returns the W&B run's local directory, or None if W&B failed (a
     warning, never an error: the run itself is done and recorded)."""
+    record = results.redacted(record)  # W&B writes what it is given to files that `wandb sync` uploads
+    argv = sys.argv
     try:
+        directory = directory or str(record_path.parent)
+        # W&B itself falls back to the system's temporary folder when it cannot make its own: files nobody asked for
+        Path(directory).mkdir(parents=True, exist_ok=True)
         import wandb
 
+        # W&B copies the command line into wandb-metadata.json; an override may carry a credential
+        sys.argv = [results.redact(a, results.secret_values()) for a in argv]
         run = wandb.init(
             project=project,
             name=record["run_id"],
@@ -33,7 +43,7 @@ def log_record(record: dict, record_path: Path, *, project: str, mode: str, dire
             resume="allow",
             config=record.get("config", {}),
             mode=mode,
-            dir=directory or str(record_path.parent),
+            dir=directory,
             reinit="finish_previous",
         )
         for step, loss in enumerate(record.get("train", {}).get("losses", [])):
@@ -53,3 +63,5 @@ def log_record(record: dict, record_path: Path, *, project: str, mode: str, dire
     except Exception as err:
         log.warning("W&B logging failed (%s: %s); the local record is complete", type(err).__name__, err)
         return None
+    finally:
+        sys.argv = argv

@@ -80,3 +80,28 @@ def test_the_same_weights_elsewhere_share_the_entry_and_dtypes_do_not(checkpoint
     bf16 = loftq._weights_key(weights, settings, {"model": "torch.bfloat16", "compute": "torch.bfloat16"}, 4, 1, "cpu")
     fp16 = loftq._weights_key(weights, settings, {"model": "torch.float16", "compute": "torch.bfloat16"}, 4, 1, "cpu")
     assert bf16 != fp16  # the base was quantized from the weights in the model's dtype
+
+
+def test_a_torn_cache_entry_is_computed_again_and_an_unwritable_cache_is_only_a_warning(
+    checkpoint, tmp_path, monkeypatch, caplog
+):
+    """Issue 20: a malformed entry is never trusted; a cache that cannot be written does not fail the run."""
+    cfg = lora_cfg(**CFG)
+    first = lora.attach(*loaded_nf4(checkpoint), cfg)
+    entry = first.qpeft_loftq["cache_file"]
+    reference = {n: m.lora_A["default"].weight.clone() for n, m in lora.lora_layers(first).items()}
+    with open(entry, "r+b") as f:  # torn by a full disk: the header survives, the tensors do not
+        f.truncate(os.path.getsize(entry) // 2)
+    again = lora.attach(*loaded_nf4(checkpoint), cfg)
+    assert again.qpeft_loftq["cache"] == "miss" and "unreadable" in caplog.text
+    for name, layer in lora.lora_layers(again).items():
+        assert torch.equal(layer.lora_A["default"].weight, reference[name])
+
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    monkeypatch.setenv("QPEFT_CACHE", str(blocker))  # the cache's folder would be under a regular file
+    caplog.clear()
+    unwritable = lora.attach(*loaded_nf4(checkpoint), cfg)
+    assert unwritable.qpeft_loftq["cache"] == "miss" and "LoftQ cache not written" in caplog.text
+    for name, layer in lora.lora_layers(unwritable).items():
+        assert torch.equal(layer.lora_A["default"].weight, reference[name])

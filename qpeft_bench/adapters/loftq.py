@@ -17,6 +17,7 @@ our recipe quantizes first and attaches afterwards):
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -254,28 +255,28 @@ def loftq_init(model, targets: list[str], rank: int, iters: int) -> dict:
     dtypes = {"model": str(getattr(model, "dtype", None)), "compute": str(getattr(layer, "compute_dtype", None))}
     key = _weights_key(checkpoint_fingerprint(source, targets), first, dtypes, rank, iters, device.type)
     path = cache_dir() / f"{key}.safetensors"
-    if path.is_file():
-        flat = load_file(str(path), device=str(device))
-        factors = {
-            t: {k: flat[f"{t}.{k}"] for k in ("L", "R", "shift_L", "shift_R") if f"{t}.{k}" in flat} for t in targets
-        }
-        hit = True
-    else:
+    factors = _cached_factors(path, targets, str(device), load_file)
+    hit = factors is not None
+    if factors is None:
         # one original weight at a time, read straight to the device: never the whole unquantized model at once
         factors = {
             t: loftq_layer(checkpoint_weights(source, [t], device)[t], model.get_submodule(t), rank, iters)
             for t in targets
         }
-        path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".tmp{os.getpid()}")
-        save_file(
-            {f"{t}.{k}": v.contiguous().cpu() for t, f in factors.items() for k, v in f.items()},
-            str(tmp),
-            metadata={"r": str(rank), "iters": str(iters), "quant": json.dumps(first)},
-        )
-        results.follow_umask(tmp)  # safetensors writes 0600; the cache is as readable as the user's other files
-        tmp.replace(path)  # atomic: a concurrent sweep job reads either nothing or the whole file
-        hit = False
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            save_file(
+                {f"{t}.{k}": v.contiguous().cpu() for t, f in factors.items() for k, v in f.items()},
+                str(tmp),
+                metadata={"r": str(rank), "iters": str(iters), "quant": json.dumps(first)},
+            )
+            results.follow_umask(tmp)  # safetensors writes 0600; the cache is as readable as the user's other files
+            tmp.replace(path)  # atomic: a concurrent sweep job reads either nothing or the whole file
+        except OSError as err:  # a read-only $QPEFT_CACHE or $HOME, a full disk: the factors are computed anyway
+            with contextlib.suppress(OSError):  # under a file the temporary was never made
+                tmp.unlink()
+            log.warning("LoftQ cache not written (%s: %s); the run goes on without it", path, err)
     if iters > 1:
         shift_bases(model, {t: factors[t] for t in targets}, source)
     if device.type == "cuda":
@@ -289,6 +290,29 @@ def loftq_init(model, targets: list[str], rank: int, iters: int) -> dict:
     }
     log.info("LoftQ (r=%d, %d iteration(s)): cache %s, %.2f s", rank, iters, report["cache"], report["time_s"])
     return {"factors": factors, "report": report}
+
+
+def _cached_factors(path: Path, targets: list[str], device: str, load_file) -> dict | None:
+    """The cached factors of every target, or None: absent, or a file that cannot be read or lacks a target's L and
+    R (torn, edited, from another version) is computed again, with a warning, never half trusted."""
+    if not path.is_file():
+        return None
+    try:
+        flat = load_file(str(path), device=device)
+    except Exception as err:  # safetensors raises its own SafetensorError on a torn header
+        log.warning("LoftQ cache entry %s is unreadable (%s); computing it again", path, err)
+        return None
+    keys = ("L", "R", "shift_L", "shift_R")
+    factors = {t: {k: flat[f"{t}.{k}"] for k in keys if f"{t}.{k}" in flat} for t in targets}
+    bad = [
+        t
+        for t, f in factors.items()
+        if not {"L", "R"} <= set(f) or not all(torch.isfinite(v).all() for v in f.values())
+    ]
+    if bad:
+        log.warning("LoftQ cache entry %s lacks or holds non-finite factors of %s; computing it again", path, bad[0])
+        return None
+    return factors
 
 
 def shift_bases(model, shifts: dict[str, dict], source: str) -> None:

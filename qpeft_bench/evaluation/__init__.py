@@ -351,7 +351,7 @@ def evaluate(
         task = TASKS[name]  # evaluation/checks.py rejected unknown names before any model was loaded
         if stage == "before" and not task.before:
             continue
-        cached = cache.get(name) if cache is not None else None
+        cached = cache.get(name, task.valid) if cache is not None else None
         if cached is not None:
             results[name] = cached
             if cache.coverage(name) is not None:

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 from qpeft_bench.results import atomic_write_json
+
+log = logging.getLogger("qpeft_bench")
 
 
 class BaseEvalCache:
@@ -29,16 +33,53 @@ class BaseEvalCache:
     def path(self, task: str) -> Path:
         return self.root / f"{task}-{self.key(task)}.json"
 
-    def get(self, task: str, key: str = "result"):
+    def _entry(self, task: str) -> dict | None:
+        """The stored entry of `task` when it is one this cache wrote for exactly this identity and these settings;
+        None when absent. A file that is there but holds something else (torn by a full disk, edited, copied from
+        another machine's cache under this name) is never trusted: a warning, and the result is computed again."""
+        path = self.path(task)
         try:
-            return json.loads(self.path(task).read_text())[key]
-        except (OSError, ValueError, KeyError):  # absent or unreadable: compute it again
+            entry = json.loads(path.read_text())
+        except FileNotFoundError:
             return None
+        except (OSError, ValueError) as err:
+            log.warning("base-eval cache entry %s is unreadable (%s); computing it again", path, err)
+            return None
+        expected = _plain({"task": task, "identity": self.identity, "settings": self.settings.get(task)})
+        if not isinstance(entry, dict) or any(entry.get(k) != v for k, v in expected.items()):
+            log.warning("base-eval cache entry %s is not this base's result for %s; computing it again", path, task)
+            return None
+        if entry.get("result") is None:
+            log.warning("base-eval cache entry %s holds no result; computing it again", path)
+            return None
+        return entry
+
+    def get(self, task: str, valid: Callable[[object], bool] = lambda result: True):
+        """The cached result of `task`, or None. `valid(result)`: the task's own check of its result's shape (a
+        finite headline number), so a malformed value never lands in a record."""
+        entry = self._entry(task)
+        if entry is None:
+            return None
+        if not valid(entry["result"]):
+            log.warning("base-eval cache entry %s holds a malformed result; computing it again", self.path(task))
+            return None
+        return entry["result"]
 
     def coverage(self, task: str) -> dict | None:
         """The cached result's coverage entry (evaluation/coverage.py), None when it has none."""
-        return self.get(task, "coverage")
+        entry = self._entry(task)
+        return None if entry is None else entry.get("coverage")
 
     def put(self, task: str, result, coverage: dict | None = None) -> None:
+        """Store a result. A cache that cannot be written ($QPEFT_CACHE or $HOME read-only, a full disk) is a warning:
+        the run has its result and goes on, only the next run computes it again."""
         entry = {"task": task, "identity": self.identity, "settings": self.settings.get(task), "result": result}
-        atomic_write_json(self.path(task), entry if coverage is None else {**entry, "coverage": coverage})
+        try:
+            atomic_write_json(self.path(task), entry if coverage is None else {**entry, "coverage": coverage})
+        except OSError as err:
+            log.warning("base-eval cache not written (%s: %s); the run goes on without it", self.path(task), err)
+
+
+def _plain(value):
+    """`value` as it reads back from the JSON file (tuples as lists, paths as strings)."""
+    return json.loads(json.dumps(value, sort_keys=True, default=str))

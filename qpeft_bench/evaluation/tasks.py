@@ -14,6 +14,7 @@ imported. No torch and no lm-eval here: the report reads the registry without th
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -72,6 +73,18 @@ class EvalTask:
         if result is None or isinstance(result, (int, float)):
             return result
         return result.get(self.metric) if self.metric else None
+
+    def valid(self, result) -> bool:
+        """Whether `result` has this task's shape: a mapping when the task has a metric, and a finite headline
+        number when it has one (what a stored result must satisfy before it is trusted)."""
+        if self.metric is not None and not isinstance(result, dict):
+            return False
+        if isinstance(result, bool) or not isinstance(result, (int, float, dict)):
+            return False
+        value = self.headline(result)
+        if self.metric is None and not isinstance(result, (int, float)):
+            return True  # a result without a headline (speed): its shape is the runner's
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 TASKS: dict[str, EvalTask] = {}
