@@ -13,12 +13,14 @@ the target (and on the source too when ``train_on_source``).
 
 from __future__ import annotations
 
+import codecs
 import glob
 import gzip
 import json
 import math
 import random
 import warnings
+import zlib
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -26,9 +28,11 @@ from qpeft_bench.data_formats import (
     DEFAULT_TEMPLATE,
     Example,
     Row,
+    RowCheck,
     build_examples,
     check_template,
     check_variant,
+    describe,
     get_format,
     required_fields,
 )
@@ -47,24 +51,62 @@ MEGABATCH_FACTOR = 50
 # ---------------------------------------------------------------------------------------------------------
 
 
+LFS_POINTER = b"version https://git-lfs.github.com/spec/v1"  # what a Git LFS file is before `git lfs pull`
+_GZIP_MAGIC, _PARQUET_MAGIC = b"\x1f\x8b", b"PAR1"
+_SUFFIXES = (".json", ".jsonl", ".parquet")  # each optionally .gz (not .parquet)
+
+
 def _resolve_files(path: str) -> list[Path]:
     if glob.has_magic(path):
         files = [Path(p) for p in sorted(glob.glob(path))]
         if not files:
             raise FileNotFoundError(f"no data file matches {path!r}")
+        # A directory among the matches is an error, not skipped: data.path=hh-rlhf/* matches the subset folders,
+        # and skipping them would train on whatever else matched (or nothing) without a word.
+        if folders := [f for f in files if f.is_dir()]:
+            raise ValueError(
+                f"data.path {path!r} matches the directory {folders[0]}; make it match data files only, "
+                "e.g. end it with their suffix (*.jsonl.gz) or name (*/train.jsonl.gz)"
+            )
         return files
     file = Path(path)
     if not file.exists():
+        hint = "; '~' is not expanded here: write the full path" if path.startswith("~") else ""
         raise FileNotFoundError(
             f"data file not found: {path} (set data.path to an existing file, or data.path=null to use data.hub_id)"
+            + hint
         )
     if file.is_dir():
         raise ValueError(f"data path {path} is a directory; give a file or a glob such as {path}/*.jsonl")
     return [file]
 
 
-def _parse_json_lines(text: str, where: Path) -> list[Row]:
-    rows = []
+def lfs_pointer_error(where: object) -> ValueError:
+    return ValueError(f"{where} is a Git LFS pointer, not the data; run `git lfs pull` in its repository")
+
+
+def decode_utf8(raw: bytes, where: object) -> str:
+    """`raw` as text (a leading UTF-8 BOM dropped, as editors on Windows write one), or a one-line ValueError naming
+    `where`, and for bytes that are not UTF-8 their line and byte offset. Also used for calibration texts and CSVs."""
+    if raw.startswith(LFS_POINTER):
+        raise lfs_pointer_error(where)
+    if raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        raise ValueError(
+            f"{where} is UTF-16 text, not UTF-8 (it starts with a UTF-16 byte-order mark); save it as UTF-8"
+        )
+    skip = len(codecs.BOM_UTF8) if raw.startswith(codecs.BOM_UTF8) else 0
+    try:
+        return raw[skip:].decode("utf-8")
+    except UnicodeDecodeError as err:
+        at = skip + err.start
+        line = raw.count(b"\n", 0, at) + 1
+        raise ValueError(
+            f"{where} line {line} (byte offset {at}): byte 0x{raw[at]:02x} is not UTF-8 text; save the file as UTF-8"
+        ) from None
+
+
+def _parse_json_lines(text: str, where: Path) -> tuple[list[Row], list[int]]:
+    rows, lines = [], []
     for lineno, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
@@ -72,53 +114,153 @@ def _parse_json_lines(text: str, where: Path) -> list[Row]:
             rows.append(json.loads(line))
         except json.JSONDecodeError as err:
             raise ValueError(f"{where} line {lineno}: malformed JSON ({err.msg} at column {err.colno})") from None
-    return rows
+        lines.append(lineno)
+    return rows, lines
 
 
-def _parse_json(text: str, where: Path) -> list[Row]:
-    # A file that opens with "[" is one JSON list (alpaca_data.json); anything else is JSON lines, which is
-    # also what many hub ".json" files really are.
-    if not text.lstrip().startswith("["):
-        return _parse_json_lines(text, where)
+def _load_document(text: str, where: Path) -> object:
     try:
         return json.loads(text)
     except json.JSONDecodeError as err:
         raise ValueError(f"{where} line {err.lineno}: malformed JSON ({err.msg} at column {err.colno})") from None
 
 
-def _read_file(file: Path) -> list[Row]:
-    if file.stat().st_size == 0:
-        raise ValueError(f"data file {file} is empty")
-    if file.name.endswith(".parquet"):
-        import pyarrow.parquet as pq  # lazy: only parquet files need it
+def _not_a_list(document: object, where: Path) -> ValueError:
+    if isinstance(document, dict):
+        keys = ", ".join(list(document)[:5]) + (", ..." if len(document) > 5 else "") or "none"
+        lists = [k for k, v in document.items() if isinstance(v, list)]
+        hint = f" (write the list under {lists[0]!r} alone)" if lists else ""
+        what = f"one JSON object with keys {keys}"
+    else:
+        what, hint = f"{describe(document)} alone", ""
+    return ValueError(f"{where} holds {what}; expected a JSON list of rows or JSON lines{hint}")
 
+
+def _parse_json(text: str, where: Path) -> tuple[list[Row], list[int] | None]:
+    """(rows, their line numbers for JSON lines, else None). A file that opens with "[" is one JSON list
+    (alpaca_data.json); anything else is JSON lines, which is also what many hub ".json" files really are."""
+    if text.lstrip().startswith("["):
+        return _load_document(text, where), None
+    try:
+        rows, lines = _parse_json_lines(text, where)
+    except ValueError:
+        # Not JSON lines: a pretty-printed object ({"data": [...]}) or scalar says what it is, any other file
+        # gets the JSON lines error (the first bad line).
+        first = text.lstrip().split("\n", 1)[0]
+        try:
+            json.loads(first)
+        except json.JSONDecodeError:
+            raise _not_a_list(_load_document(text, where), where) from None
+        raise
+    if len(rows) == 1 and not isinstance(rows[0], dict):
+        raise _not_a_list(rows[0], where)
+    return rows, lines
+
+
+def _read_parquet(file: Path, size: int) -> list[Row]:
+    import pyarrow as pa  # lazy: only parquet files need it
+    import pyarrow.parquet as pq
+
+    with open(file, "rb") as handle:
+        head = handle.read(len(LFS_POINTER))
+        handle.seek(max(0, size - len(_PARQUET_MAGIC)))
+        tail = handle.read()
+    if head.startswith(LFS_POINTER):
+        raise lfs_pointer_error(f"data file {file}")
+    if not (head.startswith(_PARQUET_MAGIC) and tail == _PARQUET_MAGIC):
+        raise ValueError(
+            f"data file {file} is not a Parquet file (no PAR1 marker at its start and end: truncated, or another "
+            f"format named .parquet; it starts with {head[:16]!r})"
+        )
+    try:
         return pq.read_table(file).to_pylist()
-    opener = gzip.open if file.name.endswith(".gz") else open
-    with opener(file, "rt", encoding="utf-8") as handle:
-        return _parse_json(handle.read(), file)
+    except (pa.ArrowException, OSError) as err:
+        raise ValueError(f"data file {file} is not readable Parquet ({str(err).splitlines()[0]})") from None
 
 
-def _read_rows(path: str, fields: tuple[str, ...]) -> list[Row]:
+def _gunzip(raw: bytes, file: Path) -> bytes:
+    if raw.startswith(LFS_POINTER):  # the usual .gz that is not gzip
+        raise lfs_pointer_error(f"data file {file}")
+    if not raw.startswith(_GZIP_MAGIC):
+        raise ValueError(f"data file {file} is named .gz but is not gzip data (it starts with {raw[:16]!r})")
+    try:
+        return gzip.decompress(raw)
+    except EOFError:
+        raise ValueError(f"data file {file} is truncated: its gzip data ends early (an interrupted copy?)") from None
+    except (gzip.BadGzipFile, zlib.error) as err:
+        raise ValueError(f"data file {file} holds corrupt gzip data ({err})") from None
+
+
+def _read_file(file: Path) -> tuple[list[Row], list[int] | None]:
+    """(rows, line numbers or None), or a one-line error naming the file."""
+    if not file.is_file():  # a FIFO or a device: read once here, it would be gone for load_examples
+        raise ValueError(f"data file {file} is not a regular file")
+    name = file.name.removesuffix(".gz")
+    if not name.endswith(_SUFFIXES) or file.name.endswith(".parquet.gz"):
+        raise ValueError(
+            f"data file {file}: data.path reads .json, .jsonl (JSON lines) or .parquet files, .json and .jsonl "
+            "optionally .gz; convert it to one of those in the hub dataset's columns"
+        )
+    try:
+        size = file.stat().st_size
+        if size == 0:
+            raise ValueError(f"data file {file} is empty")
+        if file.name.endswith(".parquet"):
+            return _read_parquet(file, size), None
+        raw = file.read_bytes()
+    except OSError as err:
+        raise ValueError(f"data file {file} cannot be read ({err.strerror or err})") from None
+    where = f"data file {file}"
+    if file.name.endswith(".gz"):
+        raw, where = _gunzip(raw, file), f"data file {file} (decompressed)"
+    elif raw.startswith(_GZIP_MAGIC):
+        raise ValueError(f"data file {file} is gzip-compressed; name it {file.name}.gz")
+    if raw.startswith(_PARQUET_MAGIC):
+        raise ValueError(f"data file {file} is a Parquet file; name it {name.rsplit('.', 1)[0]}.parquet")
+    return _parse_json(decode_utf8(raw, where), file)
+
+
+def _read_rows(path: str, fields: tuple[str, ...], check: RowCheck | None = None) -> list[Row]:
+    """Every row of the file(s) at `path`, each an object with `fields` and passing `check` (a format's row check).
+    Also the reader of evaluation.perplexity's local WikiText copies."""
     rows = []
     for file in _resolve_files(path):
-        file_rows = _read_file(file)
+        file_rows, lines = _read_file(file)
         if not file_rows:
             raise ValueError(f"data file {file} has no rows")
-        _check_fields(file_rows, fields, file)
+        _check_rows(file_rows, fields, file, lines, check)
         rows.extend(file_rows)
     return rows
 
 
-def _check_fields(rows: list, fields: tuple[str, ...], where: Path | str) -> None:
+def _check_rows(
+    rows: list, fields: tuple[str, ...], where: Path | str, lines: list[int] | None, check: RowCheck | None
+) -> None:
+    """Every row an object with `fields`, then (a second pass, so a missing field is named first) each field the
+    format reads of the right type (data_formats' row checks). ValueError naming the row, and its line if it is not
+    the row's number."""
+
+    def at(number: int) -> str:
+        line = lines[number - 1] if lines else number
+        return f"{where} row {number}" + (f" (line {line})" if line != number else "")
+
+    if len(rows) == 1 and isinstance(rows[0], dict) and any(name not in rows[0] for name in fields):
+        if any(isinstance(v, list) for v in rows[0].values()):  # {"data": [...]} on one line
+            raise _not_a_list(rows[0], where)
     for number, row in enumerate(rows, start=1):
         if not isinstance(row, dict):
-            raise ValueError(f"{where} row {number}: expected a JSON object, found {type(row).__name__}")
+            raise ValueError(
+                f"{at(number)}: expected a JSON object, found {'null' if row is None else type(row).__name__}"
+            )
         missing = [name for name in fields if name not in row]
         if missing:
             raise ValueError(
-                f"{where} row {number}: missing field(s) {', '.join(missing)}; this format expects "
+                f"{at(number)}: missing field(s) {', '.join(missing)}; this format expects "
                 f"{', '.join(fields)} and the row has {', '.join(row) or 'no fields'}"
             )
+    for number, row in enumerate(rows, start=1):
+        if check and (problem := check(row)):
+            raise ValueError(f"{at(number)}: {problem}")
 
 
 def _require_source(fmt: str, path: str | None, hub_id: str | None) -> None:
@@ -146,15 +288,19 @@ def _hub_rows(hub_id: str) -> list[Row]:
 def check_source(fmt: str, path: str | None, hub_id: str | None, template: str = DEFAULT_TEMPLATE) -> None:
     """Cheap pre-flight check of a data source: no model, no tokenizer, no network.
 
-    Raises ValueError (unknown format, a template the format does not take, empty file, malformed JSON with its
-    line, missing fields) or FileNotFoundError, each with a one-line message that says what to fix. A hub id cannot
-    be checked offline; only its presence is.
+    Reads and parses every file (52k Alpaca rows in ~0.3 s) and raises ValueError or FileNotFoundError, each one line
+    that names the file, and the row (and line) and field where there is one, and says what to fix: an unknown
+    format, a template the format does not take, a missing file, a glob that matches nothing or a directory, a file
+    that is empty, not a regular file, not UTF-8 (line and byte offset), a Git LFS pointer, named .gz but not gzip
+    or truncated, not Parquet, malformed JSON (line), one JSON object or scalar instead of a list of rows, a row that
+    is not an object, lacks a field, or holds a field of the wrong type (a null instruction, a numeric output: each
+    format's row check in data_formats). A hub id cannot be checked offline; only its presence is.
     """
     fields = get_format(fmt).fields
     check_template(fmt, template)
     _require_source(fmt, path, hub_id)
     if path is not None:
-        _read_rows(path, fields)
+        _read_rows(path, fields, get_format(fmt).check)
 
 
 def load_examples(
@@ -178,10 +324,10 @@ def load_examples(
     fields = required_fields(fmt, variant)
     _require_source(fmt, path, hub_id)
     if path is not None:
-        rows, where = _read_rows(path, fields), path
+        rows, where = _read_rows(path, fields, get_format(fmt).check), path
     else:
         rows, where = _hub_rows(hub_id), hub_id
-        _check_fields(rows, fields, where)
+        _check_rows(rows, fields, where, None, get_format(fmt).check)
     examples = build_examples(fmt, rows, variant, template)
     if not examples:
         raise ValueError(f"{where}: {len(rows)} rows gave no {fmt} examples (check the format and variant)")
