@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from qpeft_bench.data import decode_utf8
+from qpeft_bench.data_files import decode_utf8
 
 
 def example_texts(examples: list[dict]) -> list[str]:

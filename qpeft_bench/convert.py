@@ -24,7 +24,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from qpeft_bench.data import decode_utf8
+from qpeft_bench.data_files import decode_utf8
 from qpeft_bench.results import follow_umask
 
 MMLU_SPLITS = {"dev": "dev", "val": "validation", "test": "test"}  # original folder -> the hub's split name

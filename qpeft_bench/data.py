@@ -5,7 +5,8 @@ Pipeline (each step takes plain arguments, never the config):
 
 Every data set is read either from the hub (``hub_id``) or from a local file in the *hub's own schema*
 (``path``: .json, .jsonl, .parquet, optionally .gz, or a glob over several files such as the hh-rlhf
-subsets). Offline machines therefore run the same formatting code as online ones.
+subsets). Offline machines therefore run the same formatting code as online ones. data_files.py reads the files
+(and names what is wrong with one); here the rows are checked against their format.
 
 Each format (data_formats.py) turns raw rows into examples ``{"source": str, "target": str}``; the loss goes on
 the target (and on the source too when ``train_on_source``).
@@ -13,17 +14,13 @@ the target (and on the source too when ``train_on_source``).
 
 from __future__ import annotations
 
-import codecs
-import glob
-import gzip
-import json
 import math
 import random
 import warnings
-import zlib
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from qpeft_bench.data_files import not_a_list, read_file, resolve_files
 from qpeft_bench.data_formats import (
     DEFAULT_TEMPLATE,
     Example,
@@ -32,7 +29,6 @@ from qpeft_bench.data_formats import (
     build_examples,
     check_template,
     check_variant,
-    describe,
     get_format,
     required_fields,
 )
@@ -51,181 +47,12 @@ MEGABATCH_FACTOR = 50
 # ---------------------------------------------------------------------------------------------------------
 
 
-LFS_POINTER = b"version https://git-lfs.github.com/spec/v1"  # what a Git LFS file is before `git lfs pull`
-_GZIP_MAGIC, _PARQUET_MAGIC = b"\x1f\x8b", b"PAR1"
-_SUFFIXES = (".json", ".jsonl", ".parquet")  # each optionally .gz (not .parquet)
-
-
-def _resolve_files(path: str) -> list[Path]:
-    if glob.has_magic(path):
-        files = [Path(p) for p in sorted(glob.glob(path))]
-        if not files:
-            raise FileNotFoundError(f"no data file matches {path!r}")
-        # A directory among the matches is an error, not skipped: data.path=hh-rlhf/* matches the subset folders,
-        # and skipping them would train on whatever else matched (or nothing) without a word.
-        if folders := [f for f in files if f.is_dir()]:
-            raise ValueError(
-                f"data.path {path!r} matches the directory {folders[0]}; make it match data files only, "
-                "e.g. end it with their suffix (*.jsonl.gz) or name (*/train.jsonl.gz)"
-            )
-        return files
-    file = Path(path)
-    if not file.exists():
-        hint = "; '~' is not expanded here: write the full path" if path.startswith("~") else ""
-        raise FileNotFoundError(
-            f"data file not found: {path} (set data.path to an existing file, or data.path=null to use data.hub_id)"
-            + hint
-        )
-    if file.is_dir():
-        raise ValueError(f"data path {path} is a directory; give a file or a glob such as {path}/*.jsonl")
-    return [file]
-
-
-def lfs_pointer_error(where: object) -> ValueError:
-    return ValueError(f"{where} is a Git LFS pointer, not the data; run `git lfs pull` in its repository")
-
-
-def decode_utf8(raw: bytes, where: object) -> str:
-    """`raw` as text (a leading UTF-8 BOM dropped, as editors on Windows write one), or a one-line ValueError naming
-    `where`, and for bytes that are not UTF-8 their line and byte offset. Also used for calibration texts and CSVs."""
-    if raw.startswith(LFS_POINTER):
-        raise lfs_pointer_error(where)
-    if raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
-        raise ValueError(
-            f"{where} is UTF-16 text, not UTF-8 (it starts with a UTF-16 byte-order mark); save it as UTF-8"
-        )
-    skip = len(codecs.BOM_UTF8) if raw.startswith(codecs.BOM_UTF8) else 0
-    try:
-        return raw[skip:].decode("utf-8")
-    except UnicodeDecodeError as err:
-        at = skip + err.start
-        line = raw.count(b"\n", 0, at) + 1
-        raise ValueError(
-            f"{where} line {line} (byte offset {at}): byte 0x{raw[at]:02x} is not UTF-8 text; save the file as UTF-8"
-        ) from None
-
-
-def _parse_json_lines(text: str, where: Path) -> tuple[list[Row], list[int]]:
-    rows, lines = [], []
-    for lineno, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{where} line {lineno}: malformed JSON ({err.msg} at column {err.colno})") from None
-        lines.append(lineno)
-    return rows, lines
-
-
-def _load_document(text: str, where: Path) -> object:
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{where} line {err.lineno}: malformed JSON ({err.msg} at column {err.colno})") from None
-
-
-def _not_a_list(document: object, where: Path) -> ValueError:
-    if isinstance(document, dict):
-        keys = ", ".join(list(document)[:5]) + (", ..." if len(document) > 5 else "") or "none"
-        lists = [k for k, v in document.items() if isinstance(v, list)]
-        hint = f" (write the list under {lists[0]!r} alone)" if lists else ""
-        what = f"one JSON object with keys {keys}"
-    else:
-        what, hint = f"{describe(document)} alone", ""
-    return ValueError(f"{where} holds {what}; expected a JSON list of rows or JSON lines{hint}")
-
-
-def _parse_json(text: str, where: Path) -> tuple[list[Row], list[int] | None]:
-    """(rows, their line numbers for JSON lines, else None). A file that opens with "[" is one JSON list
-    (alpaca_data.json); anything else is JSON lines, which is also what many hub ".json" files really are."""
-    if text.lstrip().startswith("["):
-        return _load_document(text, where), None
-    try:
-        rows, lines = _parse_json_lines(text, where)
-    except ValueError:
-        # Not JSON lines: a pretty-printed object ({"data": [...]}) or scalar says what it is, any other file
-        # gets the JSON lines error (the first bad line).
-        first = text.lstrip().split("\n", 1)[0]
-        try:
-            json.loads(first)
-        except json.JSONDecodeError:
-            raise _not_a_list(_load_document(text, where), where) from None
-        raise
-    if len(rows) == 1 and not isinstance(rows[0], dict):
-        raise _not_a_list(rows[0], where)
-    return rows, lines
-
-
-def _read_parquet(file: Path, size: int) -> list[Row]:
-    import pyarrow as pa  # lazy: only parquet files need it
-    import pyarrow.parquet as pq
-
-    with open(file, "rb") as handle:
-        head = handle.read(len(LFS_POINTER))
-        handle.seek(max(0, size - len(_PARQUET_MAGIC)))
-        tail = handle.read()
-    if head.startswith(LFS_POINTER):
-        raise lfs_pointer_error(f"data file {file}")
-    if not (head.startswith(_PARQUET_MAGIC) and tail == _PARQUET_MAGIC):
-        raise ValueError(
-            f"data file {file} is not a Parquet file (no PAR1 marker at its start and end: truncated, or another "
-            f"format named .parquet; it starts with {head[:16]!r})"
-        )
-    try:
-        return pq.read_table(file).to_pylist()
-    except (pa.ArrowException, OSError) as err:
-        raise ValueError(f"data file {file} is not readable Parquet ({str(err).splitlines()[0]})") from None
-
-
-def _gunzip(raw: bytes, file: Path) -> bytes:
-    if raw.startswith(LFS_POINTER):  # the usual .gz that is not gzip
-        raise lfs_pointer_error(f"data file {file}")
-    if not raw.startswith(_GZIP_MAGIC):
-        raise ValueError(f"data file {file} is named .gz but is not gzip data (it starts with {raw[:16]!r})")
-    try:
-        return gzip.decompress(raw)
-    except EOFError:
-        raise ValueError(f"data file {file} is truncated: its gzip data ends early (an interrupted copy?)") from None
-    except (gzip.BadGzipFile, zlib.error) as err:
-        raise ValueError(f"data file {file} holds corrupt gzip data ({err})") from None
-
-
-def _read_file(file: Path) -> tuple[list[Row], list[int] | None]:
-    """(rows, line numbers or None), or a one-line error naming the file."""
-    if not file.is_file():  # a FIFO or a device: read once here, it would be gone for load_examples
-        raise ValueError(f"data file {file} is not a regular file")
-    name = file.name.removesuffix(".gz")
-    if not name.endswith(_SUFFIXES) or file.name.endswith(".parquet.gz"):
-        raise ValueError(
-            f"data file {file}: data.path reads .json, .jsonl (JSON lines) or .parquet files, .json and .jsonl "
-            "optionally .gz; convert it to one of those in the hub dataset's columns"
-        )
-    try:
-        size = file.stat().st_size
-        if size == 0:
-            raise ValueError(f"data file {file} is empty")
-        if file.name.endswith(".parquet"):
-            return _read_parquet(file, size), None
-        raw = file.read_bytes()
-    except OSError as err:
-        raise ValueError(f"data file {file} cannot be read ({err.strerror or err})") from None
-    where = f"data file {file}"
-    if file.name.endswith(".gz"):
-        raw, where = _gunzip(raw, file), f"data file {file} (decompressed)"
-    elif raw.startswith(_GZIP_MAGIC):
-        raise ValueError(f"data file {file} is gzip-compressed; name it {file.name}.gz")
-    if raw.startswith(_PARQUET_MAGIC):
-        raise ValueError(f"data file {file} is a Parquet file; name it {name.rsplit('.', 1)[0]}.parquet")
-    return _parse_json(decode_utf8(raw, where), file)
-
-
 def _read_rows(path: str, fields: tuple[str, ...], check: RowCheck | None = None) -> list[Row]:
     """Every row of the file(s) at `path`, each an object with `fields` and passing `check` (a format's row check).
     Also the reader of evaluation.perplexity's local WikiText copies."""
     rows = []
-    for file in _resolve_files(path):
-        file_rows, lines = _read_file(file)
+    for file in resolve_files(path):
+        file_rows, lines = read_file(file)
         if not file_rows:
             raise ValueError(f"data file {file} has no rows")
         _check_rows(file_rows, fields, file, lines, check)
@@ -246,7 +73,7 @@ def _check_rows(
 
     if len(rows) == 1 and isinstance(rows[0], dict) and any(name not in rows[0] for name in fields):
         if any(isinstance(v, list) for v in rows[0].values()):  # {"data": [...]} on one line
-            raise _not_a_list(rows[0], where)
+            raise not_a_list(rows[0], where)
     for number, row in enumerate(rows, start=1):
         if not isinstance(row, dict):
             raise ValueError(
