@@ -20,7 +20,7 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from qpeft_bench.data_files import not_a_list, read_file, resolve_files
+from qpeft_bench.data_files import not_a_list, read_file, resolve_files, row_label
 from qpeft_bench.data_formats import (
     DEFAULT_TEMPLATE,
     Example,
@@ -67,27 +67,23 @@ def _check_rows(
     format reads of the right type (data_formats' row checks). ValueError naming the row, and its line if it is not
     the row's number."""
 
-    def at(number: int) -> str:
-        line = lines[number - 1] if lines else number
-        return f"{where} row {number}" + (f" (line {line})" if line != number else "")
-
     if len(rows) == 1 and isinstance(rows[0], dict) and any(name not in rows[0] for name in fields):
         if any(isinstance(v, list) for v in rows[0].values()):  # {"data": [...]} on one line
             raise not_a_list(rows[0], where)
     for number, row in enumerate(rows, start=1):
         if not isinstance(row, dict):
             raise ValueError(
-                f"{at(number)}: expected a JSON object, found {'null' if row is None else type(row).__name__}"
+                f"{row_label(where, number, lines)}: expected a JSON object, found {'null' if row is None else type(row).__name__}"
             )
         missing = [name for name in fields if name not in row]
         if missing:
             raise ValueError(
-                f"{at(number)}: missing field(s) {', '.join(missing)}; this format expects "
+                f"{row_label(where, number, lines)}: missing field(s) {', '.join(missing)}; this format expects "
                 f"{', '.join(fields)} and the row has {', '.join(row) or 'no fields'}"
             )
     for number, row in enumerate(rows, start=1):
         if check and (problem := check(row)):
-            raise ValueError(f"{at(number)}: {problem}")
+            raise ValueError(f"{row_label(where, number, lines)}: {problem}")
 
 
 def _require_source(fmt: str, path: str | None, hub_id: str | None) -> None:

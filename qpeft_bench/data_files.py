@@ -9,6 +9,7 @@ import codecs
 import glob
 import gzip
 import json
+import re
 import zlib
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from qpeft_bench.data_formats import Row, describe
 LFS_POINTER = b"version https://git-lfs.github.com/spec/v1"  # what a Git LFS file is before `git lfs pull`
 _GZIP_MAGIC, _PARQUET_MAGIC = b"\x1f\x8b", b"PAR1"
 _SUFFIXES = (".json", ".jsonl", ".parquet")  # each optionally .gz (not .parquet)
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
 
 
 def resolve_files(path: str) -> list[Path]:
@@ -69,24 +71,58 @@ def decode_utf8(raw: bytes, where: object) -> str:
         ) from None
 
 
-def _parse_json_lines(text: str, where: Path) -> tuple[list[Row], list[int]]:
-    rows, lines = [], []
-    for lineno, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{where} line {lineno}: malformed JSON ({err.msg} at column {err.colno})") from None
-        lines.append(lineno)
-    return rows, lines
-
-
-def _load_document(text: str, where: Path) -> object:
+def _loads(text: str, where: Path, line: int | None = None) -> object:
+    """json.loads, or a one-line ValueError naming the line (of the file, for a JSON lines row)."""
+    at = "" if line is None else f" line {line}"
     try:
         return json.loads(text)
     except json.JSONDecodeError as err:
-        raise ValueError(f"{where} line {err.lineno}: malformed JSON ({err.msg} at column {err.colno})") from None
+        raise ValueError(
+            f"{where} line {line or err.lineno}: malformed JSON ({err.msg} at column {err.colno})"
+        ) from None
+    except RecursionError:  # thousands of nested brackets
+        raise ValueError(f"{where}{at}: JSON nested too deeply to read") from None
+    except ValueError as err:  # an integer of more than 4300 digits
+        raise ValueError(f"{where}{at}: unreadable JSON ({str(err).split(';')[0]})") from None
+
+
+def _parse_json_lines(text: str, where: Path) -> tuple[list[Row], list[int]]:
+    rows, lines = [], []
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if line.strip():
+            rows.append(_loads(line, where, lineno))
+            lines.append(lineno)
+    return rows, lines
+
+
+def row_label(where: object, number: int, lines: list[int] | None) -> str:
+    """'<file> row 7', with '(line 9)' added where blank lines make a JSON lines row's line differ from its number."""
+    line = lines[number - 1] if lines else number
+    return f"{where} row {number}" + (f" (line {line})" if line != number else "")
+
+
+def _has_lone_surrogate(value: object) -> bool:
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return True
+        return False
+    if isinstance(value, dict):
+        value = list(value.values())
+    return isinstance(value, list) and any(_has_lone_surrogate(v) for v in value)
+
+
+def _check_surrogates(rows: list, lines: list[int] | None, where: Path) -> None:
+    # A JSON escape (\ud800) can make a string that is not Unicode text, which tokenizers refuse with an error that
+    # names nothing; UTF-8 bytes never do. Run only on files holding such escapes (an escaped emoji pair is fine).
+    for number, row in enumerate(rows, start=1):
+        bad = [key for key, value in row.items() if _has_lone_surrogate(value)] if isinstance(row, dict) else []
+        if bad:
+            raise ValueError(
+                f"{row_label(where, number, lines)}: field {bad[0]!r} holds a lone UTF-16 surrogate (a \\ud800-\\udfff "
+                "escape without its pair), which is not text; fix the escape"
+            )
 
 
 def not_a_list(document: object, where: Path) -> ValueError:
@@ -105,7 +141,7 @@ def _parse_json(text: str, where: Path) -> tuple[list[Row], list[int] | None]:
     """(rows, their line numbers for JSON lines, else None). A file that opens with "[" is one JSON list
     (alpaca_data.json); anything else is JSON lines, which is also what many hub ".json" files really are."""
     if text.lstrip().startswith("["):
-        return _load_document(text, where), None
+        return _loads(text, where), None
     try:
         rows, lines = _parse_json_lines(text, where)
     except ValueError:
@@ -115,7 +151,9 @@ def _parse_json(text: str, where: Path) -> tuple[list[Row], list[int] | None]:
         try:
             json.loads(first)
         except json.JSONDecodeError:
-            raise not_a_list(_load_document(text, where), where) from None
+            raise not_a_list(_loads(text, where), where) from None
+        except (ValueError, RecursionError):
+            pass  # the JSON lines error names the line
         raise
     if len(rows) == 1 and not isinstance(rows[0], dict):
         raise not_a_list(rows[0], where)
@@ -182,4 +220,8 @@ def read_file(file: Path) -> tuple[list[Row], list[int] | None]:
         raise ValueError(f"data file {file} is gzip-compressed; name it {file.name}.gz")
     if raw.startswith(_PARQUET_MAGIC):
         raise ValueError(f"data file {file} is a Parquet file; name it {name.rsplit('.', 1)[0]}.parquet")
-    return _parse_json(decode_utf8(raw, where), file)
+    text = decode_utf8(raw, where)
+    rows, lines = _parse_json(text, file)
+    if _SURROGATE_ESCAPE.search(text):
+        _check_surrogates(rows, lines, file)
+    return rows, lines

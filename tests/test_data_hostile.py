@@ -102,6 +102,11 @@ CASES = [
     ("one-line {data: [...]}", "alpaca", "a.json", json.dumps({"version": 1, "data": [ALPACA]}),
      "{f} holds one JSON object with keys version, data; expected a JSON list of rows or JSON lines"),
     ("a JSON number alone", "alpaca", "a.json", "42\n", "{f} holds a number (42) alone; expected a JSON list"),
+    ("JSON nested too deeply", "alpaca", "a.json", "[" * 100_000 + "]" * 100_000, "{f}: JSON nested too deeply to read"),
+    ("an integer of 5000 digits", "alpaca", "a.jsonl", '{"instruction": "a", "output": "b", "n": ' + "9" * 5000 + "}\n",
+     "{f} line 1: unreadable JSON (Exceeds the limit (4300 digits)"),
+    ("a lone surrogate escape", "alpaca", "a.jsonl", _jsonl([ALPACA]) + '{"instruction": "a\\ud800", "output": "b"}\n',
+     "{f} row 2: field 'instruction' holds a lone UTF-16 surrogate"),
     ("JSON list of strings", "guanaco", "a.json", '["a", "b"]', "{f} row 1: expected a JSON object, found str"),
     ("CSV file", "alpaca", "a.csv", "instruction,output\na,b\n", "data file {f}: data.path reads .json, .jsonl"),
     ("hh-rlhf row without chosen", "hh_rlhf", "train.jsonl.gz", _gz(_jsonl([HH, {"rejected": "x"}])),
@@ -153,6 +158,11 @@ GOOD = [
     ("CRLF line endings", "a.jsonl", _jsonl([ALPACA, ALPACA]).replace("\n", "\r\n")),
     ("one-line JSON lines file", "a.jsonl", json.dumps(ALPACA)),
     ("null input in a Parquet copy", "a.parquet", _parquet([{**ALPACA, "input": None}, ALPACA])),
+    (
+        "escaped emoji (a surrogate pair)",
+        "a.jsonl",
+        _jsonl([{**ALPACA, "instruction": "Name a colour. \U0001f3a8"}, ALPACA]),
+    ),
     ("absent input", "a.json", json.dumps([{"instruction": "Name a colour.", "output": "Blue."}, ALPACA])),
 ]
 
