@@ -19,6 +19,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from qpeft_bench.data_files import decode_utf8
+
 
 def example_texts(examples: list[dict]) -> list[str]:
     """The text of fine-tuning examples (prompt and response), as the model reads it."""
@@ -26,10 +28,26 @@ def example_texts(examples: list[dict]) -> list[str]:
 
 
 def read_text(path: str) -> list[str]:
+    """The text of calib.path as one document. FileNotFoundError, or a one-line ValueError naming the file (and the
+    line and byte offset of what is not UTF-8) for a file that is not UTF-8, a Git LFS pointer, or empty."""
     file = Path(path)
-    if not file.is_file():
+    if not file.exists():
         raise FileNotFoundError(f"calibration text file {path!r} does not exist")
-    return [file.read_text(encoding="utf-8")]
+    if not file.is_file():
+        raise ValueError(f"calibration text file {path!r} is not a regular file (calib.path must name a text file)")
+    try:
+        raw = file.read_bytes()
+    except OSError as err:
+        raise ValueError(f"calibration text file {path!r} cannot be read ({err.strerror or err})") from None
+    text = decode_utf8(raw, f"calibration text file {path!r}")
+    if not text.strip():
+        raise ValueError(f"calibration text file {path!r} holds no text ({len(raw)} bytes of whitespace)")
+    return [text]
+
+
+def check_text(path: str) -> None:
+    """Pre-flight of calib=text: read_text's errors before any model is loaded (no tokenizer needed)."""
+    read_text(path)
 
 
 def token_windows(tokenizer, texts: list[str], samples: int, seq_len: int, seed: int) -> torch.Tensor:

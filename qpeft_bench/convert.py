@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import os
 import sys
 import tempfile
 from pathlib import Path
 
+from qpeft_bench.data_files import decode_utf8
 from qpeft_bench.results import follow_umask
 
 MMLU_SPLITS = {"dev": "dev", "val": "validation", "test": "test"}  # original folder -> the hub's split name
@@ -36,8 +38,11 @@ class ConvertError(ValueError):
 def _write_jsonl(rows: list[dict], out: Path, overwrite: bool) -> None:
     if out.exists() and not overwrite:
         raise ConvertError(f"{out} exists; pass --overwrite to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.")
+    except OSError as err:  # under a regular file, /proc, a read-only mount
+        raise ConvertError(f"cannot write {out} ({err.strerror}: {err.filename}); choose another data_root") from None
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             for row in rows:
@@ -49,22 +54,38 @@ def _write_jsonl(rows: list[dict], out: Path, overwrite: bool) -> None:
         raise
 
 
+def _read_text(file: Path) -> str:
+    """A source file's text (a leading BOM dropped); ConvertError naming it for a Git LFS pointer or bytes that are
+    not UTF-8 (with their line and byte offset)."""
+    if not file.is_file():
+        raise ConvertError(f"{file} {'is not a regular file' if file.exists() else 'does not exist'}")
+    try:
+        return decode_utf8(file.read_bytes(), file)
+    except ValueError as err:
+        raise ConvertError(str(err)) from None
+
+
 def mmlu_rows(file: Path, subject: str) -> list[dict]:
     """The rows of one original MMLU CSV in the hub's schema; raises ConvertError naming the file and row."""
     rows = []
-    with open(file, encoding="utf-8", newline="") as handle:
-        for number, fields in enumerate(csv.reader(handle), start=1):
-            if len(fields) != 6:
-                raise ConvertError(
-                    f"{file}:{number}: {len(fields)} columns; an original MMLU CSV row has 6 "
-                    "(question, A, B, C, D, answer letter) and no header"
-                )
-            answer = fields[5].strip()
-            if answer not in LETTERS:
-                raise ConvertError(f"{file}:{number}: answer {answer!r} is not one of A, B, C, D")
-            rows.append(
-                {"question": fields[0], "subject": subject, "choices": fields[1:5], "answer": LETTERS.index(answer)}
+    reader = csv.reader(io.StringIO(_read_text(file), newline=""))
+    try:
+        records = list(reader)
+    except csv.Error as err:  # e.g. a field over csv's size limit: a binary file or a quote never closed
+        raise ConvertError(f"{file}:{reader.line_num}: not a readable CSV row ({err})") from None
+    for number, fields in enumerate(records, start=1):
+        if len(fields) != 6:
+            raise ConvertError(
+                f"{file}:{number}: {len(fields)} columns; an original MMLU CSV row has 6 "
+                "(question, A, B, C, D, answer letter) and no header"
             )
+        answer = fields[5].strip()
+        if answer not in LETTERS:
+            header = " (a header row? the original CSVs have none)" if number == 1 else ""
+            raise ConvertError(f"{file}:{number}: answer {answer!r} is not one of A, B, C, D{header}")
+        rows.append(
+            {"question": fields[0], "subject": subject, "choices": fields[1:5], "answer": LETTERS.index(answer)}
+        )
     if not rows:
         raise ConvertError(f"{file}: no rows")
     return rows
@@ -72,6 +93,8 @@ def mmlu_rows(file: Path, subject: str) -> list[dict]:
 
 def convert_mmlu(source: Path, root: Path, overwrite: bool = False) -> dict[str, int]:
     """{split: questions} written under <root>/cais/mmlu/<subject>/<split>.jsonl from the original data/ folder."""
+    if source.exists() and not source.is_dir():  # (a missing one gets "no *_dev.csv files" below)
+        raise ConvertError(f"{source} is a file, not a directory (expected the MMLU data/ folder, with dev/ and test/)")
     counts: dict[str, int] = {}
     subjects: dict[str, set[str]] = {}
     outputs = []  # every file read and checked before the first is written: a bad row leaves nothing half-done
@@ -104,10 +127,8 @@ def convert_wikitext(
     """<root>/wikitext/<variant>/<split>.jsonl from a raw WikiText file (wiki.test.raw)."""
     from qpeft_bench.evaluation.perplexity import _raw_rows  # the one definition of a raw file's rows
 
-    try:
-        rows = _raw_rows(raw)
-    except UnicodeDecodeError as err:
-        raise ConvertError(f"{raw}: not UTF-8 text ({err})") from err
+    _read_text(raw)  # a Git LFS pointer or bytes that are not UTF-8, named with their line
+    rows = _raw_rows(raw)
     if not any(rows):
         raise ConvertError(f"{raw}: no text")
     out = root / "wikitext" / variant / f"{split}.jsonl"

@@ -20,6 +20,10 @@ Each loader turns raw rows into examples ``{"source": str, "target": str}``; the
   ``"core"`` (or ``None``) uses the instances only (66,010 rows, 68,478 instances).
 - ``guanaco_llama2``: source = "", target = ``text`` without its outer "<s>" / "</s>" (we add BOS/EOS
   ids ourselves; inner turn markers stay as text).
+
+Every format also has a row check (``_Format.check``): each field it reads has the type the hub dataset gives it,
+so a ``null`` instruction is refused rather than trained on as the text "None". It returns the first problem of a
+row as text (data.check_source adds the file and row), or None.
 """
 
 from __future__ import annotations
@@ -49,9 +53,11 @@ ALPACA_TEMPLATES: dict[str, tuple[str, str]] = {
 }
 DEFAULT_TEMPLATE = "qlora"
 OASST_SPEAKERS = {"prompter": "Human", "assistant": "Assistant"}
+HH_ASSISTANT = "\n\nAssistant:"  # every hh-rlhf dialogue has one (DPO's get_hh asserts it on the whole train split)
 
 Example = dict[str, str]
 Row = dict
+RowCheck = Callable[[Row], str | None]  # the first problem of a row as text, or None
 
 
 def _alpaca_example(row: Row, prompts: tuple[str, str]) -> Example:
@@ -152,22 +158,123 @@ def _oasst1(rows: list[Row], variant: str | None) -> list[Example]:
     return examples
 
 
+# ---------------------------------------------------------------------------------------------------------
+# Row checks: the first problem of a row as text, or None. Missing fields are data.py's (_check_fields).
+# ---------------------------------------------------------------------------------------------------------
+
+
+def describe(value: object) -> str:
+    """A JSON value's kind as an error message names it: null, a number (3), a list, ..."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return f"a boolean ({str(value).lower()})"
+    if isinstance(value, int | float):
+        return f"a number ({value})"
+    kinds = {str: "a string", dict: "an object", list: "a list"}
+    return kinds.get(type(value), type(value).__name__)
+
+
+def _expect(row: Row, name: str, kinds: tuple[type, ...], what: str, optional: bool = False) -> str | None:
+    # optional: the field may be absent or null (what Arrow gives for a row without it)
+    value = row.get(name)
+    if value is None and optional:
+        return None
+    if isinstance(value, kinds) and not (isinstance(value, bool) and bool not in kinds):
+        return None
+    found = "missing" if name not in row else describe(value)
+    return f"field {name!r} is {found}; expected {what}"
+
+
+def _text(row: Row, name: str, optional: bool = False) -> str | None:
+    if type(row.get(name)) is str:  # the common case first: 52k Alpaca rows are checked in the pre-flight
+        return None
+    return _expect(row, name, (str,), "a string", optional)
+
+
+def _first(*problems: str | None) -> str | None:
+    return next((p for p in problems if p), None)
+
+
+def _check_alpaca(row: Row) -> str | None:
+    # `input` may be "", absent or null: all three get the prompt without the input block (_alpaca_example), as
+    # both authors do for an absent or empty one; Arrow (a parquet or hub copy) turns an absent key into null.
+    return _first(_text(row, "instruction"), _text(row, "output"), _text(row, "input", optional=True))
+
+
+def _check_hh_rlhf(row: Row) -> str | None:
+    if problem := _text(row, "chosen"):
+        return problem
+    if HH_ASSISTANT not in row["chosen"]:
+        return (
+            "field 'chosen' holds no \"\\n\\nAssistant:\" turn; an hh_rlhf row is a dialogue "
+            '"\\n\\nHuman: ...\\n\\nAssistant: ..." (is this another data set\'s format?)'
+        )
+    return None
+
+
+def _check_text(row: Row) -> str | None:
+    return _text(row, "text")
+
+
+def _check_oasst1(row: Row) -> str | None:
+    if problem := _text(row, "role"):
+        return problem
+    if row["role"] not in OASST_SPEAKERS:
+        return f"field 'role' is {row['role']!r}; expected one of {', '.join(OASST_SPEAKERS)}"
+    return _first(
+        _text(row, "message_id"),
+        _text(row, "parent_id", optional=True),  # null for a tree's root prompt
+        _text(row, "text"),
+        _expect(row, "rank", (int, float), "a number or null", optional=True),  # null: unranked
+        _text(row, "created_date", optional=True),
+        _text(row, "lang", optional=True),
+        _text(row, "tree_state", optional=True),
+        _expect(row, "deleted", (bool,), "true, false or null", optional=True),
+        _expect(row, "review_result", (bool,), "true, false or null", optional=True),
+    )
+
+
+def _check_records(row: Row, field: str) -> str | None:
+    value = row[field]
+    if isinstance(value, dict):  # a struct of lists (_as_records)
+        columns = list(value.values())
+        if not all(isinstance(c, list) for c in columns) or len({len(c) for c in columns}) > 1:
+            return f"field {field!r} is an object whose values are not lists of one length; expected a list of objects"
+        value = _as_records(value)
+    elif not isinstance(value, list):
+        return f"field {field!r} is {describe(value)}; expected a list of objects"
+    for number, item in enumerate(value, start=1):
+        if not isinstance(item, dict):
+            return f"field {field!r} item {number} is {describe(item)}; expected an object"
+        if problem := _first(_text(item, "instruction_with_input"), _text(item, "output")):
+            return f"field {field!r} item {number}: {problem}"
+    return None
+
+
+def _check_unnatural(row: Row) -> str | None:
+    # reformulations are read only with variant=full (required_fields); null or absent otherwise
+    present = ("instances", "reformulations") if row.get("reformulations") is not None else ("instances",)
+    return _first(*(_check_records(row, field) for field in present))
+
+
 @dataclass(frozen=True)
 class _Format:
     build: Callable[..., list[Example]]  # (rows, variant), and the template when `templated`
     fields: tuple[str, ...]  # top-level fields every row must have
+    check: RowCheck  # the row check (above)
     variants: tuple[str | None, ...] = (None,)  # allowed values of `variant`; () means "any string"
     templated: bool = False  # the prompt follows data.template (ALPACA_TEMPLATES)
 
 
 FORMATS: dict[str, _Format] = {
-    "alpaca": _Format(_alpaca, ("instruction", "output"), templated=True),
-    "hh_rlhf": _Format(_hh_rlhf, ("chosen",)),
-    "oasst1": _Format(_oasst1, ("message_id", "parent_id", "role", "text", "rank"), variants=()),
-    "guanaco": _Format(_guanaco, ("text",)),
-    "unnatural": _Format(_unnatural, ("instances",), variants=(None, "core", "full")),
-    "open_platypus": _Format(_alpaca, ("instruction", "output"), templated=True),
-    "guanaco_llama2": _Format(_guanaco_llama2, ("text",)),
+    "alpaca": _Format(_alpaca, ("instruction", "output"), _check_alpaca, templated=True),
+    "hh_rlhf": _Format(_hh_rlhf, ("chosen",), _check_hh_rlhf),
+    "oasst1": _Format(_oasst1, ("message_id", "parent_id", "role", "text", "rank"), _check_oasst1, variants=()),
+    "guanaco": _Format(_guanaco, ("text",), _check_text),
+    "unnatural": _Format(_unnatural, ("instances",), _check_unnatural, variants=(None, "core", "full")),
+    "open_platypus": _Format(_alpaca, ("instruction", "output"), _check_alpaca, templated=True),
+    "guanaco_llama2": _Format(_guanaco_llama2, ("text",), _check_text),
 }
 
 

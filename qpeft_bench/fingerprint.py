@@ -43,6 +43,8 @@ _MEMO: dict[tuple, str] = {}
 
 
 def _file_digest(file: Path, digest) -> None:
+    if not file.is_file():  # a FIFO or a device: opening one blocks or never ends; the pre-flight names it
+        raise OSError(f"{file} is not a regular file")
     stat = file.stat()
     # the inode and change time too: a file replaced by another of the same size with its old modification time
     # restored (cp -p, tar, rsync -t) is a new inode or a new change time, which no tool sets back

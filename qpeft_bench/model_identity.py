@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 
 from qpeft_bench.config import ConfigError, ModelConfig, cached_hub_file
+from qpeft_bench.data_files import is_lfs_pointer
 
 # Shapes a card and its checkpoint must agree on (the rest, e.g. rope_theta, may be tuned by a user's card).
 ARCH_KEYS = (
@@ -58,16 +59,6 @@ def check_checkpoint(card: ModelConfig, where: str = "model") -> None:
 # What transformers' from_pretrained reads from a local directory: one file, or the shards an index names.
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
-LFS_POINTER = b"version https://git-lfs.github.com/spec/v1"
-
-
-def is_lfs_pointer(path: Path) -> bool:
-    """A Git LFS pointer file (a clone without `git lfs pull`): ~130 bytes of text where the data should be."""
-    try:
-        with open(path, "rb") as f:
-            return f.read(len(LFS_POINTER)) == LFS_POINTER
-    except OSError:
-        return False
 
 
 def check_weights(card: ModelConfig, where: str = "model") -> None:

@@ -37,7 +37,7 @@ from qpeft_bench.config import ConfigError, RunSpec
 from qpeft_bench.eval_stage import base_eval_cache, run_eval
 from qpeft_bench.model_identity import check_weights
 from qpeft_bench.plan import plan_accounting, plan_estimate, with_adapters
-from qpeft_bench.quantized_base import load_base
+from qpeft_bench.quantized_base import calibration_windows, load_base
 from qpeft_bench.reevaluate import reevaluate
 from qpeft_bench.spec import validate
 from qpeft_bench.summary import summary_line, summary_table
@@ -184,11 +184,13 @@ def preflight(spec: RunSpec) -> tuple:
     data.check_source(d.format, d.path, d.hub_id, d.template)
     check_weights(spec.model)
     if spec.calib.enabled and spec.calib.source == "text":
-        calibration.read_text(spec.calib.path)
+        calibration.check_text(spec.calib.path)
     tokenizer_source = spec.model.path or spec.model.hub_id
     tokenizer = models.load_tokenizer(tokenizer_source)
     data.check_tokenizer(tokenizer, tokenizer_source, spec.model.arch_dict().get("vocab_size"))
-    return tokenizer, data.prepare(d, tokenizer)
+    prepared = data.prepare(d, tokenizer)
+    calibration_windows(spec.calib, tokenizer, prepared.train_examples)  # enough tokens for calib.seq_len
+    return tokenizer, prepared
 
 
 def budgeted(spec: RunSpec, device: str) -> tuple[RunSpec, dict | None]:
