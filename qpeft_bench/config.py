@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import re
 import types
 import typing
@@ -115,6 +116,18 @@ def positive(where: str, name: str, value: float | int | None, allow_zero: bool 
 SEED_LIMIT = 2**32  # numpy's and CUDA's generators take seeds below 2**32; torch's CPU one raises past 2**64
 
 
+def path_ok(where: str, name: str, value: str | None) -> None:
+    """A path knob is null or names something: `data.path=` (an unset variable) would otherwise mean the current
+    directory, and a literal `~` that names no home would become a folder called `~...`."""
+    key = f"{where}.{name}" if where else name
+    if value is None:
+        return
+    if not value.strip():
+        raise ConfigError(f"{key} is empty (an unset variable in a job script?); give a path or null")
+    if value.startswith("~") and os.path.expanduser(value) == value:  # Path.expanduser raises instead
+        raise ConfigError(f"{key}={value!r}: {value.split('/')[0]} names no home directory on this machine")
+
+
 def seed_ok(where: str, name: str, value: int) -> None:
     if not 0 <= value < SEED_LIMIT:
         key = f"{where}.{name}" if where else name
@@ -146,6 +159,7 @@ class ModelConfig:
     def check(self, where: str) -> None:
         if self.dtype not in DTYPES:
             raise ConfigError(f"{where}.dtype={self.dtype!r}; choose one of {', '.join(DTYPES)}")
+        path_ok(where, "path", self.path)
         if self.path is None and self.hub_id is None:
             raise ConfigError(f"{where}: set model.path (a local directory) or model.hub_id")
         if self.path is not None and not Path(self.path).is_dir():
@@ -220,6 +234,7 @@ class DataConfig:
         positive(where, "max_target_len", self.max_target_len)
         positive(where, "max_examples", self.max_examples)
         seed_ok(where, "split_seed", self.split_seed)
+        path_ok(where, "path", self.path)
         if self.path is None and self.hub_id is None:
             raise ConfigError(f"{where}: set data.path (a local file) or data.hub_id")
         if self.template not in ("qlora", "stanford"):
@@ -268,6 +283,11 @@ class TrainConfig:
             positive(where, name, getattr(self, name))
         for name in ("warmup_steps", "weight_decay", "max_grad_norm", "measure_after", "checkpoint_every"):
             positive(where, name, getattr(self, name), allow_zero=True)
+        if self.warmup_steps > self.max_steps:
+            raise ConfigError(
+                f"{where}.warmup_steps={self.warmup_steps} exceeds {where}.max_steps={self.max_steps}: the learning "
+                f"rate would never reach {where}.lr; lower the warm-up"
+            )
         if self.measure_after >= self.max_steps:
             raise ConfigError(
                 f"{where}.measure_after={self.measure_after} must be below train.max_steps={self.max_steps}: "
@@ -317,6 +337,7 @@ class WikitextConfig:
     def check(self, where: str) -> None:
         positive(where, "seq_len", self.seq_len)
         positive(where, "max_windows", self.max_windows)
+        path_ok(where, "path", self.path)
         if self.path is not None and not Path(self.path).is_file():
             raise ConfigError(f"{where}.path={self.path!r} does not exist")
 
@@ -365,6 +386,9 @@ class EvalConfig:
 
     def check(self, where: str) -> None:
         # the names are the evaluation registry's: evaluation/checks.py checks them (this module imports nothing)
+        if not self.tasks:
+            raise ConfigError(f"{where}.tasks is empty; list at least one task (ppl_heldout is the cheapest)")
+        path_ok(where, "data_root", self.data_root)
         if len(set(self.tasks)) != len(self.tasks):
             raise ConfigError(f"{where}.tasks={self.tasks} lists a task twice")
         positive(where, "batch_size", self.batch_size)
@@ -391,6 +415,7 @@ class CalibConfig:
         for name in ("samples", "seq_len", "probe_samples"):
             positive(where, name, getattr(self, name))
         seed_ok(where, "seed", self.seed)
+        path_ok(where, "path", self.path)
         if self.probe_samples > self.samples:
             raise ConfigError(f"{where}.probe_samples={self.probe_samples} exceeds {where}.samples={self.samples}")
         if self.source == "text":
@@ -425,7 +450,8 @@ class RunConfig:
 
     def check(self, where: str) -> None:
         seed_ok(where, "seed", self.seed)
-        from_dict(WandbConfig, self.wandb, "wandb")
+        path_ok(where, "run_dir", self.run_dir)
+        path_ok("wandb", "dir", from_dict(WandbConfig, self.wandb, "wandb").dir)
 
 
 @dataclass

@@ -293,6 +293,8 @@ def check_variant(fmt: str, variant: str | None) -> None:
     allowed = get_format(fmt).variants
     if allowed and variant not in allowed:
         names = ", ".join("null" if v is None else v for v in allowed)
+        if allowed == (None,):
+            raise ValueError(f"data format {fmt!r} has no variant {variant!r} (it has none); set data.variant=null")
         raise ValueError(f"data format {fmt!r} has no variant {variant!r}; use one of: {names}")
 
 

@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 
 from qpeft_bench import results
-from qpeft_bench.config import ConfigError
+from qpeft_bench.config import ConfigError, path_ok
 
 
 def writable_root(value, knob: str) -> Path:
@@ -19,7 +19,8 @@ def writable_root(value, knob: str) -> Path:
     text = "" if value is None else str(value)
     if not text.strip():
         raise ConfigError(f"{knob} is empty (an unset variable in a job script?); give the directory runs go to")
-    path = Path(text).expanduser()
+    path_ok("", knob, text)
+    path = Path(os.path.expanduser(text))
     if path.resolve() == Path(path.resolve().anchor):
         raise ConfigError(f"{knob}={text!r} is the filesystem root; give a directory for the runs")
     existing = path

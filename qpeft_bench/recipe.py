@@ -182,12 +182,12 @@ def preflight(spec: RunSpec) -> tuple:
     prepared data) for load_base, which would otherwise prepare them again."""
     d = spec.data
     data.check_source(d.format, d.path, d.hub_id, d.template)
-    check_weights(spec.model)
     if spec.calib.enabled and spec.calib.source == "text":
         calibration.check_text(spec.calib.path)
     tokenizer_source = spec.model.path or spec.model.hub_id
     tokenizer = models.load_tokenizer(tokenizer_source)
     data.check_tokenizer(tokenizer, tokenizer_source, spec.model.arch_dict().get("vocab_size"))
+    check_weights(spec.model)
     prepared = data.prepare(d, tokenizer)
     calibration_windows(spec.calib, tokenizer, prepared.train_examples)  # enough tokens for calib.seq_len
     return tokenizer, prepared

@@ -85,7 +85,11 @@ BAD_INPUT = [
     ("max_examples=1", ["data.max_examples=1"], "1 example(s) (data.max_examples=1) are too few"),
     ("val_fraction 0.995", ["data.val_fraction=0.995"], "are too few for data.val_fraction=0.995"),
     ("every target empty", ["data.path={tmp}/empty_targets.jsonl"], "have a non-empty target after tokenization"),
-    ("unknown data variant", ["data.variant=nope"], "has no variant 'nope'"),
+    (
+        "unknown data variant",
+        ["data.variant=nope"],
+        "data format 'alpaca' has no variant 'nope' (it has none); set data.variant=null",
+    ),
     # the model's files
     ("model directory without weights", ["model.path={tmp}/no_weights"], "holds no weights"),
     ("weights that are a Git LFS pointer", ["model.path={tmp}/lfs_weights"], "is a Git LFS pointer, not the weights"),
@@ -94,11 +98,42 @@ BAD_INPUT = [
 ]
 
 
+# Further cases of our own, beyond the (other knobs, other files): the same promise.
+MORE = [
+    ("empty data.path", ["data.path="], "data.path is empty"),
+    ("empty model.path", ["model.path="], "model.path is empty"),
+    ("empty calib.path", ["calib=text", "calib.path="], "calib.path is empty"),
+    ("empty eval.data_root", ["eval=mmlu", "eval.data_root="], "eval.data_root is empty"),
+    ("empty eval.wikitext.path", ["eval.tasks=[ppl_wikitext]", "eval.wikitext.path="], "eval.wikitext.path is empty"),
+    ("no eval task", ["eval.tasks=[]"], "eval.tasks is empty"),
+    ("empty peft.targets", ["peft.targets=[]"], "peft.targets=[]"),
+    ("peft.targets outside the linears", ["peft.targets=[lm_head]"], "peft.targets ['lm_head'] are not among"),
+    ("a linear name that matches nothing", ["model.linear_names=[nope]"], "nope"),
+    ("a CUDA device that is not there", ["train.device=cuda:99"], "train.device='cuda:99'"),
+    ("negative memory budget", ["train.memory_budget=-1"], "train.memory_budget=-1; give GiB"),
+    ("a float for an int", ["train.max_steps=1e3"], "train.max_steps=1000.0 has the wrong type: expected int"),
+    ("a bool for an int", ["peft.r=true"], "peft.r=True has the wrong type: expected int"),
+    ("an int for a bool", ["overwrite=1"], "overwrite=1 has the wrong type"),
+    ("a fractional seed", ["seed=1.5"], "seed=1.5 has the wrong type: expected int"),
+    ("negative warm-up", ["train.warmup_steps=-1"], "train.warmup_steps=-1 must be >= 0"),
+    ("zero target length", ["data.max_target_len=0"], "data.max_target_len=0 must be > 0"),
+    ("zero harness limit", ["eval=mmlu", "eval.harness.limit=0"], "eval.harness.limit=0 must be > 0"),
+    ("negative checkpoint interval", ["train.checkpoint_every=-5"], "train.checkpoint_every=-5 must be >= 0"),
+    ("a by_layer group that does not exist", ["+peft.by_layer={{nogroup: {{r: 4}}}}"], "nogroup"),
+    ("a by_layer knob that does not exist", ["+peft.by_layer={{mlp: {{nope: 4}}}}"], "nope"),
+    ("an overflowing float", ["train.max_grad_norm=1e400"], "train.max_grad_norm=inf holds inf"),
+    ("an underflowing learning rate", ["train.lr=1e-400"], "train.lr=0.0 must be > 0"),
+    ("warm-up longer than training", ["train.warmup_steps=10"], "train.warmup_steps=10 exceeds train.max_steps=4"),
+    ("an output_root named ~ literally", ["output_root='~nouser/runs'"], "~nouser names no home directory"),
+    ("a float64 model", ["model.dtype=float64"], "model.dtype='float64'"),
+]
+
+
 def _tree(path: Path) -> set[str]:
     return {str(p) for p in path.rglob("*")}
 
 
-@pytest.mark.parametrize("case, overrides, message", BAD_INPUT, ids=[c[0] for c in BAD_INPUT])
+@pytest.mark.parametrize("case, overrides, message", BAD_INPUT + MORE, ids=[c[0] for c in BAD_INPUT + MORE])
 def test_bad_input_is_one_line_and_touches_nothing(case, overrides, message, tmp_path, qpeft_cli, monkeypatch):
     _inputs(tmp_path)
     work = tmp_path / "work"
