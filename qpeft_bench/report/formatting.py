@@ -10,6 +10,7 @@ from qpeft_bench.report.rows import is_number
 
 GIB = 2**30
 MIB = 2**20
+HUGE = 1e18  # beyond any real count, byte size or time: shown in scientific notation
 
 Formatter = Callable[[Any], str]
 
@@ -22,6 +23,8 @@ def _numeric(fmt: Callable[[float], str]) -> Formatter:
             return ""
         if not is_number(value):
             return str(value)
+        if abs(value) >= HUGE:  # a corrupt record's 1e300 bytes would print as a 400-character cell
+            return f"{value:.3e}"
         return fmt(value)
 
     return format_value
@@ -63,3 +66,13 @@ def raw_value(value: Any) -> str:
     if isinstance(value, (dict, list)):
         return json.dumps(value, sort_keys=True)
     return str(value)
+
+
+def printable(text: str) -> str:
+    """Text any UTF-8 file or terminal takes: a path byte that is not UTF-8 (which Python carries as a lone
+    surrogate) as \\xNN, and a lone surrogate from a record's JSON (\\ud800) as \\uNNNN, instead of an encoding error."""
+    try:
+        raw = text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # a surrogate that no undecodable byte stands for
+        raw = text.encode("utf-8", "backslashreplace")
+    return raw.decode("utf-8", "backslashreplace")
