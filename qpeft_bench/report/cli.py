@@ -125,8 +125,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             files.append(figure_files(loaded, figures_dir(out), args.diverged_ppl))
         except MissingDependency as exc:
             return error(str(exc))
+    merged: dict[Path, str | bytes] = {}
+    for path, content in (item for group in files for item in group.items()):
+        if path in merged:  # --out .../figures: the by_layer_group table and figure would share one CSV
+            return error(f"{path} would be written twice (tables and figures in one folder); choose another --out")
+        merged[path] = content
     try:
-        write_files({path: text for group in files for path, text in group.items()})
+        write_files(merged)
     except OutputError as exc:
         return error(str(exc))
     for i, table in enumerate(tables):

@@ -23,11 +23,15 @@ def _numeric(fmt: Callable[[float], str]) -> Formatter:
             return ""
         if not is_number(value):
             return str(value)
-        if abs(value) >= HUGE:  # a corrupt record's 1e300 bytes would print as a 400-character cell
-            return f"{value:.3e}"
         return fmt(value)
 
     return format_value
+
+
+def _grouped(value: float, spec: str) -> str:
+    """value in ``spec`` ('.3f', ',.3f', ','), or in scientific notation when beyond HUGE: a corrupt record's 1e300
+    bytes would otherwise print as a 300-digit cell."""
+    return f"{value:.3e}" if abs(value) >= HUGE else format(value, spec)
 
 
 def fmt_text(value: Any) -> str:
@@ -38,21 +42,21 @@ def fmt_text(value: Any) -> str:
 def fmt_count(value: float) -> str:
     if isinstance(value, float) and value.is_integer():
         value = int(value)
-    return f"{value:,}"
+    return _grouped(value, ",")
 
 
 def fmt_fixed(decimals: int) -> Formatter:
-    return _numeric(lambda value: f"{value:,.{decimals}f}")
+    return _numeric(lambda value: _grouped(value, f",.{decimals}f"))
 
 
 def fmt_plain(decimals: int) -> Formatter:
     """Without thousands separators: for cells that scripts parse back (by_layer_group's 'mean ± std (n)')."""
-    return _numeric(lambda value: f"{value:.{decimals}f}")
+    return _numeric(lambda value: _grouped(value, f".{decimals}f"))
 
 
 def fmt_scaled(divisor: int, decimals: int) -> Formatter:
     """Bytes -> GiB/MiB; the divisor is binary (2^30 / 2^20), as the table notes say."""
-    return _numeric(lambda value: f"{value / divisor:,.{decimals}f}")
+    return _numeric(lambda value: _grouped(value / divisor, f",.{decimals}f"))
 
 
 def raw_value(value: Any) -> str:
