@@ -212,9 +212,12 @@ def test_records_of_one_run_with_other_results_count_once_and_say_they_differ(tm
 
 
 def test_three_copies_are_one_run(tmp_path: Path) -> None:
+    """Three plain copies, one holding a NaN (not equal to itself, but the same value in a copy): not 'differ'."""
     root = tmp_path / "runs"
     for name in ("x", "x-copy", "x-copy2"):
-        put(root, name, run_record("x", 6.0))
+        record = run_record("x", 6.0)
+        record["eval"]["before"]["wikitext"] = float("nan")
+        put(root, name, record)
     result = report(root, "--out", tmp_path / "tables", "--table", "perplexity")
     assert result.returncode == 0, result.stderr
     assert perplexity_cell(tmp_path / "tables")["alpaca_n"] == "1"
@@ -299,12 +302,25 @@ def test_successful_output_leaves_no_temporary_files_and_follows_the_umask(tmp_p
 # ----------------------------------------------------------------------------------------------------- results roots
 
 
-@pytest.mark.parametrize(("make", "problem"), [("missing", "does not exist"), ("file", "is not a directory")])
+@pytest.mark.parametrize(
+    ("make", "problem"),
+    [
+        ("missing", "does not exist"),
+        ("file", "is not a directory"),
+        ("dangling", "is a link to {tmp}/scratch, which is not a directory"),  # scratch not mounted
+        ("loop", "is a link to root, which is not a directory"),
+    ],
+)
 def test_a_results_root_that_is_not_a_directory(tmp_path: Path, make: str, problem: str) -> None:
     root = tmp_path / "root"
     if make == "file":
         root.write_text("x", encoding="utf-8")
-    assert one_error_line(report(root, "--out", tmp_path / "t")) == f"results directory {str(root)!r} {problem}"
+    elif make == "dangling":
+        root.symlink_to(tmp_path / "scratch", target_is_directory=True)
+    elif make == "loop":
+        root.symlink_to("root")
+    line = one_error_line(report(root, "--out", tmp_path / "t"))
+    assert line == f"results directory {str(root)!r} {problem.format(tmp=tmp_path)}"
     assert not (tmp_path / "t").exists()
 
 
@@ -476,3 +492,35 @@ def test_tables_and_figures_in_one_folder_never_overwrite_each_other(tmp_path: P
         == f"{out / 'by_layer_group.csv'} would be written twice (tables and figures in one folder); choose another --out"
     )
     assert not (tmp_path / "results").exists()
+
+
+def test_a_write_that_fails_halfway_replaces_nothing_and_leaves_no_temporary_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The disk fills up while the fifth file is written: the previous tables stay, no temporary file or new
+    directory is left, and the error is one line (in process, to make the write fail)."""
+    from qpeft_bench.report import cli, output
+
+    put(tmp_path / "runs", "a", run_record("a", 6.0))
+    out = tmp_path / "results" / "tables"
+    assert cli.main([str(tmp_path / "runs"), "--out", str(out)]) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    real_write, calls = output._write_temp, []
+
+    def fill_up(path: Path, content: bytes) -> Path:
+        calls.append(path)
+        if len(calls) == 5:
+            raise OSError(28, "No space left on device")
+        return real_write(path, content)
+
+    monkeypatch.setattr(output, "_write_temp", fill_up)
+    capsys.readouterr()
+    new_root = tmp_path / "other" / "tables"
+    for target in (out, new_root):
+        calls.clear()
+        assert cli.main([str(tmp_path / "runs"), "--out", str(target)]) == 1
+        captured = capsys.readouterr()
+        assert captured.out == ""
+        assert captured.err == f"{PREFIX}cannot write {calls[-1]}: No space left on device\n"
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert not (tmp_path / "other").exists()

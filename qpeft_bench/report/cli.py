@@ -4,6 +4,7 @@ records, and where to write them."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -98,7 +99,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return error(f"{name} is empty (an unset variable?)")
     root = Path(args.results_dir)
     if not root.is_dir():
-        problem = "is not a directory" if root.exists() else "does not exist"
+        if root.is_symlink():  # a link to scratch that is not mounted, or a loop
+            problem = f"is a link to {os.readlink(root)}, which is not a directory"
+        else:
+            problem = "is not a directory" if root.exists() else "does not exist"
         return error(f"results directory {str(root)!r} {problem}")
     try:
         reference = load_reference(args.reference) if args.reference else None

@@ -145,8 +145,14 @@ def keep_order(record: RunRecord) -> tuple[int, int, float, bool, Path]:
 
 
 def differing_sections(kept: RunRecord, others: tuple[RunRecord, ...]) -> tuple[str, ...]:
+    """The top-level sections in which any of ``others`` is not the same as ``kept``, compared as canonical JSON (a
+    NaN is not equal to itself, but a copied NaN is the same value)."""
+
+    def section(record: RunRecord, key: str) -> str:
+        return json.dumps(record.data.get(key), sort_keys=True)
+
     keys = {key for record in (kept, *others) for key in record.data} - CIRCUMSTANCE_KEYS
-    return tuple(sorted(k for k in keys if any(o.data.get(k) != kept.data.get(k) for o in others)))
+    return tuple(sorted(k for k in keys if any(section(o, k) != section(kept, k) for o in others)))
 
 
 def deduplicate(records: list[RunRecord]) -> tuple[list[RunRecord], list[Duplicate]]:
