@@ -487,10 +487,8 @@ def test_tables_and_figures_in_one_folder_never_overwrite_each_other(tmp_path: P
     put(tmp_path / "runs", "a", run_record("a", 6.0))
     out = tmp_path / "results" / "figures"
     line = one_error_line(report(tmp_path / "runs", "--out", out, "--table", "by_layer_group", "--figures"))
-    assert (
-        line
-        == f"{out / 'by_layer_group.csv'} would be written twice (tables and figures in one folder); choose another --out"
-    )
+    target = out / "by_layer_group.csv"
+    assert line == f"{target} would be written twice (tables and figures in one folder); choose another --out"
     assert not (tmp_path / "results").exists()
 
 

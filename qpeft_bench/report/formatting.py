@@ -74,7 +74,8 @@ def raw_value(value: Any) -> str:
 
 def printable(text: str) -> str:
     """Text any UTF-8 file or terminal takes: a path byte that is not UTF-8 (which Python carries as a lone
-    surrogate) as \\xNN, and a lone surrogate from a record's JSON (\\ud800) as \\uNNNN, instead of an encoding error."""
+    surrogate) as \\xNN, and a lone surrogate from a record's JSON (\\ud800) as \\uNNNN, instead of an encoding
+    error."""
     try:
         raw = text.encode("utf-8", "surrogateescape")
     except UnicodeEncodeError:  # a surrogate that no undecodable byte stands for

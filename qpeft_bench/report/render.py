@@ -1,6 +1,6 @@
 """Writers: a Table as padded Markdown, as CSV of raw values, or as a booktabs LaTeX table; table_files names the
-three files of a table (cli writes them with output.write_files). Every writer's text is printable (formatting.printable): a path or
-record string that is not valid UTF-8 shows as an escape instead of failing the write."""
+three files of a table (cli writes them with output.write_files). Every writer's text is printable
+(formatting.printable): a path or record string that is not valid UTF-8 shows as an escape instead of failing."""
 
 from __future__ import annotations
 
