@@ -522,3 +522,36 @@ def test_a_write_that_fails_halfway_replaces_nothing_and_leaves_no_temporary_fil
         assert captured.err == f"{PREFIX}cannot write {calls[-1]}: No space left on device\n"
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert not (tmp_path / "other").exists()
+
+
+def test_a_reference_csv_saved_with_a_byte_order_mark_matches_on_every_key(tmp_path: Path) -> None:
+    """A spreadsheet's CSV starts with a BOM; read as part of the first column's name, the method column went
+    unmatched and the reference was matched on r and alpha alone."""
+    record = sweep_record("a", "planned", peft=lora(8, 16), accounting={"total_params": 100, "trainable_params": 10})
+    put(tmp_path / "runs", "a", record)
+    ref = tmp_path / "ref.csv"
+    ref.write_text("\ufeffmethod,r,alpha,trainable_params\nlora,8,16,12\n", encoding="utf-8")
+    out = tmp_path / "t"
+    result = report(tmp_path / "runs", "--out", out, "--table", "trainable_params", "--reference", ref)
+    assert result.returncode == 0, result.stderr
+    assert "matched on method, r, alpha for 1 of 1 rows" in result.stdout
+    assert float(csv_rows(out / "trainable_params.csv")[0]["diff_trainable_params"]) == -2
+
+
+def test_a_copy_filed_under_another_data_set_is_said_in_both_split_tables(tmp_path: Path) -> None:
+    """per_configuration is one table per model and data set: a run whose copy says another data set is counted in
+    the table of the record kept, and both tables (the one the copy would have entered too) carry the note."""
+    root = tmp_path / "runs"
+    put(root, "x", run_record("x", 6.0))
+    other = run_record("x", 6.0)
+    other["config"]["data"]["name"] = "oasst1"
+    put(root, "x-copy", other)
+    put(root, "y", {**run_record("y", 7.0), "config": {**other["config"], "seed": 1}})
+    out = tmp_path / "t"
+    result = report(root, "--out", out, "--table", "per_configuration")
+    assert result.returncode == 0, result.stderr
+    alpaca, oasst1 = (out / f"per_configuration_tiny_llama_{d}.md" for d in ("alpaca", "oasst1"))
+    for table in (alpaca, oasst1):
+        text = table.read_text(encoding="utf-8")
+        assert "run x found twice:" in text and "the records differ in config" in text
+    assert csv_rows(out / "per_configuration_tiny_llama_oasst1.csv")[0]["ppl_after_n"] == "1"  # y alone
