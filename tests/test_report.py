@@ -209,17 +209,17 @@ def test_csv_round_trips_raw_values(results_dir: Path, tmp_path: Path, capsys) -
     assert rows["bbb222"]["r"] == "" and rows["bbb222"]["status"] == "failed"
 
 
-def test_duplicate_run_id_keeps_both_rows(results_dir: Path, tmp_path: Path, capsys) -> None:
+def test_duplicate_run_id_is_counted_once(results_dir: Path, tmp_path: Path, capsys) -> None:
     write(results_dir / "copy" / "result.json", json.dumps(completed_record()))
     out = tmp_path / "out"
     code, stdout, _ = run_report(results_dir, out, capsys)
 
     assert code == 0
     body = [line for line in stdout.splitlines() if line.startswith("| aaa111 ")]
-    assert len(body) == 2
-    assert "duplicate run_id aaa111:" in stdout
+    assert len(body) == 1  # issue 20: a copied run directory is the same run, counted once
+    assert "run aaa111 found twice:" in stdout
     with (out / "overview.csv").open(newline="", encoding="utf-8") as handle:
-        assert [row["run_id"] for row in csv.DictReader(handle)].count("aaa111") == 2
+        assert [row["run_id"] for row in csv.DictReader(handle)].count("aaa111") == 1
 
 
 def test_missing_directory_exits_1(tmp_path: Path, capsys) -> None:

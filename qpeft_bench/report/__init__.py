@@ -3,7 +3,8 @@
 Pipeline, one module per step, each importing only the ones before it:
 records (load result.json) -> rows (flat rows) -> formatting (cell text) -> tables (TableSpec, Table, Agg) ->
 reference (published values) -> aggregate (AggSpec, build_aggregate) -> catalog (TABLES, AGGREGATES: every table,
-as data) -> render (Markdown, CSV, LaTeX) -> figures -> cli (the command). Adding a table means adding a spec to
+as data) -> render (Markdown, CSV, LaTeX) -> output (all-or-nothing writes) -> figures -> cli (the command). Adding a
+table means adding a spec to
 catalog.py (and, if it needs a value not yet pulled out of the record, one entry in rows.RECORD_FIELDS).
 """
 

@@ -13,7 +13,7 @@ from qpeft_bench.report.formatting import fmt_text
 from qpeft_bench.report.records import LoadResult, RunRecord
 from qpeft_bench.report.reference import Reference, add_reference
 from qpeft_bench.report.rows import MARKS, Row, is_number, record_to_row, records_to_rows, sort_value
-from qpeft_bench.report.tables import Agg, Column, Table, TableSpec, coverage_notes, unreadable_notes
+from qpeft_bench.report.tables import Agg, Column, Table, TableSpec, coverage_notes, duplicate_notes, unreadable_notes
 
 DEFAULT_DIVERGED_PPL = 1000.0
 # The perplexities (after, before) that decide divergence: a run whose loss blew up shows it in every one of them.
@@ -167,7 +167,7 @@ def build_aggregate(
             "left out, not trained to the end: "
             + ", ".join(f"{count} {status}" for status, count in sorted(left_out.items()))
         )
-    notes += coverage
+    notes += [*coverage, *duplicate_notes(loaded.duplicates)]
     columns = (*spec.keys, *value_cols)
     table_spec = TableSpec(name=spec.name, title=spec.title, columns=columns, csv_extra=())
     table = Table(spec=table_spec, rows=out, notes=[*notes, *unreadable_notes(loaded.unreadable)])
@@ -185,18 +185,36 @@ def split_runs(spec: AggSpec, loaded: LoadResult) -> list[tuple[AggSpec, LoadRes
     value of the split keys (sorted), named <name>_<values> and titled with them."""
     if not spec.split:
         return [(spec, loaded)]
+
+    def part_of(record: RunRecord) -> tuple:
+        row = record_to_row(record)
+        return tuple(row[k] for k in spec.split)
+
     parts: dict[tuple, list[RunRecord]] = defaultdict(list)
     for record in loaded.records:
-        row = record_to_row(record)
-        parts[tuple(row[k] for k in spec.split)].append(record)
+        parts[part_of(record)].append(record)
     out = []
+    used: set[str] = set()
     for values in sorted(parts, key=lambda k: tuple(sort_value(v) for v in k)):
-        slug = "_".join(re.sub(r"[^A-Za-z0-9._-]+", "-", fmt_text(v) or "none") for v in values)
+        base = slug = "_".join(re.sub(r"[^A-Za-z0-9._-]+", "-", fmt_text(v) or "none") for v in values)
+        # names that differ only in characters a file name leaves out ('tiny llama', 'tiny-llama') get a number,
+        # so that one table never overwrites the other
+        number = 1
+        while slug in used:
+            number += 1
+            slug = f"{base}-{number}"
+        used.add(slug)
         where = ", ".join(f"{k} {fmt_text(v)}" for k, v in zip(spec.split, values, strict=True))
         out.append(
             (
                 replace(spec, name=f"{spec.name}_{slug}", title=f"{spec.title}: {where}"),
-                LoadResult(records=parts[values], unreadable=loaded.unreadable),
+                LoadResult(
+                    records=parts[values],
+                    unreadable=loaded.unreadable,
+                    # a run found twice is said in the table its kept record is in, and in any its other copies
+                    # would have gone to (a copy whose config differs)
+                    duplicates=[d for d in loaded.duplicates if values in {part_of(r) for r in (d.kept, *d.dropped)}],
+                ),
             )
         )
     return out

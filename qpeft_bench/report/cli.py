@@ -4,17 +4,21 @@ records, and where to write them."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TextIO
 
 from qpeft_bench.config import ConfigError
 from qpeft_bench.report.aggregate import DEFAULT_DIVERGED_PPL, build_aggregate, has_values, split_runs
 from qpeft_bench.report.catalog import AGGREGATES, TABLES
-from qpeft_bench.report.figures import MissingDependency, write_figures
+from qpeft_bench.report.figures import MissingDependency, figure_files
+from qpeft_bench.report.formatting import printable
+from qpeft_bench.report.output import OutputError, write_files
 from qpeft_bench.report.records import LoadResult, load_records
 from qpeft_bench.report.reference import Reference, load_reference
-from qpeft_bench.report.render import render_markdown, write_table
+from qpeft_bench.report.render import render_markdown, table_files
 from qpeft_bench.report.tables import Table, build_table, unreadable_notes
 
 
@@ -75,42 +79,69 @@ def select_tables(
     return tables
 
 
+def say(text: str, stream: TextIO) -> None:
+    """Write text to stdout or stderr whatever their encoding: what it cannot encode (a non-UTF-8 path, '±' on an
+    ASCII terminal) is escaped instead of failing the report."""
+    encoding = getattr(stream, "encoding", None) or "utf-8"
+    stream.write(printable(text).encode(encoding, "backslashreplace").decode(encoding))
+
+
+def error(message: str) -> int:
+    say(f"qpeft-bench-report: error: {message}\n", sys.stderr)
+    return 1
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    # An empty argument is an unset variable ("--out $OUT"): it must not mean the current directory.
+    for name, value in (("results directory", args.results_dir), ("--out", args.out)):
+        if not value.strip():
+            return error(f"{name} is empty (an unset variable?)")
     root = Path(args.results_dir)
     if not root.is_dir():
-        problem = "is not a directory" if root.exists() else "does not exist"
-        print(f"qpeft-bench-report: error: results directory {str(root)!r} {problem}", file=sys.stderr)
-        return 1
+        if root.is_symlink():  # a link to scratch that is not mounted, or a loop
+            problem = f"is a link to {os.readlink(root)}, which is not a directory"
+        else:
+            problem = "is not a directory" if root.exists() else "does not exist"
+        return error(f"results directory {str(root)!r} {problem}")
     try:
         reference = load_reference(args.reference) if args.reference else None
     except ConfigError as exc:
-        print(f"qpeft-bench-report: error: {exc}", file=sys.stderr)
-        return 1
+        return error(str(exc))
 
     loaded = load_records(root)
     if not loaded.records and not loaded.unreadable:
-        print(f"no run records under {root}")
+        say(f"no run records under {root}\n", sys.stdout)
         return 0
     if not loaded.records:
         # Every record is corrupt: nothing to tabulate, and a sweep that produced only garbage is an error.
         for note in unreadable_notes(loaded.unreadable):
-            print(note, file=sys.stderr)
-        print(f"qpeft-bench-report: error: no readable run records under {root}", file=sys.stderr)
-        return 1
+            say(note + "\n", sys.stderr)
+        return error(f"no readable run records under {root}")
 
+    # Everything is rendered before anything is written, and written all or nothing: a report that fails (an
+    # unwritable --out, matplotlib missing) leaves the previous tables as they were, never half of a new set.
     tables = select_tables(loaded, args.table, args.diverged_ppl, reference)
-    for i, table in enumerate(tables):
-        written = write_table(table, Path(args.out))
-        sys.stdout.write(("\n" if i else "") + render_markdown(table))
-        print(f"wrote {', '.join(str(p) for p in written)}", file=sys.stderr)
+    out = Path(args.out)
+    files = [table_files(table, out) for table in tables]
     if args.figures:
         try:
-            written = write_figures(loaded, figures_dir(Path(args.out)), args.diverged_ppl)
+            files.append(figure_files(loaded, figures_dir(out), args.diverged_ppl))
         except MissingDependency as exc:
-            print(f"qpeft-bench-report: error: {exc}", file=sys.stderr)
-            return 1
-        print(f"wrote {', '.join(str(p) for p in written)}", file=sys.stderr)
+            return error(str(exc))
+    merged: dict[Path, str | bytes] = {}
+    for path, content in (item for group in files for item in group.items()):
+        if path in merged:  # --out .../figures: the by_layer_group table and figure would share one CSV
+            return error(f"{path} would be written twice (tables and figures in one folder); choose another --out")
+        merged[path] = content
+    try:
+        write_files(merged)
+    except OutputError as exc:
+        return error(str(exc))
+    for i, table in enumerate(tables):
+        say(("\n" if i else "") + render_markdown(table), sys.stdout)
+    for group in filter(None, files):
+        say(f"wrote {', '.join(str(p) for p in group)}\n", sys.stderr)
     return 0
 
 

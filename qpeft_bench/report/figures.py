@@ -23,7 +23,8 @@ from typing import Any
 
 from qpeft_bench.report.aggregate import DEFAULT_DIVERGED_PPL, build_aggregate, is_diverged
 from qpeft_bench.report.catalog import AGGREGATES
-from qpeft_bench.report.formatting import GIB, fmt_text, raw_value
+from qpeft_bench.report.formatting import GIB, fmt_text, printable, raw_value
+from qpeft_bench.report.output import write_files
 from qpeft_bench.report.records import LoadResult
 from qpeft_bench.report.rows import is_number, records_to_rows, sort_rows
 from qpeft_bench.report.tables import Agg
@@ -94,7 +95,7 @@ def data_csv(rows: Sequence[dict[str, Any]]) -> str:
         writer = csv.writer(buffer, lineterminator="\n")
         writer.writerow(list(rows[0]))
         writer.writerows([raw_value(v) for v in row.values()] for row in rows)
-    return buffer.getvalue()
+    return printable(buffer.getvalue())
 
 
 # --------------------------------------------------------------------------- drawing
@@ -108,6 +109,7 @@ def _pyplot():
     matplotlib.use("Agg")  # no display; also the same renderer everywhere
     matplotlib.rcParams["svg.hashsalt"] = "qpeft-bench"
     matplotlib.rcParams["pdf.compression"] = 6
+    matplotlib.rcParams["text.parse_math"] = False  # a '$' in a method name or run id is text, not broken TeX
     import matplotlib.pyplot as plt
 
     return plt
@@ -155,27 +157,32 @@ def draw_losses(plt, rows: Sequence[dict[str, Any]]):
     return fig
 
 
-def write_figures(loaded: LoadResult, out_dir: Path, diverged_ppl: float = DEFAULT_DIVERGED_PPL) -> list[Path]:
-    """Write <name>.csv, <name>.png and <name>.pdf for every figure that has data; returns the paths written."""
+def figure_files(
+    loaded: LoadResult, out_dir: Path, diverged_ppl: float = DEFAULT_DIVERGED_PPL
+) -> dict[Path, str | bytes]:
+    """<name>.csv, <name>.png and <name>.pdf under out_dir, with their content, for every figure that has data."""
     plt = _pyplot()
-    out_dir.mkdir(parents=True, exist_ok=True)
     figures = {
         "by_layer_group": (layer_group_data(loaded, diverged_ppl), draw_layer_groups),
         "pareto": (pareto_data(loaded, diverged_ppl), draw_pareto),
         "loss_curves": (loss_data(loaded), draw_losses),
     }
-    written = []
+    files: dict[Path, str | bytes] = {}
     for name, (rows, draw) in figures.items():
         if not rows:
             continue
-        path = out_dir / f"{name}.csv"
-        path.write_text(data_csv(rows), encoding="utf-8", newline="")
-        written.append(path)
-        fig = draw(plt, rows)
+        files[out_dir / f"{name}.csv"] = data_csv(rows)
+        # labels in the printable form the tables use (a non-UTF-8 name would break the PDF's text)
+        fig = draw(plt, [{k: printable(v) if isinstance(v, str) else v for k, v in row.items()} for row in rows])
         fig.tight_layout()
         for fmt in FIGURE_FORMATS:
-            path = out_dir / f"{name}.{fmt}"
-            fig.savefig(path, format=fmt, metadata=METADATA[fmt], dpi=100)
-            written.append(path)
+            buffer = io.BytesIO()
+            fig.savefig(buffer, format=fmt, metadata=METADATA[fmt], dpi=100)
+            files[out_dir / f"{name}.{fmt}"] = buffer.getvalue()
         plt.close(fig)
-    return written
+    return files
+
+
+def write_figures(loaded: LoadResult, out_dir: Path, diverged_ppl: float = DEFAULT_DIVERGED_PPL) -> list[Path]:
+    """Write every figure's files (all or none, output.write_files); returns the paths written."""
+    return write_files(figure_files(loaded, out_dir, diverged_ppl))

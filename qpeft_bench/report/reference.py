@@ -39,7 +39,9 @@ class Reference:
 
 def load_reference(path: str | os.PathLike[str]) -> Reference:
     try:
-        with open(path, newline="", encoding="utf-8") as handle:
+        # utf-8-sig: a CSV saved by a spreadsheet starts with a byte-order mark, which would stick to the first
+        # column's name and make its key column go unmatched
+        with open(path, newline="", encoding="utf-8-sig") as handle:
             # '#' lines are comments, as in the CSVs of docs/reference/.
             reader = csv.DictReader(line for line in handle if not line.startswith("#"))
             rows = tuple(reader)

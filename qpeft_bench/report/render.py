@@ -1,5 +1,6 @@
-"""Writers: a Table as padded Markdown, as CSV of raw values, or as a booktabs LaTeX table; write_table writes all
-three."""
+"""Writers: a Table as padded Markdown, as CSV of raw values, or as a booktabs LaTeX table; table_files names the
+three files of a table (cli writes them with output.write_files). Every writer's text is printable
+(formatting.printable): a path or record string that is not valid UTF-8 shows as an escape instead of failing."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import io
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from qpeft_bench.report.formatting import raw_value
+from qpeft_bench.report.formatting import printable, raw_value
 from qpeft_bench.report.rows import MARKS, Row
 from qpeft_bench.report.tables import Agg, Column, Table, TableSpec, cell_text
 
@@ -37,7 +38,7 @@ def render_markdown(table: Table) -> str:
     lines += [_md_line(cells, widths, columns) for cells in body]
     if table.notes:
         lines += ["", *(f"- {_md_cell(note)}" for note in table.notes)]
-    return "\n".join(lines) + "\n"
+    return printable("\n".join(lines) + "\n")
 
 
 def csv_fields(spec: TableSpec) -> list[str]:
@@ -71,7 +72,7 @@ def render_csv(table: Table) -> str:
         csv_row(table.spec, row) + ([raw_value(m or None)] if extra else [])
         for row, m in zip(table.rows, marks, strict=True)
     )
-    return buffer.getvalue()
+    return printable(buffer.getvalue())
 
 
 LATEX_SPECIAL = {
@@ -122,18 +123,12 @@ def render_latex(table: Table) -> str:
     if table.notes:
         lines += ["\\par\\smallskip", "{\\footnotesize", *(f"{latex_escape(note)}\\par" for note in table.notes), "}"]
     lines.append("\\end{table}")
-    return "\n".join(lines) + "\n"
+    return printable("\n".join(lines) + "\n")
 
 
 WRITERS: dict[str, Callable[[Table], str]] = {"md": render_markdown, "csv": render_csv, "tex": render_latex}
 
 
-def write_table(table: Table, out_dir: Path) -> list[Path]:
-    """Write one file per writer (``<name>.md``, ``<name>.csv``, ``<name>.tex``); returns the paths written."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    written = []
-    for suffix, render in WRITERS.items():
-        path = out_dir / f"{table.spec.name}.{suffix}"
-        path.write_text(render(table), encoding="utf-8", newline="")
-        written.append(path)
-    return written
+def table_files(table: Table, out_dir: Path) -> dict[Path, str]:
+    """One file per writer: ``<name>.md``, ``<name>.csv``, ``<name>.tex`` under out_dir, with their text."""
+    return {out_dir / f"{table.spec.name}.{suffix}": render(table) for suffix, render in WRITERS.items()}

@@ -4,6 +4,7 @@ tables group by; and the total order the tables sort rows in."""
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -12,6 +13,7 @@ from qpeft_bench.evaluation.tasks import TASKS
 from qpeft_bench.report.records import RunRecord
 
 Row = dict[str, Any]
+FLOAT_MAX = sys.float_info.max
 # The lm-eval tasks of the leaderboard and commonsense sets (the evaluation registry); the leaderboard's in the
 # order the QEFT comparison table prints them.
 _QEFT_ORDER = ("arc_challenge", "hellaswag", "mmlu", "truthfulqa_mc2", "winogrande", "gsm8k")
@@ -112,6 +114,37 @@ def get_path(data: Any, path: Sequence[str]) -> Any:
 # Fields whose values are lists or mappings by design; any other field holding one is as good as missing (tables group
 # rows by these values and format them as numbers or text).
 CONTAINER_FIELDS = frozenset({"variant", "by_layer", "losses"})
+# Fields that hold names, times and messages; every other scalar field is a number (or a flag) when present.
+TEXT_FIELDS = frozenset(
+    {
+        "run_id",
+        "status",
+        "mode",
+        "model",
+        "quant",
+        "method",
+        "peft_name",
+        "dataset",
+        "memory_kind",
+        "start_time",
+        "end_time",
+        "error_type",
+        "error_message",
+    }
+)
+# How the record writer spells a non-finite float (results._json_safe: str(value)), and JSON5's spellings.
+NON_FINITE = frozenset({"nan", "-nan", "+nan", "inf", "-inf", "+inf", "infinity", "-infinity", "+infinity"})
+
+
+def as_number(value: Any) -> Any:
+    """A numeric field's value as the tables compare it: 'nan'/'inf' strings (how records store non-finite floats) as
+    the float they stand for, so that an infinite perplexity counts as diverged instead of missing; an integer beyond
+    the float range (a corrupt record) as an infinity, which every mean and ratio can take."""
+    if isinstance(value, str) and value.strip().lower() in NON_FINITE:
+        return float(value)
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) > FLOAT_MAX:
+        return math.inf if value > 0 else -math.inf
+    return value
 
 
 def record_to_row(record: RunRecord) -> Row:
@@ -119,7 +152,12 @@ def record_to_row(record: RunRecord) -> Row:
     row: Row = {}
     for key, path in RECORD_FIELDS.items():
         value = get_path(record.data, path)
-        row[key] = None if isinstance(value, (list, dict)) and key not in CONTAINER_FIELDS else value
+        if key in CONTAINER_FIELDS:
+            row[key] = value
+        elif isinstance(value, (list, dict)):
+            row[key] = None
+        else:
+            row[key] = value if key in TEXT_FIELDS else as_number(value)
     row["record_path"] = str(record.path)
     row[MARKS] = coverage_marks(record.data)
     # A config without a peft section means "base model, no adapter"; without any config we know nothing.

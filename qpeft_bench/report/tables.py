@@ -1,5 +1,5 @@
 """The table model: a declarative TableSpec (columns: key, header, formatter), a built Table (rows and notes), the
-Agg cell of an aggregated table, and build_table with the notes every table carries (duplicates, mixed memory
+Agg cell of an aggregated table, and build_table with the notes every table carries (runs found twice, mixed memory
 kinds, unreadable records)."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from qpeft_bench.report.formatting import Formatter, fmt_text
-from qpeft_bench.report.records import LoadResult, Unreadable
+from qpeft_bench.report.records import Duplicate, LoadResult, Unreadable
 from qpeft_bench.report.rows import MARKS, Row, records_to_rows, sort_rows
 
 MARK = "†"  # a value from a limited or fixtures evaluation ("*" marks diverged runs)
@@ -51,7 +51,13 @@ def build_table(spec: TableSpec, loaded: LoadResult) -> Table:
         for col in spec.columns
         if col.key in row[MARKS] and row.get(col.key) is not None
     ]
-    notes = [*spec.notes, *data_notes(spec, rows), *coverage_notes(marked), *unreadable_notes(loaded.unreadable)]
+    notes = [
+        *spec.notes,
+        *duplicate_notes(loaded.duplicates),
+        *data_notes(spec, rows),
+        *coverage_notes(marked),
+        *unreadable_notes(loaded.unreadable),
+    ]
     return Table(spec=spec, rows=rows, notes=notes)
 
 
@@ -127,22 +133,21 @@ def fmt_agg(inner: Formatter, *, show_n: bool) -> Formatter:
 
 
 def data_notes(spec: TableSpec, rows: Sequence[Row]) -> list[str]:
-    notes = duplicate_notes(rows)
     if any(col.key == "peak_memory_bytes" for col in spec.columns):
-        notes += memory_kind_notes(rows)
+        return memory_kind_notes(rows)
+    return []
+
+
+def duplicate_notes(duplicates: Iterable[Duplicate]) -> list[str]:
+    """One line per run found at several paths (a copied run directory): which record counted, and whether the
+    others hold other results (then the copy is not a plain copy, and which one is right is for the reader to say)."""
+    notes = []
+    for dup in duplicates:
+        times = "twice" if len(dup.dropped) == 1 else f"{len(dup.dropped) + 1} times"
+        others = ", ".join(str(r.path) for r in dup.dropped)
+        differ = f"; the records differ in {', '.join(dup.differ)}" if dup.differ else ""
+        notes.append(f"run {dup.kept.run_id} found {times}: {dup.kept.path} (kept), {others}; counted once{differ}")
     return notes
-
-
-def duplicate_notes(rows: Sequence[Row]) -> list[str]:
-    # A copied run directory yields the same run_id twice; both rows stay so nothing is silently hidden.
-    paths: dict[str, list[str]] = defaultdict(list)
-    for row in rows:
-        paths[row["run_id"]].append(row["record_path"])
-    return [
-        f"duplicate run_id {run_id}: {', '.join(sorted(found))} (all rows kept)"
-        for run_id, found in sorted(paths.items())
-        if len(found) > 1
-    ]
 
 
 def memory_kind_notes(rows: Sequence[Row]) -> list[str]:
