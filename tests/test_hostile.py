@@ -195,10 +195,17 @@ def test_a_failure_with_an_empty_message_is_summarised(tmp_path, qpeft_cli, monk
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def test_an_unwritable_cache_is_a_warning_and_cache_base_keeps_the_run_id(tmp_path, qpeft_cli, monkeypatch, compose):
+@pytest.mark.parametrize("where", ["QPEFT_CACHE", "HOME"])
+def test_an_unwritable_cache_is_a_warning_and_cache_base_keeps_the_run_id(
+    where, tmp_path, qpeft_cli, monkeypatch, compose
+):
     blocker = tmp_path / "a_file"
     blocker.write_text("")
-    monkeypatch.setenv("QPEFT_CACHE", str(blocker / "cache"))  # its folder would be under a regular file
+    if where == "HOME":  # the default cache, ~/.cache/qpeft-bench, under a home that cannot be written
+        monkeypatch.delenv("QPEFT_CACHE", raising=False)
+        monkeypatch.setenv("HOME", "/proc/qpeft-no-home")
+    else:
+        monkeypatch.setenv("QPEFT_CACHE", str(blocker / "cache"))  # its folder would be under a regular file
     code, output = qpeft_cli(*FAST, f"output_root={tmp_path}/runs")
     assert code == 0, output
     assert "base-eval cache not written" in output
