@@ -12,6 +12,7 @@ from pathlib import Path
 from qpeft_bench.results import atomic_write_json
 
 log = logging.getLogger("qpeft_bench")
+MAX_ENTRY_BYTES = 64 * 2**20  # a task set's result with every subtask is a few hundred KiB
 
 
 class BaseEvalCache:
@@ -38,6 +39,13 @@ class BaseEvalCache:
         None when absent. A file that is there but holds something else (torn by a full disk, edited, copied from
         another machine's cache under this name) is never trusted: a warning, and the result is computed again."""
         path = self.path(task)
+        if not path.exists():
+            return None
+        if not path.is_file() or path.stat().st_size > MAX_ENTRY_BYTES:  # a FIFO would hang, /dev/zero never ends
+            log.warning(
+                "base-eval cache entry %s is not a regular file of a cache entry's size; computing it again", path
+            )
+            return None
         try:
             entry = json.loads(path.read_text())
         except FileNotFoundError:
