@@ -13,6 +13,7 @@ from typing import Any
 from qpeft_bench.report.formatting import Formatter, fmt_text
 from qpeft_bench.report.records import Duplicate, LoadResult, Unreadable
 from qpeft_bench.report.rows import MARKS, Row, records_to_rows, sort_rows
+from qpeft_bench.report.stats import Comparison, Interval
 
 MARK = "†"  # a value from a limited or fixtures evaluation ("*" marks diverged runs)
 
@@ -90,6 +91,8 @@ class Agg:
     """The values of one cell of an aggregated table (one per run that entered it)."""
 
     values: tuple[float, ...]
+    interval: Interval | None = None  # a bootstrap interval of the mean (stats.py), where per-item results exist
+    comparison: Comparison | None = None  # against the table's baseline on the same items (stats.py)
 
     @property
     def n(self) -> int:
