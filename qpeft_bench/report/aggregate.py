@@ -9,9 +9,11 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, replace
 from typing import Any
 
+import qpeft_bench.report.uncertainty as uncertainty
 from qpeft_bench.report.formatting import fmt_text
 from qpeft_bench.report.records import LoadResult, RunRecord
 from qpeft_bench.report.reference import Reference, add_reference
+from qpeft_bench.report.reference import _key_norm as key_norm
 from qpeft_bench.report.rows import MARKS, Row, is_number, record_to_row, records_to_rows, sort_value
 from qpeft_bench.report.tables import Agg, Column, Table, TableSpec, coverage_notes, duplicate_notes, unreadable_notes
 
@@ -77,7 +79,11 @@ class AggSpec:
 
 
 def build_aggregate(
-    spec: AggSpec, loaded: LoadResult, diverged_ppl: float = DEFAULT_DIVERGED_PPL, reference: Reference | None = None
+    spec: AggSpec,
+    loaded: LoadResult,
+    diverged_ppl: float = DEFAULT_DIVERGED_PPL,
+    reference: Reference | None = None,
+    settings: uncertainty.Settings | None = None,
 ) -> Table:
     rows = records_to_rows(loaded.records)
     key_names = [col.key for col in spec.keys]
@@ -95,6 +101,7 @@ def build_aggregate(
         else:
             left_out[row["status"]] += 1
     cells: dict[tuple, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    members: dict[tuple, list[Row]] = defaultdict(list)  # (group, cell) -> the runs whose value entered it
     # (group, cell) -> (run id, why) of each run whose value entered it from a limited or fixtures evaluation
     marked: dict[tuple, list[tuple[str, str]]] = defaultdict(list)
     across_values: list[Any] = []
@@ -105,6 +112,7 @@ def build_aggregate(
             value = row[spec.metrics[0].key]
             if is_number(value):
                 group[row[spec.across]].append(float(value) if isinstance(value, float) else value)
+                members[group_key, str(row[spec.across])].append(row)
                 if row[spec.across] not in across_values:
                     across_values.append(row[spec.across])
                 if spec.metrics[0].key in row[MARKS]:
@@ -113,6 +121,7 @@ def build_aggregate(
         for key in metric_keys:
             if is_number(row[key]):
                 group[key].append(row[key])
+                members[group_key, key].append(row)
                 if key in row[MARKS]:
                     marked[group_key, key].append((row["run_id"], row[MARKS][key]))
     for group_key in diverged:
@@ -168,12 +177,86 @@ def build_aggregate(
             + ", ".join(f"{count} {status}" for status, count in sorted(left_out.items()))
         )
     notes += [*coverage, *duplicate_notes(loaded.duplicates)]
+    tested: list[uncertainty.Tested] = []
+    if quality:
+        settings = settings or uncertainty.Settings()
+        tested, stat_notes = _add_stats(spec, groups, out, value_cols, members, settings, lookup)
+        notes += stat_notes
     columns = (*spec.keys, *value_cols)
     table_spec = TableSpec(name=spec.name, title=spec.title, columns=columns, csv_extra=())
-    table = Table(spec=table_spec, rows=out, notes=[*notes, *unreadable_notes(loaded.unreadable)])
+    table = Table(spec=table_spec, rows=out, notes=[*notes, *unreadable_notes(loaded.unreadable)], tested=tested)
     if reference is not None and spec.across is None:
         table = add_reference(table, key_names, reference)
     return table
+
+
+def _add_stats(
+    spec: AggSpec,
+    groups: list[tuple],
+    out: list[Row],
+    value_cols: tuple[Column, ...],
+    members: dict[tuple, list[Row]],
+    settings: uncertainty.Settings,
+    lookup: dict[str, Any],
+) -> tuple[list[uncertainty.Tested], list[str]]:
+    """Intervals on every quality cell and comparisons against the baselines, written into the table's Agg cells;
+    returns the comparisons and the notes that explain them."""
+    source = uncertainty.ItemSource()
+    key_names = [col.key for col in spec.keys]
+    metric_of = {col.key: (spec.metrics[0].key if spec.across is not None else col.key) for col in value_cols}
+    stat_cols = [col for col in value_cols if uncertainty.item_selector(metric_of[col.key]) is not None]
+    pairs = []
+    for group_key in groups:
+        for col in stat_cols:
+            base = _baseline_cell(spec, group_key, col.key, key_names, settings.baseline, set(groups), lookup)
+            if base is not None and members.get((group_key, col.key)) and members.get(base[:2]):
+                cell, against = members[group_key, col.key], members[base[:2]]
+                pairs.append((group_key, col.key, metric_of[col.key], cell, against, base[2]))
+    tested = uncertainty.compare_cells(pairs, source, settings)
+    by_cell = {(t.row, t.column): t for t in tested}
+    intervals = without = 0
+    for group_key, row in zip(groups, out, strict=True):
+        for col in stat_cols:
+            agg = row.get(col.key)
+            if not isinstance(agg, Agg):
+                continue
+            interval = uncertainty.cell_interval(members[group_key, col.key], metric_of[col.key], source, settings)
+            intervals, without = intervals + (interval is not None), without + (interval is None)
+            row[col.key] = uncertainty.with_stats(agg, interval, by_cell.get((group_key, col.key)))
+    if settings.replicates <= 0:
+        return [], ["No intervals or comparisons: --bootstrap 0."]
+    return tested, uncertainty.notes(
+        settings, intervals, without if intervals or tested else 0, tested, source.problems
+    )
+
+
+def _baseline_cell(
+    spec: AggSpec,
+    group_key: tuple,
+    col_key: str,
+    key_names: list[str],
+    baseline: uncertainty.Baseline,
+    groups: set[tuple],
+    lookup: dict[str, Any],
+) -> tuple[tuple, str, str] | None:
+    """(group, column, label) of the cell a cell is compared with, or None: in a pivot over the baseline's key, the
+    baseline's column of the same row; elsewhere the row whose keys equal this row's except the baseline's, which
+    take the baseline's values (the same column). A cell is never its own baseline."""
+    wanted = dict(baseline.values)
+    if spec.across is not None:
+        if spec.across not in wanted:
+            return None
+        base_col = next((key for key in lookup if key_norm(key) == key_norm(wanted[spec.across])), None)
+        if base_col is None or base_col == col_key:
+            return None
+        return group_key, base_col, f"{spec.across} {wanted[spec.across]}"
+    if not set(wanted) <= set(key_names):
+        return None
+    target = tuple(wanted[name] if name in wanted else value for name, value in zip(key_names, group_key, strict=True))
+    match = next((g for g in groups if all(key_norm(a) == key_norm(b) for a, b in zip(g, target, strict=True))), None)
+    if match is None or match == group_key:
+        return None
+    return match, col_key, baseline.label()
 
 
 def has_values(table: Table) -> bool:

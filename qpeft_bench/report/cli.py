@@ -19,7 +19,10 @@ from qpeft_bench.report.output import OutputError, write_files
 from qpeft_bench.report.records import LoadResult, load_records
 from qpeft_bench.report.reference import Reference, load_reference
 from qpeft_bench.report.render import render_markdown, table_files
+from qpeft_bench.report.significance import significance_table
+from qpeft_bench.report.stats import DEFAULT_REPLICATES
 from qpeft_bench.report.tables import Table, build_table, unreadable_notes
+from qpeft_bench.report.uncertainty import Baseline, Settings
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -30,7 +33,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", default="results/tables", help="output directory (default: results/tables)")
     parser.add_argument(
         "--table",
-        choices=[*TABLES, *AGGREGATES, "all"],
+        choices=[*TABLES, *AGGREGATES, "significance", "all"],
         default="all",
         help="table to build (default: all: every table that has values; by_layer_group only when "
         "some run sets layer groups)",
@@ -50,6 +53,22 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "and metric columns it names (see report.Reference)",
     )
     parser.add_argument(
+        "--bootstrap",
+        type=int,
+        default=DEFAULT_REPLICATES,
+        metavar="N",
+        help="bootstrap replicates of the quality cells' intervals and the paired comparisons, from the runs' "
+        f"per-item results (default: {DEFAULT_REPLICATES}; 0: no intervals or comparisons)",
+    )
+    parser.add_argument(
+        "--baseline",
+        default=Baseline().label(),
+        metavar="KEY=VALUE[,...]",
+        help="what each quality cell is compared with: the row equal in every key but these, which take these "
+        "values (default: layer_group=uniform, the uniform setting of the same model, data, quantizer, method and "
+        "ranks; e.g. method_name=lora or r=64,alpha=16)",
+    )
+    parser.add_argument(
         "--figures",
         action="store_true",
         help="also write figures (PNG, PDF and each one's data as CSV) to the 'figures' folder "
@@ -58,25 +77,41 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if not args.diverged_ppl > 0:
         parser.error(f"--diverged-ppl must be a positive number, got {args.diverged_ppl}")
+    if args.bootstrap < 0:
+        parser.error(f"--bootstrap must be 0 (off) or a number of replicates, got {args.bootstrap}")
+    try:
+        args.baseline = Baseline.parse(args.baseline)
+    except ValueError as exc:
+        parser.error(str(exc))
     return args
 
 
 def select_tables(
-    loaded: LoadResult, name: str, diverged_ppl: float = DEFAULT_DIVERGED_PPL, reference: Reference | None = None
+    loaded: LoadResult,
+    name: str,
+    diverged_ppl: float = DEFAULT_DIVERGED_PPL,
+    reference: Reference | None = None,
+    settings: Settings | None = None,
 ) -> list[Table]:
     """The tables --table NAME asks for. 'all' leaves out aggregated tables without any value, and pivots whose only
-    column is their baseline (by_layer_group over runs that all use uniform knobs compares nothing)."""
+    column is their baseline (by_layer_group over runs that all use uniform knobs compares nothing); it ends with
+    the significance table when any table compared cells with their baselines."""
     tables = [build_table(spec, loaded) for key, spec in TABLES.items() if name in (key, "all")]
     for key, spec in AGGREGATES.items():
-        if name not in (key, "all"):
+        if name not in (key, "all", "significance"):
             continue
         for part_spec, part in split_runs(spec, loaded):
-            table = build_aggregate(part_spec, part, diverged_ppl, reference)
+            table = build_aggregate(part_spec, part, diverged_ppl, reference, settings)
             pivot_cols = [col.key for col in table.spec.columns[len(spec.keys) :]]
             baseline_only = spec.across is not None and set(pivot_cols) <= set(spec.across_first)
-            if name == key or (has_values(table) and not baseline_only):
+            if name == key or (name != "significance" and has_values(table) and not baseline_only):
                 tables.append(table)
-    return tables
+            elif name == "significance":
+                tables.append(table)  # only for its comparisons, dropped below
+    tested = significance_table(tables) if name in ("all", "significance") else None
+    if name == "significance":
+        tables = []
+    return tables + ([tested] if tested is not None else [])
 
 
 def say(text: str, stream: TextIO) -> None:
@@ -121,7 +156,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     # Everything is rendered before anything is written, and written all or nothing: a report that fails (an
     # unwritable --out, matplotlib missing) leaves the previous tables as they were, never half of a new set.
-    tables = select_tables(loaded, args.table, args.diverged_ppl, reference)
+    settings = Settings(replicates=args.bootstrap, baseline=args.baseline)
+    tables = select_tables(loaded, args.table, args.diverged_ppl, reference, settings)
     out = Path(args.out)
     files = [table_files(table, out) for table in tables]
     if args.figures:

@@ -8,6 +8,7 @@ import csv
 import io
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from qpeft_bench.report.formatting import printable, raw_value
 from qpeft_bench.report.rows import MARKS, Row
@@ -41,22 +42,48 @@ def render_markdown(table: Table) -> str:
     return printable("\n".join(lines) + "\n")
 
 
-def csv_fields(spec: TableSpec) -> list[str]:
+# The CSV columns of an averaged cell: always mean, std, n; its interval and its comparison only in a table where some
+# cell has one (tables without per-item results keep their columns).
+AGG_FIELDS = ("mean", "std", "n")
+INTERVAL_FIELDS = ("low", "high")
+COMPARISON_FIELDS = ("diff", "diff_low", "diff_high", "p", "p_holm")
+
+
+def _agg_fields(table: Table) -> tuple[str, ...]:
+    cells = [row.get(col.key) for row in table.rows for col in table.spec.columns if col.agg]
+    aggs = [c for c in cells if isinstance(c, Agg)]
+    return (
+        AGG_FIELDS
+        + (INTERVAL_FIELDS if any(a.interval for a in aggs) else ())
+        + (COMPARISON_FIELDS if any(a.comparison for a in aggs) else ())
+    )
+
+
+def csv_fields(spec: TableSpec, agg_fields: Sequence[str] = AGG_FIELDS) -> list[str]:
     fields = []
     for col in spec.columns:
-        fields += [f"{col.key}_mean", f"{col.key}_std", f"{col.key}_n"] if col.agg else [col.key]
+        fields += [f"{col.key}_{f}" for f in agg_fields] if col.agg else [col.key]
     return fields + [k for k in spec.csv_extra if k not in {c.key for c in spec.columns}]
 
 
-def csv_row(spec: TableSpec, row: Row) -> list[str]:
+def _agg_cells(agg: Any) -> dict[str, Any]:
+    if not isinstance(agg, Agg):
+        return {"n": 0}
+    cells = {"mean": agg.mean, "std": agg.std, "n": agg.n}
+    if agg.interval is not None:
+        cells.update(low=agg.interval.low, high=agg.interval.high)
+    c = agg.comparison
+    if c is not None:
+        cells.update(diff=c.diff, diff_low=c.low, diff_high=c.high, p=c.p, p_holm=c.p_holm)
+    return cells
+
+
+def csv_row(spec: TableSpec, row: Row, agg_fields: Sequence[str] = AGG_FIELDS) -> list[str]:
     cells: Row = dict(row)
     for col in spec.columns:
         if col.agg:
-            agg = row.get(col.key)
-            cells[f"{col.key}_mean"] = agg.mean if isinstance(agg, Agg) else None
-            cells[f"{col.key}_std"] = agg.std if isinstance(agg, Agg) else None
-            cells[f"{col.key}_n"] = agg.n if isinstance(agg, Agg) else 0
-    return [raw_value(cells.get(key)) for key in csv_fields(spec)]
+            cells.update({f"{col.key}_{k}": v for k, v in _agg_cells(row.get(col.key)).items()})
+    return [raw_value(cells.get(key)) for key in csv_fields(spec, agg_fields)]
 
 
 def render_csv(table: Table) -> str:
@@ -67,9 +94,10 @@ def render_csv(table: Table) -> str:
     keys = {col.key for col in table.spec.columns}
     marks = [{k: v for k, v in (row.get(MARKS) or {}).items() if k in keys} for row in table.rows]
     extra = [MARKS] if any(marks) else []
-    writer.writerow(csv_fields(table.spec) + extra)
+    fields = _agg_fields(table)
+    writer.writerow(csv_fields(table.spec, fields) + extra)
     writer.writerows(
-        csv_row(table.spec, row) + ([raw_value(m or None)] if extra else [])
+        csv_row(table.spec, row, fields) + ([raw_value(m or None)] if extra else [])
         for row, m in zip(table.rows, marks, strict=True)
     )
     return printable(buffer.getvalue())
@@ -93,6 +121,7 @@ LATEX_SPECIAL = {
     "Δ": r"$\Delta$",
     "×": r"$\times$",
     "†": r"$^\dagger$",
+    "‡": r"$^\ddagger$",
     "\n": " ",
     "\r": " ",
 }

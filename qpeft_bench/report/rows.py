@@ -76,6 +76,7 @@ RECORD_FIELDS: dict[str, tuple[str, ...]] = {
     "leaderboard_avg4_after": ("eval", "after", "leaderboard", "average_4"),
     **{f"lb_{task}_after": ("eval", "after", "leaderboard", "tasks", task, "value") for task in LEADERBOARD_TASKS},
     **{f"cs_{task}_after": ("eval", "after", "commonsense", "tasks", task, "value") for task in COMMONSENSE_TASKS},
+    "items_ref": ("eval", "items"),  # where the run's per-item results are (evaluation/items.py)
     "gen_tokens_per_s": ("eval", "after", "speed", "generation", "tokens_per_s"),
     "forward_ms": ("eval", "after", "speed", "step", "forward_ms"),
     "backward_ms": ("eval", "after", "speed", "step", "backward_ms"),
@@ -113,7 +114,7 @@ def get_path(data: Any, path: Sequence[str]) -> Any:
 
 # Fields whose values are lists or mappings by design; any other field holding one is as good as missing (tables group
 # rows by these values and format them as numbers or text).
-CONTAINER_FIELDS = frozenset({"variant", "by_layer", "losses"})
+CONTAINER_FIELDS = frozenset({"variant", "by_layer", "losses", "items_ref"})
 # Fields that hold names, times and messages; every other scalar field is a number (or a flag) when present.
 TEXT_FIELDS = frozenset(
     {

@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from qpeft_bench.report.formatting import Formatter, fmt_text
@@ -16,6 +16,7 @@ from qpeft_bench.report.rows import MARKS, Row, records_to_rows, sort_rows
 from qpeft_bench.report.stats import Comparison, Interval
 
 MARK = "†"  # a value from a limited or fixtures evaluation ("*" marks diverged runs)
+SIGNIFICANT = "‡"  # a difference whose interval excludes zero after Holm's correction over the table
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,7 @@ class Table:
     spec: TableSpec
     rows: list[Row]
     notes: list[str]
+    tested: list[Any] = field(default_factory=list)  # uncertainty.Tested: the table's comparisons (significance)
 
 
 def build_table(spec: TableSpec, loaded: LoadResult) -> Table:
@@ -127,12 +129,26 @@ def fmt_agg(inner: Formatter, *, show_n: bool) -> Formatter:
         if not isinstance(value, Agg):
             return inner(value)
         if not show_n and value.same:
-            return inner(value.mean)
-        if value.n == 1:
-            return f"{inner(value.mean)} (1)"
-        return f"{inner(value.mean)} ± {inner(value.std)} ({value.n})"
+            text = inner(value.mean)
+        elif value.n == 1:
+            text = f"{inner(value.mean)} (1)"
+        else:
+            text = f"{inner(value.mean)} ± {inner(value.std)} ({value.n})"
+        if value.interval is not None:
+            text += f" [{inner(value.interval.low)}, {inner(value.interval.high)}]"
+        c = value.comparison
+        if c is not None:
+            text += f"; Δ {_signed(inner, c.diff)} [{_signed(inner, c.low)}, {_signed(inner, c.high)}]"
+            text += SIGNIFICANT if c.significant else ""
+        return text
 
     return format_value
+
+
+def _signed(inner: Formatter, value: float) -> str:
+    """A difference with its sign always shown (the formatter prints the magnitude)."""
+    text = inner(abs(value))
+    return f"-{text}" if value < 0 and text.strip("0.,") else f"+{text}"
 
 
 def data_notes(spec: TableSpec, rows: Sequence[Row]) -> list[str]:
