@@ -111,7 +111,7 @@ def test_seeds_widen_the_interval_when_they_disagree() -> None:
     better[np.flatnonzero(~better)[:200]] = True
     two = stats.interval([scores(base), scores(better)], seed=1)
     assert (two.high - two.low) > 2 * (one.high - one.low)
-    assert "2 seeds" in two.how and "1 run" in one.how
+    assert "2 runs resampled" in two.how and "1 run" in one.how
 
 
 def test_runs_on_different_items_are_not_compared() -> None:
@@ -129,6 +129,11 @@ def test_seed_pairing_follows_the_seeds_not_the_order() -> None:
         [scores(base1), scores(base0)], [scores(base0), scores(base1)], baseline="u", seeds=([1, 0], [0, 1])
     )
     assert c.diff == 0 and c.low == 0 and c.high == 0 and c.p == 1
+    # repeated seeds (a cell averaged over configurations) are not paired: each side's runs are resampled alone
+    c = stats.compare(
+        [scores(base1), scores(base1)], [scores(base0), scores(base1)], baseline="u", seeds=([0, 0], [0, 0])
+    )
+    assert c.high > c.low
 
 
 def test_holm_matches_the_step_down_rule() -> None:

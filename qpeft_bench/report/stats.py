@@ -127,7 +127,7 @@ def pairable(runs: Sequence[Items]) -> bool:
 
 
 def how(n_runs: int) -> str:
-    return "items resampled" + (f", runs resampled over {n_runs} seeds" if n_runs > 1 else " (1 run)")
+    return "items resampled" + (f", {n_runs} runs resampled" if n_runs > 1 else " (1 run)")
 
 
 def interval(
@@ -163,9 +163,11 @@ def compare(
     rng = np.random.default_rng(seed)
     values = _run_values(runs, rng, replicates)
     ours, theirs = values[: len(cell)], values[len(cell) :]
-    paired = seeds is not None and sorted(map(str, seeds[0])) == sorted(map(str, seeds[1])) and len(cell) > 1
+    # pairing needs one run per seed on each side (a cell averaged over configurations repeats its seeds)
+    mine, theirs_seeds = ([str(s) for s in side] for side in seeds) if seeds is not None else ([], [])
+    paired = len(cell) > 1 and len(set(mine)) == len(mine) and sorted(mine) == sorted(theirs_seeds)
     if paired:
-        order = [list(map(str, seeds[1])).index(s) for s in map(str, seeds[0])]
+        order = [theirs_seeds.index(s) for s in mine]
         theirs = theirs[order]
         picks = rng.integers(0, len(cell), size=(replicates, len(cell)))
         diff = _seed_means(ours, rng, picks) - _seed_means(theirs, rng, picks)

@@ -212,7 +212,8 @@ def notes(settings: Settings, intervals: int, without: int, tested: Sequence[Tes
             f"[low, high]: {settings.level:.0%} percentile bootstrap interval of the cell's mean, "
             f"{settings.replicates} replicates: the evaluation items resampled within each run (one draw shared by "
             "the runs of a cell, which saw the same items; perplexities resample examples or windows) and, where a "
-            "cell has several runs, the runs resampled across seeds."
+            "cell has several runs, the runs resampled (its seeds, and its configurations where the table "
+            "averages over them)."
         )
     if without:
         out.append(f"{without} quality cells have no interval: some of their runs kept no per-item results.")
