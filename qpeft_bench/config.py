@@ -67,6 +67,35 @@ def _non_finite(value: Any) -> float | None:
     return None
 
 
+INT_LIMIT = 2**32  # beyond every count of a run (steps, batch, ranks, tokens) and every seed (< 2**32)
+
+
+def _huge_int(value: Any) -> int | None:
+    """The first integer beyond INT_LIMIT in a value (nested lists and mappings included), or None: a run with
+    train.grad_accum=10**23 passes every type check and then never finishes its first step."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value if abs(value) > INT_LIMIT else None
+    items = value.values() if isinstance(value, dict) else value if isinstance(value, (list, tuple)) else ()
+    for item in items:
+        big = _huge_int(item)
+        if big is not None:
+            return big
+    return None
+
+
+def _wrong_type(key: str, value: Any, tp: Any) -> str:
+    """The wrong-type line; for a list of the wrong elements, the first wrong element and what it should be."""
+    args = typing.get_args(tp)
+    lists = [a for a in (args if typing.get_origin(tp) in (typing.Union, types.UnionType) else (tp,))]
+    lists = [a for a in lists if typing.get_origin(a) in (list, tuple)]
+    if isinstance(value, (list, tuple)) and lists:
+        (inner, *_) = typing.get_args(lists[0]) or (Any,)
+        for i, item in enumerate(value):
+            if not type_ok(item, inner):
+                return f"{key}[{i}]={item!r} has the wrong type: expected {_type_name(inner)} (in a list of them)"
+    return f"{key}={value!r} has the wrong type: expected {_type_name(tp)}"
+
+
 def _type_name(tp: Any) -> str:
     if typing.get_origin(tp) is typing.Literal:
         return " | ".join(repr(a) for a in typing.get_args(tp))
@@ -94,10 +123,17 @@ def from_dict(cls: type, data: dict, where: str) -> Any:
             continue
         value = data[f.name]
         if not type_ok(value, hints[f.name]):
-            raise ConfigError(f"{prefix}{f.name}={value!r} has the wrong type: expected {_type_name(hints[f.name])}")
+            raise ConfigError(_wrong_type(f"{prefix}{f.name}", value, hints[f.name]))
         bad = _non_finite(value)
         if bad is not None:
             raise ConfigError(f"{prefix}{f.name}={value!r} holds {bad}: every number of the config must be finite")
+        big = None if f.name.endswith("seed") else _huge_int(value)  # seeds: seed_ok says their range
+        if big is not None:
+            holds = "" if big is value else f" holds {big}:"
+            raise ConfigError(
+                f"{prefix}{f.name}={value!r}{holds or ':'} no count, size or seed of a run goes beyond 2**32 "
+                "(a typo, or an exponent where a count was meant?)"
+            )
         kwargs[f.name] = value
     obj = cls(**kwargs)
     check = getattr(obj, "check", None)

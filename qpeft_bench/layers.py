@@ -147,9 +147,11 @@ def per_module_configs(
             set_knobs[group] = knobs
     if not set_knobs:
         return {}
-    overrides = resolve(modules, num_blocks, set_knobs, user_groups)
-    # strict types and the method's own checks, per module
     base = dataclasses.asdict(cfg)
+    for group, knobs in set_knobs.items():  # a wrong type or range named by its knob, not by some module
+        from_dict(type(cfg), {**base, **knobs}, f"peft.by_layer.{group}")
+    overrides = resolve(modules, num_blocks, set_knobs, user_groups)
+    # the method's own checks, per module (where two groups' knobs meet)
     return {name: from_dict(type(cfg), {**base, **overrides.get(name, {})}, f"peft (for {name})") for name in modules}
 
 

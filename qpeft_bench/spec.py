@@ -64,6 +64,9 @@ def validate(cfg: dict) -> RunSpec:
         raise ConfigError(
             "peft.by_layer and peft.layer_groups must be mappings ({group: {knob: value}}, {group: regex})"
         )
+    for group, knobs in by_layer.items():
+        if knobs is not None and not isinstance(knobs, dict):
+            raise ConfigError(f"peft.by_layer.{group}={knobs!r}: expected a mapping of knobs, e.g. {{r: 8}}")
     if not type_ok(variant, list[str]):
         raise ConfigError(f"peft.variant={variant!r}: a list of edits such as [mlp.r/2, attn.balance:4]")
     amod = adapters.get(peft_method)

@@ -75,6 +75,21 @@ BAD_INPUT = [
     ("memory_budget inf", ["train.memory_budget=inf"], "train.memory_budget=inf holds inf"),
     ("memory_budget 'inf' as text", ["train.memory_budget='inf'"], "train.memory_budget='inf'; give GiB"),
     ("a nan inside by_layer", ["+peft.by_layer={{mlp: {{alpha: .nan}}}}"], "nan"),
+    # counts beyond any run, wrong types named by their knob
+    ("grad_accum 10**23", ["train.grad_accum=100000000000000000000000"], "no count, size or seed of a run goes beyond"),
+    ("max_steps -10**30", ["train.max_steps=-1000000000000000000000000000000"], "train.max_steps=-1000000000"),
+    (
+        "a huge rank inside by_layer",
+        ["peft.by_layer.mlp.r=10000000000000"],
+        "peft.by_layer.mlp.r=10000000000000: no count",
+    ),
+    ("a text rank inside by_layer", ["peft.by_layer.mlp.r=eight"], "peft.by_layer.mlp.r='eight' has the wrong type"),
+    ("by_layer group not a mapping", ["peft.by_layer.mlp=8"], "peft.by_layer.mlp=8: expected a mapping of knobs"),
+    (
+        "a list of the wrong elements",
+        ["eval.tasks=[ppl_heldout,3]"],
+        "eval.tasks[1]=3 has the wrong type: expected str",
+    ),
     # seeds out of range
     ("seed too large", ["seed=99999999999999999999"], "seed=99999999999999999999 is out of range"),
     ("negative seed", ["seed=-1"], "seed=-1 is out of range"),
