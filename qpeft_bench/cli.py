@@ -10,6 +10,7 @@ import os
 os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 
 import logging
+import signal
 import sys
 import warnings
 from pathlib import Path
@@ -75,10 +76,24 @@ class SweepSummary(Callback):
 
     def __init__(self) -> None:
         self.outcomes: list[str] = []
+        self.jobs: list[tuple[object, list[str]]] = []  # (job number, its overrides) per job, in order
 
     def on_job_end(self, config, job_return, **kwargs) -> None:
         value = job_return._return_value if hasattr(job_return, "_return_value") else None
         self.outcomes.append(value if isinstance(value, str) else "failed")
+        number = OmegaConf.select(config, "hydra.job.num", default=len(self.jobs))
+        self.jobs.append((number, list(OmegaConf.select(config, "hydra.overrides.task", default=None) or [])))
+
+    def failed_points(self) -> list[str]:
+        """'#<job> <the overrides that make it this point of the grid> (<status>)' of every job that did not
+        complete; overrides that every job shares (output_root, train.max_steps=...) are left out."""
+        shared = set.intersection(*(set(o) for _, o in self.jobs)) if len(self.jobs) > 1 else set()
+        secrets = results.secret_values()
+        return [
+            f"#{number} {results.redact(' '.join(o for o in overrides if o not in shared), secrets)} ({outcome})"
+            for (number, overrides), outcome in zip(self.jobs, self.outcomes, strict=True)
+            if outcome not in ("completed", "skipped", "planned")
+        ]
 
     def on_multirun_end(self, config, **kwargs) -> None:
         if not self.outcomes:  # a remote launcher (submitit) ran the jobs and their callbacks in other processes
@@ -86,8 +101,14 @@ class SweepSummary(Callback):
             return
         counts = {s: self.outcomes.count(s) for s in sorted(set(self.outcomes))}
         log.info("sweep finished: %d runs: %s", len(self.outcomes), ", ".join(f"{n} {s}" for s, n in counts.items()))
-        if any(s not in ("completed", "skipped", "planned") for s in self.outcomes):
-            log.error("some runs did not complete; re-run the same command to redo them (completed ones are skipped)")
+        failed = self.failed_points()
+        if failed:
+            log.error(
+                "%d of %d runs did not complete: %s; re-run the same command to redo them (completed ones are skipped)",
+                len(failed),
+                len(self.outcomes),
+                "; ".join(failed),
+            )
             sys.exit(1)  # a sweep with failed runs must not look green to make, CI or a job scheduler
 
 
@@ -163,8 +184,25 @@ def _main(cfg: DictConfig) -> str:
     return status
 
 
+def _terminate(signum, frame) -> None:
+    # SIGTERM (scancel, a SLURM time limit, a container stop) unwinds like Ctrl-C, so the run's record is written
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
 def main() -> None:
     redact_log_records()
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        _main_dispatch()
+    except KeyboardInterrupt as err:  # the run's record already says failed (recipe.run); no traceback
+        how = err.args[0] if err.args and isinstance(err.args[0], str) else "SIGINT"
+        print(f"qpeft-bench: interrupted by {how}", file=sys.stderr)
+        sys.exit(128 + getattr(signal, how, signal.SIGINT))  # what a shell reports for a process the signal killed
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _main_dispatch() -> None:
     if os.environ.get("HYDRA_FULL_ERROR") == "1":  # the user asked for Hydra's own report with the full traceback
         _dispatch()
         return

@@ -148,6 +148,13 @@ def run(config: dict, run_dir: Path, progress: bool = True, summary: bool = True
             record["status"] = "failed"
             record["error"] = {"type": type(err).__name__, "message": str(err)}
             log.exception("run %s failed", rid)
+        except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM (scancel, a SLURM time limit: cli.py raises it)
+            # failed, not left "running": a sweep run again redoes it, and the report counts it as not trained
+            how = err.args[0] if err.args else "SIGINT"
+            record["status"] = "failed"
+            record["error"] = {"type": "Interrupted", "message": f"stopped by {how} at {results.now()}"}
+            log.error("run %s interrupted by %s; its record says failed", rid, how)
+            raise
         finally:
             record["meta"]["end_time"] = results.now()
             write()

@@ -372,6 +372,7 @@ def test_out_of_memory_is_recorded_with_the_memory_held_and_the_sweep_goes_on(tm
     code, output = qpeft_cli("-m", "peft.r=4,8", *FAST, f"output_root={tmp_path / 'runs'}")
     assert code == 1  # a sweep with a run that did not complete must not look green
     assert "sweep finished: 2 runs: 1 completed, 1 oom" in output
+    assert "1 of 2 runs did not complete: #0 peft.r=4 (oom); re-run the same command" in output  # which point
     recs = {}
     for path in tmp_path.glob(f"runs/*/{results.RECORD}"):
         rec = json.loads(path.read_text())
@@ -699,3 +700,26 @@ def test_a_real_cuda_out_of_memory_is_recorded_and_the_next_run_completes(compos
     assert rec["error"]["type"] == "OutOfMemoryError" and rec["error"]["memory_kind"] == "cuda_allocated"
     assert rec["error"]["memory_allocated_bytes"] >= rec["accounting"]["quantized_model_bytes"] > 0
     assert recipe.run(compose([*FAST, "train.device=cuda", "seed=1"]), tmp_path / "next", progress=False) == "completed"
+
+
+@pytest.mark.parametrize("how", ["SIGTERM", "SIGINT"])
+def test_an_interrupted_run_says_so_in_its_record_and_on_one_line(how, tmp_path, qpeft_cli, monkeypatch):
+    """Ctrl-C or SIGTERM (scancel, a SLURM time limit) in the middle of training: the record says failed with
+    the signal, not `running` forever; no traceback; the exit code is the shell's 128 + signal."""
+    from qpeft_bench import cli
+
+    def interrupted(*args, **kwargs):
+        if how == "SIGTERM":
+            cli._terminate(signal.SIGTERM, None)  # what the handler does when the signal arrives
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(recipe, "fine_tune", interrupted)
+    before = signal.getsignal(signal.SIGTERM)
+    code, output = qpeft_cli(*FAST, f"output_root={tmp_path / 'runs'}")
+    assert code == 128 + getattr(signal, how), output
+    assert f"qpeft-bench: interrupted by {how}" in output and "Traceback" not in output, output
+    (path,) = tmp_path.rglob(results.RECORD)
+    record = json.loads(path.read_text())
+    assert record["status"] == "failed" and record["error"]["type"] == "Interrupted"
+    assert record["error"]["message"].startswith(f"stopped by {how} at ")
+    assert signal.getsignal(signal.SIGTERM) == before  # the handler goes when the command ends
