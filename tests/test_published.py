@@ -179,12 +179,16 @@ def test_records_built_from_the_published_rows_give_delta_zero(
 
 def test_the_table_says_what_was_not_matched(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     row = next(r for r in load_published(load_reference("published")).rows if r["table"] == "Table B.2")
-    want, _ = wanted(row)  # type: ignore[misc]
-    write_runs(tmp_path / "runs", synthetic_runs([row]))
+    runs = synthetic_runs([row])
+    runs[json.dumps(record_config({"model": "tiny_llama", "quant": "nf4"}))] = {RECORD_FIELDS["ppl_after"]: 9.0}
+    write_runs(tmp_path / "runs", runs)
     assert main([str(tmp_path / "runs"), "--out", str(tmp_path / "out"), "--reference", "published"]) == 0
     stdout = capsys.readouterr().out
     text = stdout[stdout.index("## Published values side by side") :]
     assert "1 of 1100 published rows matched" in text
+    # the thesis mean over Table B.2's configurations of the same model and data: we ran one of its five
+    assert "not matched, a mean over configurations, ours lacks r=8 α=16, r=16 α=32, r=64 α=128, r=256 α=128" in text
+    assert "ours without a published row (1 cells): tiny_llama alpaca nf4 lora uniform" in text
     assert "not matched, no run of ours" in text
     assert "not matched, not reproducible: merges an update into a released model: 30 rows" in text
     assert "model llama_65b not in conf/model" in text
@@ -250,6 +254,7 @@ GOOD = {
         ({"setting": "r=8 alpha=16 + RsLoRA"}, TIDY_COLUMNS, "names rslora, method 'lora'"),
         ({"unit": "furlongs"}, TIDY_COLUMNS, "unit 'furlongs' unknown"),
         ({"model": "gpt5"}, TIDY_COLUMNS, "model 'gpt5' unknown"),
+        ({"setting": "no fine-tuning; before quantization"}, TIDY_COLUMNS, "is unquantized, the quant column 'nf4'"),
     ],
 )
 def test_a_bad_tidy_file_is_one_error_line(
@@ -266,3 +271,9 @@ def test_a_bad_tidy_file_is_one_error_line(
 def test_parse_setting_reads_one_row() -> None:
     assert parse_setting(GOOD).r == 8 and parse_setting(GOOD).kind == "config"
     assert parse_setting({**GOOD, "setting": "PT: pre-trained model"}).kind == "base"
+
+
+def test_the_published_table_alone_needs_a_reference(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main([str(tmp_path), "--table", "published"])
+    assert "--table published needs --reference" in capsys.readouterr().err

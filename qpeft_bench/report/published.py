@@ -230,6 +230,9 @@ def parse_setting(row: Mapping[str, str]) -> Setting:
             else:
                 raise SettingError(f"unknown setting {row.get('setting')!r} (no rule reads {clause!r})")
     setting = Setting(**fields, seeds=int(seeds[1]) if seeds else None)
+    unquantized = re.search(r"before quantization|unquantized|FP16 base", text)
+    if setting.kind == "base" and unquantized and row.get("quant") != "none":
+        raise SettingError(f"setting {row.get('setting')!r} is unquantized, the quant column {row.get('quant')!r}")
     if setting.kind in ("config", "weak_columns", "mean"):
         setting = replace(setting, layer_group="uniform")
     method = str(row.get("method") or "")

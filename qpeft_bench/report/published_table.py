@@ -62,16 +62,20 @@ class Cell:
 
     def describe(self) -> str:
         k = self.keys
-        knobs = " ".join(f"{n}={fmt_text(k[n])}" for n in ("r", "alpha", "k") if k[n] is not None)
-        return f"{k['model']} {k['dataset']} {k['quant_setting']} {k['method_name']} {knobs} {k['layer_group']}".strip()
+        knobs = [f"{n}={fmt_text(k[n])}" for n in ("r", "alpha", "k") if k[n] is not None]
+        parts = [k["model"], k["dataset"], k["quant_setting"], k["method_name"], *knobs, k["layer_group"]]
+        return " ".join(fmt_text(part) for part in parts if part is not None)
 
 
 def record_extras(record: RunRecord) -> tuple[tuple[str, Any], ...]:
     out = []
     for name, paths in EXTRAS.items():
         value = next((v for v in (get_path(record.data, p) for p in paths) if v is not None), None)
-        if name == "targets":
-            value = "all" if value is None else "mlp" if set(value) <= MLP_LINEARS else ",".join(sorted(value))
+        if name == "targets":  # null: every linear; the FFN's linears alone: 'mlp' (the Platypus recipe)
+            names = value if isinstance(value, list) else [value]
+            value = (
+                "all" if value is None else "mlp" if set(map(str, names)) <= MLP_LINEARS else ",".join(map(str, names))
+            )
         out.append((name, value))
     return tuple(out)
 
@@ -101,7 +105,7 @@ def wanted(row: PublishedRow) -> tuple[dict[str, Any], str] | str:
         return f"model {row['model']} {NOT_RUNNABLE['model']}"
     found = metric_field(source, metric)
     if found is None:
-        return f"{metric}: {NOT_RUNNABLE.get(metric, f'no record field for the {source} study`s {metric}')}"
+        return f"{metric}: {NOT_RUNNABLE.get(metric, 'no record field for it in the ' + source + ' study')}"
     if row.value is None:
         return "no number printed (" + (row["notes"].split(";")[0] or "empty") + ")"
     quant, bits_key = QUANTS[row["quant"]]
@@ -188,6 +192,10 @@ def scaled(agg: Agg, factor: float) -> Agg:
 
 
 # ---- The table
+def interval_text(interval: Interval | None) -> str:
+    return "—" if interval is None else f"[{interval.low:.6g}, {interval.high:.6g}]"
+
+
 def _sig(value: Any) -> str:
     if not is_number(value):
         return fmt_text(value)
@@ -198,10 +206,6 @@ def _sig(value: Any) -> str:
 def _delta(value: Any) -> str:
     # float noise of a unit conversion (0.453 x 100) is no difference
     return "" if value is None else "0" if abs(value) < 1e-9 else f"{value:+.4g}"
-
-
-def _interval(value: Any) -> str:
-    return "—" if not isinstance(value, Interval) else f"[{value.low:.6g}, {value.high:.6g}]"
 
 
 PUBLISHED = TableSpec(
@@ -216,7 +220,7 @@ PUBLISHED = TableSpec(
         Column("published", "published", _sig, align="right"),
         Column("unit", "unit"),
         Column("ours", "ours", fmt_agg(_sig, show_n=True), align="right", agg=True),
-        Column("interval", "ours 95% interval", _interval, align="right"),
+        Column("interval", "ours 95% interval", align="right"),
         Column("delta", "Δ", _delta, align="right"),
         Column("in_interval", "in interval"),
         Column("our_cell", "our cell"),
@@ -236,7 +240,8 @@ def build_published(loaded: LoadResult, published: Published, diverged_ppl: floa
         interval = pair.ours.interval
         row |= {"r": pair.row.number_of("r"), "alpha": pair.row.number_of("alpha"), "setting": pair.row["setting"]}
         row |= {"metric": pair.row["metric"], "published": pair.row.value, "unit": pair.row["unit"], "ours": pair.ours}
-        row |= {"interval": interval, "delta": pair.ours.mean - pair.row.value, "our_cell": pair.cell}  # type: ignore[operator]
+        row |= {"interval": interval_text(interval), "delta": pair.ours.mean - pair.row.value}  # type: ignore[operator]
+        row |= {"our_cell": pair.cell}
         row |= {"in_interval": "—" if interval is None else "yes" if interval.covers(pair.row.value) else "no"}  # type: ignore[arg-type]
         row |= {"interval_low": interval and interval.low, "interval_high": interval and interval.high}
         row |= {"our_field": pair.field, "published_row": pair.row.number}
@@ -250,13 +255,16 @@ def build_published(loaded: LoadResult, published: Published, diverged_ppl: floa
         "Ours: mean ± std (n) over the seeds of one configuration; a row that averages a table's (r, alpha) "
         "configurations against our mean over every run of the same configurations; a no-fine-tuning row against "
         "the evaluation before fine-tuning of every run of that model and quantizer.",
-        *cell_notes[1:],  # the first says how our cells average, said above
+        *(f"Intervals: {how}." for how in sorted({p.ours.interval.how for p in pairs if p.ours.interval}) if how),
+        *(note for note in cell_notes if not note.startswith("Cells:")),  # how our cells average is said above
     ]
     for reason, missed in sorted(unmatched.items(), key=lambda kv: (-len(kv[1]), kv[0])):
         where = Counter(f"{r['source']} {r['table']}" for r in missed)
         listed = ", ".join(f"{t} ({n})" for t, n in sorted(where.items()))
         notes.append(f"not matched, {reason}: {len(missed)} row{'s' * (len(missed) != 1)}: {listed}")
-    alone = [(c.describe(), sorted(set(c.aggs) - c.used)) for c in cells if set(c.aggs) - c.used]
+    # a cell whose results after fine-tuning no row speaks of (its evaluation before is the base rows' business)
+    before = {f.before for f in mapped_fields()}
+    alone = [c.describe() for c in cells if not (c.used - before) and set(c.aggs) - before]
     if alone:
-        notes.append("ours without a published row: " + "; ".join(f"{d}: {', '.join(f)}" for d, f in alone))
+        notes.append(f"ours without a published row ({len(alone)} cells): " + "; ".join(alone))
     return Table(spec=PUBLISHED, rows=rows, notes=[*notes, *unreadable_notes(loaded.unreadable)])
