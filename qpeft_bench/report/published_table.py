@@ -159,7 +159,7 @@ def match(published: Published, cells: list[Cell]) -> tuple[list[Pair], dict[str
             hits = [c for c in hits if (c.keys["r"], c.keys["alpha"]) in row.configs]
             lacking = set(row.configs) - {(c.keys["r"], c.keys["alpha"]) for c in hits}
             if hits and lacking:
-                configs = ", ".join(f"r={r} α={a}" for r, a in sorted(lacking))
+                configs = ", ".join(f"r={r} alpha={a}" for r, a in sorted(lacking))
                 unmatched[f"a mean over configurations, ours lacks {configs}"].append(row)
                 continue
         if not hits:
