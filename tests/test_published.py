@@ -256,7 +256,15 @@ GOOD = {
         ({"setting": "r=8 alpha=32"}, TIDY_COLUMNS, "says alpha=32, the alpha column '16'"),
         ({"setting": "r=8 alpha=16 + RsLoRA"}, TIDY_COLUMNS, "names rslora, method 'lora'"),
         ({"unit": "furlongs"}, TIDY_COLUMNS, "unit 'furlongs' unknown"),
-        ({"model": "gpt5"}, TIDY_COLUMNS, "model 'gpt5' unknown"),
+        ({"model": "gpt5"}, TIDY_COLUMNS, "model 'gpt5' unknown (report/published.py MODELS)"),
+        ({"value": "inf"}, TIDY_COLUMNS, "value 'inf' is not a number"),
+        ({"r": "8.5"}, TIDY_COLUMNS, "r '8.5' is not a whole number"),
+        ({"metric": "mmlu_5shot"}, TIDY_COLUMNS, "mmlu_5shot in 'ppl', ours maps it from '%'"),
+        (
+            {"setting": "mean over the (r,alpha) configs of Table B.9", "r": "", "alpha": ""},
+            TIDY_COLUMNS,
+            "a mean over Table B.9, which has no row of its kind",
+        ),
         ({"setting": "no fine-tuning; before quantization"}, TIDY_COLUMNS, "is unquantized, the quant column 'nf4'"),
     ],
 )

@@ -152,10 +152,18 @@ WHOLE = [
         lambda m: {"k": int(m[1]), "why": "a reordering ablation of OWQ that conf/quant has no option for"},
     ),
     (r"k=(\d+); OWQ configuration: .*", "weak_columns", lambda m: {"k": int(m[1])}),
-    (r"k=(\d+); OGR \+ group-wise quantization \(g(\d+)\) = QEFT", "weak_columns", lambda m: _k_g(m)),
+    (
+        r"k=(\d+); OGR \+ group-wise quantization \(g(\d+)\) = QEFT",
+        "weak_columns",
+        lambda m: {"k": int(m[1]), "group_size": int(m[2])},
+    ),
     (r"base-model quantizer \w+, then fine-tuned; k not stated", "weak_columns", lambda m: {}),
     (r"(?:.*\b)?(?:no fine-tuning|pre-trained)\b.*", "base", lambda m: {}),
-    (r"quantization process, .*?(?:k=(\d+))?", "quantization", lambda m: {"k": int(m[1]) if m[1] else None}),
+    (
+        r"quantization process, .*?(?:k=(\d+))?",
+        "quantization",
+        lambda m: {"k": int(m[1]) if m[1] else None, "why": "the quantization process alone, which no record times"},
+    ),
     (
         r"mean over the \(r,alpha\) configs of (Table B\.\d+)(?: excluding (.*?)(?: \(row .*\))?)?",
         "mean",
@@ -184,14 +192,11 @@ CLAUSES = [
     (r"k=(\d+)(?: \(weak column tuning\))?", lambda m: {"k": int(m[1]), "kind": "weak_columns"}),
     (r"group_size=(\d+)", lambda m: {"group_size": int(m[1])}),
     (r"lr=(\d+(?:\.\d+)?e-\d+)", lambda m: {"lr": float(m[1])}),
-    (r"(?:FP16|8-bit) base|NF4 group 64|r/alpha not stated", lambda m: {}),  # said by the row's quant column
+    # no knob: the base is the row's quant column (NF4's blocks are 64 in every run), r and alpha unstated match any
+    (r"(?:FP16|8-bit) base|NF4 group 64|r/alpha not stated", lambda m: {}),
     (r"QLoRA-style LoRA on the SmoothQuant model", lambda m: {}),
 ]
 SEEDS = re.compile(r"; seed avg of (\d+)$")
-
-
-def _k_g(match: re.Match[str]) -> dict[str, Any]:
-    return {"k": int(match[1]), "group_size": int(match[2])}
 
 
 def _modifiers(text: str) -> frozenset[str]:
@@ -285,10 +290,10 @@ def load_published(reference: Reference) -> Published:
                 raise ConfigError(f"{where}: {name} {cells[name]!r} is not a whole number")
         if cells["unit"] not in UNITS:
             raise ConfigError(f"{where}: unit {cells['unit']!r} unknown (one of {', '.join(UNITS)})")
-        known = {"model": MODELS, "data": DATA, "quant": QUANTS, "method": METHODS}
-        for name, names in known.items():
+        known = {"model": ("MODELS", MODELS), "data": ("DATA", DATA), "quant": ("QUANTS", QUANTS)}
+        for name, (table, names) in {**known, "method": ("METHODS", METHODS)}.items():
             if cells[name] not in names:
-                raise ConfigError(f"{where}: {name} {cells[name]!r} unknown (published.{name.upper()}S)")
+                raise ConfigError(f"{where}: {name} {cells[name]!r} unknown (report/published.py {table})")
         try:
             setting = parse_setting(cells)
         except SettingError as exc:
@@ -297,12 +302,12 @@ def load_published(reference: Reference) -> Published:
         if found is not None and found.unit != cells["unit"]:
             raise ConfigError(f"{where}: {cells['metric']} in {cells['unit']!r}, ours maps it from {found.unit!r}")
         rows.append(PublishedRow(number, cells, value, setting))
-    return Published(reference.path, tuple(_with_configs(rows)))
+    return Published(reference.path, tuple(_with_configs(rows, reference.path)))
 
 
-def _with_configs(rows: list[PublishedRow]) -> list[PublishedRow]:
+def _with_configs(rows: list[PublishedRow], path: Path) -> list[PublishedRow]:
     """A mean row with the (r, alpha) configurations of the table it averages (same model, data, quantizer, bits and
-    method), less those it excludes."""
+    method), less those it excludes; a mean over none is an error."""
     same = ("model", "data", "quant", "bits", "method")
     out = []
     for row in rows:
@@ -313,5 +318,8 @@ def _with_configs(rows: list[PublishedRow]) -> list[PublishedRow]:
                 if other["table"] == row.setting.configs_of and all(other[k] == row[k] for k in same)
             }
             row = replace(row, configs=tuple(sorted(c for c in configs if c not in row.setting.exclude)))  # type: ignore[type-var]
+            if not row.configs:
+                where = f"--reference {path}: row {row.number} ({row['source']} {row['table']})"
+                raise ConfigError(f"{where}: a mean over {row.setting.configs_of}, which has no row of its kind")
         out.append(row)
     return out

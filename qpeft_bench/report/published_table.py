@@ -100,7 +100,7 @@ def wanted(row: PublishedRow) -> tuple[dict[str, Any], str] | str:
     """({cell key: the value a matching cell holds}, our field) for a row, or why it cannot be compared."""
     setting, source, metric = row.setting, row["source"], row["metric"]
     if setting.kind in ("not_reproducible", "quantization"):
-        return f"not reproducible: {setting.why or 'the quantization process alone, no run'}"
+        return f"not reproducible: {setting.why}"
     if MODELS[row["model"]] is None:
         return f"model {row['model']} {NOT_RUNNABLE['model']}"
     found = metric_field(source, metric)
