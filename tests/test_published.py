@@ -122,25 +122,25 @@ def record_config(want: dict[str, Any]) -> dict[str, Any]:
     return config
 
 
-def synthetic_runs(rows: list[PublishedRow]) -> dict[tuple, dict[tuple, float]]:
-    """{a run's config (frozen): {record path: value in our units}} holding the rows' values where our records keep
+def synthetic_runs(rows: list[PublishedRow]) -> dict[str, dict[tuple[str, ...], float]]:
+    """{a run's config (as JSON): {record path: value in our units}} holding the rows' values where our records keep
     them; a mean over configurations gets one run per configuration, each with the published mean."""
-    runs: dict[tuple, dict[tuple, float]] = defaultdict(dict)
+    runs: dict[str, dict[tuple[str, ...], float]] = defaultdict(dict)
     for row in rows:
-        want, key = wanted(row)  # type: ignore[misc]
+        want, key = wanted(row)
         configs = row.configs if row.setting.kind == "mean" else [None]
         for config in configs:
             where = dict(want) if config is None else {**want, "r": config[0], "alpha": config[1]}
-            value = row.value / UNITS[row["unit"]]  # type: ignore[operator]
-            runs[json.dumps(record_config(where), sort_keys=True)][RECORD_FIELDS[key]] = value  # type: ignore[index]
+            value = row.value / UNITS[row["unit"]]
+            runs[json.dumps(record_config(where), sort_keys=True)][RECORD_FIELDS[key]] = value
     return runs
 
 
-def write_runs(root: Path, runs: dict[tuple, dict[tuple, float]]) -> None:
+def write_runs(root: Path, runs: dict[str, dict[tuple[str, ...], float]]) -> None:
     for number, (config, values) in enumerate(sorted(runs.items())):
         for seed in (0, 1):
             data: dict[str, Any] = {"schema": SCHEMA, "run_id": f"run{number}s{seed}", "status": "completed"}
-            data["config"] = {**json.loads(config), "seed": seed}  # type: ignore[arg-type]
+            data["config"] = {**json.loads(config), "seed": seed}
             for path, value in values.items():
                 set_path(data, path, value)
             directory = root / f"run{number}s{seed}"
@@ -206,8 +206,8 @@ def test_the_table_says_what_was_not_matched(tmp_path: Path, capsys: pytest.Capt
 
 def test_in_interval_uses_the_cells_interval(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     row = next(r for r in load_published(load_reference("published")).rows if r["table"] == "Table B.2")
-    want, key = wanted(row)  # type: ignore[misc]
-    value = row.value / UNITS[row["unit"]]  # type: ignore[operator]
+    want, key = wanted(row)
+    value = row.value / UNITS[row["unit"]]
     for interval, expected in ((Interval(value - 1, value + 1), "yes"), (Interval(value + 1, value + 2), "no")):
         cell = published_table.Cell(
             keys={**dict.fromkeys(published_table.CELL_KEYS), **dict.fromkeys(published_table.EXTRAS), **want},

@@ -317,7 +317,7 @@ def _with_configs(rows: list[PublishedRow], path: Path) -> list[PublishedRow]:
                 for other in rows
                 if other["table"] == row.setting.configs_of and all(other[k] == row[k] for k in same)
             }
-            row = replace(row, configs=tuple(sorted(c for c in configs if c not in row.setting.exclude)))  # type: ignore[type-var]
+            row = replace(row, configs=tuple(sorted(c for c in configs if c not in row.setting.exclude)))
             if not row.configs:
                 where = f"--reference {path}: row {row.number} ({row['source']} {row['table']})"
                 raise ConfigError(f"{where}: a mean over {row.setting.configs_of}, which has no row of its kind")

@@ -240,9 +240,9 @@ def build_published(loaded: LoadResult, published: Published, diverged_ppl: floa
         interval = pair.ours.interval
         row |= {"r": pair.row.number_of("r"), "alpha": pair.row.number_of("alpha"), "setting": pair.row["setting"]}
         row |= {"metric": pair.row["metric"], "published": pair.row.value, "unit": pair.row["unit"], "ours": pair.ours}
-        row |= {"interval": interval_text(interval), "delta": pair.ours.mean - pair.row.value}  # type: ignore[operator]
+        row |= {"interval": interval_text(interval), "delta": pair.ours.mean - pair.row.value}
         row |= {"our_cell": pair.cell}
-        row |= {"in_interval": "—" if interval is None else "yes" if interval.covers(pair.row.value) else "no"}  # type: ignore[arg-type]
+        row |= {"in_interval": "—" if interval is None else "yes" if interval.covers(pair.row.value) else "no"}
         row |= {"interval_low": interval and interval.low, "interval_high": interval and interval.high}
         row |= {"our_field": pair.field, "published_row": pair.row.number}
         rows.append(row)
