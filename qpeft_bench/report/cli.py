@@ -47,7 +47,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--reference",
-        metavar="FILE",
+        metavar="published|FILE",
         help="published values: 'published' (the four studies' tables, shipped) or a CSV with its tidy header "
         "(source, table, ..., setting, metric, value, unit, notes) writes a 'published' table of published value, "
         "ours, difference and interval; a wide CSV adds a ref and a difference column to the tables whose key and "
