@@ -12,8 +12,7 @@ from typing import Any
 import qpeft_bench.report.uncertainty as uncertainty
 from qpeft_bench.report.formatting import fmt_text
 from qpeft_bench.report.records import LoadResult, RunRecord
-from qpeft_bench.report.reference import Reference, add_reference
-from qpeft_bench.report.reference import _key_norm as key_norm
+from qpeft_bench.report.reference import Reference, add_reference, key_norm
 from qpeft_bench.report.rows import MARKS, Row, is_number, record_to_row, records_to_rows, sort_value
 from qpeft_bench.report.tables import Agg, Column, Table, TableSpec, coverage_notes, duplicate_notes, unreadable_notes
 

@@ -16,6 +16,8 @@ from qpeft_bench.report.catalog import AGGREGATES, TABLES
 from qpeft_bench.report.figures import MissingDependency, figure_files
 from qpeft_bench.report.formatting import printable
 from qpeft_bench.report.output import OutputError, write_files
+from qpeft_bench.report.published import Published, load_published
+from qpeft_bench.report.published_table import build_published
 from qpeft_bench.report.records import LoadResult, load_records
 from qpeft_bench.report.reference import Reference, load_reference
 from qpeft_bench.report.render import render_markdown, table_files
@@ -33,7 +35,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", default="results/tables", help="output directory (default: results/tables)")
     parser.add_argument(
         "--table",
-        choices=[*TABLES, *AGGREGATES, "significance", "all"],
+        choices=[*TABLES, *AGGREGATES, "significance", "published", "all"],
         default="all",
         help="table to build (default: all: every table that has values; by_layer_group only when "
         "some run sets layer groups)",
@@ -48,9 +50,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--reference",
-        metavar="FILE",
-        help="CSV of published values: adds a ref and a difference column to the tables whose key "
-        "and metric columns it names (see report.Reference)",
+        metavar="published|FILE",
+        help="published values: 'published' (the four studies' tables, shipped) or a CSV with its tidy header "
+        "(source, table, ..., setting, metric, value, unit, notes) writes a 'published' table of published value, "
+        "ours, difference and interval; a wide CSV adds a ref and a difference column to the tables whose key and "
+        "metric columns it names (see report.Reference)",
     )
     parser.add_argument(
         "--bootstrap",
@@ -75,6 +79,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "beside --out (results/figures by default); needs matplotlib",
     )
     args = parser.parse_args(argv)
+    if args.table == "published" and not args.reference:
+        parser.error("--table published needs --reference (published, or a tidy CSV)")
     if not args.diverged_ppl > 0:
         parser.error(f"--diverged-ppl must be a positive number, got {args.diverged_ppl}")
     if args.bootstrap < 0:
@@ -92,16 +98,19 @@ def select_tables(
     diverged_ppl: float = DEFAULT_DIVERGED_PPL,
     reference: Reference | None = None,
     settings: Settings | None = None,
+    published: Published | None = None,
 ) -> list[Table]:
     """The tables --table NAME asks for. 'all' leaves out aggregated tables without any value, and pivots whose only
     column is their baseline (by_layer_group over runs that all use uniform knobs compares nothing); it ends with
-    the significance table when any table compared cells with their baselines."""
+    the significance table when any table compared cells with their baselines. A tidy reference (published) makes
+    its own table; a wide one adds columns to the aggregated tables."""
     tables = [build_table(spec, loaded) for key, spec in TABLES.items() if name in (key, "all")]
+    wide = reference if reference is not None and not reference.tidy else None
     for key, spec in AGGREGATES.items():
         if name not in (key, "all", "significance"):
             continue
         for part_spec, part in split_runs(spec, loaded):
-            table = build_aggregate(part_spec, part, diverged_ppl, reference, settings)
+            table = build_aggregate(part_spec, part, diverged_ppl, wide, settings)
             pivot_cols = [col.key for col in table.spec.columns[len(spec.keys) :]]
             baseline_only = spec.across is not None and set(pivot_cols) <= set(spec.across_first)
             if name == key or (name != "significance" and has_values(table) and not baseline_only):
@@ -111,6 +120,8 @@ def select_tables(
     tested = significance_table(tables) if name in ("all", "significance") else None
     if name == "significance":
         tables = []
+    if published is not None and name in ("published", "all"):
+        tables.append(build_published(loaded, published, diverged_ppl, settings))
     return tables + ([tested] if tested is not None else [])
 
 
@@ -141,6 +152,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return error(f"results directory {str(root)!r} {problem}")
     try:
         reference = load_reference(args.reference) if args.reference else None
+        published = load_published(reference) if reference is not None and reference.tidy else None
     except ConfigError as exc:
         return error(str(exc))
 
@@ -157,7 +169,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Everything is rendered before anything is written, and written all or nothing: a report that fails (an
     # unwritable --out, matplotlib missing) leaves the previous tables as they were, never half of a new set.
     settings = Settings(replicates=args.bootstrap, baseline=args.baseline)
-    tables = select_tables(loaded, args.table, args.diverged_ppl, reference, settings)
+    tables = select_tables(loaded, args.table, args.diverged_ppl, reference, settings, published)
     out = Path(args.out)
     files = [table_files(table, out) for table in tables]
     if args.figures:

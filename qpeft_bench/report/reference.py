@@ -1,5 +1,7 @@
-"""Published values (--reference FILE): a CSV matched onto an aggregated table's key columns, adding a ref and a
-difference column after every metric it holds."""
+"""Published values (--reference FILE): reading the file, and a wide CSV matched onto an aggregated table's key
+columns, adding a ref and a difference column after every metric it holds. A tidy file (one published cell per row,
+the shipped published_quality.csv) is read here, checked in report/published.py
+and compared in report/published_table.py."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from qpeft_bench import ASSETS
 from qpeft_bench.config import ConfigError
 from qpeft_bench.report.formatting import GIB, MIB, fmt_fixed
 from qpeft_bench.report.rows import percent
@@ -24,6 +27,16 @@ REFERENCE_ALIASES = {
     "quantized_size_published_GB": "param_buffer_GiB",
 }
 REFERENCE_UNITS = {"MiB": MIB, "MB": MIB, "GiB": GIB, "GB": GIB}
+# --reference published: the four studies' table cells, shipped in the package (a wheel has no docs/).
+PUBLISHED_KEYWORD = "published"
+PUBLISHED_FILE = ASSETS / "reference" / "published_quality.csv"
+# The columns of a tidy file (one published table cell per row); a file with any of the marker columns is read as
+# tidy, so that one missing column is an error instead of a wide CSV that silently matches nothing.
+TIDY_COLUMNS = (
+    "source", "table", "model", "data", "quant", "bits", "method", "r", "alpha", "setting", "metric", "value", "unit",
+    "notes",
+)  # fmt: skip
+TIDY_MARKERS = frozenset({"setting", "metric", "value", "unit"})
 
 
 @dataclass(frozen=True)
@@ -36,8 +49,16 @@ class Reference:
     header: tuple[str, ...]
     rows: tuple[dict[str, str], ...]
 
+    @property
+    def tidy(self) -> bool:
+        return bool(TIDY_MARKERS & set(self.header))
+
 
 def load_reference(path: str | os.PathLike[str]) -> Reference:
+    """The file --reference names ('published': the shipped published_quality.csv); a tidy file must have every
+    TIDY_COLUMNS column (its rows are checked by published.load_published)."""
+    if str(path) == PUBLISHED_KEYWORD:  # the keyword wins over a file of that name in the current directory
+        path = PUBLISHED_FILE
     try:
         # utf-8-sig: a CSV saved by a spreadsheet starts with a byte-order mark, which would stick to the first
         # column's name and make its key column go unmatched
@@ -50,7 +71,13 @@ def load_reference(path: str | os.PathLike[str]) -> Reference:
         raise ConfigError(f"--reference {path}: cannot read: {exc}") from exc
     if not header:
         raise ConfigError(f"--reference {path}: no header row")
-    return Reference(path=Path(path), header=header, rows=rows)
+    reference = Reference(path=Path(path), header=header, rows=rows)
+    missing = [name for name in TIDY_COLUMNS if name not in header]
+    if reference.tidy and missing:
+        raise ConfigError(
+            f"--reference {path}: a tidy file (one published cell per row) lacks column(s) {', '.join(missing)}"
+        )
+    return reference
 
 
 def reference_metric(name: str, metric_keys: Iterable[str]) -> tuple[str, int] | None:
@@ -65,7 +92,7 @@ def reference_metric(name: str, metric_keys: Iterable[str]) -> tuple[str, int] |
     return None
 
 
-def _key_norm(value: Any) -> str:
+def key_norm(value: Any) -> str:
     """Row keys and CSV cells compare as text with numbers normalised (8, 8.0 and '8' match; None matches '')."""
     if value is None:
         return ""
@@ -110,8 +137,8 @@ def add_reference(table: Table, key_names: Sequence[str], reference: Reference) 
     for row in table.rows:
         row = dict(row)
         # the '*' of a diverged group is a mark, not part of its key
-        wanted = [_key_norm(str(row[key]).rstrip("*") if row[key] is not None else None) for _, key in match_on]
-        hits = [ref for ref in reference.rows if [_key_norm(ref.get(name)) for name, _ in match_on] == wanted]
+        wanted = [key_norm(str(row[key]).rstrip("*") if row[key] is not None else None) for _, key in match_on]
+        hits = [ref for ref in reference.rows if [key_norm(ref.get(name)) for name, _ in match_on] == wanted]
         if len(hits) == 1:
             matched += 1
             for key, (name, factor) in metrics.items():

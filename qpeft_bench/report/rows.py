@@ -75,6 +75,10 @@ RECORD_FIELDS: dict[str, tuple[str, ...]] = {
     "leaderboard_avg6_after": ("eval", "after", "leaderboard", "average"),
     "leaderboard_avg4_after": ("eval", "after", "leaderboard", "average_4"),
     **{f"lb_{task}_after": ("eval", "after", "leaderboard", "tasks", task, "value") for task in LEADERBOARD_TASKS},
+    # before fine-tuning: the published no-fine-tuning rows (report/published.py)
+    "leaderboard_avg6_before": ("eval", "before", "leaderboard", "average"),
+    "leaderboard_avg4_before": ("eval", "before", "leaderboard", "average_4"),
+    **{f"lb_{task}_before": ("eval", "before", "leaderboard", "tasks", task, "value") for task in LEADERBOARD_TASKS},
     **{f"cs_{task}_after": ("eval", "after", "commonsense", "tasks", task, "value") for task in COMMONSENSE_TASKS},
     "items_ref": ("eval", "items"),  # where the run's per-item results are (evaluation/items.py)
     "gen_tokens_per_s": ("eval", "after", "speed", "generation", "tokens_per_s"),
