@@ -18,6 +18,7 @@ import os
 import re
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,40 +55,37 @@ def type_ok(value: Any, tp: Any) -> bool:
     return isinstance(value, tp)
 
 
+def _first(value: Any, bad: Callable[[Any], bool]) -> Any:
+    """The first scalar of a value (nested lists and mappings included) for which `bad` holds, or None."""
+    if isinstance(value, (dict, list, tuple)):
+        for item in value.values() if isinstance(value, dict) else value:
+            found = _first(item, bad)
+            if found is not None:
+                return found
+        return None
+    return value if bad(value) else None
+
+
 def _non_finite(value: Any) -> float | None:
-    """The first NaN or infinity in a value (nested lists and mappings included), or None. No knob means anything
-    by NaN or infinity: `lr=inf` would be filed as a diverged run and `max_grad_norm=nan` would turn clipping off."""
-    if isinstance(value, float):
-        return None if math.isfinite(value) else value
-    items = value.values() if isinstance(value, dict) else value if isinstance(value, (list, tuple)) else ()
-    for item in items:
-        bad = _non_finite(item)
-        if bad is not None:
-            return bad
-    return None
+    """The first NaN or infinity in a value, or None. No knob means anything by NaN or infinity: `lr=inf` would be
+    filed as a diverged run and `max_grad_norm=nan` would turn clipping off."""
+    return _first(value, lambda v: isinstance(v, float) and not math.isfinite(v))
 
 
 INT_LIMIT = 2**32  # beyond every count of a run (steps, batch, ranks, tokens) and every seed (< 2**32)
 
 
 def _huge_int(value: Any) -> int | None:
-    """The first integer beyond INT_LIMIT in a value (nested lists and mappings included), or None: a run with
-    train.grad_accum=10**23 passes every type check and then never finishes its first step."""
-    if isinstance(value, int) and not isinstance(value, bool):
-        return value if abs(value) > INT_LIMIT else None
-    items = value.values() if isinstance(value, dict) else value if isinstance(value, (list, tuple)) else ()
-    for item in items:
-        big = _huge_int(item)
-        if big is not None:
-            return big
-    return None
+    """The first integer beyond INT_LIMIT in a value, or None: a run with train.grad_accum=10**23 passes every type
+    check and then never finishes its first step."""
+    return _first(value, lambda v: isinstance(v, int) and not isinstance(v, bool) and abs(v) > INT_LIMIT)
 
 
 def _wrong_type(key: str, value: Any, tp: Any) -> str:
     """The wrong-type line; for a list of the wrong elements, the first wrong element and what it should be."""
     args = typing.get_args(tp)
-    lists = [a for a in (args if typing.get_origin(tp) in (typing.Union, types.UnionType) else (tp,))]
-    lists = [a for a in lists if typing.get_origin(a) in (list, tuple)]
+    alternatives = args if typing.get_origin(tp) in (typing.Union, types.UnionType) else (tp,)
+    lists = [a for a in alternatives if typing.get_origin(a) in (list, tuple)]
     if isinstance(value, (list, tuple)) and lists:
         (inner, *_) = typing.get_args(lists[0]) or (Any,)
         for i, item in enumerate(value):
