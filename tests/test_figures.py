@@ -258,6 +258,7 @@ def assert_nothing_cut(fig, png: bytes) -> None:
     box = fig.bbox
     assert len(texts) > 8
     for text in texts:
+        assert "$" not in text.get_text()  # no TeX from a formatter (text.parse_math is off: it would print as is)
         extent = text.get_window_extent(renderer)
         inside = extent.x0 >= box.x0 - 0.5 and extent.y0 >= box.y0 - 0.5
         inside = inside and extent.x1 <= box.x1 + 0.5 and extent.y1 <= box.y1 + 0.5
@@ -299,6 +300,11 @@ def test_no_text_is_cut_off_in_any_figure(case: str, tmp_path: Path, monkeypatch
         try:
             assert fig.texts[0].get_text().replace("\n", " ") == plot.title
             assert_nothing_cut(fig, figure_draw.save(fig, "png"))
+            if name == "pareto" and case == "sweep":  # the other x axes too (log scale for the parameters)
+                for x in ("bits", "params"):
+                    other = figure_draw.draw(plt, name, figures.plots(load(tmp_path, records, x), pareto_x=x)[name])
+                    assert_nothing_cut(other, figure_draw.save(other, "png"))
+                    plt.close(other)
             if "marks" in case and name == "by_layer_group":
                 # mlp.r/2: significant in both groups, in lora's also limited; first_half... of lora: only limited
                 assert sorted(t.get_text() for t in fig.axes[0].texts) == ["*", "*†", "†"]

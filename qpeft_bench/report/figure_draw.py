@@ -196,6 +196,8 @@ def _header(plt, label: str):
 
 
 def draw_pareto(plt, plot: Plot):
+    from matplotlib import ticker
+
     rows = plot.rows
     panels = list(dict.fromkeys((r["model"], r["data"]) for r in rows))
     quants = list(dict.fromkeys(str(r["quant"]) for r in rows))
@@ -235,6 +237,14 @@ def draw_pareto(plt, plot: Plot):
         ax.set_ylabel("held-out perplexity after\n(lower is better)")
         if plot.x_log:
             ax.set_xscale("log")
+            # the log axis' default labels are TeX ('$10^{4}$'), which text.parse_math=False prints verbatim
+            ax.xaxis.set_major_formatter(ticker.EngFormatter(sep=""))
+            xs = [p["x"] for p in points if p["x"] > 0]
+            if xs and max(xs) < 8 * min(xs):  # within a decade there may be no major tick: label 2, 3 and 5 too
+                ax.xaxis.set_minor_locator(ticker.LogLocator(subs=(2, 3, 5)))
+                ax.xaxis.set_minor_formatter(ticker.EngFormatter(sep=""))
+            else:
+                ax.xaxis.set_minor_formatter(ticker.NullFormatter())
         ax.margins(x=0.2, y=0.15)
     handles = [_header(plt, "quantizer (colour)")]
     handles += [plt.Line2D([], [], marker="s", ls="none", color=colour[q], label=wrap(q, 28)) for q in quants]

@@ -47,15 +47,16 @@ FIGURE_FORMATS = ("png", "pdf")
 @dataclass(frozen=True)
 class XAxis:
     key: str  # the per_configuration metric
+    name: str  # the CSV's x_metric: what x is, in the axis' unit
     label: str
     scale: float = 1.0  # the metric's unit -> the axis' unit
     log: bool = False
 
 
 PARETO_X = {
-    "memory": XAxis("mean_memory_bytes", "mean training memory (GiB)", GIB),
-    "bits": XAxis("bits_per_weight", "stored bits per weight of the quantized linears"),
-    "params": XAxis("trainable_params", "trainable parameters (log scale)", log=True),
+    "memory": XAxis("mean_memory_bytes", "mean_memory_GiB", "mean training memory (GiB)", GIB),
+    "bits": XAxis("bits_per_weight", "bits_per_weight", "bits per weight (stored, of the quantized linears)"),
+    "params": XAxis("trainable_params", "trainable_params", "trainable parameters (log scale)", log=True),
 }
 _PER_CONFIG = AGGREGATES["per_configuration"]
 _BITS = next(col for col in AGGREGATES["model_size"].metrics if col.key == "bits_per_weight")
@@ -121,7 +122,7 @@ def pareto_data(loaded: LoadResult, diverged_ppl: float, x: str = "memory") -> l
                 "r": row["r"],
                 "alpha": row["alpha"],
                 "layer_group": row["layer_group"],
-                "x_metric": axis.key,
+                "x_metric": axis.name,
                 "x": xs.mean / axis.scale,
                 "y": ppl.mean,
                 "low": low,
@@ -266,7 +267,7 @@ def pareto_plot(loaded: LoadResult, diverged_ppl: float, x: str = "memory") -> P
     axis = PARETO_X[x]
     labels = {}
     for p in rows:
-        tag = [f"r={fmt_text(p['r'])}" if p["r"] is not None else "", f"α={fmt_text(p['alpha'])}" if p["alpha"] else ""]
+        tag = [_say(LABEL_KEYS["r"], p["r"]), _say(LABEL_KEYS["alpha"], p["alpha"])]
         tag.append(p["layer_group"] if p["layer_group"] != BASELINE else "")
         labels[p["key"]] = " ".join(t for t in tag if t) + (MARK if p["marked"] else "")
     notes = [
