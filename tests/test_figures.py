@@ -193,6 +193,26 @@ def test_loss_labels_name_a_varying_config_leaf_and_number_repeats(tmp_path: Pat
     assert one[0]["label"] == "lora r=8 α=16"  # nothing varies: what the run is
 
 
+def test_steps_without_a_finite_loss_are_left_out(tmp_path: Path) -> None:
+    record = sweep_record("x", "diverged", peft=lora(8, 16), train={"losses": [2.0, float("inf"), float("nan")]})
+    rows = figures.loss_data(load(tmp_path, {"x": record}))
+    assert [(r["step"], r["loss"], r["label"]) for r in rows] == [(1, 2.0, "lora r=8 α=16 (diverged)")]
+
+
+def test_a_layer_group_without_its_baseline_is_drawn_without_the_line(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    loaded = load(tmp_path, {"l8mlp": sweep_records()["l8mlp"]})
+    plot = figures.plots(loaded)["by_layer_group"]
+    assert [r["setting"] for r in plot.rows] == ["mlp.r/2"]
+    plt = figure_draw.pyplot()
+    fig = figure_draw.draw(plt, "by_layer_group", plot)
+    try:
+        assert [t.get_text() for t in fig.axes[0].get_legend().get_texts()] == ["layer groups", "mlp.r/2"]
+        assert_nothing_cut(fig, figure_draw.save(fig, "png"))
+    finally:
+        plt.close(fig)
+
+
 def test_intervals_and_comparisons_when_the_cells_have_them(loaded, monkeypatch: pytest.MonkeyPatch) -> None:
     with_uncertainty(monkeypatch)
     rows = {r["setting"]: r for r in figures.layer_group_data(loaded, 1000.0)}

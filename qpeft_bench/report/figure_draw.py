@@ -1,7 +1,7 @@
 """Drawing the report's figures with matplotlib from the plain rows that figures.py computes (a Plot: rows, title,
 footnotes, labels), and laying each out so that no text is cut: constrained layout with the legend outside the axes,
-the footnote in a band below that the layout leaves free, and a figure that grows until every artist lies inside it
-(a long method name, many layer groups). What is drawn is what is saved: the figure is made at the saved dpi and
+the title and the footnote in bands above and below the area the layout fills, point labels where they overlap
+nothing, and a figure that grows until every artist lies inside it (a long method name, many layer groups). What is drawn is what is saved: the figure is made at the saved dpi and
 saved without bbox_inches, so the canvas a test measures is the file's.
 
 matplotlib is imported only in pyplot(), when a figure is drawn, so that the tables work without it.
@@ -342,7 +342,8 @@ def draw_layer_groups(plt, plot: Plot):
     ax.set_xticks(range(len(groups)), [wrap(plot.labels.get(g, g), 16) for g in groups])
     ax.set_ylabel("held-out perplexity after\n(lower is better)")
     handles = [plt.Rectangle((0, 0), 1, 1, color=colour[s], label=wrap(s, 28)) for s in settings]
-    handles += [plt.Line2D([], [], color="k", label=f"{baseline} (baseline)")]
+    if any((group, baseline) in cell for group in groups):
+        handles += [plt.Line2D([], [], color="k", label=f"{baseline} (baseline)")]
     outside_legend(ax, [_header(plt, "layer groups"), *handles], ("layer groups",))
     return fig, None
 

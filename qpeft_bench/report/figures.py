@@ -112,6 +112,8 @@ def pareto_data(loaded: LoadResult, diverged_ppl: float, x: str = "memory") -> l
         ppl, xs = row["ppl_after"], row[axis.key]
         if not (isinstance(ppl, Agg) and isinstance(xs, Agg) and _finite(ppl.mean) and _finite(xs.mean)):
             continue
+        if axis.log and xs.mean <= 0:  # no place on a log axis (a run without trainable parameters)
+            continue
         low, high, bar = spread(ppl)
         points.append(
             {
@@ -191,7 +193,7 @@ def _losses(loaded: LoadResult, diverged_ppl: float) -> tuple[list[dict[str, Any
     rows = []
     for record in loaded.records:
         row = record_to_row(record)
-        if isinstance(row["losses"], list) and any(is_number(v) for v in row["losses"]):
+        if isinstance(row["losses"], list) and any(_finite(v) for v in row["losses"]):
             lr = get_path(record.data, ("config", "train", "lr"))
             rows.append({**row, "lr": lr, "config_leaves": _leaves(record.data.get("config"))})
     rows = sort_rows(rows, (*LABEL_KEYS, "run_id"))
@@ -200,7 +202,7 @@ def _losses(loaded: LoadResult, diverged_ppl: float) -> tuple[list[dict[str, Any
         {"run_id": r["run_id"], "label": labels[r["run_id"]], "step": step, "loss": loss}
         for r in rows
         for step, loss in enumerate(r["losses"], start=1)
-        if is_number(loss)
+        if _finite(loss)  # a diverged run's inf or nan steps have no place on the axis
     ]
     return points, shared
 
