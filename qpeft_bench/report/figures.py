@@ -39,7 +39,17 @@ from qpeft_bench.report.records import LoadResult
 from qpeft_bench.report.rows import MARKS, Row, get_path, is_number, record_to_row, sort_rows
 from qpeft_bench.report.tables import MARK, Agg
 
-__all__ = ["MissingDependency", "figure_files", "write_figures"]  # MissingDependency: what the CLI catches
+__all__ = [  # MissingDependency (figure_draw's): what the CLI catches when it asks for figure_files
+    "PARETO_X",
+    "MissingDependency",
+    "data_csv",
+    "figure_files",
+    "layer_group_data",
+    "loss_data",
+    "pareto_data",
+    "plots",
+    "write_figures",
+]
 
 FIGURE_FORMATS = ("png", "pdf")
 
