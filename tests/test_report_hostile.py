@@ -160,7 +160,7 @@ def test_a_copied_run_directory_counts_once_in_every_table_and_figure(tmp_path: 
 
     figures = out.parent / "figures"
     if (figures / "pareto.csv").exists():  # matplotlib installed
-        assert sorted(r["run_id"] for r in csv_rows(figures / "pareto.csv")) == ["s0", "s1"]
+        assert [r["n"] for r in csv_rows(figures / "pareto.csv")] == ["2"]  # one configuration: its two seeds
         assert [r["run_id"] for r in csv_rows(figures / "loss_curves.csv")].count("s1") == 2  # two steps, one run
 
 
@@ -485,6 +485,9 @@ def test_tables_and_figures_in_one_folder_never_overwrite_each_other(tmp_path: P
     and figure would both be by_layer_group.csv: refused, nothing written."""
     pytest.importorskip("matplotlib")
     put(tmp_path / "runs", "a", run_record("a", 6.0))
+    grouped = run_record("b", 6.2)
+    grouped["config"]["peft"]["variant"] = ["mlp.r/2"]  # the by_layer_group figure is drawn only with layer groups
+    put(tmp_path / "runs", "b", grouped)
     out = tmp_path / "results" / "figures"
     line = one_error_line(report(tmp_path / "runs", "--out", out, "--table", "by_layer_group", "--figures"))
     target = out / "by_layer_group.csv"
