@@ -91,8 +91,8 @@ def with_uncertainty(monkeypatch: pytest.MonkeyPatch) -> None:
     comparison: 'mlp.r/2' significant after Holm, the others not (what stats.py will fill in)."""
     real = figures.build_aggregate
 
-    def build(spec, loaded, diverged_ppl=1000.0, reference=None):
-        table = real(spec, loaded, diverged_ppl, reference)
+    def build(spec, loaded, diverged_ppl=1000.0, reference=None, settings=None):
+        table = real(spec, loaded, diverged_ppl, reference, settings)
         for row in table.rows:
             for col in table.spec.columns:
                 agg = row.get(col.key)

@@ -13,7 +13,7 @@ from typing import TextIO
 from qpeft_bench.config import ConfigError
 from qpeft_bench.report.aggregate import DEFAULT_DIVERGED_PPL, build_aggregate, has_values, split_runs
 from qpeft_bench.report.catalog import AGGREGATES, TABLES
-from qpeft_bench.report.figures import MissingDependency, figure_files
+from qpeft_bench.report.figures import PARETO_X, MissingDependency, figure_files
 from qpeft_bench.report.formatting import printable
 from qpeft_bench.report.output import OutputError, write_files
 from qpeft_bench.report.published import Published, load_published
@@ -77,6 +77,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         action="store_true",
         help="also write figures (PNG, PDF and each one's data as CSV) to the 'figures' folder "
         "beside --out (results/figures by default); needs matplotlib",
+    )
+    parser.add_argument(
+        "--pareto-x",
+        choices=list(PARETO_X),
+        default="memory",
+        help="x axis of the Pareto figure: mean training memory (GiB), bits per weight, or trainable parameters "
+        "(log scale) (default: memory)",
     )
     args = parser.parse_args(argv)
     if args.table == "published" and not args.reference:
@@ -174,7 +181,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     files = [table_files(table, out) for table in tables]
     if args.figures:
         try:
-            files.append(figure_files(loaded, figures_dir(out), args.diverged_ppl))
+            files.append(figure_files(loaded, figures_dir(out), args.diverged_ppl, args.pareto_x, settings))
         except MissingDependency as exc:
             return error(str(exc))
     merged: dict[Path, str | bytes] = {}

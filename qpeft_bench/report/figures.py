@@ -38,6 +38,7 @@ from qpeft_bench.report.output import write_files
 from qpeft_bench.report.records import LoadResult
 from qpeft_bench.report.rows import MARKS, Row, get_path, is_number, record_to_row, sort_rows
 from qpeft_bench.report.tables import MARK, Agg
+from qpeft_bench.report.uncertainty import Baseline, Settings
 
 __all__ = [  # MissingDependency (figure_draw's): what the CLI catches when it asks for figure_files
     "PARETO_X",
@@ -113,12 +114,16 @@ def spread(agg: Agg) -> tuple[float | None, float | None, str]:
     return None, None, ""
 
 
-def pareto_data(loaded: LoadResult, diverged_ppl: float, x: str = "memory") -> list[dict[str, Any]]:
+def pareto_data(
+    loaded: LoadResult, diverged_ppl: float, x: str = "memory", settings: Settings | None = None
+) -> list[dict[str, Any]]:
     """One point per configuration with a finite held-out perplexity after and x value; ``front`` marks the Pareto
     front (no point of the same model and data set is lower in both) and ``key`` names the point for its label."""
     axis = PARETO_X[x]
     points = []
-    for row in build_aggregate(PARETO_SPEC, loaded, diverged_ppl).rows:
+    # intervals only: the figure shows no comparisons (the layer-group one does)
+    settings = replace(settings or Settings(), baseline=Baseline(()))
+    for row in build_aggregate(PARETO_SPEC, loaded, diverged_ppl, None, settings).rows:
         ppl, xs = row["ppl_after"], row[axis.key]
         if not (isinstance(ppl, Agg) and isinstance(xs, Agg) and _finite(ppl.mean) and _finite(xs.mean)):
             continue
@@ -154,10 +159,12 @@ def pareto_data(loaded: LoadResult, diverged_ppl: float, x: str = "memory") -> l
     return points
 
 
-def layer_group_data(loaded: LoadResult, diverged_ppl: float) -> list[dict[str, Any]]:
+def layer_group_data(loaded: LoadResult, diverged_ppl: float, settings: Settings | None = None) -> list[dict[str, Any]]:
     """One row per (by_layer_group row, layer-group setting) with a value, for the rows that have a setting besides
     the baseline: the mean, std, n, error bar and, where the table has one, the comparison against the baseline."""
-    table = build_aggregate(LAYER_SPEC, loaded, diverged_ppl)
+    # the baseline is the drawn 'uniform' line, whatever --baseline names for the tables
+    settings = replace(settings or Settings(), baseline=Baseline())
+    table = build_aggregate(LAYER_SPEC, loaded, diverged_ppl, None, settings)
     keys = [col.key for col in LAYER_SPEC.keys]
     out = []
     for row in table.rows:
@@ -274,8 +281,8 @@ def mark_note(rows: Sequence[dict[str, Any]]) -> list[str]:
     ]
 
 
-def pareto_plot(loaded: LoadResult, diverged_ppl: float, x: str = "memory") -> Plot:
-    rows = pareto_data(loaded, diverged_ppl, x)
+def pareto_plot(loaded: LoadResult, diverged_ppl: float, x: str = "memory", settings: Settings | None = None) -> Plot:
+    rows = pareto_data(loaded, diverged_ppl, x, settings)
     axis = PARETO_X[x]
     labels = {}
     for p in rows:
@@ -293,8 +300,8 @@ def pareto_plot(loaded: LoadResult, diverged_ppl: float, x: str = "memory") -> P
     return Plot(rows, title, notes, labels, x_label=axis.label, x_log=axis.log)
 
 
-def layer_group_plot(loaded: LoadResult, diverged_ppl: float) -> Plot:
-    rows = layer_group_data(loaded, diverged_ppl)
+def layer_group_plot(loaded: LoadResult, diverged_ppl: float, settings: Settings | None = None) -> Plot:
+    rows = layer_group_data(loaded, diverged_ppl, settings)
     groups = {r["group"]: r for r in rows}
     keys = [col.key for col in LAYER_SPEC.keys]
     varying = [k for k in keys if len({fmt_text(r[k]) for r in groups.values()}) > 1] or ["method_name", "r"]
@@ -329,24 +336,33 @@ def loss_plot(loaded: LoadResult, diverged_ppl: float) -> Plot:
     return Plot(rows, title, [], labels)
 
 
-def plots(loaded: LoadResult, diverged_ppl: float = DEFAULT_DIVERGED_PPL, pareto_x: str = "memory") -> dict[str, Plot]:
+def plots(
+    loaded: LoadResult,
+    diverged_ppl: float = DEFAULT_DIVERGED_PPL,
+    pareto_x: str = "memory",
+    settings: Settings | None = None,
+) -> dict[str, Plot]:
     """Every figure that has data, by name (the file stem), in the printable form the tables use (a non-UTF-8 name
     would break the PDF's text). pareto_x: the Pareto figure's x axis, a PARETO_X key (memory, bits, params)."""
     made = {
-        "by_layer_group": layer_group_plot(loaded, diverged_ppl),
-        "pareto": pareto_plot(loaded, diverged_ppl, pareto_x),
+        "by_layer_group": layer_group_plot(loaded, diverged_ppl, settings),
+        "pareto": pareto_plot(loaded, diverged_ppl, pareto_x, settings),
         "loss_curves": loss_plot(loaded, diverged_ppl),
     }
     return {name: _printable(plot) for name, plot in made.items() if plot.rows}
 
 
 def figure_files(
-    loaded: LoadResult, out_dir: Path, diverged_ppl: float = DEFAULT_DIVERGED_PPL, pareto_x: str = "memory"
+    loaded: LoadResult,
+    out_dir: Path,
+    diverged_ppl: float = DEFAULT_DIVERGED_PPL,
+    pareto_x: str = "memory",
+    settings: Settings | None = None,
 ) -> dict[Path, str | bytes]:
     """<name>.csv, <name>.png and <name>.pdf under out_dir, with their content, for every figure that has data."""
     plt = pyplot()
     files: dict[Path, str | bytes] = {}
-    for name, plot in plots(loaded, diverged_ppl, pareto_x).items():
+    for name, plot in plots(loaded, diverged_ppl, pareto_x, settings).items():
         files[out_dir / f"{name}.csv"] = data_csv(plot.rows, leave_out=("key",))
         fig = draw(plt, name, plot)
         for fmt in FIGURE_FORMATS:
