@@ -34,6 +34,9 @@ sweep: $(STAMP) ## run a named sweep: make sweep SWEEP=smoke (completed runs are
 report: $(STAMP) ## tables from the run records: make report RESULTS=runs
 	$(VENV)/bin/qpeft-bench-report $(RESULTS)
 
+docs-figures: $(STAMP) ## the report example in docs/figures/ (a 2-seed smoke sweep, ~10 min on a CPU)
+	VENV=$(VENV) scripts/docs_figures.sh
+
 test: $(STAMP) ## the fast test suite (what CI runs)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not slow and not gpu and not slurm" $(ARGS)
 
@@ -61,4 +64,4 @@ clean: ## remove caches and scratch runs (keeps the virtualenv and results/)
 distclean: clean ## also remove the virtualenv
 	rm -rf $(VENV)
 
-.PHONY: help setup run plan sweep report test test-full test-slurm check-wheel format lint clean distclean
+.PHONY: help setup run plan sweep report docs-figures test test-full test-slurm check-wheel format lint clean distclean
