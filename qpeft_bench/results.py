@@ -219,14 +219,18 @@ def atomic_write_json(path: Path, data: dict) -> None:
     """Write to a temporary file in the same directory, fsync, then rename: readers see the old or the new
     record, never a truncated one, even if the process is killed mid-write. Credentials are redacted. The file
     gets the mode a plain open() would give it (follow_umask)."""
+    text = json.dumps(redacted(data), indent=2, sort_keys=False, allow_nan=False)
+    atomic_write_bytes(path, (text + "\n").encode())
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """`data` into `path` as atomic_write_json writes a record (temporary file, fsync, rename, a plain open's mode)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    safe = redacted(data)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(safe, f, indent=2, sort_keys=False, allow_nan=False)
-            f.write("\n")
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         follow_umask(tmp)
