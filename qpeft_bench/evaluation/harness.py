@@ -17,8 +17,9 @@ Task sets (`TASK_SETS`, a view of the sets registered in evaluation/__init__.py)
   acc_norm, TruthfulQA mc2 0-shot, WinoGrande 5-shot acc, GSM8k 5-shot exact match (the "strict-match" filter,
   `#### <number>`, the only extraction the v1 leaderboard had); `average` over the six and `average_4` over ARC-c,
   HellaSwag, MMLU and TruthfulQA.
-Few-shot examples are sampled the way lm-eval's CLI samples them (simple_evaluate's default seeds; note that it
-also seeds Python's, NumPy's and torch's global generators, as every lm-eval run does).
+Few-shot examples are sampled the way lm-eval's CLI samples them (simple_evaluate's default seeds). simple_evaluate
+also seeds Python's, NumPy's and torch's global generators; they are put back as they were afterwards, so that what
+runs next (training after the base's evaluation) does not depend on whether that evaluation ran or came from the cache.
 
 Local data (`data_root`, else the environment variable QPEFT_EVAL_DATA; neither: the hub ids, unchanged). The
 layout mirrors the hub ids of lm-eval's task YAMLs:
