@@ -1,4 +1,5 @@
-"""Steps 4 and 7 of a run: the eval tasks on the base ("before") or the fine-tuned model ("after"), into the record.
+"""Steps 4 and 7 of a run: the eval tasks on the base ("before") or the fine-tuned model ("after"), into the record,
+and their per-item results into the items file beside it (evaluation/items.py).
 
 The base's results are cached across a sweep on everything they depend on (`base_eval_cache`).
 """
@@ -6,9 +7,16 @@ The base's results are cached across a sweep on everything they depend on (`base
 from __future__ import annotations
 
 import dataclasses
+import logging
+from pathlib import Path
+
+import torch
 
 from qpeft_bench import data, evaluation, fingerprint, results
 from qpeft_bench.config import RunSpec
+from qpeft_bench.evaluation.items import ItemsError, read_items, write_items
+
+log = logging.getLogger("qpeft_bench")
 
 
 def run_eval(
@@ -22,10 +30,12 @@ def run_eval(
     model,
     stage: str,
     cache,
+    items: dict | None = None,
 ) -> None:
     """Evaluate `model` on the run's eval tasks into record["eval"][stage] (adding to what is there), with each
-    task's protocol and time."""
-    ev, coverages = spec.eval, {}
+    task's protocol and time. `items` ({stage: {task: per-item results}}), when given, receives the stage's items
+    (`save_items` writes them beside the record)."""
+    ev, coverages, stage_items = spec.eval, {}, {}
     out, seconds = evaluation.evaluate(
         model,
         tokenizer,
@@ -39,6 +49,7 @@ def run_eval(
         ),
         cache=cache,
         coverages=coverages,
+        items=stage_items,
     )
     record["eval"].setdefault(stage, {}).update(out)
     record["eval"].setdefault("coverage", {}).setdefault(stage, {}).update(coverages)  # evaluation/coverage.py
@@ -46,6 +57,37 @@ def run_eval(
     record["eval"].setdefault("protocols", {}).update({t: evaluation.PROTOCOLS[t] for t in out})
     if cache is not None:
         record["eval"]["before_cached"] = sorted(set(out) - set(seconds))
+    if items is not None:
+        stage_kept = items.setdefault(stage, {})
+        for task in out:  # a task evaluated again without items must not keep the ones of its earlier result
+            stage_kept.pop(task, None)
+        stage_kept.update(stage_items)
+
+
+def save_items(run_dir: Path, record: dict, items: dict) -> None:
+    """Write `items` ({stage: {task: per-item results}}) to the items file of `run_dir` and point record["eval"]
+    ["items"] at it (call before writing the record). Nothing to keep: nothing written, the record points at no
+    file. A file that cannot be written (a full disk, a read-only directory) is a warning: the record is still
+    written, without eval.items, never with a reference to a file that is not there."""
+    stages = {stage: tasks for stage, tasks in items.items() if tasks}
+    if not stages or "eval" not in record:
+        return
+    try:
+        record["eval"]["items"] = write_items(run_dir, record["run_id"], stages)
+    except (OSError, ItemsError) as err:
+        log.warning("per-item results not written (%s); the record is written without them", err)
+        record["eval"].pop("items", None)
+
+
+def kept_items(record_path: Path, record: dict) -> dict:
+    """The {stage: {task: per-item results}} of the items file the record points at ({} when none); a file that
+    cannot be used is a warning and gives nothing (what is evaluated now is written anew)."""
+    try:
+        content = read_items(record_path, record)
+    except ItemsError as err:
+        log.warning("the run's per-item results cannot be read (%s); only the tasks evaluated now keep theirs", err)
+        return {}
+    return {} if content is None else content["stages"]
 
 
 def base_eval_cache(spec: RunSpec, compute_dtype: str, device: str) -> evaluation.BaseEvalCache:
@@ -75,8 +117,8 @@ class _Batches:
         return len(self.order)
 
     def __iter__(self):
-        for idx in self.order:
-            yield data.collate([self.features[i] for i in idx], self.pad_id)
+        for idx in self.order:  # "index": the examples' indices in the split, the ids of their per-item results
+            yield {**data.collate([self.features[i] for i in idx], self.pad_id), "index": torch.tensor(idx)}
 
 
 def _batches(features: list[dict], batch_size: int, pad_id: int, seed: int, group: bool, limit: int | None = None):

@@ -34,7 +34,7 @@ from qpeft_bench import (
     tracking,
 )
 from qpeft_bench.config import ConfigError, RunSpec
-from qpeft_bench.eval_stage import base_eval_cache, run_eval
+from qpeft_bench.eval_stage import base_eval_cache, run_eval, save_items
 from qpeft_bench.model_identity import check_weights
 from qpeft_bench.plan import plan_accounting, plan_estimate, with_adapters
 from qpeft_bench.quantized_base import calibration_windows, load_base
@@ -106,8 +106,14 @@ def run(config: dict, run_dir: Path, progress: bool = True, summary: bool = True
                 spec.peft_per_module, adapters.get(spec.peft_method).PER_LAYER_KNOBS
             )
         path = run_dir / results.RECORD
+        items: dict = {}  # {stage: {task: per-item results}}: the items file beside the record (eval_stage.py)
+
+        def write_record():
+            save_items(run_dir, record, items)
+            results.atomic_write_json(path, record)
+
         # one writer: with several processes, process 0 keeps the record, the adapters and the evaluation
-        write = (lambda: results.atomic_write_json(path, record)) if world.main else (lambda: None)
+        write = write_record if world.main else (lambda: None)
         progress = progress and world.main
         try:
             if spec.mode == "plan":
@@ -125,6 +131,7 @@ def run(config: dict, run_dir: Path, progress: bool = True, summary: bool = True
                     adapter_dir=run_dir / ADAPTER_DIR,
                     world=world,
                     prepared=prepared,
+                    items=items,
                 )
                 record["status"] = "completed"
         except Diverged as err:
@@ -237,6 +244,7 @@ def fine_tune(
     adapter_dir: Path,
     world: distributed.World = distributed.SINGLE,
     prepared: tuple | None = None,
+    items: dict | None = None,
 ) -> None:
     t_enter = time.perf_counter()
     spec, budget = budgeted(spec, device)
@@ -249,7 +257,7 @@ def fine_tune(
     acc = record["accounting"]
 
     # 4. The quantized base before fine-tuning (the "no fine-tuning" row of the tables), cached across a sweep.
-    evaluate = functools.partial(run_eval, spec, tokenizer, val_set, device, torch_dtype, progress, record)
+    evaluate = functools.partial(run_eval, spec, tokenizer, val_set, device, torch_dtype, progress, record, items=items)
     if spec.eval.before_finetune and world.main:
         cache = base_eval_cache(spec, compute_dtype, device) if spec.eval.cache_base else None
         evaluate(model, "before", cache)

@@ -5,13 +5,14 @@ qpeft-bench mode=eval run_dir=<run> eval=<option>
 
 from __future__ import annotations
 
+import functools
 import logging
 from pathlib import Path
 
 from qpeft_bench import adapters, data, models, results
 from qpeft_bench.config import ConfigError, adapter_target
 from qpeft_bench.destinations import existing_run
-from qpeft_bench.eval_stage import base_eval_cache, run_eval
+from qpeft_bench.eval_stage import base_eval_cache, kept_items, run_eval, save_items
 from qpeft_bench.quantized_base import load_base
 from qpeft_bench.spec import validate
 from qpeft_bench.summary import summary_line, summary_table
@@ -80,15 +81,19 @@ def _reevaluate(config: dict, progress: bool, summary: bool) -> str:
     targets = [t for t in base.targets if adapter_target(t, spec.peft_targets)]
     path = run_dir / record["adapter"]["path"]
     per_module = {"per_module": spec.peft_per_module} if spec.peft_per_module else {}
+    # the run's per-item results: the tasks evaluated now replace theirs, the others are kept (read before the
+    # record changes: its eval.items names the file as it is now)
+    items = kept_items(run_dir / results.RECORD, record)
+    evaluate = functools.partial(
+        run_eval, spec, base.tokenizer, base.val_set, device, base.torch_dtype, progress, scratch, items=items
+    )
     if spec.eval.before_finetune:
         cache = base_eval_cache(spec, base.compute_dtype, device) if spec.eval.cache_base else None
-        run_eval(
-            spec, base.tokenizer, base.val_set, device, base.torch_dtype, progress, scratch, base.model, "before", cache
-        )
+        evaluate(base.model, "before", cache)
     model = amod.load(base.model, targets, spec.peft, path, **per_module)
     # the norms as the trained run evaluated them (fp32 under train.upcast_norms_fp32): the same numbers again
     prepare_for_training(model, upcast_norms_fp32=spec.train.upcast_norms_fp32, gradient_checkpointing=False)
-    run_eval(spec, base.tokenizer, base.val_set, device, base.torch_dtype, progress, scratch, model, "after", None)
+    evaluate(model, "after", None)
     ev = record.setdefault("eval", {})
     for key, value in scratch["eval"].items():
         if key in ("time_s", "coverage"):  # {stage: {task: ...}}: merge per stage
@@ -103,6 +108,8 @@ def _reevaluate(config: dict, progress: bool, summary: bool) -> str:
         entry["finished_failed_run"] = record.pop("error", None)
         record["status"] = "completed"
     ev.setdefault("reevaluations", []).append(entry)
+    ev.pop("items", None)  # points at the file as it was: save_items points it at the file as it is now
+    save_items(run_dir, record, items)
     results.atomic_write_json(run_dir / results.RECORD, record)
     if summary:
         log.info("\n%s", summary_table(record, run_dir / results.RECORD))

@@ -219,14 +219,27 @@ def atomic_write_json(path: Path, data: dict) -> None:
     """Write to a temporary file in the same directory, fsync, then rename: readers see the old or the new
     record, never a truncated one, even if the process is killed mid-write. Credentials are redacted. The file
     gets the mode a plain open() would give it (follow_umask)."""
+    safe = redacted(data)
+
+    def dump(f) -> None:
+        json.dump(safe, f, indent=2, sort_keys=False, allow_nan=False)
+        f.write("\n")
+
+    _atomic_write(path, dump, "w")
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """`data` into `path` as atomic_write_json writes a record (temporary file, fsync, rename, a plain open's mode)."""
+    _atomic_write(path, lambda f: f.write(data), "wb")
+
+
+def _atomic_write(path: Path, write, mode: str) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    safe = redacted(data)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(safe, f, indent=2, sort_keys=False, allow_nan=False)
-            f.write("\n")
+        with os.fdopen(fd, mode) as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         follow_umask(tmp)

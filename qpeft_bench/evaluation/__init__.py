@@ -10,7 +10,8 @@ Tasks:
   speed          generated tokens/s and forward/backward ms of one step (throughput.py); after fine-tuning only
 
 `evaluate` runs a list of them on one model and returns {task: result}; `ppl_heldout` stays a bare float (the
-record's original key), every other task a dict. The quantized base's results ("before") do not depend on the
+record's original key), every other task a dict. Beside the results, each task but speed gives its per-item results
+(items.py: per example, window or document), which go to the run's items file, not into the record. The quantized base's results ("before") do not depend on the
 PEFT method, its seed or the training settings, so a sweep computes them once: `BaseEvalCache` (cache.py) keeps
 them on disk per (model, quantizer, calibration, data split, compute dtype, device kind, task settings).
 
@@ -25,11 +26,14 @@ import logging
 import os
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from qpeft_bench.config import ConfigError, EvalConfig
 from qpeft_bench.evaluation import coverage
 from qpeft_bench.evaluation.cache import BaseEvalCache
+from qpeft_bench.evaluation.items import ItemsError, check_task, mismatch, nll_items
 from qpeft_bench.evaluation.tasks import TASKS, EvalContext, EvalTask, LmEvalSet, TaskSpec, register
 
 log = logging.getLogger("qpeft_bench")
@@ -57,7 +61,15 @@ def wikitext_source(
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _run_heldout(model, ctx: EvalContext) -> coverage.Covered:
+@dataclass(frozen=True)
+class WithItems:
+    """A runner's return with its per-item results (items.py), which `evaluate` hands on apart from the record."""
+
+    out: Any  # what the runner returns otherwise: the result, or a coverage.Covered
+    items: dict
+
+
+def _run_heldout(model, ctx: EvalContext) -> WithItems:
     from qpeft_bench.evaluation import perplexity
 
     batches = ctx.heldout_batches()
@@ -69,7 +81,7 @@ def _run_heldout(model, ctx: EvalContext) -> coverage.Covered:
             seen += 1
             yield batch
 
-    ppl = perplexity.heldout_perplexity(
+    out = perplexity.heldout_perplexity(
         model,
         counted(),
         ctx.device,
@@ -77,16 +89,17 @@ def _run_heldout(model, ctx: EvalContext) -> coverage.Covered:
         ctx.progress,
         f"{ctx.stage}: ppl_heldout",
         total=len(batches) if hasattr(batches, "__len__") else None,
-    )["ppl"]
+    )
     cap, available = ctx.config.max_batches, getattr(batches, "available", None)
     if available is not None:  # the recipe's batches know how many the split has: limited only if the cap cut it
         cut = [f"eval.max_batches={cap} of {available} batches"] if cap and available > cap else []
     else:  # capped batches of unknown origin: a cap that was reached may or may not have cut the split
         cut = [f"eval.max_batches={cap} batches"] if cap and seen >= cap else []
-    return coverage.Covered(ppl, coverage.entry(cut))
+    units = out["units"]  # ids: the examples' indices in the validation split (eval_stage's batches carry them)
+    return WithItems(coverage.Covered(out["ppl"], coverage.entry(cut)), nll_items("example", **units))
 
 
-def _run_wikitext(model, ctx: EvalContext) -> coverage.Covered:
+def _run_wikitext(model, ctx: EvalContext) -> WithItems:
     from qpeft_bench.evaluation import perplexity
 
     ev, w = ctx.config, ctx.config.wikitext
@@ -104,16 +117,19 @@ def _run_wikitext(model, ctx: EvalContext) -> coverage.Covered:
         max_windows=w.max_windows,
     )
     out["source"] = source or f"{w.hub_id}/{w.variant}"
+    units = out.pop("units")
     cut = out["windows"] < out["windows_total"]
     limits = [f"eval.wikitext.max_windows={w.max_windows} of {out['windows_total']} windows"] if cut else []
-    return coverage.Covered(out, coverage.entry(limits, coverage.shipped(source)))
+    return WithItems(
+        coverage.Covered(out, coverage.entry(limits, coverage.shipped(source))), nll_items("window", **units)
+    )
 
 
-def _run_task_set(task_set: str, model, ctx: EvalContext) -> coverage.Covered:
+def _run_task_set(task_set: str, model, ctx: EvalContext) -> WithItems:
     from qpeft_bench.evaluation import harness
 
     logging.getLogger("lm_eval").setLevel(logging.WARNING)  # its per-task INFO lines drown the run's log
-    h = ctx.config.harness
+    h, items = ctx.config.harness, {}
     out = harness.run_task_set(
         model,
         ctx.tokenizer,
@@ -125,10 +141,11 @@ def _run_task_set(task_set: str, model, ctx: EvalContext) -> coverage.Covered:
         compute_dtype=ctx.compute_dtype,
         max_gen_toks=h.max_gen_toks,
         progress=ctx.progress,
+        items=items,
     )
     entries = out["tasks"].values()
     cut = any(e["samples"] < e["samples_total"] for e in entries)
-    return coverage.Covered(
+    covered = coverage.Covered(
         out,
         coverage.entry(
             [f"eval.harness.limit={h.limit} items per task"] if cut else [],
@@ -136,6 +153,7 @@ def _run_task_set(task_set: str, model, ctx: EvalContext) -> coverage.Covered:
             sum(e["truncated"] for e in entries),
         ),
     )
+    return WithItems(covered, items)
 
 
 def _check_task_set(task_set: str, ev: EvalConfig, context: int | None, model_name: str) -> None:
@@ -341,12 +359,16 @@ def evaluate(
     heldout_batches: Callable,
     cache: BaseEvalCache | None = None,
     coverages: dict | None = None,
+    items: dict | None = None,
 ) -> tuple[dict, dict]:
     """Run `config.tasks` on `model` for `stage` ("before" or "after"); returns (results, seconds per task). With a
     cache (stage "before" only), cached results are reused and new ones stored. `coverages`, when given, receives
-    {task: coverage entry} (coverage.py) for each task whose runner says its coverage, cached ones included."""
+    {task: coverage entry} (coverage.py) for each task whose runner says its coverage, cached ones included; `items`
+    likewise {task: per-item results} (items.py), for each task whose items give its recorded numbers."""
     ctx = EvalContext(tokenizer, stage, device, compute_dtype, progress, heldout_batches, config)
-    results, seconds, covs = {}, {}, {} if coverages is None else coverages
+    results, seconds = {}, {}
+    covs = {} if coverages is None else coverages
+    kept = {} if items is None else items
     for name in config.tasks:
         task = TASKS[name]  # evaluation/checks.py rejected unknown names before any model was loaded
         if stage == "before" and not task.before:
@@ -356,17 +378,40 @@ def evaluate(
             results[name] = cached
             if cache.coverage(name) is not None:
                 covs[name] = cache.coverage(name)
+            if cache.items(name) is not None:  # the cache checked that they give the cached result
+                kept[name] = cache.items(name)
             log.info("%s %s: cached base result (%s)", stage, name, cache.path(name))
             continue
         t0 = time.perf_counter()
-        out, cov = coverage.split(task.run(model, ctx))
+        ran = task.run(model, ctx)
+        ran, task_items = (ran.out, ran.items) if isinstance(ran, WithItems) else (ran, None)
+        out, cov = coverage.split(ran)
         seconds[name] = time.perf_counter() - t0
         results[name] = out
         if cov is not None:
             covs[name] = cov
+        task_items = _agreeing(stage, name, task_items, out)
+        if task_items is not None:
+            kept[name] = task_items
         if cache is not None:
-            cache.put(name, out, cov)
+            cache.put(name, out, cov, task_items)
     return results, seconds
+
+
+def _agreeing(stage: str, name: str, task_items: dict | None, result) -> dict | None:
+    """`task_items` when they have the format's shape and give the numbers of `result`; other items are never kept
+    (a warning): a resample of them would describe another result."""
+    if not task_items:
+        return None
+    try:
+        check_task(name, task_items)
+        why = mismatch(task_items, result)
+    except ItemsError as err:
+        why = str(err)
+    if why is None:
+        return task_items
+    log.warning("%s %s: per-item results dropped, they do not match the result (%s)", stage, name, why)
+    return None
 
 
 __all__ = [
@@ -375,6 +420,7 @@ __all__ = [
     "SUMMARIES",
     "TASKS",
     "BaseEvalCache",
+    "WithItems",
     "EvalContext",
     "EvalTask",
     "cache_settings",

@@ -9,6 +9,7 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
+from qpeft_bench.evaluation.items import ItemsError, check_task, mismatch
 from qpeft_bench.results import atomic_write_json
 
 log = logging.getLogger("qpeft_bench")
@@ -60,6 +61,13 @@ class BaseEvalCache:
         if entry.get("result") is None:
             log.warning("base-eval cache entry %s holds no result; computing it again", path)
             return None
+        if entry.get("items") is not None and _items_problem(task, entry["items"], entry["result"]):
+            log.warning(
+                "base-eval cache entry %s holds per-item results that are malformed or do not give its result; "
+                "computing it again",
+                path,
+            )
+            return None
         return entry
 
     def get(self, task: str, valid: Callable[[object], bool] = lambda result: True):
@@ -78,14 +86,31 @@ class BaseEvalCache:
         entry = self._entry(task)
         return None if entry is None else entry.get("coverage")
 
-    def put(self, task: str, result, coverage: dict | None = None) -> None:
-        """Store a result. A cache that cannot be written ($QPEFT_CACHE or $HOME read-only, a full disk) is a warning:
-        the run has its result and goes on, only the next run computes it again."""
+    def items(self, task: str) -> dict | None:
+        """The cached result's per-item results (items.py), None when it has none. An entry without them (a task
+        without items, or one stored by code before items were kept, which a code fingerprint of its own keeps
+        out of reach anyway) is still the base's result: it is used, and only its items are missing."""
+        entry = self._entry(task)
+        return None if entry is None else entry.get("items")
+
+    def put(self, task: str, result, coverage: dict | None = None, items: dict | None = None) -> None:
+        """Store a result (with its coverage entry and per-item results when it has them). A cache that cannot be
+        written ($QPEFT_CACHE or $HOME read-only, a full disk) is a warning: the run has its result and goes on, only
+        the next run computes it again."""
         entry = {"task": task, "identity": self.identity, "settings": self.settings.get(task), "result": result}
+        extra = {k: v for k, v in (("coverage", coverage), ("items", items)) if v is not None}
         try:
-            atomic_write_json(self.path(task), entry if coverage is None else {**entry, "coverage": coverage})
+            atomic_write_json(self.path(task), {**entry, **extra})
         except OSError as err:
             log.warning("base-eval cache not written (%s: %s); the run goes on without it", self.path(task), err)
+
+
+def _items_problem(task: str, items: dict, result) -> str | None:
+    try:
+        check_task(task, items)
+    except ItemsError as err:
+        return str(err)
+    return mismatch(items, result)
 
 
 def _plain(value):

@@ -17,8 +17,9 @@ Task sets (`TASK_SETS`, a view of the sets registered in evaluation/__init__.py)
   acc_norm, TruthfulQA mc2 0-shot, WinoGrande 5-shot acc, GSM8k 5-shot exact match (the "strict-match" filter,
   `#### <number>`, the only extraction the v1 leaderboard had); `average` over the six and `average_4` over ARC-c,
   HellaSwag, MMLU and TruthfulQA.
-Few-shot examples are sampled the way lm-eval's CLI samples them (simple_evaluate's default seeds; note that it
-also seeds Python's, NumPy's and torch's global generators, as every lm-eval run does).
+Few-shot examples are sampled the way lm-eval's CLI samples them (simple_evaluate's default seeds). simple_evaluate
+also seeds Python's, NumPy's and torch's global generators; they are put back as they were afterwards, so that what
+runs next (training after the base's evaluation) does not depend on whether that evaluation ran or came from the cache.
 
 Local data (`data_root`, else the environment variable QPEFT_EVAL_DATA; neither: the hub ids, unchanged). The
 layout mirrors the hub ids of lm-eval's task YAMLs:
@@ -45,6 +46,7 @@ from importlib.metadata import version
 from pathlib import Path
 
 from qpeft_bench.config import ConfigError
+from qpeft_bench.evaluation.items import score_items
 from qpeft_bench.evaluation.tasks import TaskSpec, lm_eval_sets
 
 ENV_DATA = "QPEFT_EVAL_DATA"
@@ -198,6 +200,7 @@ def run_task_set(
     compute_dtype=None,
     max_gen_toks: int | None = None,
     progress: bool = True,
+    items: dict | None = None,
 ) -> dict:
     """Evaluate the in-memory `model` (a transformers model, or a peft wrapper around one) on a task set.
 
@@ -208,7 +211,8 @@ def run_task_set(
     max_gen_toks: cap on generated tokens of generation tasks (gsm8k; lm-eval's default 256), recorded when set.
     Returns the record of `summarize` plus the engine, lm-eval's version, our settings, the data source, lm-eval's
     seeds (they pick the few-shot examples) and the wall time; JSON-serialisable. Contexts cut to the model's length
-    are counted per task (truncation.py) and logged once per task, not once per request.
+    are counted per task (truncation.py) and logged once per task, not once per request. `items`, when given,
+    receives the set's per-document scores (`per_item`; lm-eval then keeps its samples, which costs memory only).
     """
     import torch
     from lm_eval.evaluator import simple_evaluate
@@ -226,7 +230,7 @@ def run_task_set(
     was_training = model.training  # HFLM puts the model in eval mode; hand it back as it came
     t0 = time.perf_counter()
     try:
-        with _quiet(progress), _no_hub_telemetry(root is not None), collapsed_warnings():
+        with _quiet(progress), _no_hub_telemetry(root is not None), collapsed_warnings(), _global_rngs_kept():
             lm = CountingHFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, mixed_precision_dtype=mixed)
             out = simple_evaluate(
                 model=lm,
@@ -234,7 +238,7 @@ def run_task_set(
                 task_manager=set_task_manager(task_set),
                 limit=limit,
                 gen_kwargs=gen_kwargs,
-                log_samples=False,
+                log_samples=items is not None,
             )
     finally:
         model.train(was_training)
@@ -255,7 +259,23 @@ def run_task_set(
     )
     if gen_kwargs is not None:
         record["generation_overrides"] = gen_kwargs
+    if items is not None:
+        items.update(per_item(out, task_set))
     return record
+
+
+def per_item(out: dict, task_set: str) -> dict:
+    """The set's items (evaluation/items.py) from lm-eval's logged samples (`out["samples"]`: per leaf task, one
+    sample per document and filter, holding each metric's value): per leaf, the documents' scores of its entry's
+    metric under its filter, in lm-eval's order (the order of the values its `mean` aggregated)."""
+    tm = set_task_manager(task_set)
+    entries = {spec.task: leaf_tasks(tm, spec.task) for spec in task_specs(task_set)}
+    leaves = {}
+    for spec in task_specs(task_set):
+        for leaf in entries[spec.task]:
+            docs = [s for s in out["samples"][leaf] if s["filter"] == spec.filter]
+            leaves[leaf] = {"doc_ids": [s["doc_id"] for s in docs], "scores": [s[spec.metric] for s in docs]}
+    return score_items(leaves, entries, TASK_SETS[task_set]["averages"])
 
 
 def summarize(out: dict, task_set: str, truncated: dict[str, int] | None = None) -> dict:
@@ -344,6 +364,25 @@ def _num(x) -> float | None:
     except (TypeError, ValueError):  # lm-eval writes "N/A" where it has no stderr
         return None
     return x if math.isfinite(x) else None
+
+
+@contextlib.contextmanager
+def _global_rngs_kept():
+    """Python's, NumPy's and torch's global generators as they were before lm-eval seeded them: otherwise a run whose
+    base results came from the cache would train (dropout) from another random state than one that computed them,
+    and the same run repeated would give other numbers."""
+    import random
+
+    import numpy as np
+    import torch
+
+    saved = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=range(torch.cuda.device_count()) if torch.cuda.is_initialized() else []):
+        try:
+            yield
+        finally:
+            random.setstate(saved[0])
+            np.random.set_state(saved[1])
 
 
 @contextlib.contextmanager

@@ -36,14 +36,20 @@ def heldout_perplexity(
 ) -> dict:
     """Token-level NLL summed over every labelled (non -100) position, then averaged: batches of different
     lengths weigh by their tokens, not by their count. `total`: the number of batches, for the progress bar
-    (None: len(batches) where it has one)."""
+    (None: len(batches) where it has one).
+
+    Also returns "units": the NLL sum (nats) and the labelled tokens of each row with any ({"ids", "nll",
+    "tokens"}: what a bootstrap resamples, evaluation/items.py). A batch's "index" (a tensor of row ids, e.g. the
+    examples' indices in their split) names its rows; without one, rows are numbered in the order they come. The
+    total is the exact sum of the rows' (math.fsum of float64 sums), so the items give the headline to rounding."""
     was_training = model.training
     model.eval()
-    nll, count = 0.0, 0
+    ids, sums, counts = [], [], []
     try:
         bar = tqdm(batches, desc=desc, unit="batch", total=total, disable=not progress, dynamic_ncols=True)
         for batch in bar:
-            batch = to_device(batch, device)
+            index = batch.get("index")
+            batch = to_device({k: v for k, v in batch.items() if k != "index"}, device)
             with autocast(device, compute_dtype):
                 # use_cache=False: a KV cache of every window would only cost memory (gigabytes at 2048 x 7B)
                 logits = model(
@@ -51,14 +57,22 @@ def heldout_perplexity(
                 ).logits
             labels = batch["labels"][:, 1:]
             logits = logits[:, :-1].float()
-            nll += F.cross_entropy(
-                logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100, reduction="sum"
-            ).item()
-            count += int((labels != -100).sum())
+            token_nll = F.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100, reduction="none"
+            ).view(labels.shape)  # 0 where ignored
+            rows = index.tolist() if index is not None else range(len(ids), len(ids) + labels.shape[0])
+            for row, nll, count in zip(
+                rows, token_nll.double().sum(dim=1).tolist(), (labels != -100).sum(dim=1).tolist(), strict=True
+            ):
+                if count:  # a row with no labelled token weighs nothing
+                    ids.append(int(row))
+                    sums.append(nll)
+                    counts.append(int(count))
     finally:
         model.train(was_training)
-    mean = nll / count
-    return {"ppl": math.exp(mean), "nll": mean, "tokens": count}
+    count = sum(counts)
+    mean = math.fsum(sums) / count
+    return {"ppl": math.exp(mean), "nll": mean, "tokens": count, "units": {"ids": ids, "nll": sums, "tokens": counts}}
 
 
 def context_length(model) -> int | None:
@@ -97,6 +111,7 @@ def windowed_perplexity(
       window and then over windows, which is the same number since every window predicts as many tokens.
 
     `max_windows` evaluates only the first windows (quick runs; the record says how many of how many).
+    The result's "units" hold each window's NLL sum and tokens (heldout_perplexity; not for the record).
     """
     if seq_len < 2:
         raise ValueError(f"seq_len={seq_len}: a window needs at least 2 tokens to predict one")
