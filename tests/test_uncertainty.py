@@ -4,8 +4,6 @@ docs/run-record.md): which cells get them, the significance table, and what happ
 from __future__ import annotations
 
 import csv
-import gzip
-import hashlib
 import json
 import math
 from pathlib import Path
@@ -14,6 +12,7 @@ import numpy as np
 import pytest
 from test_report import lora, sweep_record, write
 
+from qpeft_bench.evaluation.items import write_items
 from qpeft_bench.report.cli import main
 
 N_EXAMPLES = 300
@@ -21,12 +20,9 @@ SUBJECTS = ("mmlu_anatomy", "mmlu_astronomy")
 
 
 def items_file(run_dir: Path, run_id: str, stages: dict) -> dict:
-    """The per-item file in the documented format (docs/run-record.md), written as a run writes it."""
-    content = {"format": "qpeft-bench eval items", "version": 1, "run_id": run_id, "stages": stages}
-    blob = gzip.compress(json.dumps(content, sort_keys=True).encode(), mtime=0)
+    """The per-item file as a run writes it (evaluation/items.py)."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "eval_items.json.gz").write_bytes(blob)
-    return {"file": "eval_items.json.gz", "sha256": hashlib.sha256(blob).hexdigest(), "version": 1}
+    return write_items(run_dir, run_id, stages)
 
 
 def heldout(rng: np.random.Generator, scale: float) -> dict:

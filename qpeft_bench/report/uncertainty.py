@@ -107,7 +107,9 @@ class ItemSource:
         path = row["record_path"]
         if path not in self._files:
             try:
-                self._files[path] = read_items(Path(path), {"eval": {"items": row.get("items_ref")}})
+                self._files[path] = read_items(
+                    Path(path), {"run_id": row["run_id"], "eval": {"items": row.get("items_ref")}}
+                )
             except ItemsError as exc:
                 self._files[path] = None
                 self.problems[str(row["run_id"])] = str(exc)
