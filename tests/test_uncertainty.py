@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -176,3 +177,14 @@ def test_a_limited_evaluation_is_compared_but_never_tested(runs, tmp_path):
     tested = {(t["table"], t["column"]): t for t in rows(tmp_path / "t" / "significance.csv")}
     limited = tested[("by_layer_group", "ppl_after (mlp.r/2)")]
     assert limited["verdict"].startswith("not tested") and limited["p_holm"] == ""
+
+
+def test_the_per_run_tables_give_each_runs_own_interval(runs, tmp_path):
+    assert report(runs, tmp_path / "t") == 0
+    text = (tmp_path / "t" / "evaluation.md").read_text()
+    line = next(x for x in text.splitlines() if x.startswith("| m0"))
+    assert re.search(r"\d+\.\d{3} \[\d+\.\d{3}, \d+\.\d{3}\]", line), line
+    assert "interval of the run's value" in text
+    (m0,) = [r for r in rows(tmp_path / "t" / "evaluation.csv") if r["run_id"] == "m0"]
+    assert float(m0["ppl_after_low"]) < float(m0["ppl_after"]) < float(m0["ppl_after_high"])
+    assert "ppl_before_low" not in m0  # these records keep no items of the base: no interval, not a made-up one

@@ -24,7 +24,7 @@ from qpeft_bench.report.render import render_markdown, table_files
 from qpeft_bench.report.significance import significance_table
 from qpeft_bench.report.stats import DEFAULT_REPLICATES
 from qpeft_bench.report.tables import Table, build_table, unreadable_notes
-from qpeft_bench.report.uncertainty import Baseline, Settings
+from qpeft_bench.report.uncertainty import Baseline, Settings, add_run_intervals
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -111,7 +111,10 @@ def select_tables(
     column is their baseline (by_layer_group over runs that all use uniform knobs compares nothing); it ends with
     the significance table when any table compared cells with their baselines. A tidy reference (published) makes
     its own table; a wide one adds columns to the aggregated tables."""
-    tables = [build_table(spec, loaded) for key, spec in TABLES.items() if name in (key, "all")]
+    settings = settings or Settings()
+    tables = [
+        add_run_intervals(build_table(spec, loaded), settings) for key, spec in TABLES.items() if name in (key, "all")
+    ]
     wide = reference if reference is not None and not reference.tidy else None
     for key, spec in AGGREGATES.items():
         if name not in (key, "all", "significance"):

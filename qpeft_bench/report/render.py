@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from qpeft_bench.report.formatting import printable, raw_value
-from qpeft_bench.report.rows import MARKS, Row
+from qpeft_bench.report.rows import INTERVALS, MARKS, Row
 from qpeft_bench.report.tables import Agg, Column, Table, TableSpec, cell_text
 
 
@@ -59,10 +59,18 @@ def _agg_fields(table: Table) -> tuple[str, ...]:
     )
 
 
-def csv_fields(spec: TableSpec, agg_fields: Sequence[str] = AGG_FIELDS) -> list[str]:
+def _run_interval_keys(table: Table) -> set[str]:
+    """Per-run columns where some row has its own interval: they get <key>_low and <key>_high."""
+    return {key for row in table.rows for key in (row.get(INTERVALS) or {})}
+
+
+def csv_fields(spec: TableSpec, agg_fields: Sequence[str] = AGG_FIELDS, intervals: set[str] = frozenset()) -> list[str]:
     fields = []
     for col in spec.columns:
-        fields += [f"{col.key}_{f}" for f in agg_fields] if col.agg else [col.key]
+        if col.agg:
+            fields += [f"{col.key}_{f}" for f in agg_fields]
+        else:
+            fields += [col.key, f"{col.key}_low", f"{col.key}_high"] if col.key in intervals else [col.key]
     return fields + [k for k in spec.csv_extra if k not in {c.key for c in spec.columns}]
 
 
@@ -78,12 +86,16 @@ def _agg_cells(agg: Any) -> dict[str, Any]:
     return cells
 
 
-def csv_row(spec: TableSpec, row: Row, agg_fields: Sequence[str] = AGG_FIELDS) -> list[str]:
+def csv_row(
+    spec: TableSpec, row: Row, agg_fields: Sequence[str] = AGG_FIELDS, intervals: set[str] = frozenset()
+) -> list[str]:
     cells: Row = dict(row)
     for col in spec.columns:
         if col.agg:
             cells.update({f"{col.key}_{k}": v for k, v in _agg_cells(row.get(col.key)).items()})
-    return [raw_value(cells.get(key)) for key in csv_fields(spec, agg_fields)]
+    for key, interval in (row.get(INTERVALS) or {}).items():
+        cells.update({f"{key}_low": interval.low, f"{key}_high": interval.high})
+    return [raw_value(cells.get(key)) for key in csv_fields(spec, agg_fields, intervals)]
 
 
 def render_csv(table: Table) -> str:
@@ -94,10 +106,10 @@ def render_csv(table: Table) -> str:
     keys = {col.key for col in table.spec.columns}
     marks = [{k: v for k, v in (row.get(MARKS) or {}).items() if k in keys} for row in table.rows]
     extra = [MARKS] if any(marks) else []
-    fields = _agg_fields(table)
-    writer.writerow(csv_fields(table.spec, fields) + extra)
+    fields, intervals = _agg_fields(table), _run_interval_keys(table)
+    writer.writerow(csv_fields(table.spec, fields, intervals) + extra)
     writer.writerows(
-        csv_row(table.spec, row, fields) + ([raw_value(m or None)] if extra else [])
+        csv_row(table.spec, row, fields, intervals) + ([raw_value(m or None)] if extra else [])
         for row, m in zip(table.rows, marks, strict=True)
     )
     return printable(buffer.getvalue())

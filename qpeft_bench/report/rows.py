@@ -94,6 +94,8 @@ RECORD_FIELDS: dict[str, tuple[str, ...]] = {
 # Row key of {row key: why its value is not the full benchmark} (a limited or fixtures evaluation, the record's
 # eval.coverage); tables mark those cells and say why in their notes.
 MARKS = "not_full"
+# Row key of {row key: stats.Interval} in the per-run tables: a run's own interval (its items resampled).
+INTERVALS = "intervals"
 
 
 def coverage_marks(data: Any) -> dict[str, str]:

@@ -12,7 +12,7 @@ from typing import Any
 
 from qpeft_bench.report.formatting import Formatter, fmt_text
 from qpeft_bench.report.records import Duplicate, LoadResult, Unreadable
-from qpeft_bench.report.rows import MARKS, Row, records_to_rows, sort_rows
+from qpeft_bench.report.rows import INTERVALS, MARKS, Row, records_to_rows, sort_rows
 from qpeft_bench.report.stats import Comparison, Interval
 
 MARK = "†"  # a value from a limited or fixtures evaluation ("*" marks diverged runs)
@@ -67,6 +67,9 @@ def build_table(spec: TableSpec, loaded: LoadResult) -> Table:
 def cell_text(col: Column, row: Row) -> str:
     """The cell's display text, with MARK when its value came from a limited or fixtures evaluation."""
     text = col.fmt(row.get(col.key))
+    interval = (row.get(INTERVALS) or {}).get(col.key)
+    if text and interval is not None:
+        text += f" [{col.fmt(interval.low)}, {col.fmt(interval.high)}]"
     return f"{text}{MARK}" if text and col.key in (row.get(MARKS) or {}) else text
 
 

@@ -15,8 +15,8 @@ import numpy as np
 
 import qpeft_bench.report.stats as stats
 from qpeft_bench.evaluation.items import ItemsError, read_items
-from qpeft_bench.report.rows import MARKS, RECORD_FIELDS, Row
-from qpeft_bench.report.tables import SIGNIFICANT, Agg
+from qpeft_bench.report.rows import INTERVALS, MARKS, RECORD_FIELDS, Row
+from qpeft_bench.report.tables import SIGNIFICANT, Agg, Table
 
 
 @dataclass(frozen=True)
@@ -235,3 +235,27 @@ def notes(settings: Settings, intervals: int, without: int, tested: Sequence[Tes
     for run_id, why in sorted(problems.items()):
         out.append(f"per-item results of run {run_id} not used: {why}")
     return out
+
+
+def add_run_intervals(table: Table, settings: Settings) -> Table:
+    """A per-run table (one row per record) with each quality value's own interval: the run's items resampled. The
+    notes say so, and name the runs whose items could not be used."""
+    if settings.replicates <= 0:
+        return table
+    source = ItemSource()
+    keys = [col.key for col in table.spec.columns if item_selector(col.key) is not None]
+    count = 0
+    for row in table.rows:
+        found = {key: cell_interval([row], key, source, settings) for key in keys if row.get(key) is not None}
+        row[INTERVALS] = {key: interval for key, interval in found.items() if interval is not None}
+        count += len(row[INTERVALS])
+    if not count and not source.problems:
+        return table
+    notes = list(table.notes)
+    if count:
+        notes.append(
+            f"[low, high]: {settings.level:.0%} percentile bootstrap interval of the run's value, "
+            f"{settings.replicates} replicates of its evaluation items (examples or windows for perplexities)."
+        )
+    notes += [f"per-item results of run {run_id} not used: {why}" for run_id, why in sorted(source.problems.items())]
+    return replace(table, notes=notes)
