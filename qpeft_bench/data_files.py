@@ -17,7 +17,7 @@ from qpeft_bench.data_formats import Row, describe
 
 LFS_POINTER = b"version https://git-lfs.github.com/spec/v1"  # what a Git LFS file is before `git lfs pull`
 _GZIP_MAGIC, _PARQUET_MAGIC = b"\x1f\x8b", b"PAR1"
-_SUFFIXES = (".json", ".jsonl", ".parquet")  # each optionally .gz (not .parquet)
+SUFFIXES = (".json", ".jsonl", ".parquet")  # each optionally .gz (not .parquet)
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
 
 
@@ -208,7 +208,7 @@ def read_file(file: Path) -> tuple[list[Row], list[int] | None]:
     if not file.is_file():  # a FIFO or a device: read once here, it would be gone for load_examples
         raise ValueError(f"data file {file} is not a regular file")
     name = file.name.removesuffix(".gz")
-    if not name.endswith(_SUFFIXES) or file.name.endswith(".parquet.gz"):
+    if not name.endswith(SUFFIXES) or file.name.endswith(".parquet.gz"):
         raise ValueError(
             f"data file {file}: data.path reads .json, .jsonl (JSON lines) or .parquet files, .json and .jsonl "
             "optionally .gz; convert it to one of those in the hub dataset's columns"

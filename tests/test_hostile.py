@@ -120,6 +120,11 @@ MORE = [
     ("empty calib.path", ["calib=text", "calib.path="], "calib.path is empty"),
     ("empty eval.data_root", ["eval=mmlu", "eval.data_root="], "eval.data_root is empty"),
     ("empty eval.wikitext.path", ["eval.tasks=[ppl_wikitext]", "eval.wikitext.path="], "eval.wikitext.path is empty"),
+    (
+        "a WikiText copy without a known suffix",
+        ["eval.tasks=[ppl_wikitext]", "eval.wikitext.path={tmp}/a_file"],
+        "eval.wikitext.path {tmp}/a_file: a WikiText copy is the raw file (.raw, .txt",
+    ),
     ("no eval task", ["eval.tasks=[]"], "eval.tasks is empty"),
     ("empty peft.targets", ["peft.targets=[]"], "peft.targets=[]"),
     ("peft.targets outside the linears", ["peft.targets=[lm_head]"], "peft.targets ['lm_head'] are not among"),

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from qpeft_bench.data import _read_rows  # the fine-tuning data's file reader: same formats, same errors
+from qpeft_bench.data_files import SUFFIXES as DATA_SUFFIXES
 from qpeft_bench.train import autocast, to_device
 
 WINDOWED_PROTOCOL = "windowed token perplexity, non-overlapping windows, joined with blank lines"
@@ -187,4 +188,9 @@ def wikitext_text(
         )
     if file.suffix in (".raw", ".txt"):
         return WIKITEXT_JOIN.join(_raw_rows(file))
+    if not file.name.removesuffix(".gz").endswith(DATA_SUFFIXES):
+        raise ValueError(
+            f"eval.wikitext.path {path}: a WikiText copy is the raw file (.raw, .txt: wiki.test.raw) or the hub's "
+            "rows in .parquet, .json or .jsonl (optionally .gz), a 'text' column; rename or convert it"
+        )
     return WIKITEXT_JOIN.join(row["text"] for row in _read_rows(str(file), ("text",)))
