@@ -7,7 +7,8 @@ cd "$(dirname "$0")/.."
 bin=${VENV:-.venv}/bin
 work=${1:-$(mktemp -d)}
 HF_HUB_OFFLINE=1 "$bin/qpeft-bench" -m sweep=smoke seed=0,1 "output_root=$work/runs"
-"$bin/qpeft-bench-report" "$work/runs" --out "$work/tables" --figures
+# trainable parameters on x: on a CPU the memory is the process RSS, which grows over the runs of one sweep process
+"$bin/qpeft-bench-report" "$work/runs" --out "$work/tables" --figures --pareto-x params
 mkdir -p docs/figures
 cp "$work"/figures/*.png docs/figures/
 cp "$work"/tables/by_layer_group.md "$work"/tables/significance.md docs/figures/

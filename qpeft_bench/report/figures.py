@@ -284,15 +284,19 @@ def mark_note(rows: Sequence[dict[str, Any]]) -> list[str]:
 def pareto_plot(loaded: LoadResult, diverged_ppl: float, x: str = "memory", settings: Settings | None = None) -> Plot:
     rows = pareto_data(loaded, diverged_ppl, x, settings)
     axis = PARETO_X[x]
+    # a point is labelled with what tells it from the others: r and α only where they vary (said once otherwise)
+    varies = {k: len({fmt_text(p[k]) for p in rows}) > 1 for k in ("r", "alpha", "layer_group")}
     labels = {}
     for p in rows:
-        tag = [_say(LABEL_KEYS["r"], p["r"]), _say(LABEL_KEYS["alpha"], p["alpha"])]
-        tag.append(p["layer_group"] if p["layer_group"] != BASELINE else "")
+        tag = [_say(LABEL_KEYS[k], p[k]) for k in ("r", "alpha") if varies[k]]
+        tag.append(p["layer_group"] if varies["layer_group"] else "")
         labels[p["key"]] = " ".join(t for t in tag if t) + (MARK if p["marked"] else "")
+    fixed = ", ".join(_say(LABEL_KEYS[k], rows[0][k]) for k in ("r", "alpha") if rows and not varies[k])
     notes = [
         "One point per configuration (quantizer, method, r, α, layer groups), the mean over its seeds (n in the "
-        f"CSV), as in the per_configuration table. Runs: {RUN_SETS[PARETO_SPEC.runs]}. Dashed line: the Pareto "
-        "front, the points no other point of the panel beats in both.",
+        f"CSV), as in the per_configuration table{f'; every point has {fixed}' if fixed else ''}. Runs: "
+        f"{RUN_SETS[PARETO_SPEC.runs]}. Dashed line: the Pareto front, the points no other point of the panel beats "
+        "in both.",
         bar_note(rows, "perplexity"),
         *mark_note(rows),
     ]
