@@ -14,9 +14,10 @@ from conftest import FAST
 from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from qpeft_bench import chunked_loss, fused_lora, quantized_base, recipe, speedups
+from qpeft_bench import chunked_loss, fused_lora, quantized_base, recipe, results, speedups
 from qpeft_bench.adapters import lora
 from qpeft_bench.config import ConfigError
+from qpeft_bench.evaluation.items import read_items
 from qpeft_bench.spec import validate
 
 
@@ -217,10 +218,13 @@ def test_a_sweep_quantizes_its_base_once_and_trains_as_a_fresh_run_would(compose
 
     # the reused base is the same base: same accounting, same quantization error, same training and evaluation
     def untimed(section: dict) -> dict:
-        return {k: v for k, v in section.items() if "time" not in k}
+        # the items file's hash covers its run id, which differs: its items are compared below
+        return {k: v for k, v in section.items() if "time" not in k and k != "items"}
 
     for key in ("accounting", "eval"):
         assert untimed(records["second"][key]) == untimed(records["fresh"][key])
+    items = [read_items(tmp_path / n / results.RECORD, records[n])["stages"] for n in ("second", "fresh")]
+    assert items[0] == items[1]
     assert records["second"]["train"]["losses"] == records["fresh"]["train"]["losses"]
     assert records["second"]["quant"]["weight_rel_error"] == records["first"]["quant"]["weight_rel_error"]
     quantized_base._BASE_CACHE.clear()

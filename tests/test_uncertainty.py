@@ -140,9 +140,10 @@ def test_bootstrap_zero_and_bad_baselines(runs, tmp_path, capsys):
             report(runs, tmp_path / "u", "--baseline", bad)
         assert exc.value.code == 2
         assert "--baseline" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        report(runs, tmp_path / "u", "--bootstrap", "-1")
-    assert "--bootstrap must be" in capsys.readouterr().err
+    for bad in ("-1", "1", "99", "1000000000"):
+        with pytest.raises(SystemExit):
+            report(runs, tmp_path / "u", "--bootstrap", bad)
+        assert "--bootstrap must be 0 (off) or 100 .. 100000" in capsys.readouterr().err
 
 
 def test_cells_without_usable_items_get_no_interval_and_the_notes_say_why(runs, tmp_path):

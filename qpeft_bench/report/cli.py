@@ -90,8 +90,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error("--table published needs --reference (published, or a tidy CSV)")
     if not args.diverged_ppl > 0:
         parser.error(f"--diverged-ppl must be a positive number, got {args.diverged_ppl}")
-    if args.bootstrap < 0:
-        parser.error(f"--bootstrap must be 0 (off) or a number of replicates, got {args.bootstrap}")
+    if args.bootstrap != 0 and not 100 <= args.bootstrap <= 100_000:
+        # fewer replicates cannot place a 95% interval's ends; more only cost time (minutes per cell)
+        parser.error(f"--bootstrap must be 0 (off) or 100 .. 100000 replicates, got {args.bootstrap}")
     try:
         args.baseline = Baseline.parse(args.baseline)
     except ValueError as exc:
