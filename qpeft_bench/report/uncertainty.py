@@ -14,9 +14,13 @@ from typing import Any
 import numpy as np
 
 import qpeft_bench.report.stats as stats
-from qpeft_bench.evaluation.items import ItemsError, read_items
+from qpeft_bench.evaluation.items import REL_TOL, ItemsError, read_items
 from qpeft_bench.report.rows import INTERVALS, MARKS, RECORD_FIELDS, Row
 from qpeft_bench.report.tables import SIGNIFICANT, Agg, Table
+
+# The key columns of the aggregated tables (catalog.py) a baseline can name; an unknown one would match no row and
+# silently make no comparison.
+BASELINE_KEYS = ("model", "dataset", "quant_setting", "method_name", "r", "alpha", "layer_group")
 
 
 @dataclass(frozen=True)
@@ -38,7 +42,12 @@ class Baseline:
             key, sep, value = part.partition("=")
             if not sep or not key.strip() or not value.strip():
                 raise ValueError(f"--baseline {text!r}: expected KEY=VALUE[,KEY=VALUE...], got {part!r}")
-            pairs.append((key.strip(), value.strip()))
+            key = key.strip()
+            if key not in BASELINE_KEYS:
+                raise ValueError(f"--baseline {text!r}: {key!r} is not a row key; keys: {', '.join(BASELINE_KEYS)}")
+            if key in dict(pairs):
+                raise ValueError(f"--baseline {text!r}: {key} is named twice")
+            pairs.append((key, value.strip()))
         return Baseline(tuple(pairs))
 
 
@@ -130,8 +139,11 @@ class ItemSource:
             self.problems[str(row["run_id"])] = f"per-item results of {task} unusable ({exc})"
             return None
         value = row.get(key)
-        # the items must give the number the record holds: a file left from another evaluation never feeds a cell
-        if not isinstance(value, (int, float)) or not math.isclose(items.point(), value, rel_tol=1e-6, abs_tol=1e-9):
+        # the items must give the number the record holds (to the writer's tolerance): a file left from another
+        # evaluation never feeds a cell
+        if not isinstance(value, (int, float)) or not math.isclose(
+            items.point(), value, rel_tol=REL_TOL, abs_tol=1e-12
+        ):
             self.problems[str(row["run_id"])] = f"per-item results of {task} do not give the record's {key}"
             return None
         return items
