@@ -444,6 +444,11 @@ class CalibConfig:
     seq_len: int = 256
     probe_samples: int = 1  # windows (the first ones) on which each layer's output error is measured
     seed: int = 0
+    # Block-by-block calibration (the GPTQ/OWQ/QEFT reference procedure): each decoder block's statistics come
+    # from the outputs of the blocks before it, already quantized, and only one block's statistics are held at
+    # once. false: one pass of the unquantized model, every layer's statistics held together (faster on small
+    # models, more memory, no layer sees the error of the layers before it). Quantizers without it ignore it.
+    sequential: bool = True
 
     def check(self, where: str) -> None:
         for name in ("samples", "seq_len", "probe_samples"):

@@ -355,3 +355,172 @@ def per_gpu(memory: dict, kind: str, gpus: int, blocks: int) -> dict:
     paged = memory["paged_optimizer_bytes"] // (gpus if kind == "fsdp" else 1)
     peak = sum(out[k] for k in parts)
     return {**out, "peak_bytes": peak, "paged_optimizer_bytes": paged, "allocated_peak_bytes": peak - paged}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Calibration (gptq, owq, qeft, smoothquant): statistics, activations and weights held, and time
+# ---------------------------------------------------------------------------------------------------------------
+
+# What each calibrated quantizer collects per distinct layer input. hessian: sum x x^T, fp32 in x in (GPTQ, OWQ,
+# QEFT); channel: one fp32 value per input channel (SmoothQuant's max |x_j|, QEFT method=nearest's diagonal).
+STATISTICS = ("hessian", "channel")
+# The quantizers calibrated block by block when calib.sequential is on; SmoothQuant stays one pass.
+SEQUENTIAL_QUANTIZERS = ("gptq", "owq", "qeft")
+# H100 SXM's fp32 rate without tensor cores, from NVIDIA's datasheet: NOT measured on the lent card. Calibration
+# runs its Hessian sums and GPTQ's factorisations in fp32, and torch leaves TF32 off for matmuls by default.
+H100_FP32_FLOPS = 67e12
+# GPTQ's sweep (quant/gptq.py, like the reference) is a Python loop over the input columns, a few small kernels
+# each: at LLM shapes its time is set by the column count, not by FLOPs. Calibrated on ONE measurement,
+# results/bench/h100_2026-12-07_calibration/calib_llama2_7b_8blocks.json (scripts/bench_calibration.py): GPTQ 4-bit
+# g128, block by block, of 8 LLaMA-2-7B-shaped blocks (56 linears, 8 x (6 x 4096 + 11008) = 219,136 columns)
+# quantized in 68.6 s on the lent H100. The FLOPs of that row (gptq_flops below) take some of it at
+# H100_FP32_FLOPS; the rest, per column (the 70B-shaped row of the same run is within 20% of what this predicts):
+GPTQ_CALIBRATION_BLOCKS = 8
+GPTQ_CALIBRATION_S, GPTQ_CALIBRATION_COLUMNS = 68.64, GPTQ_CALIBRATION_BLOCKS * (6 * 4096 + 11008)
+# Cholesky, its inverse and the upper factor of the inverse (gptq.inverse_factor): n^3/3 + 2n^3/3 + n^3/3.
+INVERSE_FLOPS_PER_N3 = 4 / 3
+
+
+def _distinct_input_widths(s: Shape) -> list[int]:
+    """in_features of each distinct input of a block: q, k, v read one tensor, gate and up another (input_groups)."""
+    return [s.linears[group[0]][0] for group in s.input_groups]
+
+
+def gptq_flops(linears: dict) -> float:
+    """fp32 FLOPs of GPTQ on `linears` ({name: (in, out)}): per layer the inverse factor of its H (done per layer,
+    even where layers share H) and the column sweep, whose lazy-batch updates of the columns after each block of
+    128 add up to about out x in^2."""
+    return sum(INVERSE_FLOPS_PER_N3 * i**3 + o * i * i for i, o in linears.values())
+
+
+def _gptq_seconds_per_column() -> float:
+    h, m = 4096, 11008  # LLaMA-2-7B, the calibration row's shapes
+    block = {"q": (h, h), "k": (h, h), "v": (h, h), "o": (h, h), "gate": (h, m), "up": (h, m), "down": (m, h)}
+    flops_s = GPTQ_CALIBRATION_BLOCKS * gptq_flops(block) / H100_FP32_FLOPS
+    return (GPTQ_CALIBRATION_S - flops_s) / GPTQ_CALIBRATION_COLUMNS
+
+
+GPTQ_SECONDS_PER_COLUMN = _gptq_seconds_per_column()  # ~240 us
+
+
+def _check_calibration(statistic: str, samples: int, seq_len: int) -> None:
+    if statistic not in STATISTICS:
+        raise ConfigError(f"calibration statistic {statistic!r}; the estimates know {', '.join(STATISTICS)}")
+    if samples <= 0 or seq_len <= 0:
+        raise ConfigError(f"calibration of {samples} windows of {seq_len} tokens: both must be > 0")
+
+
+def calibration_memory(
+    arch: dict,
+    *,
+    samples: int,
+    seq_len: int,
+    sequential: bool,
+    statistic: str,
+    model_dtype: str,
+    base_model_bytes: int,
+    quantized_model_bytes: int,
+    loaded_by_block: bool = False,
+) -> dict:
+    """Peak device memory of calibrating and quantizing the model, by component, in bytes.
+
+    `samples` windows of `seq_len` tokens (calib.samples, calib.seq_len); `statistic`: one of STATISTICS;
+    `base_model_bytes` / `quantized_model_bytes`: accounting's. One pass (`sequential` false): the unquantized
+    model runs one window at a time with every block's statistics held, then each layer is quantized. Sequential:
+    block by block, each block's statistics from the quantized blocks' outputs, one block's statistics at a time,
+    the windows' hidden states held between blocks. `loaded_by_block`: the unquantized model is brought in one
+    block at a time (quant.quantize_model's `fill`, as scripts/bench_calibration.py does); a run (qpeft-bench) loads
+    it whole before calibrating, so by default the whole unquantized model is counted in both modes.
+
+    Components: `stats_peak_bytes` (statistics held at once; `stats_per_block_bytes` one block's),
+    `activations_bytes` (`held_activations_bytes`: sequential's block inputs and outputs of all windows;
+    `window_bytes`: one window's forward at batch 1), `weights_bytes` (one pass: `weights_unquantized_bytes`, the
+    whole model in its dtype; sequential: `weights_quantized_bytes`, the quantized model as stored, i.e. at the
+    last block, assuming quantized blocks stay on the device, plus `weights_unquantized_block_bytes`, one block in
+    the model dtype), `quantize_work_bytes` (GPTQ's working copies for the largest layer). The window's forward and
+    the quantization of a layer do not overlap, so `peak_bytes` counts the larger of the two.
+    """
+    _check_calibration(statistic, samples, seq_len)
+    s = model_shape(arch)
+    m = _bytes(model_dtype, "model_dtype")
+    widths = _distinct_input_widths(s)
+    per_block = FP32 * (sum(w * w for w in widths) if statistic == "hessian" else sum(widths))
+    # One window's forward at batch 1: the residual stream and the normed input, the larger of attention's q, k, v
+    # and output and the MLP's two or three intermediates, and the fp32 copy the statistic hook makes of the widest
+    # input. One pass also runs lm_head (its logits, in the model dtype).
+    kv = s.linears["k_proj"][1]
+    mlp = (3 if s.family == "llama" else 1) * s.mlp
+    window = seq_len * ((2 * s.hidden + max(2 * s.q_dim + 2 * kv, mlp)) * m + FP32 * max(widths))
+    if not sequential:
+        window += seq_len * s.vocab * m
+    held = 2 * samples * seq_len * s.hidden * m if sequential else 0
+    # GPTQ per layer: fp32 W and its codes (out x in each), and up to four in x in fp32 matrices (the permuted H and
+    # inverse_factor's clone, Cholesky factor and inverse) next to the held statistic.
+    work = max(FP32 * (2 * o * i + 4 * i * i) for i, o in s.linears.values()) if statistic == "hessian" else 0
+    out = {
+        "sequential": sequential,
+        "loaded_by_block": sequential and loaded_by_block,
+        "statistic": statistic,
+        "stats_per_block_bytes": per_block,
+    }
+    if sequential and loaded_by_block:
+        norms = (2 if s.family == "llama" else 4) * s.hidden  # RMSNorm weights; LayerNorm weights and biases
+        biases = sum(o for _, o in s.linears.values()) if s.family == "opt" else 0
+        block = (sum(i * o for i, o in s.linears.values()) + norms + biases) * m
+        weights = {"weights_quantized_bytes": quantized_model_bytes, "weights_unquantized_block_bytes": block}
+    else:
+        weights = {"weights_unquantized_bytes": base_model_bytes}
+    stats = per_block if sequential else s.layers * per_block
+    weights_bytes = sum(weights.values())
+    out |= {
+        "stats_peak_bytes": stats,
+        "held_activations_bytes": held,
+        "window_bytes": window,
+        "activations_bytes": held + window,
+        **weights,
+        "weights_bytes": weights_bytes,
+        "quantize_work_bytes": work,
+        "peak_bytes": stats + held + weights_bytes + max(window, work),
+    }
+    return out
+
+
+def calibration_seconds(arch: dict, *, samples: int, seq_len: int, sequential: bool, statistic: str) -> dict:
+    """Estimated seconds of calibration and quantization on one H100-class GPU, by component.
+
+    Forward passes over the windows (2 x linear parameters x tokens, plus attention; sequential runs each block
+    twice, for its statistics and to propagate the quantized block's outputs; one pass runs the whole model once,
+    lm_head included) at the training estimate's bf16 rate and EFFICIENCY; the statistics (hessian: 2 x tokens x
+    in^2 per distinct input) and GPTQ's factorisations and sweep (gptq_flops) at H100_FP32_FLOPS; the sweep's
+    per-column overhead at GPTQ_SECONDS_PER_COLUMN. `channel` statistics quantize without a sweep (round to
+    nearest), which is taken as free. An estimate: loading the weights from disk is not included."""
+    _check_calibration(statistic, samples, seq_len)
+    s = model_shape(arch)
+    tokens = samples * seq_len
+    linear = sum(i * o for i, o in s.linears.values())
+    attention = 2 * (2 * samples * seq_len * seq_len * s.q_dim)  # QK^T and PV per block, as step_flops
+    block_forward = 2 * tokens * linear + attention
+    if sequential:
+        forward = 2 * s.layers * block_forward
+    else:
+        forward = s.layers * block_forward + 2 * tokens * s.lm_head_in * s.vocab
+    widths = _distinct_input_widths(s)
+    stats = s.layers * 2 * tokens * (sum(w * w for w in widths) if statistic == "hessian" else sum(widths))
+    if statistic == "hessian":
+        sweep_flops = s.layers * gptq_flops(s.linears)
+        columns = s.layers * sum(i for i, _ in s.linears.values())
+    else:
+        sweep_flops = columns = 0
+    parts = {
+        "forward_seconds": forward / (H100_BF16_MATMUL_FLOPS * EFFICIENCY),
+        "statistics_seconds": stats / H100_FP32_FLOPS,
+        "quantize_seconds": sweep_flops / H100_FP32_FLOPS + columns * GPTQ_SECONDS_PER_COLUMN,
+    }
+    return {
+        **parts,
+        "seconds": sum(parts.values()),
+        "forward_flops": forward,
+        "statistics_flops": stats,
+        "quantize_flops": round(sweep_flops),
+        "sweep_columns": columns,
+    }

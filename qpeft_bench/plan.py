@@ -92,7 +92,7 @@ def plan_estimate(spec: RunSpec, acc: dict) -> dict:
     except ConfigError as err:  # an architecture family the estimator does not model: accounting still stands
         return {"unavailable": str(err)}
     step_s = estimate.step_seconds(flops)
-    return {
+    out = {
         "peak_memory_bytes": mem["peak_bytes"],
         "allocated_peak_bytes": mem["allocated_peak_bytes"],
         "step_flops": flops,
@@ -102,6 +102,38 @@ def plan_estimate(spec: RunSpec, acc: dict) -> dict:
         "gpus": t.gpus,
         "distributed": t.distributed,
         "basis": "per H100-class GPU, reference-stack efficiency (qpeft_bench/estimate.py)",
+    }
+    if quant.needs_calibration(quant.get(spec.quant_name)):
+        out["calibration"] = plan_calibration(spec, acc)
+    return out
+
+
+def plan_calibration(spec: RunSpec, acc: dict) -> dict:
+    """Calibration's peak device memory and time for a quantizer that needs calibration data (estimate.py)."""
+    c, name = spec.calib, spec.quant_name
+    # Hessians for the GPTQ family; one value per input channel for SmoothQuant and for QEFT's round-to-nearest.
+    nearest = getattr(spec.quant, "method", "gptq") == "nearest"
+    statistic = "channel" if name == "smoothquant" or nearest else "hessian"
+    sequential = c.sequential and name in estimate.SEQUENTIAL_QUANTIZERS
+    arch = spec.model.arch_dict()
+    kw = {"samples": c.samples, "seq_len": c.seq_len, "sequential": sequential, "statistic": statistic}
+    try:
+        mem = estimate.calibration_memory(
+            arch,
+            **kw,
+            model_dtype=spec.model.dtype,
+            base_model_bytes=acc["base_model_bytes"],
+            quantized_model_bytes=acc["quantized_model_bytes"],
+        )
+        time = estimate.calibration_seconds(arch, **kw)
+    except ConfigError as err:
+        return {"unavailable": str(err)}
+    return {
+        **mem,
+        **time,
+        "samples": c.samples,
+        "seq_len": c.seq_len,
+        "basis": "estimate: one H100-class GPU; the unquantized model loaded whole, as a run does (qpeft_bench/estimate.py)",
     }
 
 

@@ -109,6 +109,7 @@ def load_base(
         probe=probe,
         progress=progress,
         fill=fill,
+        sequential=spec.calib.sequential,
     )
     record["quant"]["layerwise_load"] = layerwise
     if windows is not None:

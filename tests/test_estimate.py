@@ -8,6 +8,9 @@ formulas are also checked against what autograd saves and what torch's FlopCount
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -17,6 +20,8 @@ from qpeft_bench.config import ConfigError
 from qpeft_bench.plan import plan_accounting
 from qpeft_bench.spec import validate
 from qpeft_bench.train import autocast, prepare_for_training
+
+ROOT = Path(__file__).resolve().parents[1]
 
 GIB = 2**30
 BATCH, SEQ = 8, 512  # the reference step (gpu_baseline.md)
@@ -348,3 +353,167 @@ def test_step_flops_equal_torch_flop_counter(compose, gc, family):
         arch, batch_size=TINY_BATCH, seq_len=TINY_SEQ, gradient_checkpointing=gc, trainable_params=trainable
     )
     assert counter.get_total_flops() == pytest.approx(expected, rel=0.005)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Calibration (calibration_memory, calibration_seconds, plan mode's "calibration" section)
+# ---------------------------------------------------------------------------------------------------------------
+
+# A small LLaMA with grouped-query attention and head_dim != hidden / heads, so that q, k, v, o have four
+# different widths and a wrong input group would change the count.
+SMALL_ARCH = {
+    "model_type": "llama",
+    "hidden_size": 48,
+    "intermediate_size": 80,
+    "num_hidden_layers": 3,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 16,
+    "vocab_size": 96,
+    "max_position_embeddings": 64,
+}
+
+
+def _calib_memory(arch, sequential, statistic="hessian", samples=4, seq_len=8, base=1000, quantized=300, by_block=True):
+    return estimate.calibration_memory(
+        arch,
+        samples=samples,
+        seq_len=seq_len,
+        sequential=sequential,
+        statistic=statistic,
+        model_dtype="bfloat16",
+        base_model_bytes=base,
+        quantized_model_bytes=quantized,
+        loaded_by_block=by_block,
+    )
+
+
+def test_calibration_statistics_bytes_by_hand():
+    a = SMALL_ARCH
+    h, i, layers = a["hidden_size"], a["intermediate_size"], a["num_hidden_layers"]
+    q_dim = a["num_attention_heads"] * a["head_dim"]
+    # one fp32 in x in Hessian per distinct input of a block: q, k and v read the normed hidden state (h wide),
+    # o_proj the attention output (heads x head_dim), gate and up the second normed state (h), down_proj the
+    # MLP product (intermediate)
+    per_block = 4 * (h * h + q_dim * q_dim + h * h + i * i)
+    one, seq = _calib_memory(a, False), _calib_memory(a, True)
+    assert one["stats_peak_bytes"] == layers * per_block
+    assert seq["stats_peak_bytes"] == per_block == seq["stats_per_block_bytes"]
+    assert one["stats_peak_bytes"] == layers * seq["stats_peak_bytes"]  # the block count factor, exactly
+    # SmoothQuant-style per-channel statistics: one fp32 value per input channel of each distinct input
+    assert _calib_memory(a, False, "channel")["stats_peak_bytes"] == layers * 4 * (h + q_dim + h + i)
+    # sequential holds every window's block input and output in the model dtype (bf16)
+    assert seq["held_activations_bytes"] == 2 * 4 * 8 * h * 2 and one["held_activations_bytes"] == 0
+    # weights: the whole unquantized model in one pass; the quantized model plus one bf16 block in sequential
+    linear = h * q_dim + 2 * h * (a["num_key_value_heads"] * a["head_dim"]) + q_dim * h + 3 * h * i
+    assert one["weights_bytes"] == 1000
+    assert seq["weights_quantized_bytes"] == 300
+    assert seq["weights_unquantized_block_bytes"] == 2 * (linear + 2 * h)  # + its two RMSNorm weights
+    for mem in (one, seq):
+        parts = ("stats_peak_bytes", "held_activations_bytes", "weights_bytes")
+        transient = max(mem["window_bytes"], mem["quantize_work_bytes"])
+        assert mem["peak_bytes"] == sum(mem[k] for k in parts) + transient
+        assert mem["activations_bytes"] == mem["held_activations_bytes"] + mem["window_bytes"]
+
+
+def test_one_pass_statistics_equal_what_capture_inputs_holds():
+    # The real one-pass hook (calibration.capture_inputs with calibration.hessian) on a model of SMALL_ARCH:
+    # the distinct fp32 matrices it keeps are exactly what the estimate counts.
+    from qpeft_bench import calibration
+
+    model = models.build_meta_model(SMALL_ARCH, "float32").to_empty(device="cpu")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.02)
+    targets = list(models.find_linears(model, LLAMA_LINEARS))
+    windows = calibration.random_windows(SMALL_ARCH["vocab_size"], 2, 8, 0)
+    states = calibration.capture_inputs(model, targets, windows, calibration.hessian, "cpu")
+    held = {id(s[0]): s[0] for s in states.values()}
+    assert (
+        sum(t.numel() * t.element_size() for t in held.values()) == _calib_memory(SMALL_ARCH, False)["stats_peak_bytes"]
+    )
+
+
+LLAMA_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def _gptq_plan(compose, model, *extra):
+    # act_order off: the reference's default, and the storage format of dynamic groups needs it
+    spec = validate(compose(["mode=plan", f"model={model}", "quant=gptq", "quant.act_order=false", *extra]))
+    from qpeft_bench import plan
+
+    return plan.plan_estimate(spec, plan_accounting(spec))
+
+
+def test_plan_mode_has_a_calibration_section_for_gptq_and_not_for_nf4(compose, plan):
+    from qpeft_bench import plan as plan_mod
+
+    spec, acc = plan()  # the default quantizer, nf4: no calibration
+    assert not quant.needs_calibration(quant.get(spec.quant_name))
+    assert "calibration" not in plan_mod.plan_estimate(spec, acc)
+    seq, one = (_gptq_plan(compose, "llama2_7b", f"calib.sequential={s}")["calibration"] for s in ("true", "false"))
+    assert seq["sequential"] is True and one["sequential"] is False
+    for c in (seq, one):
+        assert {"stats_peak_bytes", "activations_bytes", "weights_bytes", "peak_bytes", "seconds"} <= set(c)
+    blocks = validate(compose(["model=llama2_7b"])).model.arch_dict()["num_hidden_layers"]
+    assert one["stats_peak_bytes"] == blocks * seq["stats_peak_bytes"]
+    assert seq["peak_bytes"] < one["peak_bytes"]
+    # the issue's arithmetic: one-pass Hessians of LLaMA-2-7B are about 22 GB in fp32
+    assert one["stats_peak_bytes"] / 1e9 == pytest.approx(22, rel=0.02)
+
+
+def test_llama2_70b_gptq_fits_one_gpu_only_block_by_block(compose):
+    seq, one = (_gptq_plan(compose, "llama2_70b", f"calib.sequential={s}")["calibration"] for s in ("true", "false"))
+    assert one["stats_peak_bytes"] > 300e9  # the issue: "over 300 GB for LLaMA-2-70B"
+    assert one["weights_bytes"] > 128 * GIB  # and the bf16 model itself does not fit one GPU either
+    # a run loads the unquantized model whole before calibrating: plan mode says a 70B run does not fit one GPU
+    assert seq["loaded_by_block"] is False and seq["weights_bytes"] == one["weights_bytes"]
+    assert seq["peak_bytes"] > 78 * GIB
+    # brought in one block at a time (quant.quantize_model's fill, scripts/bench_calibration.py) it does
+    spec = validate(compose(["mode=plan", "model=llama2_70b", "quant=gptq"]))
+    acc = plan_accounting(spec)
+    by_block = estimate.calibration_memory(
+        spec.model.arch_dict(),
+        samples=spec.calib.samples,
+        seq_len=spec.calib.seq_len,
+        sequential=True,
+        statistic="hessian",
+        model_dtype=spec.model.dtype,
+        base_model_bytes=acc["base_model_bytes"],
+        quantized_model_bytes=acc["quantized_model_bytes"],
+        loaded_by_block=True,
+    )
+    assert by_block["peak_bytes"] < 78 * GIB  # an 80 GB H100's usable memory
+
+
+def test_smoothquant_stays_one_pass_with_channel_statistics(compose):
+    spec = validate(compose(["mode=plan", "model=opt_1_3b", "quant=smoothquant", "calib.sequential=true"]))
+    from qpeft_bench import plan
+
+    c = plan.plan_estimate(spec, plan_accounting(spec))["calibration"]
+    assert c["sequential"] is False and c["statistic"] == "channel"
+    assert c["quantize_work_bytes"] == 0 and c["quantize_seconds"] == 0
+    a = spec.model.arch_dict()
+    # absmax vectors of q/k/v's, out_proj's, fc1's (hidden wide) and fc2's (ffn_dim) inputs: 1.4 MB for 1.3B
+    assert c["stats_peak_bytes"] == a["num_hidden_layers"] * 4 * (3 * a["hidden_size"] + a["ffn_dim"])
+
+
+def test_gptq_seconds_reproduce_their_calibration_row(plan):
+    # results/bench/h100_2026-12-07_calibration: GPTQ 4-bit g128 of 8 LLaMA-2-7B-shaped blocks quantized in 68.64 s
+    measured = json.loads((ROOT / "results/bench/h100_2026-12-07_calibration/calib_llama2_7b_8blocks.json").read_text())
+    spec, _ = plan()
+    arch = {**spec.model.arch_dict(), "num_hidden_layers": measured["blocks"]}
+    t = estimate.calibration_seconds(arch, samples=16, seq_len=512, sequential=False, statistic="hessian")
+    assert t["quantize_seconds"] == pytest.approx(round(measured["quantize_time_s"], 2), rel=1e-6)
+    assert t["seconds"] == pytest.approx(
+        sum(t[k] for k in ("forward_seconds", "statistics_seconds", "quantize_seconds"))
+    )
+    seq = estimate.calibration_seconds(arch, samples=16, seq_len=512, sequential=True, statistic="hessian")
+    assert seq["forward_flops"] > t["forward_flops"]  # two passes over the blocks (statistics and propagation)
+
+
+def test_calibration_estimates_refuse_unusable_inputs():
+    with pytest.raises(ConfigError, match="calibration statistic 'median'"):
+        _calib_memory(SMALL_ARCH, True, "median")
+    with pytest.raises(ConfigError, match="must be > 0"):
+        estimate.calibration_seconds(SMALL_ARCH, samples=0, seq_len=8, sequential=True, statistic="hessian")

@@ -28,6 +28,8 @@ KNOBS = {
     "owq": {"group_size": 32, "k": 4},
     "qeft": {"group_size": 32, "k": 4},
     "icq": {"blocksize": 32},
+    # the reference FakeQuantInputLinear below rounds the inputs only, not also the q/k/v outputs
+    "smoothquant": {"quantize_bmm_input": False},
 }
 LORA_OPTIONS = ["lora", "rslora", "dora", "loftq", "dora_rslora", "loftq_rslora", "dora_loftq"]
 lora, ia3 = adapters.get("lora"), adapters.get("ia3")

@@ -43,9 +43,10 @@ def test_hqq_weight_error_is_below_rtn_at_equal_bits_and_group_size(windows, bit
     assert len(worse) <= len(hqq["layers"]) // 10, worse
 
 
-@pytest.mark.parametrize("bits, act_order", [(3, True), (4, True), (4, False)])
+@pytest.mark.parametrize("bits, act_order", [(3, True), (3, False), (4, True), (4, False)])
 def test_gptq_output_error_is_below_rtn_on_calibration_data(windows, bits, act_order):
-    g = _errors("gptq", windows, bits=bits, group_size=64, act_order=act_order)
+    # act_order needs static groups (the storage keeps a group's columns contiguous)
+    g = _errors("gptq", windows, bits=bits, group_size=64, act_order=act_order, static_groups=act_order)
     r = _errors("rtn", windows, bits=bits, group_size=64)
     assert g["output_rel_error"] < 0.8 * r["output_rel_error"]
     for name, e in g["layers"].items():
@@ -56,13 +57,18 @@ def test_gptq_output_error_is_below_rtn_on_calibration_data(windows, bits, act_o
 
 @pytest.mark.parametrize("qname", ["owq", "qeft"])
 def test_weak_columns_lower_the_output_error(windows, qname):
-    without = _errors(qname, windows, bits=3, group_size=64, k=0)
-    with_k = _errors(qname, windows, bits=3, group_size=64, k=16)
+    # min-max group fits, so that k = 0 is GPTQ's own grid
+    without = _errors(qname, windows, bits=3, group_size=64, k=0, tuning="minmax")
+    with_k = _errors(qname, windows, bits=3, group_size=64, k=16, tuning="minmax")
     assert with_k["output_rel_error"] < without["output_rel_error"]
     assert with_k["weight_rel_error"] < without["weight_rel_error"]
     # k = 0 is plain GPTQ at the same grid
     plain = _errors("gptq", windows, bits=3, group_size=64)
     assert without["output_rel_error"] == pytest.approx(plain["output_rel_error"], rel=1e-6)
+
+
+FIT3 = gptq.group_fit(gptq.Config(bits=3))
+FIT4 = gptq.group_fit(gptq.Config(bits=4))
 
 
 def test_gptq_minimises_the_hessian_weighted_error_of_one_layer():
@@ -75,7 +81,8 @@ def test_gptq_minimises_the_hessian_weighted_error_of_one_layer():
         d = deq - w
         return float(torch.trace(d @ H @ d.T))
 
-    codes, scale, zero, _ = gptq.gptq(w, H, 3, 32, 0.01, act_order=True)
+    order = torch.argsort(torch.diagonal(H), descending=True)
+    codes, scale, zero, _ = gptq.gptq(w, H, 3, 32, 0.01, FIT3, order=order, static_groups=True)
     deq_gptq = (codes.float().reshape(32, 2, 32) - zero.unsqueeze(-1)) * scale.unsqueeze(-1)
     c, s, z = quantize_weight(w, 3, 32, symmetric=False)
     deq_rtn = (c.float().reshape(32, 2, 32) - z.unsqueeze(-1)) * s.unsqueeze(-1)
@@ -90,7 +97,8 @@ def test_gptq_keeps_requested_columns_and_handles_dead_inputs():
     w = torch.randn(8, 32, generator=gen)
     H = x.T @ x
     keep = torch.tensor([3, 17])
-    codes, scale, zero, kept = gptq.gptq(w, H, 4, 16, 0.01, act_order=True, keep=keep)
+    rest = torch.tensor([j for j in range(32) if j not in (3, 17)])
+    codes, scale, zero, kept = gptq.gptq(w, H, 4, 16, 0.01, FIT4, order=torch.cat([rest, keep]), n_quant=30)
     assert kept.shape == (8, 2)
     # the kept columns are the originals plus the error feedback of every other column: close, not identical
     assert not torch.equal(kept, w[:, keep]) and torch.allclose(kept, w[:, keep], atol=1.0)
@@ -119,7 +127,13 @@ def test_qeft_offline_reordering_leaves_the_function_unchanged(tied):
     with torch.no_grad():
         before = model(input_ids=ids).logits
     targets = list(models.find_linears(model, NAMES))
-    stats = qeft.prepare(model, targets, qeft.Config(k=8, group_size=32), ids, "cpu")
+    cfg = qeft.Config(k=8, group_size=32)
+
+    def capture(ts, reduce):
+        return calibration.capture_inputs(model, ts, ids, reduce, "cpu")
+
+    qeft.prepare_global(model, targets, cfg, capture, "cpu")
+    stats = qeft.prepare(model, targets, cfg, capture, "cpu")
     with torch.no_grad():
         after = model(input_ids=ids).logits
     assert (after - before).norm() / before.norm() < 1e-5
@@ -149,8 +163,8 @@ def test_qeft_layers_share_one_contiguous_set_and_o_proj_keeps_indices():
         (["quant=gptq", "calib=none"], "needs calibration data"),
         (["quant=smoothquant", "calib=none"], "needs calibration data"),
         (
-            ["quant=owq", "quant.k=300"],
-            r"quant.k=300 weak columns exceed in_features=256 of model.layers.0.self_attn.q_proj",
+            ["quant=owq", "quant.k=256"],
+            r"quant.k=256 weak columns leave no column to quantize in model.layers.0.self_attn.q_proj",
         ),
         (["quant=gptq", "quant.group_size=96"], r"group_size=96 does not divide in_features=256 of model.layers.0"),
         (["quant=gptq", "quant.bits=5"], r"quant.bits=5 has the wrong type: expected 2 \| 3 \| 4 \| 8"),

@@ -7,14 +7,18 @@ model is the quantized model itself, with no extra path and no extra bytes. That
 per group of inputs: rtn, gptq, and hqq with axis=1.
 
 Dropout acts on the pooled input, as in the authors' code (in / L features to drop instead of in). A is
-initialised like LoRA's A (Kaiming-uniform with a = √5, fan-in in / L) and B at zero, so the adapted model starts
-as the quantized base. r and alpha can differ per layer group (peft.by_layer), L cannot. Saved in base.py's
-versioned adapter format (tensors `<module>.adapter.A` / `.B`, each module's r and alpha in "per_module").
+initialised Xavier-uniform as in the authors' code (yuhuixu1993/qa-lora, peft_utils.py, GPTQLoraLinear.
+reset_lora_parameters: their lora_A is an nn.Linear(in / L, r), so the bound is √(6 / (in / L + r))); `init_a:
+kaiming_uniform` gives LoRA's A init instead (a = √5, fan-in in / L, bound 1 / √(in / L)). B starts at zero, so
+the adapted model starts as the quantized base. r and alpha can differ per layer group (peft.by_layer), L cannot.
+Saved in base.py's versioned adapter format (tensors `<module>.adapter.A` / `.B`, each module's r and alpha in
+"per_module"). docs/fidelity/qa_lora.md compares it with the reference.
 """
 
 from __future__ import annotations
 
 import math
+import typing
 from dataclasses import dataclass
 
 import torch
@@ -27,6 +31,7 @@ from qpeft_bench.config import DTYPES, ConfigError, positive
 from qpeft_bench.models import DTYPE
 
 METHOD = "qa_lora"
+INIT_A = ("xavier_uniform", "kaiming_uniform")
 
 
 @dataclass
@@ -36,6 +41,9 @@ class Config:
     group_size: int = 64  # L: must equal quant.group_size so that the update folds into the zero points
     dropout: float = 0.05
     adapter_dtype: str = "bfloat16"  # as LoRA's: what qlora.py trains in and what the overhead tables count
+    # A's initial draw. xavier_uniform: the authors' code (reset_lora_parameters in their peft_utils.py), bound
+    # √(6 / (in / L + r)); kaiming_uniform: LoRA's A (a = √5, bound 1 / √(in / L)), ~2x smaller at LLaMA-7B shapes.
+    init_a: typing.Literal["xavier_uniform", "kaiming_uniform"] = "xavier_uniform"
 
     def check(self, where: str) -> None:
         positive(where, "r", self.r)
@@ -45,6 +53,8 @@ class Config:
             raise ConfigError(f"{where}.dropout={self.dropout} must lie in [0, 1)")
         if self.adapter_dtype not in DTYPES:
             raise ConfigError(f"{where}.adapter_dtype={self.adapter_dtype!r}; choose one of {', '.join(DTYPES)}")
+        if self.init_a not in INIT_A:
+            raise ConfigError(f"{where}.init_a={self.init_a!r}; choose one of {', '.join(INIT_A)}")
 
 
 def check_against_arch(cfg: Config, shapes: dict[str, tuple[int, int]]) -> None:
@@ -70,7 +80,14 @@ def unsupported(quant_name: str, qcfg, cfg: Config) -> str | None:
 
 class QALoRALinear(base.AdapterLinear):
     def __init__(
-        self, base_layer: nn.Module, r: int, alpha: float, group_size: int, dropout: float, dtype: torch.dtype
+        self,
+        base_layer: nn.Module,
+        r: int,
+        alpha: float,
+        group_size: int,
+        dropout: float,
+        dtype: torch.dtype,
+        init_a: str = "xavier_uniform",
     ):
         super().__init__(base_layer)
         if self.in_features % group_size:
@@ -83,15 +100,24 @@ class QALoRALinear(base.AdapterLinear):
         self.r, self.alpha, self.group_size = r, alpha, group_size
         self.scale = alpha / r
         device = base.device_of(base_layer)
+        # Drawn in fp32 and then cast (the authors' code casts its fp32 lora_A to bf16 the same way), so every
+        # adapter dtype starts from the same draw. A is (r, in / L) like their nn.Linear(in / L, r).weight.
         a = torch.empty(r, self.in_features // group_size, device=device)
-        nn.init.kaiming_uniform_(a, a=math.sqrt(5))  # LoRA's A initialisation, with fan-in in / L
+        if init_a == "xavier_uniform":
+            nn.init.xavier_uniform_(a)
+        elif init_a == "kaiming_uniform":
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+        else:
+            raise ValueError(f"init_a={init_a!r}; choose one of {', '.join(INIT_A)}")
         b = torch.zeros(self.out_features, r, device=device)
         self.adapter = nn.ParameterDict({"A": nn.Parameter(a.to(dtype)), "B": nn.Parameter(b.to(dtype))})
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
         a, b = self.adapter["A"], self.adapter["B"]
-        pooled = self.dropout(base.avg_pool(x, self.group_size).to(a.dtype))
+        # Cast, then pool, as the authors' forward (x.type_as(lora_A.weight), then qa_pool): pooling an fp32 input
+        # before the cast to a bf16 A would round 42% of the pooled features differently (1 bf16 ulp).
+        pooled = self.dropout(base.avg_pool(x.to(a.dtype), self.group_size))
         return F.linear(F.linear(pooled, a), b) * self.scale
 
     def describe(self) -> dict:
@@ -122,7 +148,7 @@ def attach(model, targets: list[str], cfg: Config, per_module: dict[str, Config]
 
     def make(name: str, layer: nn.Module, c: Config) -> QALoRALinear:
         try:
-            return QALoRALinear(layer, c.r, c.alpha, c.group_size, c.dropout, dtype)
+            return QALoRALinear(layer, c.r, c.alpha, c.group_size, c.dropout, dtype, c.init_a)
         except ValueError as err:
             raise ConfigError(f"{name} ({layer.in_features} -> {layer.out_features}): peft.{err}") from err
 

@@ -46,7 +46,7 @@ class Config:
 
 
 def check_against_arch(cfg: Config, shapes: dict[str, tuple[int, int]]) -> None:
-    """Nothing of its own: k <= in_features is the quantizer's check (quant/weakcol.py)."""
+    """Nothing of its own: k < in_features is the quantizer's check (quant/weakcol.py)."""
 
 
 def unsupported(quant_name: str, qcfg, cfg: Config) -> str | None:

@@ -13,6 +13,7 @@ import functools
 import importlib
 import math
 import time
+from collections.abc import Callable
 from types import ModuleType
 from typing import Any, ClassVar, Protocol
 
@@ -76,6 +77,9 @@ class QuantizerModule(Protocol):
     # its layer keeps k input columns in 16 bits beside the quantized rest, `weak` (OWQ's format): peft=weak_columns
     # trains them, and QA-LoRA's zero-point merge would miss them
     WEAK_COLUMNS: ClassVar[bool] = False
+    # its `prepare` works on one decoder block at a time: with calib.sequential the statistics of each block come
+    # from the outputs of the blocks before it, already quantized (the GPTQ/OWQ/QEFT reference procedure)
+    SEQUENTIAL: ClassVar[bool] = False
 
     def check_against_arch(self, cfg: Any, shapes: dict[str, tuple[int, int]]) -> None:
         """Sizes that must divide etc., from {module: (in, out)} alone; raises ConfigError."""
@@ -97,10 +101,20 @@ class QuantizerModule(Protocol):
         An optional backend that is not imported yet has no layer to own: return () without importing it."""
 
     @staticmethod
-    def prepare(model: nn.Module, targets: list[str], cfg: Any, windows: torch.Tensor | None, device: str) -> dict:
-        """Optional: model-level work before the layers are quantized (activation statistics, function-preserving
-        transforms such as smoothing or reordering); returns {target: stats}. Default: nothing to do."""
+    def prepare(model: nn.Module, targets: list[str], cfg: Any, capture: Callable, device: str) -> dict:
+        """Optional: work before `targets` are quantized (activation statistics, function-preserving transforms such
+        as smoothing); returns {target: stats}. `capture(targets, reduce)` runs the calibration windows and returns
+        {target: reduce folded over the target's inputs} (calibration.py's reducers). With SEQUENTIAL and
+        calib.sequential it is called once per decoder block, with that block's targets, and `capture` runs that
+        block on the outputs of the quantized blocks before it. Default: nothing to do."""
         return {}
+
+    @staticmethod
+    def prepare_global(model: nn.Module, targets: list[str], cfg: Any, capture: Callable, device: str) -> None:
+        """Optional: model-level work that needs every layer's statistics before any layer is quantized (QEFT's
+        global weak set and reordering); `capture` runs the unquantized model (block by block when sequential).
+        Called before `prepare`. Default: nothing to do."""
+        return None
 
     @staticmethod
     def zero_points(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor, int] | None:
@@ -139,7 +153,9 @@ OPTIONAL = (
     "PEFT_WRAPS",
     "GROUP_ZERO_POINTS",
     "WEAK_COLUMNS",
+    "SEQUENTIAL",
     "prepare",
+    "prepare_global",
     "zero_points",
     "set_zero_points",
 )
@@ -229,6 +245,7 @@ def quantize_model(
     probe: torch.Tensor | None = None,
     progress: bool = False,
     fill=None,
+    sequential: bool = False,
 ) -> dict:
     """Quantize `targets` of `model` in place with quantizer `name`; returns the record's `quant` section.
 
@@ -236,23 +253,120 @@ def quantize_model(
     weights in place just before it is quantized, so only one layer is ever held unquantized.
 
     `windows` (samples, seq_len) are the calibration token ids; `probe` a small batch of token ids on which each
-    layer's output error is measured: || Q(x) - W x || / || W x || with x the layer's input in the (prepared)
-    unquantized model and Q(x) what the quantized layer really computes (activation quantization included).
+    layer's output error is measured: || Q(x) - W x || / || W x || with x the layer's input (in one-pass mode: in the
+    prepared unquantized model; block by block: with the blocks before it quantized, as the layer will see it) and
+    Q(x) what the quantized layer really computes (activation quantization included).
+    `sequential`: calibrate block by block (calib.sequential) where the quantizer can (its SEQUENTIAL flag).
     """
     qmod = get(name)
     if needs_calibration(qmod) and windows is None:
         raise ConfigError(f"quant={name} needs calibration windows")
     sync = torch.cuda.synchronize if str(device).startswith("cuda") else (lambda: None)
-    t0 = time.perf_counter()
-    stats = capability(qmod, "prepare")(model, targets, cfg, windows, device)
+    walk = _blockwise if sequential and windows is not None and capability(qmod, "SEQUENTIAL") else _one_pass
+    layers, times, stats_peak = walk(qmod, model, targets, cfg, compute_dtype, device, windows, probe, progress, fill)
     sync()
-    calibration_s = time.perf_counter() - t0
+    return {
+        "name": name,
+        "quantize_time_s": times["quantize"],
+        "calibration_time_s": times["calibration"],
+        "sequential": walk is _blockwise,
+        "calibration_stats_peak_bytes": stats_peak,
+        "weight_rel_error": _mean(e["weight_rel_error"] for e in layers.values()),
+        "output_rel_error": _mean(e["output_rel_error"] for e in layers.values()),
+        "layers": layers,
+    }
 
+
+def _one_pass(qmod, model, targets, cfg, compute_dtype, device, windows, probe, progress, fill):
+    """Statistics of every target from one pass of the unquantized model, all held, then every target quantized."""
     from qpeft_bench.calibration import capture_inputs, keep
 
+    def capture(ts: list[str], reduce) -> dict:
+        if windows is None:
+            raise ConfigError(f"quant={qmod.__name__.rsplit('.', 1)[-1]} needs calibration windows")
+        return capture_inputs(model, ts, windows, reduce, device)
+
+    t0 = time.perf_counter()
+    capability(qmod, "prepare_global")(model, targets, cfg, capture, device)
+    stats = capability(qmod, "prepare")(model, targets, cfg, capture, device)
+    times = {"calibration": time.perf_counter() - t0, "quantize": 0.0}
     inputs = capture_inputs(model, targets, probe, keep, device) if probe is not None else {}
-    layers, quantize_s = {}, 0.0
-    for target in _progress(targets, progress):
+    layers, times["quantize"] = _quantize_targets(
+        qmod, model, _progress(targets, progress), cfg, compute_dtype, device, stats, inputs, fill
+    )
+    return layers, times, stats_bytes(stats)
+
+
+def _blockwise(qmod, model, targets, cfg, compute_dtype, device, windows, probe, progress, fill):
+    """The reference procedure: block after block, statistics on the outputs of the quantized blocks before."""
+    from qpeft_bench import blocks
+    from qpeft_bench.calibration import keep
+
+    prefix, decoder = blocks.decoder_blocks(model)
+    own = {i: [t for t in targets if t.startswith(f"{prefix}.{i}.")] for i in range(len(decoder))}
+    stray = sorted(set(targets) - {t for ts in own.values() for t in ts})
+    if stray:
+        raise ValueError(f"targets outside the decoder blocks cannot be calibrated block by block: {stray[:3]}")
+    t0 = time.perf_counter()
+    if capability(qmod, "prepare_global") is not QuantizerModule.prepare_global:
+        if fill is not None:  # its walk would run blocks not yet loaded, and reorder weights not yet read
+            raise ValueError(
+                f"quant={qmod.__name__.rsplit('.', 1)[-1]} needs every block's statistics before quantizing: it "
+                "cannot be calibrated while the model is brought in one block at a time"
+            )
+        capability(qmod, "prepare_global")(model, targets, cfg, _unquantized_walk(model, windows, device), device)
+    hidden, kwargs = blocks.first_block_inputs(model, windows, device)
+    times = {"calibration": time.perf_counter() - t0, "quantize": 0.0}
+    n_probe = 0 if probe is None else probe.shape[0]
+    layers, peak = {}, 0
+    bar = _progress(targets, progress)
+    for i, block in enumerate(decoder):
+        ts = own[i]
+        if fill is not None:
+            for t in ts:
+                fill(t)
+        t0 = time.perf_counter()
+        stats = capability(qmod, "prepare")(model, ts, cfg, blocks.block_capture(model, block, hidden, kwargs), device)
+        peak = max(peak, stats_bytes(stats))
+        times["calibration"] += time.perf_counter() - t0
+        inputs = blocks.block_capture(model, block, hidden[:n_probe], kwargs)(ts, keep) if n_probe and ts else {}
+        done, seconds = _quantize_targets(qmod, model, ts, cfg, compute_dtype, device, stats, inputs, None)
+        times["quantize"] += seconds
+        layers.update(done)
+        del stats, inputs
+        t0 = time.perf_counter()
+        hidden = blocks.run_block(block, hidden, kwargs)
+        times["calibration"] += time.perf_counter() - t0
+        if hasattr(bar, "update"):
+            bar.update(len(ts))
+    if hasattr(bar, "close"):
+        bar.close()
+    return layers, times, peak
+
+
+def _unquantized_walk(model, windows, device) -> Callable:
+    """capture(targets, reduce) over the unquantized model, one block at a time (only one block's share of the
+    statistics is gathered per forward, the rest of the model is never run)."""
+    from qpeft_bench import blocks
+
+    def capture(ts: list[str], reduce) -> dict:
+        prefix, decoder = blocks.decoder_blocks(model)
+        hidden, kwargs = blocks.first_block_inputs(model, windows, device)
+        states: dict = {}
+        for i, block in enumerate(decoder):
+            mine = [t for t in ts if t.startswith(f"{prefix}.{i}.")]
+            if mine:
+                states.update(blocks.block_capture(model, block, hidden, kwargs)(mine, reduce))
+            hidden = blocks.run_block(block, hidden, kwargs)
+        return states
+
+    return capture
+
+
+def _quantize_targets(qmod, model, targets, cfg, compute_dtype, device, stats, inputs, fill) -> tuple[dict, float]:
+    sync = torch.cuda.synchronize if str(device).startswith("cuda") else (lambda: None)
+    layers, seconds = {}, 0.0
+    for target in targets:
         old = model.get_submodule(target)
         if fill is not None:
             fill(target)
@@ -261,18 +375,27 @@ def quantize_model(
         t0 = time.perf_counter()
         new = qmod.quantize_linear(old, cfg, compute_dtype, device, stats.get(target))
         sync()
-        quantize_s += time.perf_counter() - t0
+        seconds += time.perf_counter() - t0
         model.set_submodule(target, new)
         del old
         layers[target] = layer_errors(weight, bias, new, qmod.dequantize(new), inputs.get(target), compute_dtype)
-    return {
-        "name": name,
-        "quantize_time_s": quantize_s,
-        "calibration_time_s": calibration_s,
-        "weight_rel_error": _mean(e["weight_rel_error"] for e in layers.values()),
-        "output_rel_error": _mean(e["output_rel_error"] for e in layers.values()),
-        "layers": layers,
-    }
+    return layers, seconds
+
+
+def stats_bytes(stats: dict) -> int:
+    """Bytes of the distinct tensors in a `prepare` result (shared statistics counted once)."""
+    seen: dict[int, int] = {}
+
+    def visit(v):
+        if isinstance(v, torch.Tensor):
+            seen[id(v)] = v.numel() * v.element_size()
+        elif isinstance(v, (tuple, list)):
+            for x in v:
+                visit(x)
+
+    for v in stats.values():
+        visit(v)
+    return sum(seen.values())
 
 
 def layer_errors(weight, bias, new: nn.Module, deq: torch.Tensor, x: torch.Tensor | None, compute_dtype: str) -> dict:

@@ -51,7 +51,7 @@ def _quant_config(cfg: Config) -> dict:
     return BaseQuantizeConfig(nbits=cfg.nbits, group_size=cfg.group_size, axis=cfg.axis)
 
 
-def prepare(model, targets: list[str], cfg: Config, windows, device: str) -> dict:
+def prepare(model, targets: list[str], cfg: Config, capture, device: str) -> dict:
     # peft's prepare_model_for_kbit_training only turns gradient checkpointing on for hqq-patched models
     # that say so (docs/design.md §7).
     model.hqq_quantized = True
