@@ -449,8 +449,16 @@ class CalibConfig:
     # once. false: one pass of the unquantized model, every layer's statistics held together (faster on small
     # models, more memory, no layer sees the error of the layers before it). Quantizers without it ignore it.
     sequential: bool = True
+    # Bring the base in from its safetensors checkpoint one block at a time (models.BlockLoader), so that no more
+    # than one block is ever held in full precision: what lets a 70B GPTQ/OWQ/QEFT base be built on one GPU and a
+    # normal node's CPU memory. The quantized model is the same either way. auto: when calibration is block by
+    # block and the checkpoint is local safetensors (model.path or the HF cache); true: always (refused where it
+    # cannot be); false: load the whole model first.
+    load_by_block: bool | str = "auto"
 
     def check(self, where: str) -> None:
+        if self.load_by_block not in (True, False, "auto"):
+            raise ConfigError(f"{where}.load_by_block={self.load_by_block!r}; choose true, false or auto")
         for name in ("samples", "seq_len", "probe_samples"):
             positive(where, name, getattr(self, name))
         seed_ok(where, "seed", self.seed)

@@ -116,14 +116,40 @@ class TensorSource:
 
 
 def fill(model: nn.Module, names: list[str], source: TensorSource, device: str) -> None:
-    """Give the meta parameters `names` of `model` their values from `source`, on `device`."""
+    """Give the meta parameters `names` of `model` their values from `source`, on `device` (with the reorderings
+    recorded while they were on the meta device, index_select_)."""
     for name in names:
         owner, _, leaf = name.rpartition(".")
         module = model.get_submodule(owner)
         old = module._parameters[leaf]
         if old is None or not old.is_meta:
             continue
-        module._parameters[leaf] = nn.Parameter(source.get(name, old.shape, device), requires_grad=old.requires_grad)
+        value = source.get(name, old.shape, device)
+        for dim, index in getattr(old, "_pending_index", ()):
+            value = value.index_select(dim, index.to(value.device)).contiguous()
+        module._parameters[leaf] = nn.Parameter(value, requires_grad=old.requires_grad)
+
+
+def unload(model: nn.Module, names: list[str]) -> None:
+    """Send the parameters `names` back to the meta device (their memory freed; a later `fill` reads them again)."""
+    for name in names:
+        owner, _, leaf = name.rpartition(".")
+        module = model.get_submodule(owner)
+        old = module._parameters[leaf]
+        if old is not None and not old.is_meta:
+            module._parameters[leaf] = nn.Parameter(old.detach().to("meta"), requires_grad=old.requires_grad)
+
+
+@torch.no_grad()
+def index_select_(param: torch.Tensor | None, dim: int, index: torch.Tensor) -> None:
+    """In place: `param` indexed by `index` along `dim` (a reordering, so the shape stays). A parameter still on the
+    meta device (a by-block load that has not reached it) keeps the index and `fill` applies it to its values."""
+    if param is None:
+        return
+    if param.is_meta:
+        param._pending_index = [*getattr(param, "_pending_index", ()), (dim, index.detach().cpu())]
+        return
+    param.data = param.data.index_select(dim, index.to(param.device)).contiguous()
 
 
 def fill_rest(model: nn.Module, skip: list[str], source: TensorSource, device: str) -> None:
@@ -139,15 +165,48 @@ def fill_rest(model: nn.Module, skip: list[str], source: TensorSource, device: s
         model.tie_weights()
 
 
-def layerwise(model: nn.Module, targets: list[str], source: TensorSource, device: str):
-    """Fill an empty model's parameters outside `targets` now; returns fill(target) for quant.quantize_model, which
-    fills each target just before quantizing it."""
-    fill_rest(model, targets, source, device)
+class BlockLoader:
+    """A model brought in from its checkpoint one target linear at a time: everything else (embeddings, norms, the
+    head) is filled at once; `loader(target)` fills one target just before it is used, `loader.unload(target)`
+    frees it again (QEFT's global vote runs every block once before quantizing any)."""
 
-    def fill_target(target: str) -> None:
-        fill(model, [n for n, _ in model.get_submodule(target).named_parameters(prefix=target)], source, device)
+    def __init__(self, model: nn.Module, targets: list[str], source: TensorSource, device: str):
+        self.model, self.source, self.device = model, source, device
+        fill_rest(model, targets, source, device)
 
-    return fill_target
+    def _names(self, target: str) -> list[str]:
+        return [n for n, _ in self.model.get_submodule(target).named_parameters(prefix=target)]
+
+    def __call__(self, target: str) -> None:
+        fill(self.model, self._names(target), self.source, self.device)
+
+    def unload(self, target: str) -> None:
+        unload(self.model, self._names(target))
+
+
+def layerwise(model: nn.Module, targets: list[str], source: TensorSource, device: str) -> BlockLoader:
+    """Fill an empty model's parameters outside `targets` now; returns the loader whose call fills one target, for
+    quant.quantize_model, which fills each target just before quantizing it."""
+    return BlockLoader(model, targets, source, device)
+
+
+def checkpoint_dir(path: str | None, hub_id: str | None) -> str | None:
+    """The local directory of safetensors weights a by-block load reads (model.path, else the hub id's snapshot
+    in the local Hugging Face cache), or None where there is none (a .bin checkpoint, a hub id not cached)."""
+    from pathlib import Path
+
+    from qpeft_bench.config import cached_hub_file
+
+    if path is not None:
+        root = Path(path)
+        has = any((root / f).is_file() for f in ("model.safetensors", "model.safetensors.index.json"))
+        return str(root) if has else None
+    if hub_id:
+        for name in ("model.safetensors.index.json", "model.safetensors"):
+            found = cached_hub_file(hub_id, name)
+            if found is not None:
+                return str(found.parent)
+    return None
 
 
 def load_model(path_or_hub_id: str, dtype: str, device: str) -> nn.Module:

@@ -12,7 +12,7 @@ import json
 
 import torch
 
-from qpeft_bench import accounting, adapters, estimate, models, quant
+from qpeft_bench import accounting, adapters, estimate, models, quant, quantized_base
 from qpeft_bench.config import ConfigError, RunSpec, adapter_target
 
 
@@ -115,6 +115,7 @@ def plan_calibration(spec: RunSpec, acc: dict) -> dict:
     nearest = getattr(spec.quant, "method", "gptq") == "nearest"
     statistic = "channel" if name == "smoothquant" or nearest else "hessian"
     sequential = c.sequential and name in estimate.SEQUENTIAL_QUANTIZERS
+    by_block = sequential and quantized_base.loads_by_block(spec, planning=True)
     arch = spec.model.arch_dict()
     kw = {"samples": c.samples, "seq_len": c.seq_len, "sequential": sequential, "statistic": statistic}
     try:
@@ -124,6 +125,7 @@ def plan_calibration(spec: RunSpec, acc: dict) -> dict:
             model_dtype=spec.model.dtype,
             base_model_bytes=acc["base_model_bytes"],
             quantized_model_bytes=acc["quantized_model_bytes"],
+            loaded_by_block=by_block,
         )
         time = estimate.calibration_seconds(arch, **kw)
     except ConfigError as err:
@@ -133,7 +135,9 @@ def plan_calibration(spec: RunSpec, acc: dict) -> dict:
         **time,
         "samples": c.samples,
         "seq_len": c.seq_len,
-        "basis": "estimate: one H100-class GPU; the unquantized model loaded whole, as a run does (qpeft_bench/estimate.py)",
+        "basis": "estimate: one H100-class GPU; the unquantized model "
+        + ("read one block at a time from its safetensors checkpoint" if by_block else "loaded whole")
+        + ", as the run does (calib.load_by_block; qpeft_bench/estimate.py)",
     }
 
 

@@ -16,7 +16,7 @@ import typing
 import torch
 
 from qpeft_bench import accounting, calibration, data, fingerprint, models, quant
-from qpeft_bench.config import RunSpec
+from qpeft_bench.config import ConfigError, RunSpec
 
 log = logging.getLogger("qpeft_bench")
 
@@ -82,11 +82,13 @@ def load_base(
             compute_dtype,
             torch_dtype,
         )
-    layerwise = t.distributed == "fsdp"  # every process builds its own base: one layer in full precision at a time
+    layerwise = loads_by_block(spec)  # one layer (one block) in full precision at a time
     if layerwise:
+        where = models.checkpoint_dir(spec.model.path, spec.model.hub_id)
         model = models.empty_model(spec.model.arch_dict(), spec.model.dtype)
-        model.config._name_or_path = spec.model.path  # where LoftQ finds the unquantized weights, as when loaded
-        source = models.TensorSource(spec.model.path, spec.model.dtype)
+        model.config._name_or_path = where  # where LoftQ finds the unquantized weights, as when loaded
+        source = models.TensorSource(where, spec.model.dtype)
+        log.info("base brought in block by block from %s", where)
     else:
         model = models.load_model(spec.model.path or spec.model.hub_id, spec.model.dtype, device)
     model.config.use_cache = False  # the KV cache is useless in training and costs memory
@@ -94,8 +96,10 @@ def load_base(
     acc = accounting.base_sizes(model)
 
     # 3. Quantize the target linears in place, measuring each layer's weight and output error on the probe (not
-    # when loading layer by layer: the probe's inputs need the whole model in full precision).
-    windows = None if layerwise else calibration_windows(spec.calib, tokenizer, train_ex)
+    # when loading layer by layer for a one-pass quantizer: its probe's inputs need the whole model in full
+    # precision; block by block, each block's probe runs on the quantized blocks' outputs).
+    one_pass_only = layerwise and not calibrates_by_block(spec)
+    windows = None if one_pass_only else calibration_windows(spec.calib, tokenizer, train_ex)
     probe = None if windows is None else windows[: spec.calib.probe_samples]
     fill = models.layerwise(model, targets, source, device) if layerwise else None
     record["quant"] = quant.quantize_model(
@@ -151,7 +155,7 @@ def _base_key(spec: RunSpec, compute_dtype: str, device: str) -> str | None:
         return None
     calib = dataclasses.asdict(spec.calib)
     uses_data = spec.calib.enabled and spec.calib.source == "finetune"  # windows cut from the training split
-    layerwise = spec.train.distributed == "fsdp"  # no probe, so its record says less: not another run's base
+    layerwise = loads_by_block(spec)  # possibly no probe, so its record says less: not another run's base
     return json.dumps(
         [
             spec.model.path or spec.model.hub_id,
@@ -169,6 +173,50 @@ def _base_key(spec: RunSpec, compute_dtype: str, device: str) -> str | None:
         sort_keys=True,
         default=str,
     )
+
+
+def calibrates_by_block(spec: RunSpec) -> bool:
+    """Whether the quantizer's statistics come block by block (calib.sequential and a SEQUENTIAL quantizer)."""
+    c = spec.calib
+    return c.enabled and c.sequential and quant.capability(spec.quant_name, "SEQUENTIAL")
+
+
+def loads_by_block(spec: RunSpec, *, planning: bool = False) -> bool:
+    """Whether the base is read in from its checkpoint one block at a time (calib.load_by_block; FSDP always:
+    every process builds its own base). check_load_by_block has refused what cannot be. `planning` (plan mode,
+    often before the weights are downloaded): a hub checkpoint not cached here is taken to be safetensors, as the
+    hub's checkpoints of these models are."""
+    choice = spec.calib.load_by_block
+    if spec.train.distributed == "fsdp" or choice is True:
+        return True
+    if choice is False or not calibrates_by_block(spec):
+        return False
+    if planning and spec.model.path is None:
+        return True
+    return models.checkpoint_dir(spec.model.path, spec.model.hub_id) is not None
+
+
+def check_load_by_block(spec: RunSpec) -> None:
+    """Compose time: a by-block load needs safetensors to read from, and a quantizer that does not calibrate in one
+    pass of the whole model."""
+    if not (spec.train.distributed == "fsdp" or spec.calib.load_by_block is True) or spec.mode not in ("train", "eval"):
+        return
+    why = "train.distributed=fsdp" if spec.train.distributed == "fsdp" else "calib.load_by_block=true"
+    if models.checkpoint_dir(spec.model.path, spec.model.hub_id) is None:
+        if spec.model.path is not None:
+            where = f"model.path={spec.model.path} has no model.safetensors(.index.json): save it as safetensors"
+        else:
+            where = f"model.hub_id={spec.model.hub_id} has no safetensors weights in the local HF cache: download them"
+        fix = "" if spec.train.distributed == "fsdp" else " or set calib.load_by_block=false"
+        raise ConfigError(f"{why} reads the checkpoint one block at a time from safetensors files; {where}{fix}")
+    qmod = quant.get(spec.quant_name)
+    one_pass = quant.capability(qmod, "prepare") is not quant.QuantizerModule.prepare and not calibrates_by_block(spec)
+    if one_pass and spec.calib.enabled:
+        raise ConfigError(
+            f"{why}: quant={spec.quant_name} calibrates in one pass of the whole model (its statistics "
+            + ("need calib.sequential=true" if quant.capability(qmod, "SEQUENTIAL") else "are not block by block")
+            + "), which a by-block load never holds: set calib.load_by_block=false"
+        )
 
 
 def calibration_windows(calib, tokenizer, train_examples: list[dict]):

@@ -61,11 +61,6 @@ def run(config: dict, run_dir: Path, progress: bool = True, summary: bool = True
         spec = validate(config)
         device, world, prepared = None, distributed.SINGLE, None
         if spec.mode == "train":
-            if spec.train.distributed == "fsdp" and not spec.model.path:
-                raise ConfigError(
-                    "train.distributed=fsdp loads the base layer by layer from a local safetensors "
-                    "checkpoint: set model.path to its directory"
-                )
             prepared = preflight(spec)
             device = models.resolve_device(spec.train.device)
             world, device = distributed.setup(spec.train.distributed, device, spec.train.gpus)

@@ -34,8 +34,9 @@ NON_IDENTITY_PATHS = (("train", "checkpoint_every"),)
 LATER_DEFAULTS = ((("data", "template"), "qlora"),)
 # Knobs that change where a result comes from, not what it is: hashed as their default, so that the ids made before
 # they were known stay what they were and setting them finds the same run (eval.cache_base=false, the way round an
-# unwritable cache, recomputes the base's results instead of reading them: the same numbers)
-HASHED_AS_DEFAULT = ((("eval", "cache_base"), True),)
+# unwritable cache, recomputes the base's results instead of reading them: the same numbers; calib.load_by_block
+# reads the checkpoint block by block or whole into the same quantized model)
+HASHED_AS_DEFAULT = ((("eval", "cache_base"), True), (("calib", "load_by_block"), "auto"))
 
 
 def run_id(config: dict) -> str:

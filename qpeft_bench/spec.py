@@ -28,6 +28,7 @@ from qpeft_bench.evaluation.checks import check_eval
 from qpeft_bench.layers import apply_variant, per_module_configs
 from qpeft_bench.model_identity import check_checkpoint
 from qpeft_bench.models import linear_shapes, resolve_device
+from qpeft_bench.quantized_base import check_load_by_block
 
 
 def _split_named(section: dict, key: str, where: str) -> tuple[str, dict]:
@@ -105,6 +106,7 @@ def validate(cfg: dict) -> RunSpec:
         spec.quant = distributed.check_fsdp(spec)
     speedups.check(peft_method, spec.train.fused_lora, spec.train.compile, spec.train.distributed)
     quant.check_runnable(quant_name, qmod, model.family, device, spec.calib.enabled)
+    check_load_by_block(spec)
     # Checks that need the architecture (sizes that must divide, ranks that must fit) read only config.json.
     try:
         shapes = linear_shapes(model.arch_dict(), model.dtype, model.linear_names)

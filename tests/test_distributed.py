@@ -297,7 +297,8 @@ def test_fsdp_without_a_local_checkpoint_is_refused_before_loading(compose, tmp_
     }
     monkeypatch.setattr(models, "load_tokenizer", lambda source: pytest.fail("loaded before the check"))
     assert recipe.run(config, tmp_path, progress=False) == "failed"
-    assert "fsdp loads the base layer by layer from a local safetensors checkpoint" in caplog.text
+    assert "fsdp reads the checkpoint one block at a time from safetensors files" in caplog.text
+    assert "Llama-2-7b-hf has no safetensors weights in the local HF cache" in caplog.text
     assert not list(tmp_path.iterdir())
 
 

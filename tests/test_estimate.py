@@ -466,24 +466,24 @@ def test_llama2_70b_gptq_fits_one_gpu_only_block_by_block(compose):
     seq, one = (_gptq_plan(compose, "llama2_70b", f"calib.sequential={s}")["calibration"] for s in ("true", "false"))
     assert one["stats_peak_bytes"] > 300e9  # the issue: "over 300 GB for LLaMA-2-70B"
     assert one["weights_bytes"] > 128 * GIB  # and the bf16 model itself does not fit one GPU either
-    # a run loads the unquantized model whole before calibrating: plan mode says a 70B run does not fit one GPU
-    assert seq["loaded_by_block"] is False and seq["weights_bytes"] == one["weights_bytes"]
-    assert seq["peak_bytes"] > 78 * GIB
-    # brought in one block at a time (quant.quantize_model's fill, scripts/bench_calibration.py) it does
-    spec = validate(compose(["mode=plan", "model=llama2_70b", "quant=gptq"]))
-    acc = plan_accounting(spec)
-    by_block = estimate.calibration_memory(
-        spec.model.arch_dict(),
-        samples=spec.calib.samples,
-        seq_len=spec.calib.seq_len,
-        sequential=True,
-        statistic="hessian",
-        model_dtype=spec.model.dtype,
-        base_model_bytes=acc["base_model_bytes"],
-        quantized_model_bytes=acc["quantized_model_bytes"],
-        loaded_by_block=True,
-    )
-    assert by_block["peak_bytes"] < 78 * GIB  # an 80 GB H100's usable memory
+    assert one["loaded_by_block"] is False and one["peak_bytes"] > 78 * GIB
+    # block by block, a run reads the checkpoint one block at a time (calib.load_by_block=auto; a hub checkpoint
+    # not downloaded yet is planned as safetensors): it fits an 80 GB H100's usable memory
+    assert seq["loaded_by_block"] is True and "one block at a time" in seq["basis"]
+    assert seq["peak_bytes"] < 78 * GIB
+    assert seq["weights_bytes"] == seq["weights_quantized_bytes"] + seq["weights_unquantized_block_bytes"]
+    # loaded whole first (calib.load_by_block=false) the unquantized model alone is over one GPU
+    whole = _gptq_plan(compose, "llama2_70b", "calib.load_by_block=false")["calibration"]
+    assert whole["loaded_by_block"] is False and "loaded whole" in whole["basis"]
+    assert whole["weights_bytes"] == one["weights_bytes"] and whole["peak_bytes"] > 78 * GIB
+
+
+def test_plan_reads_a_local_checkpoint_without_safetensors_whole(compose, tmp_path):
+    (tmp_path / "pytorch_model.bin").write_bytes(b"")
+    c = _gptq_plan(compose, "llama2_7b", f"model.path={tmp_path}")["calibration"]
+    assert c["loaded_by_block"] is False
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    assert _gptq_plan(compose, "llama2_7b", f"model.path={tmp_path}")["calibration"]["loaded_by_block"] is True
 
 
 def test_smoothquant_stays_one_pass_with_channel_statistics(compose):

@@ -135,50 +135,124 @@ def test_a_quantizer_without_block_support_runs_in_one_pass_whatever_calib_seque
     assert record["sequential"] is False
 
 
-def test_qeft_is_refused_when_the_model_is_brought_in_one_block_at_a_time():
-    # its global vote runs every block before any is quantized: blocks not yet loaded would vote with garbage
-    c = _random_llama(blocks=2).config
-    arch = {"model_type": "llama", **{k: getattr(c, k) for k in ("hidden_size", "intermediate_size", "vocab_size")}}
-    arch |= {"num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64}
-    model = models.empty_model(arch, "float32")
-    targets = list(models.find_linears(model, NAMES))
-    fill = models.layerwise(model, targets, models.TensorSource(None, "float32"), "cpu")
-    windows = calibration.random_windows(128, 2, 16, seed=5)
-    cfg = quant.get("qeft").Config(bits=4, group_size=32, k=8)
-    with pytest.raises(ValueError, match="cannot be calibrated while the model is brought in one block at a time"):
-        quant.quantize_model("qeft", model, targets, cfg, "float32", "cpu", windows=windows, fill=fill, sequential=True)
+class _Source(models.TensorSource):
+    """The weights of a model loaded whole, handed out by name."""
+
+    def __init__(self, whole):
+        super().__init__(None, "float32")
+        self.values = {n: p.detach().clone() for n, p in whole.named_parameters()}
+
+    def get(self, name, shape, device):
+        return self.values[name].clone().to(device)
+
+
+class _Counting(models.BlockLoader):
+    """After each fill: the bytes of the target linears held in full precision (not meta, not yet quantized)."""
+
+    peak = 0
+
+    def __call__(self, target):
+        super().__call__(target)
+        held = [m.weight for m in self.model.modules() if type(m) is torch.nn.Linear and m.weight is not None]
+        head = self.model.get_output_embeddings().weight
+        self.peak = max(self.peak, sum(w.numel() * 4 for w in held if not w.is_meta and w is not head))
+
+
+def _arch(model, blocks):
+    keys = ("hidden_size", "intermediate_size", "vocab_size", "num_attention_heads", "num_key_value_heads")
+    return {
+        "model_type": "llama",
+        **{k: getattr(model.config, k) for k in keys},
+        "num_hidden_layers": blocks,
+        "max_position_embeddings": model.config.max_position_embeddings,
+    }
+
+
+def _by_block(whole, blocks, qname, windows, **knobs):
+    empty = models.empty_model(_arch(whole, blocks), "float32")
+    targets = list(models.find_linears(empty, NAMES))
+    loader = _Counting(empty, targets, _Source(whole), "cpu")
+    cfg = quant.get(qname).Config(**knobs)
+    record = quant.quantize_model(
+        qname, empty, targets, cfg, "float32", "cpu", windows=windows, probe=windows[:1], fill=loader, sequential=True
+    )
+    return empty, targets, loader, record
+
+
+def test_qeft_brought_in_one_block_at_a_time_equals_the_loaded_model_holding_one_block():
+    # its global vote runs every block before any is quantized: each block is read in for the vote and freed, and
+    # the reordering reaches the blocks not yet read through the permutation they keep until their weights arrive
+    whole = _random_llama(blocks=3)
+    windows = calibration.random_windows(128, 4, 32, seed=5)
+    knobs = {"bits": 4, "group_size": 32, "k": 8}
+    empty, targets, loader, record = _by_block(whole, 3, "qeft", windows, **knobs)
+    _quantize(whole, "qeft", windows, True, **knobs)
+    for t in targets:
+        a, b = empty.get_submodule(t), whole.get_submodule(t)
+        assert torch.equal(a.qweight, b.qweight) and torch.equal(
+            quant.get("qeft").dequantize(a), quant.get("qeft").dequantize(b)
+        ), t
+    assert torch.equal(empty.get_input_embeddings().weight, whole.get_input_embeddings().weight)
+    assert record["output_rel_error"] is not None  # the probe runs block by block too
+    one_block = sum(
+        whole.get_submodule(t).in_features * whole.get_submodule(t).out_features * 4
+        for t in targets
+        if t.startswith("model.layers.0.")
+    )
+    assert loader.peak == one_block
 
 
 def test_gptq_brought_in_one_block_at_a_time_equals_the_loaded_model():
     # the same random weights either way: a model loaded whole, and one whose targets are filled block by block
     whole = _random_llama(blocks=2)
-    source = {n: p.detach().clone() for n, p in whole.named_parameters()}
-
-    class Source(models.TensorSource):
-        def get(self, name, shape, device):
-            return source[name].to(device)
-
-    arch = {
-        "model_type": "llama",
-        **{
-            k: getattr(whole.config, k)
-            for k in (
-                "hidden_size",
-                "intermediate_size",
-                "vocab_size",
-                "num_attention_heads",
-                "num_key_value_heads",
-                "max_position_embeddings",
-            )
-        },
-        "num_hidden_layers": 2,
-    }
-    empty = models.empty_model(arch, "float32")
-    targets = list(models.find_linears(empty, NAMES))
-    fill = models.layerwise(empty, targets, Source(None, "float32"), "cpu")
     windows = calibration.random_windows(128, 4, 32, seed=6)
-    cfg = quant.get("gptq").Config(bits=4, group_size=32)
-    quant.quantize_model("gptq", empty, targets, cfg, "float32", "cpu", windows=windows, fill=fill, sequential=True)
-    _quantize(whole, "gptq", windows, True, bits=4, group_size=32)
+    empty, targets, loader, record = _by_block(whole, 2, "gptq", windows, bits=4, group_size=32)
+    expect = _quantize(whole, "gptq", windows, True, bits=4, group_size=32)
     for t in targets:
         assert torch.equal(empty.get_submodule(t).qweight, whole.get_submodule(t).qweight), t
+    assert record["output_rel_error"] == expect["output_rel_error"]
+    one_block = sum(
+        whole.get_submodule(t).in_features * whole.get_submodule(t).out_features * 4
+        for t in targets
+        if t.startswith("model.layers.0.")
+    )
+    assert loader.peak == one_block  # one block's linears in full precision at a time, never two
+
+
+def test_a_one_pass_quantizer_is_refused_on_a_model_brought_in_one_block_at_a_time():
+    whole = _random_llama(blocks=2)
+    windows = calibration.random_windows(128, 2, 16, seed=7)
+    with pytest.raises(ValueError, match="cannot be calibrated while the model is brought in one block at a time"):
+        _by_block(whole, 2, "smoothquant", windows)
+
+
+def test_a_reordering_of_a_parameter_not_yet_read_is_applied_when_it_arrives():
+    model = models.empty_model(_arch(_random_llama(blocks=1), 1), "float32")
+    weight = model.model.layers[0].mlp.up_proj.weight
+    assert weight.is_meta
+    perm = torch.randperm(weight.shape[1], generator=torch.Generator().manual_seed(0))
+    models.index_select_(weight, 1, perm)
+    models.index_select_(weight, 1, perm)  # twice: applied in order
+    values = torch.randn(weight.shape)
+
+    class One(models.TensorSource):
+        def get(self, name, shape, device):
+            return values.clone()
+
+    models.fill(model, ["model.layers.0.mlp.up_proj.weight"], One(None, "float32"), "cpu")
+    assert torch.equal(model.model.layers[0].mlp.up_proj.weight, values[:, perm][:, perm])
+    models.unload(model, ["model.layers.0.mlp.up_proj.weight"])
+    assert model.model.layers[0].mlp.up_proj.weight.is_meta
+
+
+@pytest.mark.parametrize("qname", ["nf4", "gptq"])
+def test_a_non_finite_weight_is_named_not_quantized(qname):
+    model = _random_llama(blocks=2)
+    layer = model.model.layers[1].mlp.up_proj
+    with torch.no_grad():
+        layer.weight[3, 5] = float("nan")
+        layer.weight[0, 0] = float("inf")
+    windows = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match=r"model\.layers\.1\.mlp\.up_proj\.weight has 2 NaN or infinite values"):
+        _quantize(model, qname, windows, True, **({"group_size": 32} if qname == "gptq" else {}))
+    assert isinstance(model.model.layers[1].mlp.up_proj, torch.nn.Linear)  # left as it was

@@ -249,8 +249,10 @@ def quantize_model(
 ) -> dict:
     """Quantize `targets` of `model` in place with quantizer `name`; returns the record's `quant` section.
 
-    `fill(target)`: for a model loaded layer by layer (models.empty_model), puts the target's full-precision
-    weights in place just before it is quantized, so only one layer is ever held unquantized.
+    `fill(target)`: for a model loaded layer by layer (models.empty_model, models.BlockLoader), puts the target's
+    full-precision weights in place just before it is quantized (block by block: its block's, just before the block
+    is calibrated), so only one layer (one block) is ever held unquantized. One-pass calibration needs the whole
+    model and refuses it.
 
     `windows` (samples, seq_len) are the calibration token ids; `probe` a small batch of token ids on which each
     layer's output error is measured: || Q(x) - W x || / || W x || with x the layer's input (in one-pass mode: in the
@@ -284,13 +286,18 @@ def _one_pass(qmod, model, targets, cfg, compute_dtype, device, windows, probe, 
     def capture(ts: list[str], reduce) -> dict:
         if windows is None:
             raise ConfigError(f"quant={qmod.__name__.rsplit('.', 1)[-1]} needs calibration windows")
+        if fill is not None:  # the pass would run layers not yet read in
+            raise ValueError(
+                f"quant={qmod.__name__.rsplit('.', 1)[-1]} calibrates in one pass of the whole model: it cannot "
+                "be calibrated while the model is brought in one block at a time (calib.load_by_block=false)"
+            )
         return capture_inputs(model, ts, windows, reduce, device)
 
     t0 = time.perf_counter()
     capability(qmod, "prepare_global")(model, targets, cfg, capture, device)
     stats = capability(qmod, "prepare")(model, targets, cfg, capture, device)
     times = {"calibration": time.perf_counter() - t0, "quantize": 0.0}
-    inputs = capture_inputs(model, targets, probe, keep, device) if probe is not None else {}
+    inputs = capture_inputs(model, targets, probe, keep, device) if probe is not None and fill is None else {}
     layers, times["quantize"] = _quantize_targets(
         qmod, model, _progress(targets, progress), cfg, compute_dtype, device, stats, inputs, fill
     )
@@ -309,12 +316,8 @@ def _blockwise(qmod, model, targets, cfg, compute_dtype, device, windows, probe,
         raise ValueError(f"targets outside the decoder blocks cannot be calibrated block by block: {stray[:3]}")
     t0 = time.perf_counter()
     if capability(qmod, "prepare_global") is not QuantizerModule.prepare_global:
-        if fill is not None:  # its walk would run blocks not yet loaded, and reorder weights not yet read
-            raise ValueError(
-                f"quant={qmod.__name__.rsplit('.', 1)[-1]} needs every block's statistics before quantizing: it "
-                "cannot be calibrated while the model is brought in one block at a time"
-            )
-        capability(qmod, "prepare_global")(model, targets, cfg, _unquantized_walk(model, windows, device), device)
+        walk = _unquantized_walk(model, own, windows, device, fill)
+        capability(qmod, "prepare_global")(model, targets, cfg, walk, device)
     hidden, kwargs = blocks.first_block_inputs(model, windows, device)
     times = {"calibration": time.perf_counter() - t0, "quantize": 0.0}
     n_probe = 0 if probe is None else probe.shape[0]
@@ -344,9 +347,11 @@ def _blockwise(qmod, model, targets, cfg, compute_dtype, device, windows, probe,
     return layers, times, peak
 
 
-def _unquantized_walk(model, windows, device) -> Callable:
+def _unquantized_walk(model, own: dict[int, list[str]], windows, device, fill) -> Callable:
     """capture(targets, reduce) over the unquantized model, one block at a time (only one block's share of the
-    statistics is gathered per forward, the rest of the model is never run)."""
+    statistics is gathered per forward, the rest of the model is never run). `own`: each block's targets. With a
+    by-block load (`fill`, models.BlockLoader) each block is read in for its turn and freed after it, so the walk
+    too holds one block in full precision; the main walk reads it again."""
     from qpeft_bench import blocks
 
     def capture(ts: list[str], reduce) -> dict:
@@ -354,10 +359,16 @@ def _unquantized_walk(model, windows, device) -> Callable:
         hidden, kwargs = blocks.first_block_inputs(model, windows, device)
         states: dict = {}
         for i, block in enumerate(decoder):
+            if fill is not None:
+                for t in own[i]:
+                    fill(t)
             mine = [t for t in ts if t.startswith(f"{prefix}.{i}.")]
             if mine:
                 states.update(blocks.block_capture(model, block, hidden, kwargs)(mine, reduce))
             hidden = blocks.run_block(block, hidden, kwargs)
+            if fill is not None:
+                for t in own[i]:
+                    fill.unload(t)
         return states
 
     return capture
@@ -372,6 +383,7 @@ def _quantize_targets(qmod, model, targets, cfg, compute_dtype, device, stats, i
             fill(target)
         weight = old.weight.detach().float()
         bias = None if old.bias is None else old.bias.detach().float()
+        _check_finite(target, weight, bias)
         t0 = time.perf_counter()
         new = qmod.quantize_linear(old, cfg, compute_dtype, device, stats.get(target))
         sync()
@@ -380,6 +392,18 @@ def _quantize_targets(qmod, model, targets, cfg, compute_dtype, device, stats, i
         del old
         layers[target] = layer_errors(weight, bias, new, qmod.dequantize(new), inputs.get(target), compute_dtype)
     return layers, seconds
+
+
+def _check_finite(target: str, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    # A NaN or inf weight quantizes to codes and scales that hide it (NF4's absmax becomes NaN for the whole block,
+    # GPTQ's Cholesky fails far from the cause): name the layer instead, before anything is written.
+    for what, t in (("weight", weight), ("bias", bias)):
+        if t is not None and not torch.isfinite(t).all():
+            bad = int((~torch.isfinite(t)).sum())
+            raise ValueError(
+                f"{target}.{what} has {bad} NaN or infinite values of {t.numel()}: the checkpoint is corrupt or was "
+                "saved from a diverged run; nothing was quantized from it"
+            )
 
 
 def stats_bytes(stats: dict) -> int:

@@ -26,6 +26,7 @@ from torch import nn
 
 from qpeft_bench.calibration import hessian, square_sum
 from qpeft_bench.config import ConfigError
+from qpeft_bench.models import index_select_  # a linear not yet brought in keeps the permutation for later
 from qpeft_bench.quant import fit, weakcol
 from qpeft_bench.quant.gptq import finish_hessians
 from qpeft_bench.quant.owq import weak_columns
@@ -80,37 +81,32 @@ def weak_first(weak: torch.Tensor, n: int) -> torch.Tensor:
     return torch.cat([weak, torch.arange(n, device=weak.device)[rest]])
 
 
-def _permute_(param: torch.Tensor | None, perm: torch.Tensor, dim: int) -> None:
-    if param is not None:
-        param.data = param.data.index_select(dim, perm.to(param.device)).contiguous()
-
-
 @torch.no_grad()
 def reorder_hidden(model: nn.Module, perm: torch.Tensor) -> None:
     """Permute the hidden dimension of a LLaMA-family model; the function it computes does not change."""
     emb, head = model.get_input_embeddings(), model.get_output_embeddings()
-    _permute_(emb.weight, perm, 1)
+    index_select_(emb.weight, 1, perm)
     if head is not None and head.weight is not emb.weight:  # tied weights are permuted once
-        _permute_(head.weight, perm, 1)
-    _permute_(model.model.norm.weight, perm, 0)
+        index_select_(head.weight, 1, perm)
+    index_select_(model.model.norm.weight, 0, perm)
     for layer in model.model.layers:
         attn, mlp = layer.self_attn, layer.mlp
         for norm in (layer.input_layernorm, layer.post_attention_layernorm):
-            _permute_(norm.weight, perm, 0)
+            index_select_(norm.weight, 0, perm)
         for lin in (attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj, mlp.up_proj):
-            _permute_(lin.weight, perm, 1)
+            index_select_(lin.weight, 1, perm)
         for lin in (attn.o_proj, mlp.down_proj):  # they write the stream: rows
-            _permute_(lin.weight, perm, 0)
-            _permute_(lin.bias, perm, 0)
+            index_select_(lin.weight, 0, perm)
+            index_select_(lin.bias, 0, perm)
 
 
 @torch.no_grad()
 def reorder_intermediate(mlp: nn.Module, perm: torch.Tensor) -> None:
     """Permute one MLP's intermediate dimension: gate/up rows with down_proj's columns."""
     for lin in (mlp.gate_proj, mlp.up_proj):
-        _permute_(lin.weight, perm, 0)
-        _permute_(lin.bias, perm, 0)
-    _permute_(mlp.down_proj.weight, perm, 1)
+        index_select_(lin.weight, 0, perm)
+        index_select_(lin.bias, 0, perm)
+    index_select_(mlp.down_proj.weight, 1, perm)
 
 
 def _diagonals(states: dict, targets: list[str], vote: str) -> list[torch.Tensor]:
