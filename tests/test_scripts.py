@@ -143,3 +143,22 @@ def test_loftq_benchmark_times_a_whole_model(tmp_path, capsys, monkeypatch):
         model_dir = compose(config_name="run").model.path
     assert _script("bench_loftq").main(["--model-dir", model_dir, "--rank", "4"]) == 0
     assert "ours, whole model: 28 matrices, r 4, 1 iteration" in capsys.readouterr().out
+
+
+def test_gptq_reference_benchmark_times_both_on_the_same_inputs_to_the_same_weights(tmp_path):
+    """scripts/bench_gptq_reference.py: one block of the tiny model's shapes on the CPU; our sweep and the reference
+    restatement must quantize every layer to the same weights, or the times compare different work."""
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "bench_gptq_reference.py"), "--model", "tiny_llama", "--tokens",
+         "2048", "--device", "cpu", "--group-size", "32", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    rec = json.loads((tmp_path / "gptq_vs_reference_tiny_llama.json").read_text())
+    assert [r["layer"] for r in rec["layers"]] == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                                   "down_proj"]  # fmt: skip
+    assert rec["max_rel_diff"] < 1e-6  # the same quantized weights up to fp32 rounding order (the script's docstring)
+    assert all(r["ours_s"] > 0 and r["reference_s"] > 0 for r in rec["layers"])
+    assert rec["block"]["ratio_reference_over_ours"] == pytest.approx(
+        rec["block"]["reference_s"] / rec["block"]["ours_s"]
+    )
