@@ -24,7 +24,8 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from qpeft_bench import ASSETS, destinations, results
-from qpeft_bench.config import ConfigError
+from qpeft_bench.config import ConfigError, ModelConfig, from_dict
+from qpeft_bench.model_identity import resolve_family
 from qpeft_bench.paths import CONF_DIR
 
 log = logging.getLogger("qpeft_bench")
@@ -62,7 +63,24 @@ def job_config(cfg: DictConfig) -> dict:
     """The resolved config without Hydra's own node."""
     plain = OmegaConf.to_container(cfg, resolve=False)
     plain.pop("hydra", None)
-    return OmegaConf.to_container(OmegaConf.create(plain), resolve=True)
+    return _model_resolved(OmegaConf.to_container(OmegaConf.create(plain), resolve=True))
+
+
+def _model_resolved(config: dict) -> dict:
+    """A model without a card (model=auto: name, family or linear_names left to the checkpoint) made concrete from
+    its config.json in the config itself, so that its run id, record and report rows say which model it is. What
+    cannot be resolved is left as it is, for validate's one-line error."""
+    model = config.get("model")
+    if not isinstance(model, dict):
+        return config
+    if model.get("name") != "auto" and None not in (model.get("family"), model.get("linear_names")):
+        return config  # a card: nothing to resolve
+    try:
+        card = resolve_family(from_dict(ModelConfig, model, "model"))
+    except ConfigError:
+        return config
+    config["model"] = {**model, "name": card.name, "family": card.family, "linear_names": card.linear_names}
+    return config
 
 
 OmegaConf.register_new_resolver("asset", _asset, replace=True)

@@ -179,15 +179,13 @@ DTYPES = ("float32", "bfloat16", "float16")
 class ModelConfig:
     """An architecture card: enough to build the model on the meta device, plus where the weights are."""
 
-    name: str
-    family: str = "llama"  # a transformers model_type: llama | opt | ...
+    name: str  # auto: the last part of model.path or model.hub_id (a model without a card)
+    family: str | None = "llama"  # a transformers model_type (qpeft_bench/families.py); null: from config.json
     hub_id: str | None = None  # used when path is null
     path: str | None = None  # local directory in save_pretrained layout; wins over hub_id
     dtype: str = "bfloat16"  # dtype of the unquantized weights (base_model_bytes is counted in it)
     arch: dict | None = None  # transformers config fields; null: read config.json from path
-    linear_names: list[str] = field(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    )
+    linear_names: list[str] | None = None  # the block linears quantized and adapted; null: all of the family's
     notes: str = ""
 
     def check(self, where: str) -> None:
@@ -200,8 +198,10 @@ class ModelConfig:
             raise ConfigError(f"{where}.path={self.path!r} is not a directory (save_pretrained layout expected)")
         if self.arch is None and self.path is not None and not (Path(self.path) / "config.json").is_file():
             raise ConfigError(f"{where}.path={self.path!r} has no config.json and the card has no arch")
-        if not self.linear_names:
-            raise ConfigError(f"{where}.linear_names is empty")
+        if self.linear_names is not None and not self.linear_names:
+            raise ConfigError(f"{where}.linear_names is empty; null means all of the family's linears")
+        if self.family is None and self.arch is not None:
+            raise ConfigError(f"{where}.family is null but the card has an arch: name its model_type")
 
     def checkpoint_config(self) -> tuple[dict, str] | None:
         """The checkpoint's own config.json and where it was read: at `path`, or (path null) the hub id's snapshot

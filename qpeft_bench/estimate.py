@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from qpeft_bench import families
 from qpeft_bench.config import ConfigError
 from qpeft_bench.models import DTYPE
 
@@ -44,13 +45,14 @@ OPT_DEFAULT_DROPOUT = 0.1
 
 @dataclass(frozen=True)
 class Shape:
-    """The sizes that decide memory and time, read from transformers config fields."""
+    """The sizes that decide memory and time, read from transformers config fields (families.py's declarations)."""
 
     family: str
     layers: int
     hidden: int
     heads: int
     q_dim: int  # heads x head_dim
+    kv_dim: int  # key-value heads x head_dim
     mlp: int  # intermediate_size (LLaMA) or ffn_dim (OPT)
     vocab: int
     lm_head_in: int  # OPT's word_embed_proj_dim may differ from hidden_size
@@ -58,65 +60,56 @@ class Shape:
     residual_dropout: float  # OPT drops out the attention and MLP outputs before each residual add
     linears: dict  # {name: (in_features, out_features)} of the linears of one block
     input_groups: tuple  # tuples of linear names that read the same input tensor
+    gated_mlp: bool = True  # act(gate) * up (SwiGLU, GeGLU; fused or not) rather than act(fc1)
+    layer_norm: bool = False  # LayerNorm (autocast runs it in fp32) rather than RMSNorm
+    block_norms: int = 2  # hidden-wide norms a token passes in a block
+    head_norm_elems: int = 0  # q/k head norms' elements per block (Qwen3, Gemma-3)
+    attn_out: str = "o_proj"  # the linear reading the attention's output
+    mlp_out: str = "down_proj"  # the linear reading the MLP's intermediate
+    biases: int = 0  # bias elements of one block's linears
 
 
 def model_shape(arch: dict) -> Shape:
-    """The Shape of a LLaMA or OPT architecture given as transformers config fields (with `model_type`)."""
-    family = arch.get("model_type")
+    """The Shape of an architecture given as transformers config fields (with `model_type`, a family of
+    families.py)."""
+    family = families.get(arch.get("model_type"))
     try:
-        h, layers, heads, vocab = (
-            arch[k] for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
-        )
-        if family == "llama":
-            head_dim = arch.get("head_dim") or h // heads
-            kv_heads = arch.get("num_key_value_heads") or heads
-            q, kv, i = heads * head_dim, kv_heads * head_dim, arch["intermediate_size"]
-            linears = {
-                "q_proj": (h, q),
-                "k_proj": (h, kv),
-                "v_proj": (h, kv),
-                "o_proj": (q, h),
-                "gate_proj": (h, i),
-                "up_proj": (h, i),
-                "down_proj": (i, h),
-            }
-            groups = (("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",))
-            return Shape(family, layers, h, heads, q, i, vocab, h, (2 * layers + 1) * h, 0.0, linears, groups)
-        if family == "opt":
-            # Learned positions are an embedding lookup: weights (in quantized_bytes), nothing kept for backward.
-            # project_in/out (word_embed_proj_dim != hidden_size, OPT-350m) are left out of the FLOPs.
-            f = arch["ffn_dim"]
-            linears = {
-                "q_proj": (h, h),
-                "k_proj": (h, h),
-                "v_proj": (h, h),
-                "out_proj": (h, h),
-                "fc1": (h, f),
-                "fc2": (f, h),
-            }
-            groups = (("q_proj", "k_proj", "v_proj"), ("out_proj",), ("fc1",), ("fc2",))
-            final_norm = 1 if arch.get("do_layer_norm_before", True) else 0
-            norms = (2 * layers + final_norm) * 2 * h  # LayerNorm: weight and bias
-            return Shape(
-                family,
-                layers,
-                h,
-                heads,
-                h,
-                f,
-                vocab,
-                arch.get("word_embed_proj_dim") or h,
-                norms,
-                arch.get("dropout", OPT_DEFAULT_DROPOUT),
-                linears,
-                groups,
-            )
+        d = family.dims(arch)
+        layers, vocab = arch["num_hidden_layers"], arch["vocab_size"]
     except KeyError as err:
         raise ConfigError(
-            f"architecture of model_type {family!r} lacks the field {err.args[0]!r} that the "
+            f"architecture of model_type {family.model_type!r} lacks the field {err.args[0]!r} that the "
             "memory and time estimates need"
         ) from err
-    raise ConfigError(f"memory and time estimates know model_type llama and opt, not {family!r}")
+    linears = family.shapes(arch)
+    per_norm = (2 if family.norm == "layer" else 1) * d.hidden  # LayerNorm: a weight and a bias
+    head_norms = len(family.head_norms) * d.head_dim
+    norms = (layers * len(family.block_norms) + int(family.final_norm(arch))) * per_norm + layers * head_norms
+    opt = family.model_type == "opt"
+    # Learned positions (OPT) are an embedding lookup: weights (in quantized_bytes), nothing kept for backward.
+    # project_in/out (word_embed_proj_dim != hidden_size, OPT-350m) are left out of the FLOPs.
+    return Shape(
+        family=family.model_type,
+        layers=layers,
+        hidden=d.hidden,
+        heads=d.heads,
+        q_dim=d.q,
+        kv_dim=d.kv,
+        mlp=d.mlp,
+        vocab=vocab,
+        lm_head_in=(arch.get("word_embed_proj_dim") or d.hidden) if opt else d.hidden,
+        norm_elems=norms,
+        residual_dropout=arch.get("dropout", OPT_DEFAULT_DROPOUT) if opt else 0.0,
+        linears=linears,
+        input_groups=family.inputs,
+        gated_mlp=family.gated_mlp,
+        layer_norm=family.norm == "layer",
+        block_norms=len(family.block_norms),
+        head_norm_elems=head_norms,
+        attn_out=family.names_of("attn_out")[0],
+        mlp_out=family.names_of("mlp_out")[0],
+        biases=sum(linears[n][1] for n in family.biased(arch)),
+    )
 
 
 def _bytes(dtype: str, what: str) -> int:
@@ -166,14 +159,16 @@ def _block_bytes_per_token(
     dropout: float,
 ) -> int:
     """Bytes one decoder block keeps for backward per token."""
-    norms = 2 * _norm_bytes_per_token(s)
+    norms = s.block_norms * _norm_bytes_per_token(s)
+    if s.head_norm_elems:  # q/k head norms keep their fp32 inputs and a statistic per head
+        norms += FP32 * (s.q_dim + s.kv_dim) + FP32 * 2 * s.heads
     # SDPA's efficient kernels keep q, k, v and the output (autocast casts them to the compute dtype) and an fp32
     # log-sum-exp per head; no s x s score matrix. With grouped-query attention and a padding mask (our padded
     # batches), transformers repeats k and v to every query head before SDPA, and those copies are what is kept.
     # SDPA turns the boolean padding mask into an additive bias of the compute dtype in every layer and keeps it
     # (batch x seq x seq, i.e. seq per token). RoPE keeps only the shared cos/sin tables.
     attention = compute * (4 * s.q_dim + seq_len) + FP32 * s.heads
-    if s.family == "llama":
+    if s.gated_mlp:
         # SwiGLU: SiLU keeps its input (gate's output) and the product keeps both factors (SiLU's and up's outputs)
         mlp = 3 * stream * s.mlp
     else:
@@ -182,9 +177,7 @@ def _block_bytes_per_token(
     residual_dropout = 2 * s.hidden * DROPOUT_MASK_BYTES if s.residual_dropout > 0 else 0
     # The frozen base linears keep no input: their weight needs no gradient, and bitsandbytes' matmul and
     # F.linear with a frozen weight keep only the weight.
-    attn_in = "o_proj" if s.family == "llama" else "out_proj"
-    mlp_out = "down_proj" if s.family == "llama" else "fc2"
-    input_dtype = {n: norm_out for n in s.linears} | {attn_in: compute, mlp_out: stream}
+    input_dtype = {n: norm_out for n in s.linears} | {s.attn_out: compute, s.mlp_out: stream}
     adapters = _adapter_bytes_per_token(s, targets, rank, dropout, input_dtype, adapter, compute)
     return norms + attention + mlp + residual_dropout + adapters
 
@@ -236,7 +229,7 @@ def train_memory(
     # A norm's output is fp32 when its weight is (upcast) or, for LayerNorm, because autocast runs it in fp32.
     # Layers that return their input's dtype (bitsandbytes) then carry fp32 on through the MLP into the residual
     # stream; autocast-aware layers bring it back to the compute dtype.
-    norm_out_fp32 = compute < FP32 and (upcast_norms_fp32 or s.family == "opt")
+    norm_out_fp32 = compute < FP32 and (upcast_norms_fp32 or s.layer_norm)
     norm_out = FP32 if norm_out_fp32 else compute
     stream = FP32 if norm_out_fp32 and output_follows_input_dtype else compute
     block = _block_bytes_per_token(
@@ -448,8 +441,8 @@ def calibration_memory(
     # One window's forward at batch 1: the residual stream and the normed input, the larger of attention's q, k, v
     # and output and the MLP's two or three intermediates, and the fp32 copy the statistic hook makes of the widest
     # input. One pass also runs lm_head (its logits, in the model dtype).
-    kv = s.linears["k_proj"][1]
-    mlp = (3 if s.family == "llama" else 1) * s.mlp
+    kv = s.kv_dim
+    mlp = (3 if s.gated_mlp else 1) * s.mlp
     window = seq_len * ((2 * s.hidden + max(2 * s.q_dim + 2 * kv, mlp)) * m + FP32 * max(widths))
     if not sequential:
         window += seq_len * s.vocab * m
@@ -464,9 +457,8 @@ def calibration_memory(
         "stats_per_block_bytes": per_block,
     }
     if sequential and loaded_by_block:
-        norms = (2 if s.family == "llama" else 4) * s.hidden  # RMSNorm weights; LayerNorm weights and biases
-        biases = sum(o for _, o in s.linears.values()) if s.family == "opt" else 0
-        block = (sum(i * o for i, o in s.linears.values()) + norms + biases) * m
+        norms = s.block_norms * (2 if s.layer_norm else 1) * s.hidden + s.head_norm_elems
+        block = (sum(i * o for i, o in s.linears.values()) + norms + s.biases) * m
         weights = {"weights_quantized_bytes": quantized_model_bytes, "weights_unquantized_block_bytes": block}
     else:
         weights = {"weights_unquantized_bytes": base_model_bytes}

@@ -1,8 +1,8 @@
 """Layer groups and per-module PEFT knobs (docs/design.md §3).
 
 Groups of target modules:
-  attn         q, k, v, o projections (OPT: out_proj)
-  mlp          gate, up, down projections (OPT: fc1, fc2)
+  attn         the attention's linears: q, k, v, o projections (OPT: out_proj; Phi-3: the fused qkv_proj, o_proj)
+  mlp          the MLP's linears: gate, up, down projections (OPT: fc1, fc2; Phi-3: the fused gate_up_proj, down_proj)
   first_half   blocks 0 .. n//2 - 1 (closer to the input; with an odd n the middle block is in second_half)
   second_half  blocks n//2 .. n - 1
   <name>       user-defined: a regular expression searched in the full module name (`peft.layer_groups`)
@@ -26,12 +26,10 @@ from __future__ import annotations
 import dataclasses
 import re
 
+from qpeft_bench import families
 from qpeft_bench.config import ConfigError, from_dict
 
-TYPE_GROUPS = {
-    "attn": ("q_proj", "k_proj", "v_proj", "o_proj", "out_proj"),
-    "mlp": ("gate_proj", "up_proj", "down_proj", "fc1", "fc2"),
-}
+TYPE_GROUPS = families.type_groups()  # by role: attention in/out, MLP in/out, the same in every family
 DEPTH_GROUPS = ("first_half", "second_half")
 BUILTIN = (*TYPE_GROUPS, *DEPTH_GROUPS)
 _BLOCK = re.compile(r"\.(\d+)\.")

@@ -5,9 +5,11 @@ there (check_weights, in the recipe's pre-flight: plan mode reads config.json al
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
+from qpeft_bench import families
 from qpeft_bench.config import ConfigError, ModelConfig, cached_hub_file
 from qpeft_bench.data_files import is_lfs_pointer
 
@@ -54,6 +56,41 @@ def check_checkpoint(card: ModelConfig, where: str = "model") -> None:
         _compare_arch(json.loads(hub.read_text()), f"{card.hub_id} ({hub})", found, card.name)
     if card.arch is not None and found is not None:
         _compare_arch({"model_type": card.family, **card.arch}, f"the card {card.name!r}", found, card.name)
+
+
+def resolve_family(card: ModelConfig, where: str = "model") -> ModelConfig:
+    """The card with its family and linears made concrete: `family: null` (a model without a card) takes the
+    checkpoint's model_type; a family that contradicts the checkpoint's is refused; `linear_names: null` is every
+    linear of the family; `name: auto` is the checkpoint's folder or hub id. One line for an unknown model_type."""
+    found = card.checkpoint_config()
+    found_type = found[0].get("model_type") if found else None
+    family = card.family
+    if family is None:
+        if found is None:
+            raise ConfigError(
+                f"{where}.family is null and there is no config.json to read it from ({where}.path="
+                f"{card.path!r}, {where}.hub_id={card.hub_id!r} not in the local HF cache): set {where}.path to the "
+                "checkpoint's directory"
+            )
+        if not found_type:
+            raise ConfigError(f"{found[1]} has no model_type: set {where}.family")
+        family = found_type
+    elif found_type and found_type != family:
+        raise ConfigError(
+            f"model {card.name!r}: the card's family={family} but {found[1]} has model_type={found_type}; it is "
+            f"another model: choose its card, or model=auto {where}.path=..."
+        )
+    fam = families.get(family)
+    names = list(card.linear_names) if card.linear_names is not None else fam.linear_names
+    unknown = [n for n in names if n not in fam.linear_names]
+    if unknown:
+        raise ConfigError(
+            f"{where}.linear_names {unknown} are no linear of a {family} block ({', '.join(fam.linear_names)})"
+        )
+    name = card.name
+    if name == "auto":
+        name = Path(card.path).name if card.path is not None else str(card.hub_id).rsplit("/", 1)[-1]
+    return dataclasses.replace(card, name=name, family=family, linear_names=names)
 
 
 # What transformers' from_pretrained reads from a local directory: one file, or the shards an index names.

@@ -20,7 +20,10 @@ def hf_config(arch: dict, dtype: str):
     model_type = fields.pop("model_type")
     for key in ("architectures", "transformers_version", "torch_dtype", "dtype"):
         fields.pop(key, None)
-    config = AutoConfig.for_model(model_type, **fields)
+    try:
+        config = AutoConfig.for_model(model_type, **fields)
+    except Exception as err:  # transformers' own field checks (types, ranges): one line, not its traceback
+        raise ValueError(f"transformers rejects this {model_type} architecture: {' '.join(str(err).split())}") from err
     config.dtype = dtype
     return config
 
@@ -217,10 +220,41 @@ def load_model(path_or_hub_id: str, dtype: str, device: str) -> nn.Module:
     return model.to(device)
 
 
+# Files a tokenizer's vocabulary comes from (fast, SentencePiece, BPE, WordPiece)
+VOCAB_FILES = (
+    "tokenizer.json",
+    "tokenizer.model",
+    "vocab.json",
+    "vocab.txt",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+)
+
+
 def load_tokenizer(path_or_hub_id: str):
+    from pathlib import Path
+
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(path_or_hub_id)
+    from qpeft_bench.config import ConfigError
+
+    def refuse(why: str, err: Exception | None = None):
+        raise ConfigError(
+            f"no tokenizer could be loaded from {path_or_hub_id} ({why}): a checkpoint needs its tokenizer files "
+            f"({', '.join(VOCAB_FILES[:2])}, or the others transformers reads, with tokenizer_config.json)"
+        ) from err
+
+    # transformers builds an empty tokenizer of the model's class from a directory with no vocabulary file, which
+    # turns every text into no tokens: refuse it rather than train on nothing
+    root = Path(path_or_hub_id)
+    if root.is_dir() and not any((root / f).is_file() for f in VOCAB_FILES):
+        refuse("no vocabulary file in the directory")
+    try:
+        tok = AutoTokenizer.from_pretrained(path_or_hub_id)
+    except Exception as err:  # unreadable tokenizer files: transformers says so over many lines
+        refuse(str(err).strip().splitlines()[0].rstrip(": ") if str(err).strip() else type(err).__name__, err)
+    if len(tok) < 2:
+        refuse(f"it has {len(tok)} token")
     if tok.pad_token_id is None:
         # LLaMA tokenizers ship without a pad token; padding positions are masked out of the loss and
         # attention anyway, so reusing unk (or eos) changes no number and, unlike adding a token, no shape.

@@ -26,7 +26,7 @@ from qpeft_bench.config import (
 )
 from qpeft_bench.evaluation.checks import check_eval
 from qpeft_bench.layers import apply_variant, per_module_configs
-from qpeft_bench.model_identity import check_checkpoint
+from qpeft_bench.model_identity import check_checkpoint, resolve_family
 from qpeft_bench.models import linear_shapes, resolve_device
 from qpeft_bench.quantized_base import check_load_by_block
 
@@ -48,6 +48,7 @@ def validate(cfg: dict) -> RunSpec:
 
     model = from_dict(ModelConfig, cfg["model"], "model")
     check_checkpoint(model, "model")  # the card names the model that will load
+    model = resolve_family(model, "model")
     quant_name, quant_knobs = _split_named(cfg["quant"], "name", "quant")
     qmod = quant.get(quant_name)
     fixed = quant.preset(quant_name)

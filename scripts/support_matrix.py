@@ -1,5 +1,7 @@
 """The method x quantizer support matrix, generated from the code: each cell is what `validate` says when the
-config `peft=<option> quant=<name>` is composed on the embedded tiny model (yes, or the reason it refuses).
+config `peft=<option> quant=<name>` is composed on the embedded tiny model (yes, or the reason it refuses); and the
+quantizer x model family matrix: `quant=<name>` with LoRA composed on a small checkpoint of each family
+(families.TINY_ARCH, model=auto) that has only its config.json.
 
     python scripts/support_matrix.py            # print the Markdown table
     python scripts/support_matrix.py --write    # replace the table in README.md between its markers
@@ -16,6 +18,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 START, END = "<!-- support-matrix:start -->", "<!-- support-matrix:end -->"
+FAMILY_START, FAMILY_END = "<!-- family-matrix:start -->", "<!-- family-matrix:end -->"
 
 
 def options(group: str) -> list[str]:
@@ -46,11 +49,42 @@ def matrix(compose) -> dict[tuple[str, str], str | None]:
     return cells
 
 
-def markdown(cells: dict[tuple[str, str], str | None]) -> str:
+def family_checkpoints(root: Path) -> dict[str, str]:
+    """{model_type: a directory holding a config.json of the family's small architecture} under `root`."""
+    import json
+
+    from qpeft_bench import families
+
+    out = {}
+    for model_type in families.names():
+        where = root / f"tiny-{model_type}"
+        where.mkdir(parents=True, exist_ok=True)
+        (where / "config.json").write_text(json.dumps({"model_type": model_type, **families.TINY_ARCH}))
+        out[model_type] = str(where)
+    return out
+
+
+def family_matrix(compose, checkpoints: dict[str, str]) -> dict[tuple[str, str], str | None]:
+    """{(quant option, model_type): None if LoRA on it composes, else the reason}."""
+    from qpeft_bench.config import ConfigError
+    from qpeft_bench.spec import validate
+
+    cells = {}
+    for q in options("quant"):
+        for model_type, path in checkpoints.items():
+            try:
+                validate(compose([f"quant={q}", "peft=lora", "model=auto", f"model.path={path}"]))
+                cells[q, model_type] = None
+            except ConfigError as err:  # one footnote per quantizer, not per family
+                cells[q, model_type] = str(err).split("; this model is ")[0]
+    return cells
+
+
+def markdown(cells: dict[tuple[str, str], str | None], corner: str = "peft \\ quant") -> str:
     peft_opts = sorted({p for p, _ in cells})
     quant_opts = sorted({q for _, q in cells})
     reasons: dict[str, int] = {}
-    lines = ["| peft \\ quant | " + " | ".join(f"`{q}`" for q in quant_opts) + " |", "|---|" + "---|" * len(quant_opts)]
+    lines = [f"| {corner} | " + " | ".join(f"`{q}`" for q in quant_opts) + " |", "|---|" + "---|" * len(quant_opts)]
     for p in peft_opts:
         row = []
         for q in quant_opts:
@@ -78,22 +112,31 @@ def composer():
     return _compose
 
 
-def readme_with(table: str, readme: str) -> str:
-    if START not in readme or END not in readme:
-        raise SystemExit(f"README.md lacks the markers {START} ... {END}")
-    head, rest = readme.split(START, 1)
-    _, tail = rest.split(END, 1)
-    return f"{head}{START}\n{table}\n{END}{tail}"
+def readme_with(table: str, readme: str, start: str = START, end: str = END) -> str:
+    if start not in readme or end not in readme:
+        raise SystemExit(f"README.md lacks the markers {start} ... {end}")
+    head, rest = readme.split(start, 1)
+    _, tail = rest.split(end, 1)
+    return f"{head}{start}\n{table}\n{end}{tail}"
+
+
+def family_markdown(compose) -> str:
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as root:
+        return markdown(family_matrix(compose, family_checkpoints(Path(root))), "quant \\ family")
 
 
 def main(argv: list[str]) -> int:
-    table = markdown(matrix(composer()))
+    compose = composer()
+    table, families = markdown(matrix(compose)), family_markdown(compose)
     if "--write" in argv:
         path = ROOT / "README.md"
-        path.write_text(readme_with(table, path.read_text()))
-        print(f"wrote the support matrix into {path}")
+        text = readme_with(table, path.read_text())
+        path.write_text(readme_with(families, text, FAMILY_START, FAMILY_END))
+        print(f"wrote the support matrices into {path}")
     else:
-        print(table)
+        print(table, families, sep="\n\n")
     return 0
 
 

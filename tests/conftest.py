@@ -63,3 +63,18 @@ def qpeft_cli(monkeypatch, capsys, caplog):
         return code, captured.out + captured.err + caplog.text
 
     return call
+
+
+def measured_accounting(spec, samples: int = 8, seq_len: int = 64) -> dict:
+    """The accounting of `spec`'s model really loaded, quantized (calibrated on random windows) and adapted on the
+    CPU: what plan mode's accounting must equal."""
+    from qpeft_bench import accounting, adapters, calibration, models, plan, quant
+
+    model = models.load_model(spec.model.path, spec.model.dtype, "cpu")
+    targets = list(models.find_linears(model, spec.model.linear_names))
+    real = accounting.base_sizes(model)
+    windows = calibration.random_windows(model.config.vocab_size, samples, seq_len, 0)
+    quant.quantize_model(spec.quant_name, model, targets, spec.quant, spec.model.dtype, "cpu", windows=windows)
+    real.update(accounting.measured_quantized_sizes(model, targets, quant.get(spec.quant_name).state_bytes))
+    plan.with_adapters(real, model, targets, adapters.get(spec.peft_method), spec)
+    return real

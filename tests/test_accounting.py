@@ -7,9 +7,9 @@ import math
 
 import pytest
 import torch
-from conftest import REFERENCE
+from conftest import REFERENCE, measured_accounting
 
-from qpeft_bench import accounting, adapters, calibration, plan, quant
+from qpeft_bench import accounting, adapters, plan
 from qpeft_bench.spec import validate
 
 GIB, MIB = 2**30, 2**20
@@ -91,18 +91,9 @@ def test_plan_mode_works_for_every_card(compose, model):
     ],
 )
 def test_plan_and_real_agree_on_the_tiny_model(compose, qname, overrides):
-    from qpeft_bench import models
-
     spec = validate(compose([f"quant={qname}", "peft.r=4", *overrides]))
     planned = plan.plan_accounting(spec)
-
-    model = models.load_model(spec.model.path, spec.model.dtype, "cpu")
-    targets = list(models.find_linears(model, spec.model.linear_names))
-    real = accounting.base_sizes(model)
-    windows = calibration.random_windows(model.config.vocab_size, 8, 64, 0)
-    quant.quantize_model(qname, model, targets, spec.quant, spec.model.dtype, "cpu", windows=windows)
-    real.update(accounting.measured_quantized_sizes(model, targets, quant.get(qname).state_bytes))
-    plan.with_adapters(real, model, targets, adapters.get("lora"), spec)
+    real = measured_accounting(spec)
 
     for key in (
         "total_params",

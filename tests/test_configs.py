@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from qpeft_bench import quant
+from qpeft_bench import ASSETS, quant
 from qpeft_bench.cli import CONF_DIR
 from qpeft_bench.config import ConfigError
 from qpeft_bench.spec import validate
@@ -29,10 +29,14 @@ def test_every_config_file_composes_and_validates(compose, path):
     # the studies' data sets need a real model's context; the tiny model's 512 tokens are too short for some
     # and the thesis' ranks up to 256 exceed the tiny model's 128-wide projections
     extra = ["model=llama2_7b"] if (group == "data" and option != "tiny_alpaca") or group == "lora_config" else []
+    if (group, option) == ("model", "auto"):  # a checkpoint without a card: any directory with a config.json
+        extra = [f"model.path={ASSETS / 'tiny_llama'}"]
     cfg = compose([f"{group}={option}", *extra])
     if group not in ("sweep", "experiment"):
         if group in ("model", "data", "eval", "quant", "peft"):
-            assert cfg[group]["name"] == option, f"{path}: name must equal the file name"
+            # model=auto is named after its checkpoint's folder when composed
+            named = "tiny_llama" if (group, option) == ("model", "auto") else option
+            assert cfg[group]["name"] == named, f"{path}: name must equal the file name"
     if group == "peft":  # methods tied to some quantizers (qa_lora, weak_columns): the first quantizer that takes it
         for q in quant.names():
             try:

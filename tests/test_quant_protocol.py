@@ -12,7 +12,7 @@ from torch import nn
 
 from qpeft_bench import adapters, quant
 
-FLAGS = [m for m in quant.OPTIONAL if m.isupper() and m != "FAMILIES"]
+FLAGS = [m for m in quant.OPTIONAL if m.isupper() and m not in ("FAMILIES", "FAMILIES_WHY")]
 IN_F, OUT_F = 64, 32
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from qpeft_bench import families
 from qpeft_bench.adapters import base
 from qpeft_bench.adapters.lora import load_peft_state, merge_layers, tuner_layers
 from qpeft_bench.config import DTYPES, ConfigError
@@ -33,8 +34,9 @@ class Config:
     # dtype of the IA3 vectors: fp32 as the thesis counted them (they are tiny; bf16 would round 1 + small
     # updates away: bf16 resolves 1 +- 2^-8)
     adapter_dtype: str = "float32"
-    # linear names whose *inputs* are scaled (the feed-forward down projections); other targets scale outputs
-    feedforward: list[str] = field(default_factory=lambda: ["down_proj", "fc2"])
+    # linear names whose *inputs* are scaled (the MLP's output linears of every family: down_proj, OPT's fc2); other
+    # targets scale outputs
+    feedforward: list[str] = field(default_factory=lambda: families.names_with_role("mlp_out"))
 
     def check(self, where: str) -> None:
         if self.adapter_dtype not in DTYPES:

@@ -52,6 +52,7 @@ class QuantizerModule(Protocol):
     NEEDS_CALIBRATION: ClassVar[bool] = False  # it cannot run without calibration windows
     CUDA_ONLY: ClassVar[bool] = False  # its kernels exist only on CUDA
     FAMILIES: ClassVar[tuple[str, ...] | None] = None  # model families it supports (None: all); for model-level work
+    FAMILIES_WHY: ClassVar[str] = ""  # why the others are not (said when one is refused)
     # every tensor of its layer follows Module.to(): a sweep may keep the base on the CPU between runs
     # (quantized_base._BASE_CACHE)
     PROCESS_REUSE: ClassVar[bool] = False
@@ -144,6 +145,7 @@ OPTIONAL = (
     "NEEDS_CALIBRATION",
     "CUDA_ONLY",
     "FAMILIES",
+    "FAMILIES_WHY",
     "PROCESS_REUSE",
     "OUTPUT_FOLLOWS_INPUT_DTYPE",
     "FUSED_LORA_BASE",
@@ -223,7 +225,11 @@ def check_runnable(name: str, qmod: ModuleType, family: str, device: str | None,
     """Combinations that cannot run, found before any model is loaded."""
     families = capability(qmod, "FAMILIES")
     if families is not None and family not in families:
-        raise ConfigError(f"quant={name} supports model families {', '.join(families)}; this model is {family!r}")
+        why = capability(qmod, "FAMILIES_WHY")
+        raise ConfigError(
+            f"quant={name} supports model families {', '.join(families)}{f' ({why})' if why else ''}; "
+            f"this model is {family!r}"
+        )
     if needs_calibration(qmod) and not has_calibration:
         raise ConfigError(
             f"quant={name} needs calibration data: use calib=finetune (the fine-tuning data) or "

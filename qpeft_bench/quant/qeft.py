@@ -43,7 +43,11 @@ NEEDS_CALIBRATION = True
 SEQUENTIAL = True  # the reference calibrates block by block on the quantized blocks' outputs
 COMPILE_TESTED = True  # with weak-column tuning 4x faster compiled: its group dequantization is many small kernels
 WEAK_COLUMNS = True  # OWQ's layer
-FAMILIES = ("llama",)  # the reordering walks LLaMA's module layout
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+FAMILIES_WHY = (
+    "its channel reordering walks LLaMA's block layout, two norms and separate q/k/v and gate/up linears; Gemma's "
+    "extra norms, Phi-3's fused linears and OPT's LayerNorm biases and learned positions are not written"
+)
 STREAM_READERS = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
 
 

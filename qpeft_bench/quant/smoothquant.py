@@ -39,7 +39,11 @@ from qpeft_bench.quant.qlinear import QuantLinear
 
 QUANTIZES_ACTIVATIONS = True  # W8A8: each token is rounded to int8 in the forward
 NEEDS_CALIBRATION = True  # max|X_j| comes from activations (and the error probe needs inputs anyway)
-FAMILIES = ("llama", "opt")  # the norm -> consumer wiring below is known for these only
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "opt")
+FAMILIES_WHY = (
+    "the norm -> linear wiring the smoothing folds into is known for these; Gemma's (1 + w) norms and post-norms "
+    "are not, and Phi-3's fused qkv_proj would round q, k and v as one tensor, not as the reference's three"
+)
 QMAX = 127  # symmetric int8: scale = max|x| / 127, so the grid is the same on both sides of zero
 MIN_MAX = 1e-5  # the reference clamps every max|.| (weight row, token, smoothing column and factor) at this
 
@@ -55,12 +59,14 @@ NORM_CONSUMERS: dict[str, tuple[tuple[str, tuple[str, ...]], ...]] = {
         ("final_layer_norm", ("fc1",)),
     ),
 }
+NORM_CONSUMERS |= dict.fromkeys(("mistral", "qwen2", "qwen3"), NORM_CONSUMERS["llama"])  # LLaMA's block layout
 # The projections whose outputs feed the attention's batched matmuls (Q K^T and P V): the reference rounds their
 # outputs per token to simulate int8 matmul inputs (`quantize_output=quantize_bmm_input` in both families).
 BMM_INPUT_PROJECTIONS: dict[str, tuple[str, ...]] = {
     "llama": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
     "opt": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
 }
+BMM_INPUT_PROJECTIONS |= dict.fromkeys(("mistral", "qwen2", "qwen3"), BMM_INPUT_PROJECTIONS["llama"])
 
 
 @dataclass

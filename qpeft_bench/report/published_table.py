@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from qpeft_bench import families
 from qpeft_bench.report.aggregate import AggSpec, build_aggregate
 from qpeft_bench.report.formatting import fmt_count, fmt_text
 from qpeft_bench.report.published import (
@@ -42,7 +43,7 @@ EXTRAS = {
     "lambda2": (("config", "peft", "lambda2"),),
     "lr": (("config", "train", "lr"),),
 }
-MLP_LINEARS = frozenset({"gate_proj", "up_proj", "down_proj", "fc1", "fc2"})
+MLP_LINEARS = frozenset(families.type_groups()["mlp"])
 FIELDS = sorted({f for m in mapped_fields() for f in (m.after, m.before) if f})
 CELLS = AggSpec(
     name="published",
