@@ -15,24 +15,26 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from qpeft_bench import families
+
 
 class _Caught(Exception):
     """Raised by the hook on the first block: everything after it is not needed."""
 
 
 def decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """(module name prefix, the list of decoder blocks) of a LLaMA- or OPT-layout model."""
-    for prefix in ("model.layers", "model.decoder.layers"):
-        try:
-            blocks = model.get_submodule(prefix)
-        except AttributeError:
-            continue
-        if isinstance(blocks, nn.ModuleList):
-            return prefix, blocks
-    raise ValueError(
-        f"{type(model).__name__}: no decoder blocks at model.layers or model.decoder.layers; "
-        "calibrate it in one pass (calib.sequential=false)"
-    )
+    """(module name prefix, the list of decoder blocks) where the model's family declares them (families.py)."""
+    family = families.get(getattr(model.config, "model_type", None))
+    try:
+        blocks = model.get_submodule(family.blocks)
+    except AttributeError:
+        blocks = None
+    if not isinstance(blocks, nn.ModuleList):
+        raise ValueError(
+            f"{type(model).__name__}: no decoder blocks at {family.blocks}, where {family.model_type} keeps them; "
+            "calibrate it in one pass (calib.sequential=false)"
+        )
+    return family.blocks, blocks
 
 
 @torch.no_grad()

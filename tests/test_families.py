@@ -100,7 +100,14 @@ def test_a_card_whose_family_contradicts_the_checkpoint_is_refused(compose, chec
         validate(compose(["model=auto", f"model.path={checkpoints['phi3']}", "model.linear_names=[q_proj]"]))
 
 
-PLAN_QUANTS = [("nf4", []), ("rtn", ["quant.group_size=32"]), ("gptq", ["quant.group_size=32"]), ("hqq", [])]
+PLAN_QUANTS = [
+    ("nf4", []),
+    ("int8", []),
+    ("rtn", ["quant.group_size=32"]),
+    ("gptq", ["quant.group_size=32"]),
+    ("owq", ["quant.group_size=32"]),
+    ("hqq", []),
+]
 
 
 @pytest.mark.parametrize("qname, knobs", PLAN_QUANTS, ids=[q for q, _ in PLAN_QUANTS])

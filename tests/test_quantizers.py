@@ -169,7 +169,10 @@ def test_qeft_layers_share_one_contiguous_set_and_o_proj_keeps_indices():
         (["quant=gptq", "quant.group_size=96"], r"group_size=96 does not divide in_features=256 of model.layers.0"),
         (["quant=gptq", "quant.bits=5"], r"quant.bits=5 has the wrong type: expected 2 \| 3 \| 4 \| 8"),
         (["quant=qeft", "quant.damp_percent=0"], "damp_percent=0"),
-        (["quant=qeft", "model=opt_1_3b", "mode=plan"], "supports model families llama; this model is 'opt'"),
+        (
+            ["quant=qeft", "model=opt_1_3b", "mode=plan"],
+            "supports model families llama, mistral, qwen2, qwen3 .*; this model is 'opt'",
+        ),
         (["calib=text", "calib.path=/no/such/file.txt"], "does not exist"),
         (["quant=gptq", "calib.seq_len=4096"], "calib.seq_len=4096 exceeds the context length 512"),
         (["model.dtype=float16", "peft.adapter_dtype=bfloat16"], "fp16 loss scaling cannot unscale"),
