@@ -160,6 +160,7 @@ def test_initialisation_and_dtypes():
     assert float(layer.adapter.A.float().abs().max()) > 0.9 * bound
     hira = qahira.QAHiRALinear(lin, 4, 8, 0.25, "zeros", 0.0, torch.float32)
     assert torch.count_nonzero(hira.adapter.C) == 0
+    assert qahira.Config().init == "kaiming"  # the authors' code: C is peft's lora_A (docs/fidelity.md)
     hira_k = qahira.QAHiRALinear(lin, 4, 8, 0.25, "kaiming", 0.0, torch.float32)
     assert 0.9 * (1 / 32) ** 0.5 < float(hira_k.adapter.C.abs().max()) <= (1 / 32) ** 0.5
     # bf16 adapter, fp32 base: the output stays in the base's dtype
@@ -301,7 +302,8 @@ def test_adapter_gradients_through_nf4_equal_those_through_its_dequantized_weigh
     for model in (qmodel, reference):
         with torch.no_grad():
             model(input_ids=IDS)  # an eval-mode forward first, as the evaluation before fine-tuning does
-        model = qahira.attach(model, _targets(model), qahira.Config(dropout=0.0, adapter_dtype="float32"))
+        with models.seeded(0):  # the same random C (the default init) on both
+            model = qahira.attach(model, _targets(model), qahira.Config(dropout=0.0, adapter_dtype="float32"))
         model.train()
         model(input_ids=IDS, labels=IDS).loss.backward()
         grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})

@@ -11,9 +11,10 @@ Choices and where they come from (the authors' code, github.com/xiaocaigou/qbara
   (r 64, alpha 16; their run script sets neither, and their merge.py uses 0.25) that is 0.25. We expose the
   product as `scale`, default 0.25.
 - dropout acts on the pooled input, as there.
-- init: their C is peft's lora_A, so Kaiming-uniform, and the model's function changes before the first step.
-  Our default is `init: zeros`: training starts from the quantized base's own function, like LoRA's, and since C
-  is the only factor its gradient is not zero (nothing multiplies it). `init: kaiming` reproduces their code.
+- init: their C is peft's lora_A, so Kaiming-uniform (`init: kaiming`, the default), and the model's function
+  changes before the first step. `init: zeros` is ours, opt-in: training starts from the quantized base's own
+  function, like LoRA's, and since C is the only factor its gradient is not zero (nothing multiplies it);
+  docs/fidelity.md has its measured effect.
 
 Merge: the update as a weight is dW[o, j] = s C[o // lambda2, j // lambda1] / lambda1. When lambda1 is a multiple of
 the base's group size and the base stores a zero point per group of inputs (rtn, gptq; hqq with plain zero points
@@ -45,7 +46,7 @@ class Config:
     lambda1: int = 4  # input pooling
     lambda2: int = 8  # output repetition
     scale: float = 0.25
-    init: typing.Literal["zeros", "kaiming"] = "zeros"
+    init: typing.Literal["zeros", "kaiming"] = "kaiming"  # the authors' (peft's lora_A init)
     dropout: float = 0.05
     adapter_dtype: str = "bfloat16"
 
