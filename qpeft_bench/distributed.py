@@ -34,7 +34,7 @@ import warnings
 import torch
 import torch.distributed as dist
 
-from qpeft_bench import adapters, quant
+from qpeft_bench import adapters, families, quant
 from qpeft_bench.config import ConfigError, RunSpec
 
 # What FSDP can shard is declared by each quantizer and each method (FSDP_SHARDABLE): bases whose frozen weights are
@@ -42,7 +42,7 @@ from qpeft_bench.config import ConfigError, RunSpec
 # own (peft's layers). HQQ, RTN/GPTQ and our other formats keep quantized weights in buffers or outside the module,
 # which FSDP would copy whole to every GPU; our custom adapters hold trainable and frozen tensors in one module, which
 # FSDP cannot flatten.
-FSDP_FAMILIES = ("llama",)  # decoder blocks at model.layers (block_classes); what was run sharded
+FSDP_FAMILIES = ("llama",)  # what was run sharded on two GPUs (the others' blocks are found the same way, untested)
 
 
 def check_fsdp(spec: RunSpec):
@@ -204,15 +204,18 @@ def _own_unit(module, storage_dtype: torch.dtype) -> bool:
 
 
 def block_classes(model) -> set[type]:
-    """The decoder block class(es): FSDP's unit of sharding and gathering."""
-    layers = None
+    """The decoder block class(es), where the model's family declares its blocks (families.py): FSDP's unit of
+    sharding and gathering. `model` may be wrapped (peft): the first module with a known family's config is it."""
     for module in model.modules():
-        layers = getattr(getattr(module, "model", None), "layers", None)
-        if layers is not None:
-            break
-    if not layers:
-        raise ConfigError("train.distributed=fsdp: the model has no model.layers (its decoder blocks)")
-    return {type(layer) for layer in layers}
+        model_type = getattr(getattr(module, "config", None), "model_type", None)
+        if model_type not in families.FAMILIES:
+            continue
+        try:
+            layers = module.get_submodule(families.get(model_type).blocks)
+        except AttributeError:
+            continue
+        return {type(layer) for layer in layers}
+    raise ConfigError("train.distributed=fsdp: no decoder blocks where the model's family declares them")
 
 
 def check_shardable(model) -> None:
