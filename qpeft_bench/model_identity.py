@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from pathlib import Path
 
 from qpeft_bench import families
@@ -127,3 +128,28 @@ def check_weights(card: ModelConfig, where: str = "model") -> None:
     for file in files:
         if is_lfs_pointer(file):
             raise ConfigError(f"{file} is a Git LFS pointer, not the weights; run `git lfs pull` in {root}")
+    _check_block_count(card, [f for f in files if f.suffix == ".safetensors"], where)
+
+
+_BLOCK_KEY = re.compile(r"\.layers\.(\d+)\.")
+
+
+def _check_block_count(card: ModelConfig, files: list[Path], where: str) -> None:
+    """The weights hold as many decoder blocks as the architecture says: transformers would otherwise initialise
+    the missing blocks at random (or drop the extra ones) with only a log line, and the run would complete on a
+    model that is not the checkpoint. Reads the safetensors headers only."""
+    if not files:
+        return
+    from safetensors import safe_open
+
+    blocks: set[int] = set()
+    for file in files:
+        with safe_open(str(file), framework="pt") as f:
+            blocks.update(int(m.group(1)) for k in f.keys() if (m := _BLOCK_KEY.search(k)))
+    want = card.arch_dict().get("num_hidden_layers")
+    have = max(blocks) + 1 if blocks else 0
+    if want is not None and have != want:
+        raise ConfigError(
+            f"{where}.path={card.path!r}: the weights hold {have} decoder blocks but the architecture says "
+            f"num_hidden_layers={want}; the config.json (or the card) is not this checkpoint's"
+        )

@@ -309,3 +309,21 @@ def test_qeft_channel_reordering_preserves_the_function_of_the_llama_like_famili
     with torch.no_grad():
         after = model(input_ids=ids).logits
     assert float((after - before).norm() / before.norm()) < 1e-5
+
+
+@pytest.mark.parametrize("layers", [3, 1])
+def test_a_config_json_whose_block_count_is_not_the_weights_is_refused_before_loading(
+    qpeft_cli, checkpoints, tmp_path, monkeypatch, layers
+):
+    """transformers fills missing blocks with random weights (or drops extra ones) with a log line only: the run
+    would complete on a model that is not the checkpoint (found by a hostile trial)."""
+    wrong = tmp_path / "wrong"
+    shutil.copytree(checkpoints["qwen2"], wrong)
+    config = json.loads((wrong / "config.json").read_text())
+    config.pop("layer_types", None)  # transformers would refuse its length first
+    (wrong / "config.json").write_text(json.dumps({**config, "num_hidden_layers": layers}))
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    code, out = qpeft_cli("model=auto", f"model.path={wrong}", f"hydra.run.dir={tmp_path / 'run'}", *FAST)
+    errors = [line for line in out.splitlines() if "error" in line.lower()]
+    assert code == 1 and len(errors) == 1, out
+    assert f"the weights hold 2 decoder blocks but the architecture says num_hidden_layers={layers}" in errors[0]
