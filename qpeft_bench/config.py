@@ -452,8 +452,8 @@ class CalibConfig:
     # Bring the base in from its safetensors checkpoint one block at a time (models.BlockLoader), so that no more
     # than one block is ever held in full precision: what lets a 70B GPTQ/OWQ/QEFT base be built on one GPU and a
     # normal node's CPU memory. The quantized model is the same either way. auto: when calibration is block by
-    # block and the checkpoint is local safetensors (model.path or the HF cache); true: always (refused where it
-    # cannot be); false: load the whole model first.
+    # block and the checkpoint is local safetensors (model.path or the HF cache); true: always for those quantizers
+    # (refused where it cannot be, and for quantizers that do not calibrate block by block); false: load whole first.
     load_by_block: bool | str = "auto"
 
     def check(self, where: str) -> None:

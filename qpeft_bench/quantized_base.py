@@ -210,6 +210,13 @@ def check_load_by_block(spec: RunSpec) -> None:
         fix = "" if spec.train.distributed == "fsdp" else " or set calib.load_by_block=false"
         raise ConfigError(f"{why} reads the checkpoint one block at a time from safetensors files; {where}{fix}")
     qmod = quant.get(spec.quant_name)
+    if why == "calib.load_by_block=true" and not calibrates_by_block(spec) and not quant.needs_calibration(qmod):
+        # read by block, the per-layer output errors (measured on the whole unquantized model's inputs) are lost,
+        # and the run id, which this knob does not enter, would name two different records
+        raise ConfigError(
+            f"calib.load_by_block=true reads the base by block for quantizers calibrated block by block (gptq, owq, "
+            f"qeft); quant={spec.quant_name} is quantized layer by layer after a whole load: leave it at auto"
+        )
     one_pass = quant.capability(qmod, "prepare") is not quant.QuantizerModule.prepare and not calibrates_by_block(spec)
     if one_pass and spec.calib.enabled:
         raise ConfigError(
